@@ -1,0 +1,242 @@
+"""The registry (登记, Art. 17): agencies, datasets and their fields, code tables, scenarios, consumers.
+
+Kept as YAML under ``registry/`` and validated when loaded; every other module reads it from here.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from zqdata.settings import repo_root
+
+FieldType = Literal["string", "integer", "decimal", "date", "timestamp"]
+FieldFormat = Literal["uscc", "citizen_id", "mobile", "district_code", "year_month"]
+Level = Literal["一般", "重要", "核心"]  # GB/T 43697-2024
+PersonalInfo = Literal["none", "personal", "sensitive"]
+Openness = Literal["open", "conditional", "not_open"]
+MaskMethod = Literal["keep", "pseudonymize", "mask", "age_band", "suppress"]
+SubjectType = Literal["person", "enterprise"]
+
+
+class RegistryError(ValueError):
+    """The registry files are inconsistent or incomplete."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Contact(_Strict):
+    person: str
+    email: str
+    webhook: str = ""
+
+    def webhook_url(self) -> str:
+        """The webhook with ``${VAR:-default}`` references resolved from the environment."""
+
+        def sub(m: re.Match) -> str:
+            return os.environ.get(m.group(1)) or (m.group(2) or "")
+
+        return re.sub(r"\$\{(\w+)(?::-([^}]*))?\}", sub, self.webhook)
+
+
+class Agency(_Strict):
+    code: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
+    name: str
+    name_en: str
+    contact: Contact
+
+
+class Classification(_Strict):
+    level: Level
+    pi: PersonalInfo
+    openness: Openness
+    confidential: bool
+
+
+class MaskRule(_Strict):
+    method: MaskMethod
+    keep_first: int | None = None
+    keep_last: int | None = None
+    band_years: int | None = None
+
+
+class Range(_Strict):
+    min: float | None = None
+    max: float | None = None
+
+
+class DatasetField(_Strict):
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
+    type: FieldType
+    cn_name: str = Field(min_length=1)
+    description: str = Field(min_length=1)
+    required: bool
+    format: FieldFormat | None = None
+    code_table: str | None = None
+    range: Range | None = None
+    class_: Classification = Field(alias="class")
+    mask: MaskRule
+
+
+class Delivery(_Strict):
+    format: Literal["csv", "jsonl", "parquet"]
+    encoding: Literal["utf-8", "gbk"] = "utf-8"
+    sla_hours: int = Field(gt=0, description="hours after the end of the partition day")
+    volume_share: float = Field(gt=0, le=1)
+
+
+class Consent(_Strict):
+    subject_type: SubjectType
+    subject_field: str
+
+
+class Dataset(_Strict):
+    code: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
+    name: str
+    name_en: str
+    agency: str
+    description: str
+    delivery: Delivery
+    primary_key: list[str]
+    event_time_field: str
+    consent: Consent | None = None
+    release: bool = True
+    fields: list[DatasetField]
+
+    @property
+    def field_names(self) -> list[str]:
+        return [f.name for f in self.fields]
+
+    def field(self, name: str) -> DatasetField:
+        for f in self.fields:
+            if f.name == name:
+                return f
+        raise KeyError(f"{self.code} has no field {name!r}")
+
+    @model_validator(mode="after")
+    def _fields_consistent(self) -> "Dataset":
+        names = self.field_names
+        if len(set(names)) != len(names):
+            raise ValueError(f"dataset {self.code}: duplicate field names")
+        for key in [*self.primary_key, self.event_time_field] + ([self.consent.subject_field] if self.consent else []):
+            if key not in names:
+                raise ValueError(f"dataset {self.code}: {key!r} is not one of its fields")
+        return self
+
+
+class Scenario(_Strict):
+    code: str
+    name: str
+    purpose: str
+    kind: Literal["public_interest", "commercial"]
+    operator: str
+    developer: str
+    status: Literal["active", "revoked"]
+    valid_from: dt.date
+    valid_to: dt.date
+    consent_required: SubjectType | None = None
+    k_anonymity: int | None = Field(default=None, ge=2)
+    product: str
+    authorized_fields: dict[str, list[str]]
+
+
+class Consumer(_Strict):
+    code: str
+    name: str
+    scenarios: list[str]
+    credential_hash: str
+
+
+class Registry(_Strict):
+    agencies: dict[str, Agency]
+    datasets: dict[str, Dataset]
+    code_tables: dict[str, dict[str, str]]
+    scenarios: dict[str, Scenario]
+    consumers: dict[str, Consumer]
+
+    def agency_of(self, dataset: str) -> Agency:
+        return self.agencies[self.datasets[dataset].agency]
+
+    def scenario_for_product(self, product: str) -> Scenario:
+        for s in self.scenarios.values():
+            if s.product == product:
+                return s
+        raise KeyError(f"no scenario registers product {product!r}")
+
+    @model_validator(mode="after")
+    def _references_resolve(self) -> "Registry":
+        problems: list[str] = []
+        for ds in self.datasets.values():
+            if ds.agency not in self.agencies:
+                problems.append(f"dataset {ds.code}: unknown agency {ds.agency!r}")
+            for f in ds.fields:
+                if f.code_table and f.code_table not in self.code_tables:
+                    problems.append(f"{ds.code}.{f.name}: unknown code table {f.code_table!r}")
+                if f.mask.method == "mask" and (f.mask.keep_first is None or f.mask.keep_last is None):
+                    problems.append(f"{ds.code}.{f.name}: mask needs keep_first and keep_last")
+                if f.mask.method == "age_band" and (f.type != "date" or not f.mask.band_years):
+                    problems.append(f"{ds.code}.{f.name}: age_band needs a date field and band_years")
+        for sc in self.scenarios.values():
+            for ds_code, fields in sc.authorized_fields.items():
+                if ds_code not in self.datasets:
+                    problems.append(f"scenario {sc.code}: unknown dataset {ds_code!r}")
+                    continue
+                for name in fields:
+                    if name not in self.datasets[ds_code].field_names:
+                        problems.append(f"scenario {sc.code}: {ds_code} has no field {name!r}")
+            if sc.valid_to < sc.valid_from:
+                problems.append(f"scenario {sc.code}: valid_to before valid_from")
+        for c in self.consumers.values():
+            for s in c.scenarios:
+                if s not in self.scenarios:
+                    problems.append(f"consumer {c.code}: unknown scenario {s!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+def registry_dir() -> Path:
+    return Path(os.environ.get("ZQ_REGISTRY_DIR", repo_root() / "registry"))
+
+
+def _read_yaml(path: Path) -> dict:
+    with open(path, encoding="utf-8") as fh:
+        return yaml.safe_load(fh) or {}
+
+
+def load_registry(directory: Path | None = None) -> Registry:
+    """Read and validate the registry; raises RegistryError naming every problem found."""
+    d = Path(directory) if directory else registry_dir()
+    try:
+        agencies = _read_yaml(d / "agencies.yaml")["agencies"]
+        code_tables = {
+            name: {str(k): str(v) for k, v in table.items()}
+            for name, table in _read_yaml(d / "code_tables.yaml")["code_tables"].items()
+        }
+        datasets = [_read_yaml(p) for p in sorted((d / "datasets").glob("*.yaml"))]
+        scenarios = _read_yaml(d / "scenarios.yaml")["scenarios"]
+        consumers = _read_yaml(d / "consumers.yaml")["consumers"]
+        return Registry(
+            agencies={a["code"]: a for a in agencies},
+            datasets={ds["code"]: ds for ds in datasets},
+            code_tables=code_tables,
+            scenarios={s["code"]: s for s in scenarios},
+            consumers={c["code"]: c for c in consumers},
+        )
+    except (OSError, KeyError, TypeError, yaml.YAMLError, ValueError) as exc:
+        raise RegistryError(f"registry at {d} is invalid: {exc}") from exc
+
+
+@functools.cache
+def registry() -> Registry:
+    """The process-wide registry, loaded once on first use (never at import)."""
+    return load_registry()
