@@ -1,0 +1,1 @@
+"""Subcommands of `zq`. A module here defines `register(subparsers)`; each parser sets `func=`."""
