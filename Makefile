@@ -1,0 +1,49 @@
+# Two commands do everything on a fresh machine (Python 3.11, pip, gcc, make):
+#   make nightly   set up, then run the nightly job for a demo day on the embedded default (local files + DuckDB)
+#   make test      set up, then run the tests
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DATE ?= 2025-06-01
+DAYS ?= 1
+export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
+export ZQ_PSEUDONYM_KEY ?= demo-only-key-set-ZQ_PSEUDONYM_KEY-in-production
+DBT_MANIFEST := dbt_project/target/manifest.json
+
+.PHONY: setup nightly backfill test ui bench dbt-parse docs clean
+
+setup: $(STAMP) $(DBT_MANIFEST) $(DAGSTER_HOME)/dagster.yaml
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[test]"
+	touch $@
+
+# The dbt manifest is built once here, never parsed at import time.
+$(DBT_MANIFEST): $(STAMP) $(shell find dbt_project -name '*.sql' -o -name '*.yml' 2>/dev/null | grep -v -e target/ -e logs/)
+	cd dbt_project && ZQ_GOV_DB=/tmp/zq-parse-gov.duckdb ZQ_OPS_DB=/tmp/zq-parse-ops.duckdb ../$(BIN)/dbt parse --quiet --profiles-dir . --target gov
+	touch $@
+
+dbt-parse: $(DBT_MANIFEST)
+
+$(DAGSTER_HOME)/dagster.yaml:
+	mkdir -p $(DAGSTER_HOME)
+	cp orchestration/dagster.yaml $@
+
+nightly: setup
+	$(BIN)/zq nightly --date $(DATE) --days $(DAYS)
+
+test: setup
+	$(BIN)/pytest -q
+
+ui: setup
+	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+
+bench: setup
+	$(BIN)/python -m bench.run
+
+clean:
+	rm -rf .data $(DAGSTER_HOME) dbt_project/target dbt_project/logs
