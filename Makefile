@@ -9,7 +9,10 @@ STAMP := $(VENV)/.installed
 DATE ?= 2025-06-01
 DAYS ?= 1
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
-export ZQ_PSEUDONYM_KEY ?= demo-only-key-set-ZQ_PSEUDONYM_KEY-in-production
+# The pseudonymization key never lives in the repo or the data folder (GB/T 35273 §6.2). In production set
+# ZQ_PSEUDONYM_KEY from your secret store; for the demo a random key is made once, outside both.
+KEYFILE ?= $(HOME)/.config/zhaoqing-public-data/demo-pseudonym.key
+WITH_KEY = ZQ_PSEUDONYM_KEY="$${ZQ_PSEUDONYM_KEY:-$$(cat $(KEYFILE))}"
 DBT_MANIFEST := dbt_project/target/manifest.json
 
 .PHONY: setup nightly backfill test ui bench dbt-parse docs clean
@@ -33,17 +36,21 @@ $(DAGSTER_HOME)/dagster.yaml:
 	mkdir -p $(DAGSTER_HOME)
 	cp orchestration/dagster.yaml $@
 
-nightly: setup
-	$(BIN)/zq nightly --date $(DATE) --days $(DAYS)
+nightly: setup $(KEYFILE)
+	$(WITH_KEY) $(BIN)/zq nightly --date $(DATE) --days $(DAYS)
+
+$(KEYFILE):
+	mkdir -p $(dir $@)
+	umask 077 && $(PYTHON) -c "import secrets; print(secrets.token_hex(32))" > $@
 
 test: setup
 	$(BIN)/pytest -q
 
-ui: setup
-	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+ui: setup $(KEYFILE)
+	$(WITH_KEY) $(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
-bench: setup
-	$(BIN)/python -m bench.run
+bench: setup $(KEYFILE)
+	$(WITH_KEY) $(BIN)/python -m bench.run
 
 clean:
 	rm -rf .data $(DAGSTER_HOME) dbt_project/target dbt_project/logs
