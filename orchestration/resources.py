@@ -40,3 +40,51 @@ def _connect(path: Path, read_only: bool) -> Iterator[duckdb.DuckDBPyConnection]
         yield con
     finally:
         con.close()
+
+
+class ObjectStoreResource(dg.ConfigurableResource):
+    """The landing zone's object store. Empty fields fall back to the environment (``ZQ_STORE_BACKEND``, ``ZQ_S3_*``)."""
+
+    backend: str = ""  # "local" | "s3"; empty: ZQ_STORE_BACKEND, default local
+    local_root: str = ""  # local backend; empty: settings.landing_root (ZQ_LANDING_DIR or <ZQ_DATA_DIR>/landing)
+    s3_endpoint: str = ""
+    s3_access_key: str = ""
+    s3_secret_key: str = ""
+    s3_bucket: str = ""
+    s3_secure: bool = False
+
+    @classmethod
+    def from_env(cls) -> "ObjectStoreResource":
+        """Fields bound to ``dg.EnvVar`` for the variables that are set (secrets stay out of run config)."""
+        import os
+
+        names = {
+            "backend": "ZQ_STORE_BACKEND",
+            "s3_endpoint": "ZQ_S3_ENDPOINT",
+            "s3_access_key": "ZQ_S3_ACCESS_KEY",
+            "s3_secret_key": "ZQ_S3_SECRET_KEY",
+            "s3_bucket": "ZQ_S3_LANDING_BUCKET",
+        }
+        kwargs = {field: dg.EnvVar(var) for field, var in names.items() if os.environ.get(var)}
+        if os.environ.get("ZQ_S3_SECURE"):
+            kwargs["s3_secure"] = os.environ["ZQ_S3_SECURE"].strip().lower() in ("1", "true", "yes", "on")
+        return cls(**kwargs)
+
+    def get_store(self):  # -> zqdata.storage.ObjectStore
+        """The configured ObjectStore (built per call; cheap for local, one client for S3)."""
+        import os
+
+        from zqdata import storage
+
+        backend = (self.backend or os.environ.get("ZQ_STORE_BACKEND") or "local").strip().lower()
+        if backend == "local":
+            return storage.LocalObjectStore(Path(self.local_root) if self.local_root else get_settings().landing_root)
+        if backend == "s3" and (self.s3_endpoint or os.environ.get("ZQ_S3_ENDPOINT")):
+            return storage.S3ObjectStore(
+                endpoint=self.s3_endpoint or os.environ["ZQ_S3_ENDPOINT"],
+                access_key=self.s3_access_key or os.environ.get("ZQ_S3_ACCESS_KEY", ""),
+                secret_key=self.s3_secret_key or os.environ.get("ZQ_S3_SECRET_KEY", ""),
+                bucket=self.s3_bucket or os.environ.get("ZQ_S3_LANDING_BUCKET") or "zq-landing",
+                secure=self.s3_secure or os.environ.get("ZQ_S3_SECURE", "").strip().lower() in ("1", "true", "yes", "on"),
+            )
+        return storage.store_from_env()  # raises the clear error for a bad backend / missing settings
