@@ -156,6 +156,25 @@ class Consumer(_Strict):
     credential_hash: str
 
 
+def mask_rule_problems(dataset: "Dataset", f: DatasetField) -> list[str]:
+    """Classification → mask consistency (Arts. 2, 24): what may never leave the gov platform as delivered."""
+    where = f"{dataset.code}.{f.name}"
+    problems: list[str] = []
+    if f.class_.confidential and f.mask.method != "suppress":
+        problems.append(f"{where}: 涉密字段必须 suppress (confidential field must be suppressed, Art. 2)")
+    if dataset.release and f.mask.method == "keep":
+        if f.class_.openness == "not_open":
+            problems.append(f"{where}: 不予开放字段不得原样发布 (not_open field cannot be released with mask: keep)")
+        if f.class_.pi == "sensitive":
+            problems.append(f"{where}: 敏感个人信息不得原样发布 (sensitive personal field cannot use mask: keep)")
+        # 一般-level personal attributes (e.g. gender) are quasi-identifiers kept for statistics;
+        # 重要/核心 personal information must be masked, generalized, pseudonymized or suppressed.
+        if f.class_.pi == "personal" and f.class_.level != "一般":
+            problems.append(f"{where}: {f.class_.level}级个人信息不得原样发布 (personal field of level "
+                            f"{f.class_.level} cannot use mask: keep)")
+    return problems
+
+
 class Registry(_Strict):
     agencies: dict[str, Agency]
     datasets: dict[str, Dataset]
@@ -185,14 +204,20 @@ class Registry(_Strict):
                     problems.append(f"{ds.code}.{f.name}: mask needs keep_first and keep_last")
                 if f.mask.method == "age_band" and (f.type != "date" or not f.mask.band_years):
                     problems.append(f"{ds.code}.{f.name}: age_band needs a date field and band_years")
+                problems.extend(mask_rule_problems(ds, f))
         for sc in self.scenarios.values():
             for ds_code, fields in sc.authorized_fields.items():
                 if ds_code not in self.datasets:
                     problems.append(f"scenario {sc.code}: unknown dataset {ds_code!r}")
                     continue
+                ds = self.datasets[ds_code]
+                if not ds.release:
+                    problems.append(f"scenario {sc.code}: dataset {ds_code} is release: false (never released)")
                 for name in fields:
-                    if name not in self.datasets[ds_code].field_names:
+                    if name not in ds.field_names:
                         problems.append(f"scenario {sc.code}: {ds_code} has no field {name!r}")
+                    elif ds.field(name).mask.method == "suppress":
+                        problems.append(f"scenario {sc.code}: {ds_code}.{name} is suppressed and cannot be authorized")
             if sc.valid_to < sc.valid_from:
                 problems.append(f"scenario {sc.code}: valid_to before valid_from")
         for c in self.consumers.values():

@@ -1,0 +1,257 @@
+"""The gov → ops crossing: released fields only, scenario authorization and consent, Art. 2 exclusions, the leak gate."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from zqdata.authorization import AuthorizationError
+from zqdata.boundary import check_exclusions, cross_boundary, find_leaks
+from zqdata.desensitize import PseudonymKey, pseudonymize, released_fields
+from zqdata.registry import Registry, load_registry
+
+D1 = dt.date(2025, 5, 1)
+D2 = dt.date(2025, 5, 2)
+SECRET = "test-key-boundary-7f3a"
+SQL_TYPES = {"string": "VARCHAR", "integer": "INTEGER", "decimal": "DECIMAL(18,2)", "date": "DATE",
+             "timestamp": "TIMESTAMP"}
+
+
+def citizen_id(prefix17: str) -> str:
+    """A GB 11643 ID with a correct check character (DOMAIN.md)."""
+    weights = [7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2]
+    s = sum(int(c) * w for c, w in zip(prefix17, weights))
+    return prefix17 + "10X98765432"[s % 11]
+
+
+ID_A = citizen_id("44120219900101123")
+ID_B = citizen_id("44120319851231456")
+REP_ID = citizen_id("44120419700615789")
+ENT_A, ENT_B, ENT_C = "91441200MA00000001", "91441200MA00000002", "91441200MA00000003"
+
+
+def _rows(ds_code: str, d: dt.date) -> list[dict]:
+    ts = dt.datetime.combine(d, dt.time(9, 0))
+    if ds_code == "resident_population":
+        return [
+            dict(citizen_id=ID_A, name="张三丰", gender="1", birth_date=dt.date(1990, 1, 1), phone="13800138000",
+                 address="端州区天宁北路1号", district_code="441202", case_flag="X1", updated_at=ts),
+            dict(citizen_id=ID_B, name="李四", gender="2", birth_date=dt.date(1985, 12, 31), phone="13912345678",
+                 address="鼎湖区坑口街2号", district_code="441203", case_flag=None, updated_at=ts),
+        ]
+    if ds_code == "enterprise_registry":
+        return [
+            dict(credit_code=c, ent_name=f"肇庆测试企业{i}有限公司", legal_rep_name="王五", legal_rep_id=REP_ID,
+                 district_code="441202", reg_capital_wan=100 + i, status="1", established_date=dt.date(2020, 1, 1),
+                 updated_at=ts)
+            for i, c in enumerate([ENT_A, ENT_B, ENT_C])
+        ]
+    if ds_code == "social_insurance":
+        return [dict(record_id=f"SI{i}", credit_code=c, district_code="441202", period="2025-04", insured_headcount=10,
+                     contribution_yuan=5000, paid_at=ts) for i, c in enumerate([ENT_A, ENT_B, ENT_C])]
+    if ds_code in ("electricity_usage", "water_usage"):
+        amount = "kwh" if ds_code == "electricity_usage" else "cubic_meters"
+        return [dict(meter_id=f"M{i}", credit_code=c, district_code="441202", reading_date=d, **{amount: 12.5})
+                for i, c in enumerate([ENT_A, ENT_B, ENT_C])]
+    if ds_code == "bus_card_swipes":
+        return [dict(swipe_id=f"S{d:%m%d}{i}", card_id=f"CARD{i % 3}", card_type="01", route_id="R1", stop_id="ST1",
+                     swipe_time=ts, fare_yuan=2) for i in range(6)]
+    if ds_code == "subject_consent":
+        if d == D1:
+            return [dict(consent_id="C1", subject_type="enterprise", subject_id=ENT_A, scenario_code="sme_credit_profile",
+                         status="granted", effective_at=ts),
+                    dict(consent_id="C2", subject_type="enterprise", subject_id=ENT_B, scenario_code="sme_credit_profile",
+                         status="granted", effective_at=ts),
+                    # consent for another scenario does not count
+                    dict(consent_id="C3", subject_type="enterprise", subject_id=ENT_C, scenario_code="transit_ridership",
+                         status="granted", effective_at=ts)]
+        return []
+    raise KeyError(ds_code)
+
+
+def build_gov(path: Path, registry: Registry, days: list[dt.date]) -> None:
+    """A hand-made gov DB: ``intermediate.int_<dataset>`` (typed, with lineage) and ``ods.<dataset>`` (VARCHAR)."""
+    con = duckdb.connect(str(path))
+    con.execute("CREATE SCHEMA intermediate; CREATE SCHEMA ods")
+    for ds in registry.datasets.values():
+        typed = ", ".join(f"{f.name} {SQL_TYPES[f.type]}" for f in ds.fields)
+        con.execute(f"CREATE TABLE intermediate.int_{ds.code} ({typed}, _lineage_id VARCHAR, _partition_date DATE)")
+        raw = ", ".join(f"{f.name} VARCHAR" for f in ds.fields)
+        con.execute(f"CREATE TABLE ods.{ds.code} ({raw}, _lineage_id VARCHAR, _partition_date DATE)")
+        for d in days:
+            for i, row in enumerate(_rows(ds.code, d), start=1):
+                values = [row.get(f.name) for f in ds.fields] + [f"{ds.code}/{d}/part-0001#{i}", d]
+                marks = ", ".join("?" * len(values))
+                con.execute(f"INSERT INTO intermediate.int_{ds.code} VALUES ({marks})", values)
+                con.execute(f"INSERT INTO ods.{ds.code} VALUES ({marks})",
+                            [None if v is None else str(v) for v in values[:-1]] + [d])
+    con.close()
+
+
+@pytest.fixture
+def registry() -> Registry:
+    return load_registry()
+
+
+@pytest.fixture
+def dbs(tmp_path: Path, registry: Registry, monkeypatch):
+    monkeypatch.setenv("ZQ_DATA_DIR", str(tmp_path))
+    gov_path, ops_path = tmp_path / "warehouse" / "gov.duckdb", tmp_path / "warehouse" / "ops.duckdb"
+    gov_path.parent.mkdir(parents=True)
+    build_gov(gov_path, registry, [D1, D2])
+    gov, ops = duckdb.connect(str(gov_path)), duckdb.connect(str(ops_path))
+    yield gov, ops
+    gov.close()
+    ops.close()
+
+
+def _key(secret: str = SECRET) -> PseudonymKey:
+    return PseudonymKey.from_secret(secret)
+
+
+def test_desensitized_tables_hold_only_released_fields_masked(dbs, registry):
+    gov, ops = dbs
+    report = cross_boundary(gov, ops, registry, D1, _key())
+    rp = registry.datasets["resident_population"]
+    cols = [r[0] for r in ops.execute("DESCRIBE desensitized.resident_population").fetchall()]
+    assert cols == released_fields(rp) + ["_lineage_id", "_partition_date"]
+    assert not {"name", "address", "case_flag"} & set(cols)
+    row = ops.execute("SELECT citizen_id, phone, birth_date FROM desensitized.resident_population "
+                      "WHERE phone LIKE '138%'").fetchone()
+    assert row == (pseudonymize(ID_A, SECRET), "138****8000", "30-39")
+    assert report.released["resident_population"] == 2
+    assert "subject_consent" not in report.released  # release: false never crosses
+    assert ops.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'subject_consent'").fetchone()[0] == 0
+    for ds in registry.datasets:
+        assert check_exclusions(ops, registry, ds, D1) == []
+
+
+def test_scenario_tables_hold_only_authorized_fields_of_consenting_subjects(dbs, registry):
+    gov, ops = dbs
+    report = cross_boundary(gov, ops, registry, D1, _key())
+    sme = registry.scenarios["sme_credit_profile"]
+    for ds_code, fields in sme.authorized_fields.items():
+        cols = [r[0] for r in ops.execute(f"DESCRIBE scenario_sme_credit_profile.{ds_code}").fetchall()]
+        assert cols == fields + ["_lineage_id", "_partition_date"]
+        subjects = {r[0] for r in ops.execute(f"SELECT credit_code FROM scenario_sme_credit_profile.{ds_code}").fetchall()}
+        assert subjects == {ENT_A, ENT_B}  # ENT_C consented only to another scenario
+    assert report.consent_excluded["sme_credit_profile"]["enterprise_registry"] == 1
+    # the transit scenario needs no consent; its card ids are pseudonyms
+    cards = {r[0] for r in ops.execute("SELECT card_id FROM scenario_transit_ridership.bus_card_swipes").fetchall()}
+    assert cards == {pseudonymize(f"CARD{i}", SECRET) for i in range(3)}
+
+
+def test_revoking_consent_removes_the_subject_from_the_next_product(dbs, registry):
+    gov, ops = dbs
+    cross_boundary(gov, ops, registry, D1, _key())
+    gov.execute("INSERT INTO intermediate.int_subject_consent VALUES ('C9', 'enterprise', ?, 'sme_credit_profile', "
+                "'revoked', ?, 'subject_consent/2025-05-02/part-0001#1', ?)",
+                [ENT_B, dt.datetime(2025, 5, 2, 10, 0), D2])
+    cross_boundary(gov, ops, registry, D2, _key())
+    day2 = {r[0] for r in ops.execute("SELECT credit_code FROM scenario_sme_credit_profile.enterprise_registry "
+                                      "WHERE _partition_date = ?", [D2]).fetchall()}
+    day1 = {r[0] for r in ops.execute("SELECT credit_code FROM scenario_sme_credit_profile.enterprise_registry "
+                                      "WHERE _partition_date = ?", [D1]).fetchall()}
+    assert day2 == {ENT_A}
+    assert day1 == {ENT_A, ENT_B}  # the earlier product is not rewritten by a later revocation
+
+
+def test_consent_effective_after_the_day_does_not_count_yet(dbs, registry):
+    gov, ops = dbs
+    gov.execute("INSERT INTO intermediate.int_subject_consent VALUES ('C8', 'enterprise', ?, 'sme_credit_profile', "
+                "'granted', ?, 'x#1', ?)", [ENT_C, dt.datetime(2025, 5, 2, 0, 0), D1])
+    cross_boundary(gov, ops, registry, D1, _key())
+    got = {r[0] for r in ops.execute("SELECT credit_code FROM scenario_sme_credit_profile.water_usage").fetchall()}
+    assert ENT_C not in got
+
+
+def test_expired_authorization_blocks_its_scenario_and_writes_nothing_for_it(dbs, registry):
+    gov, ops = dbs
+    sme = registry.scenarios["sme_credit_profile"]
+    expired = sme.model_copy(update={"valid_to": D1})  # expires at the end of 2025-05-01
+    reg = registry.model_copy(update={"scenarios": {**registry.scenarios, sme.code: expired}})
+    cross_boundary(gov, ops, reg, D1, _key())
+    with pytest.raises(AuthorizationError, match="sme_credit_profile.*2025-05-02.*expired"):
+        cross_boundary(gov, ops, reg, D2, _key())
+    count = ops.execute("SELECT count(*) FROM scenario_sme_credit_profile.enterprise_registry WHERE _partition_date = ?",
+                        [D2]).fetchone()[0]
+    assert count == 0
+    # the rest of the crossing for that day went through
+    assert ops.execute("SELECT count(*) FROM scenario_transit_ridership.bus_card_swipes WHERE _partition_date = ?",
+                       [D2]).fetchone()[0] == 6
+    assert ops.execute("SELECT count(*) FROM desensitized.enterprise_registry WHERE _partition_date = ?",
+                       [D2]).fetchone()[0] == 3
+
+
+def test_revoked_scenario_is_blocked(dbs, registry):
+    gov, ops = dbs
+    transit = registry.scenarios["transit_ridership"]
+    reg = registry.model_copy(update={"scenarios": {**registry.scenarios,
+                                                    transit.code: transit.model_copy(update={"status": "revoked"})}})
+    report = cross_boundary(gov, ops, reg, D1, _key(), strict=False)
+    assert "撤销" in report.blocked["transit_ridership"] and "revoked" in report.blocked["transit_ridership"]
+    assert ops.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'scenario_transit_ridership'"
+                       ).fetchone()[0] == 0
+
+
+def test_rerun_replaces_the_partition_and_a_failure_keeps_the_previous_state(dbs, registry):
+    gov, ops = dbs
+    cross_boundary(gov, ops, registry, D1, _key())
+    cross_boundary(gov, ops, registry, D1, _key())
+    assert ops.execute("SELECT count(*) FROM desensitized.bus_card_swipes").fetchone()[0] == 6
+    # fail half-way: the released tables are rewritten first, then the consent model is missing
+    gov.execute("DELETE FROM intermediate.int_bus_card_swipes")
+    gov.execute("DROP TABLE intermediate.int_subject_consent")
+    with pytest.raises(Exception, match="subject_consent"):
+        cross_boundary(gov, ops, registry, D1, _key())
+    assert ops.execute("SELECT count(*) FROM desensitized.bus_card_swipes").fetchone()[0] == 6
+
+
+def test_pseudonyms_are_stable_across_days_and_change_with_the_key(dbs, registry):
+    gov, ops = dbs
+    cross_boundary(gov, ops, registry, D1, _key())
+    cross_boundary(gov, ops, registry, D2, _key())
+    by_day = {d: {r[0] for r in ops.execute("SELECT citizen_id FROM desensitized.resident_population "
+                                            "WHERE _partition_date = ?", [d]).fetchall()} for d in (D1, D2)}
+    assert by_day[D1] == by_day[D2] and len(by_day[D1]) == 2
+    cross_boundary(gov, ops, registry, D1, _key("another-key"))
+    rotated = {r[0] for r in ops.execute("SELECT citizen_id FROM desensitized.resident_population "
+                                         "WHERE _partition_date = ?", [D1]).fetchall()}
+    assert rotated.isdisjoint(by_day[D1])
+
+
+def test_key_is_written_to_no_file_under_the_data_dir(dbs, registry, tmp_path):
+    gov, ops = dbs
+    cross_boundary(gov, ops, registry, D1, _key())
+    cross_boundary(gov, ops, registry, D2, _key())
+    gov.execute("CHECKPOINT")
+    ops.execute("CHECKPOINT")
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.name == "ops.duckdb" for p in files)
+    for p in files:
+        assert SECRET.encode() not in p.read_bytes(), p
+
+
+def test_leak_gate_passes_after_the_crossing_and_fails_on_one_planted_id(dbs, registry):
+    gov, ops = dbs
+    cross_boundary(gov, ops, registry, D1, _key())
+    assert find_leaks(gov, ops, D1, registry) == []
+    ops.execute("UPDATE desensitized.bus_card_swipes SET route_id = ? WHERE swipe_id = "
+                "(SELECT min(swipe_id) FROM desensitized.bus_card_swipes)", [f"note {ID_B} x"])
+    leaks = find_leaks(gov, ops, D1, registry)
+    assert [(l.table, l.column, l.kind, l.rows) for l in leaks] == [("desensitized.bus_card_swipes", "route_id",
+                                                                       "citizen_id", 1)]
+    assert ID_B not in leaks[0].sample
+
+
+@pytest.mark.parametrize("value,kind", [("13912345678", "mobile"), ("王五", "name"), (REP_ID, "citizen_id")])
+def test_leak_gate_finds_phones_names_and_legal_rep_ids_in_any_table(dbs, registry, value, kind):
+    gov, ops = dbs
+    cross_boundary(gov, ops, registry, D1, _key())
+    ops.execute("CREATE SCHEMA products; CREATE TABLE products.p (note VARCHAR)")
+    ops.execute("INSERT INTO products.p VALUES (?)", [value])
+    leaks = find_leaks(gov, ops, D1, registry)
+    assert [(l.table, l.kind) for l in leaks] == [("products.p", kind)]
