@@ -1,0 +1,254 @@
+"""Quality: dimensions, delivery timeliness/completeness, GX suites and Data Docs, scores and the gate."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import duckdb
+import pytest
+
+from zqdata.quality import dimensions
+from zqdata.quality.gx_runner import load_batch, render_data_docs, run_gx, staging_model, validate_dataset
+from zqdata.quality.scores import compute_scores, ensure_quality_tables, evaluate_gate, register_rules, RuleRef
+from zqdata.quality.timeliness import collect_delivery_findings, delivery_deadline, write_findings
+from zqdata.registry import load_registry
+from zqdata.settings import TZ
+
+DAY = dt.date(2025, 5, 1)
+
+
+@pytest.fixture(scope="module")
+def reg():
+    return load_registry()
+
+
+@pytest.fixture
+def con(tmp_path, monkeypatch):
+    monkeypatch.setenv("ZQ_DATA_DIR", str(tmp_path))
+    monkeypatch.delenv("ZQ_QUALITY_MAX_ERROR_RATE", raising=False)
+    c = duckdb.connect(str(tmp_path / "gov.duckdb"))
+    c.execute("create schema meta")
+    # The columns of meta.deliveries this part reads (the ingestion engineer owns the full layout).
+    c.execute("""create table meta.deliveries (partition_date DATE, agency VARCHAR, dataset VARCHAR,
+                 delivery_file VARCHAR, delivered_at TIMESTAMPTZ, status VARCHAR, rows_delivered BIGINT)""")
+    ensure_quality_tables(c)
+    yield c
+    c.close()
+
+
+def deliver_all(con, reg, day=DAY, late: str | None = None, skip: str | None = None, rows: int = 100):
+    for ds in reg.datasets.values():
+        if ds.code == skip:
+            con.execute("insert into meta.deliveries values (?, ?, ?, null, null, 'missing', 0)", [day, ds.agency, ds.code])
+            continue
+        deadline = delivery_deadline(day, ds.delivery.sla_hours)
+        at = deadline + (dt.timedelta(hours=3) if ds.code == late else -dt.timedelta(hours=1))
+        key = f"{ds.agency}/{ds.code}/{day}/part-0001.csv"
+        con.execute("insert into meta.deliveries values (?, ?, ?, ?, ?, 'ok', ?)", [day, ds.agency, ds.code, key, at, rows])
+
+
+def finding(con, reg, dataset, rule, dimension, severity, row=None, day=DAY, tool="dbt"):
+    agency = reg.datasets[dataset].agency
+    key = f"{agency}/{dataset}/{day}/part-0001.csv"
+    write_findings(con, [{"partition_date": day, "agency": agency, "dataset": dataset, "tool": tool, "rule": rule,
+                          "dimension": dimension, "severity": severity, "delivery_file": key, "row_number": row,
+                          "lineage_id": f"{dataset}/{day}/part-0001.csv#{row}" if row else None, "field": None,
+                          "detail": "test"}])
+
+
+# --- dimensions -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("key,cn", [("understandability", "可理解性"), ("accuracy", "准确性"), ("standardization", "规范性"),
+                                    ("consistency", "一致性"), ("completeness", "完整性"), ("timeliness", "时效性")])
+def test_the_six_art20_dimensions(key, cn):
+    assert dimensions.cn_name(key) == cn
+    assert key in dimensions.DIMENSION_KEYS
+
+
+def test_unknown_dimension_is_a_clear_error():
+    assert len(dimensions.DIMENSIONS) == 6
+    with pytest.raises(ValueError, match="未知"):
+        dimensions.dimension("accessibility")
+
+
+# --- timeliness / completeness of deliveries ---------------------------------------------------------------------
+
+def test_deadline_is_day_end_plus_sla_in_shanghai():
+    assert delivery_deadline(DAY, 6) == dt.datetime(2025, 5, 2, 6, 0, tzinfo=TZ)
+
+
+def test_late_and_missing_deliveries_become_findings(con, reg):
+    deliver_all(con, reg, late="water_usage", skip="social_insurance")
+    con.execute("delete from meta.deliveries where dataset = 'bus_card_swipes'")  # never recorded at all
+    report = collect_delivery_findings(con, reg, DAY, now=dt.datetime(2025, 6, 1, tzinfo=TZ))
+    got = set(con.execute("select dataset, rule, dimension, severity from quality.findings").fetchall())
+    assert got == {
+        ("water_usage", "delivery.late", "timeliness", "warn"),
+        ("social_insurance", "delivery.missing", "completeness", "error"),
+        ("social_insurance", "delivery.missing_past_sla", "timeliness", "error"),
+        ("bus_card_swipes", "delivery.missing", "completeness", "error"),
+        ("bus_card_swipes", "delivery.missing_past_sla", "timeliness", "error"),
+    }
+    assert {s.dataset: s.status for s in report.statuses}["water_usage"] == "late"
+    assert len(report.statuses) == len(reg.datasets)  # every registered dataset is reported
+
+
+def test_missing_before_deadline_is_completeness_only_and_rerun_replaces(con, reg):
+    deliver_all(con, reg, skip="social_insurance")
+    finding(con, reg, "enterprise_registry", "delivery.manifest_count", "completeness", "error", tool="delivery")
+    before_deadline = dt.datetime(2025, 5, 2, 9, 0, tzinfo=TZ)  # social insurance SLA is 12 h
+    for _ in range(2):
+        collect_delivery_findings(con, reg, DAY, now=before_deadline)
+    rules = sorted(r[0] for r in con.execute("select rule from quality.findings").fetchall())
+    # ingestion's own delivery rule is kept; ours is written once, and only completeness before the deadline
+    assert rules == ["delivery.manifest_count", "delivery.missing"]
+
+
+def test_on_time_deliveries_yield_no_findings(con, reg):
+    deliver_all(con, reg)
+    collect_delivery_findings(con, reg, DAY, now=dt.datetime(2025, 6, 1, tzinfo=TZ))
+    assert con.execute("select count(*) from quality.findings").fetchone()[0] == 0
+
+
+# --- scores ------------------------------------------------------------------------------------------------------
+
+def test_scores_count_distinct_records_and_rules(con, reg):
+    deliver_all(con, reg, rows=100)
+    register_rules(con, DAY, "dbt", [RuleRef("water_usage", "dbt", r, "accuracy", "error") for r in ("a", "b", "c")])
+    finding(con, reg, "water_usage", "a", "accuracy", "error", row=1)
+    finding(con, reg, "water_usage", "b", "accuracy", "error", row=1)  # same record, second rule
+    finding(con, reg, "water_usage", "a", "accuracy", "error", row=2)
+    scores = {(r["dataset"], r["dimension"]): r for r in compute_scores(con, reg, DAY).to_pylist()}
+    s = scores[("water_usage", "accuracy")]
+    assert (s["records_checked"], s["records_failed"], s["rules_evaluated"], s["rules_failed"]) == (100, 2, 3, 2)
+    assert s["pass_rate"] == pytest.approx(0.98)
+    assert len(scores) == 6 * len(reg.datasets)
+    assert scores[("water_usage", "timeliness")]["records_failed"] == 0
+
+
+def test_scores_replace_the_partition_and_keep_other_days(con, reg):
+    other = DAY + dt.timedelta(days=1)
+    deliver_all(con, reg)
+    deliver_all(con, reg, day=other)
+    compute_scores(con, reg, other)
+    compute_scores(con, reg, DAY)
+    compute_scores(con, reg, DAY)
+    n = con.execute("select partition_date, count(*) from quality.scores group by 1 order by 1").fetchall()
+    assert n == [(DAY, 6 * len(reg.datasets)), (other, 6 * len(reg.datasets))]
+
+
+# --- gate --------------------------------------------------------------------------------------------------------
+
+def test_gate_fails_on_error_dataset_level_rule(con, reg):
+    deliver_all(con, reg)
+    finding(con, reg, "enterprise_registry", "delivery.manifest_count", "completeness", "error", tool="delivery")
+    gate = evaluate_gate(con, reg, DAY)
+    assert not gate.passed
+    assert "企业登记信息" in gate.description() and "delivery.manifest_count" in gate.description()
+
+
+def test_gate_passes_with_warnings_only(con, reg):
+    deliver_all(con, reg, rows=100)
+    for row in range(1, 51):  # half the records fail a warning rule: still not blocking
+        finding(con, reg, "enterprise_registry", "uscc_check_char", "accuracy", "warn", row=row)
+    gate = evaluate_gate(con, reg, DAY)
+    assert gate.passed, gate.description()
+    assert gate.warnings == 50
+
+
+def test_gate_error_row_rate_against_tolerance(con, reg, monkeypatch):
+    deliver_all(con, reg, rows=100)
+    for row in range(1, 4):
+        finding(con, reg, "water_usage", "range", "accuracy", "error", row=row)
+    assert evaluate_gate(con, reg, DAY).passed  # 3 % ≤ 5 % default
+    monkeypatch.setenv("ZQ_QUALITY_MAX_ERROR_RATE", "0.02")
+    gate = evaluate_gate(con, reg, DAY)
+    assert not gate.passed and "water_usage" in gate.description() and "超过容忍度" in gate.description()
+
+
+# --- GX ----------------------------------------------------------------------------------------------------------
+
+def make_staging(con, reg, dataset, day=DAY, n=60, bad_codes=0, dup_keys=0, extra_column=False):
+    """A hand-built staging partition: plausible values, optionally with bad codes/duplicate keys/an extra column."""
+    ds = reg.datasets[dataset]
+    model = staging_model(reg, dataset)
+    con.execute("create schema if not exists staging")
+    cols = ", ".join(f'"{f.name}" VARCHAR' for f in ds.fields)
+    extra = ", unregistered VARCHAR" if extra_column else ""
+    con.execute(f'create table if not exists staging."{model}" ({cols}{extra}, _lineage_id VARCHAR, _partition_date DATE)')
+    rows = []
+    for i in range(n):
+        values = []
+        for f in ds.fields:
+            if f.code_table:
+                codes = sorted(reg.code_tables[f.code_table])
+                values.append("bad" if i < bad_codes else codes[i % len(codes)])
+            elif f.range is not None:
+                values.append(str(10 + i % 7))
+            elif f.name in ds.primary_key:
+                values.append(f"K{(i if i >= dup_keys else 0):06d}")
+            else:
+                values.append(None if (not f.required and i % 3 == 0) else f"v{i}")
+        rows.append([*values, *(["x"] if extra_column else []), f"{dataset}/{day}/part-0001.csv#{i + 1}", day])
+    marks = ", ".join("?" * len(rows[0]))
+    con.executemany(f'insert into staging."{model}" values ({marks})', rows)
+
+
+def test_gx_suite_passes_on_clean_partition(con, reg):
+    make_staging(con, reg, "enterprise_registry")
+    v = validate_dataset(con, reg, "enterprise_registry", DAY)
+    assert v.success, [o.detail for o in v.failed]
+    metas = [e.meta for e in v.suite.expectations]
+    assert all({"dimension", "severity", "rule"} <= set(m) for m in metas)
+    assert {m["dimension"] for m in metas} <= set(dimensions.DIMENSION_KEYS)
+
+
+def test_gx_detects_code_table_rate_and_key_uniqueness(con, reg):
+    make_staging(con, reg, "enterprise_registry", bad_codes=12, dup_keys=6)
+    failed = {o.rule for o in validate_dataset(con, reg, "enterprise_registry", DAY).failed}
+    assert failed == {"gx.enterprise_registry.district_code.code_table_share", "gx.enterprise_registry.status.code_table_share",
+                      "gx.enterprise_registry.key_unique_share"}
+
+
+def test_gx_unregistered_column_is_an_error_that_fails_the_gate(con, reg):
+    deliver_all(con, reg, rows=60)
+    make_staging(con, reg, "water_usage", extra_column=True)
+    run_gx(con, reg, DAY)
+    rows = con.execute("select dataset, rule, severity from quality.findings where tool = 'gx'").fetchall()
+    assert ("water_usage", "gx.water_usage.columns_match_registry", "error") in rows
+    gate = evaluate_gate(con, reg, DAY)
+    assert not gate.passed and "gx.water_usage.columns_match_registry" in gate.description()
+
+
+def test_gx_volume_uses_previous_days(con, reg):
+    for i in range(3):
+        make_staging(con, reg, "water_usage", day=DAY + dt.timedelta(days=i), n=60)
+        run_gx(con, reg, DAY + dt.timedelta(days=i))
+    assert con.execute("select count(*) from quality.findings where tool = 'gx'").fetchone()[0] == 0
+    low = DAY + dt.timedelta(days=3)
+    make_staging(con, reg, "water_usage", day=low, n=10)  # a sixth of the usual volume
+    failed = {o.rule for o in validate_dataset(con, reg, "water_usage", low).failed}
+    assert "gx.water_usage.daily_volume" in failed
+
+
+def test_large_partitions_are_sampled_by_key(con, reg):
+    make_staging(con, reg, "enterprise_registry", n=400, dup_keys=40)
+    frame, day_rows, sampled = load_batch(con, reg, "enterprise_registry", DAY, max_rows=100)
+    assert sampled and day_rows == 400 and len(frame) < 400
+    # every row of a sampled key comes along: the duplicated key K000000 is either fully in or fully out
+    assert (frame["_pk"] == "K000000").sum() in (0, 40)
+    assert set(frame["_day_rows"]) == {400}
+
+
+def test_data_docs_show_the_suites_results(con, reg, tmp_path):
+    make_staging(con, reg, "enterprise_registry")
+    make_staging(con, reg, "water_usage", bad_codes=30)
+    validations = run_gx(con, reg, DAY)
+    index = render_data_docs(validations, tmp_path / "published", DAY)
+    assert index.is_relative_to(tmp_path / "published" / "gx") and index.name == "index.html"
+    html = index.read_text(encoding="utf-8")
+    for name in ("zq_enterprise_registry", "zq_water_usage"):
+        assert name in html
+    pages = list(index.parent.glob("validations/zq_water_usage/**/*.html"))
+    assert pages and "district_code" in pages[0].read_text(encoding="utf-8")
+    assert "'Failed'" in html and "'Success'" in html  # water_usage failed, enterprise_registry passed

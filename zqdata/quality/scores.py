@@ -1,0 +1,244 @@
+"""Quality scores per partition × agency × dataset × Art. 20 dimension, and the publication gate.
+
+Scores are computed in DuckDB SQL from ``quality.findings`` (every tool's failed rules), ``meta.deliveries``
+(records delivered) and ``quality.rule_catalog`` (every rule evaluated, passing or not).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import duckdb
+import pyarrow as pa
+
+from zqdata.quality.dimensions import DIMENSION_KEYS, cn_name
+from zqdata.registry import Registry
+
+DEFAULT_MAX_ERROR_RATE = 0.05
+
+_DDL = [
+    "create schema if not exists quality",
+    """create table if not exists quality.findings (
+        partition_date DATE, agency VARCHAR, dataset VARCHAR, tool VARCHAR, rule VARCHAR, dimension VARCHAR,
+        severity VARCHAR, delivery_file VARCHAR, row_number INTEGER, lineage_id VARCHAR, field VARCHAR, detail VARCHAR)""",
+    """create table if not exists quality.rule_catalog (
+        partition_date DATE, dataset VARCHAR, tool VARCHAR, rule VARCHAR, dimension VARCHAR, severity VARCHAR)""",
+    """create table if not exists quality.scores (
+        partition_date DATE, agency VARCHAR, dataset VARCHAR, dimension VARCHAR, records_checked BIGINT,
+        records_failed BIGINT, rules_evaluated BIGINT, rules_failed BIGINT, pass_rate DOUBLE)""",
+]
+
+
+def ensure_quality_tables(con: duckdb.DuckDBPyConnection) -> None:
+    """Create the quality schema tables if absent (layout of docs/ARCHITECTURE.md)."""
+    for stmt in _DDL:
+        con.execute(stmt)
+
+
+@dataclass(frozen=True)
+class RuleRef:
+    dataset: str
+    tool: str
+    rule: str
+    dimension: str
+    severity: str
+
+
+def register_rules(con: duckdb.DuckDBPyConnection, partition_date: dt.date, tool: str, rules: Iterable[RuleRef]) -> int:
+    """Replace the partition's catalog of rules evaluated by ``tool`` (passing rules count in rules_evaluated)."""
+    ensure_quality_tables(con)
+    rows = [{"partition_date": partition_date, "dataset": r.dataset, "tool": tool, "rule": r.rule,
+             "dimension": r.dimension, "severity": r.severity} for r in set(rules)]
+    con.execute("delete from quality.rule_catalog where partition_date = ? and tool = ?", [partition_date, tool])
+    if rows:
+        tbl = pa.Table.from_pylist(rows, schema=pa.schema([
+            ("partition_date", pa.date32()), ("dataset", pa.string()), ("tool", pa.string()), ("rule", pa.string()),
+            ("dimension", pa.string()), ("severity", pa.string())]))
+        con.register("_zq_rules", tbl)
+        try:
+            con.execute("insert into quality.rule_catalog select * from _zq_rules")
+        finally:
+            con.unregister("_zq_rules")
+    return len(rows)
+
+
+def dataset_of_model(model_name: str, registry: Registry) -> str | None:
+    """Registry dataset of a dbt model named ``stg_<agency>__<dataset>`` or ``int_<dataset>[...]``."""
+    if "__" in model_name:
+        candidate = model_name.split("__", 1)[1]
+        return candidate if candidate in registry.datasets else None
+    name = model_name.removeprefix("int_")
+    for code in sorted(registry.datasets, key=len, reverse=True):
+        if name == code or name.startswith(code + "_") or name.endswith("_" + code):
+            return code
+    return None
+
+
+def dbt_rules_from_manifest(manifest: dict, registry: Registry) -> list[RuleRef]:
+    """Every dbt test tagged with meta {dimension, severity, rule} on a gov model, as rule catalog entries."""
+    out: list[RuleRef] = []
+    for node in manifest.get("nodes", {}).values():
+        if node.get("resource_type") != "test":
+            continue
+        meta = {**(node.get("config", {}).get("meta") or {}), **(node.get("meta") or {})}
+        if meta.get("dimension") not in DIMENSION_KEYS:
+            continue
+        parents = [n for n in node.get("depends_on", {}).get("nodes", []) if n.startswith("model.")]
+        for parent in parents[:1]:  # the tested model; relationship tests also list the referenced one
+            ds = dataset_of_model(parent.split(".")[-1], registry)
+            if ds:
+                out.append(RuleRef(ds, "dbt", str(meta.get("rule") or node.get("name")), meta["dimension"],
+                                   str(meta.get("severity", "error"))))
+    return out
+
+
+def _datasets_table(registry: Registry) -> pa.Table:
+    return pa.table({"dataset": list(registry.datasets), "agency": [d.agency for d in registry.datasets.values()]})
+
+
+_SCORES_SQL = """
+with grid as (
+    select d.agency, d.dataset, k.dimension from _zq_datasets d cross join (select unnest($dims) as dimension) k
+), f as (
+    select * from quality.findings where partition_date = $day
+), checked as (
+    select dataset, sum(coalesce(rows_delivered, 0))::BIGINT as n from {deliveries} group by dataset
+), failed as (
+    select dataset, dimension,
+           count(distinct coalesce(lineage_id, delivery_file || '#' || row_number::VARCHAR)) as n
+    from f where row_number is not null or lineage_id is not null group by all
+), rules as (
+    select dataset, dimension, rule from quality.rule_catalog where partition_date = $day
+    union select dataset, dimension, rule from f
+), evaluated as (
+    select dataset, dimension, count(distinct rule) as n from rules group by all
+), rules_failed as (
+    select dataset, dimension, count(distinct rule) as n from f group by all
+)
+select $day::DATE as partition_date, g.agency, g.dataset, g.dimension,
+       coalesce(c.n, 0) as records_checked, coalesce(fl.n, 0) as records_failed,
+       coalesce(e.n, 0) as rules_evaluated, coalesce(rf.n, 0) as rules_failed,
+       case when coalesce(c.n, 0) > 0 then greatest(0.0, 1.0 - coalesce(fl.n, 0) / c.n)
+            when coalesce(rf.n, 0) > 0 then 0.0
+            when coalesce(e.n, 0) > 0 then 1.0 end as pass_rate
+from grid g
+left join checked c using (dataset)
+left join failed fl on fl.dataset = g.dataset and fl.dimension = g.dimension
+left join evaluated e on e.dataset = g.dataset and e.dimension = g.dimension
+left join rules_failed rf on rf.dataset = g.dataset and rf.dimension = g.dimension
+order by g.agency, g.dataset, g.dimension
+"""
+
+
+def _deliveries_source(con: duckdb.DuckDBPyConnection) -> str:
+    has = con.execute("select count(*) from information_schema.tables "
+                      "where table_schema = 'meta' and table_name = 'deliveries'").fetchone()[0]
+    if has:
+        return "(select dataset, rows_delivered from meta.deliveries where partition_date = $day)"
+    return "(select null::VARCHAR as dataset, null::BIGINT as rows_delivered where false)"
+
+
+def compute_scores(con: duckdb.DuckDBPyConnection, registry: Registry, partition_date: dt.date) -> pa.Table:
+    """Replace the partition's rows of quality.scores (kept across days) and return them."""
+    ensure_quality_tables(con)
+    con.register("_zq_datasets", _datasets_table(registry))
+    try:
+        sql = _SCORES_SQL.format(deliveries=_deliveries_source(con))
+        scores = con.execute(sql, {"day": partition_date, "dims": list(DIMENSION_KEYS)}).fetch_arrow_table()
+        con.execute("begin")
+        try:
+            con.execute("delete from quality.scores where partition_date = ?", [partition_date])
+            con.register("_zq_scores", scores)
+            con.execute("insert into quality.scores select * from _zq_scores")
+            con.unregister("_zq_scores")
+            con.execute("commit")
+        except Exception:
+            con.execute("rollback")
+            raise
+    finally:
+        con.unregister("_zq_datasets")
+    return scores
+
+
+def scores_markdown(scores: pa.Table) -> str:
+    """The score table as Markdown, dimensions named in Chinese."""
+    lines = ["| 机构 agency | 数据集 dataset | 维度 dimension | 检查记录 checked | 问题记录 failed | 规则数 rules | 未通过规则 failed rules | 通过率 pass rate |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in scores.to_pylist():
+        rate = "—" if r["pass_rate"] is None else f"{r['pass_rate']:.2%}"
+        lines.append(f"| {r['agency']} | {r['dataset']} | {cn_name(r['dimension'])} | {r['records_checked']} | "
+                     f"{r['records_failed']} | {r['rules_evaluated']} | {r['rules_failed']} | {rate} |")
+    return "\n".join(lines)
+
+
+def max_error_rate_from_env() -> float:
+    """ZQ_QUALITY_MAX_ERROR_RATE: tolerated share of error-severity failing records per dataset (default 0.05)."""
+    raw = os.environ.get("ZQ_QUALITY_MAX_ERROR_RATE", "")
+    if not raw:
+        return DEFAULT_MAX_ERROR_RATE
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"ZQ_QUALITY_MAX_ERROR_RATE 必须是 0 到 1 之间的小数，实际为 {raw!r}") from None
+    if not 0 <= value <= 1:
+        raise ValueError(f"ZQ_QUALITY_MAX_ERROR_RATE 必须是 0 到 1 之间的小数，实际为 {raw!r}")
+    return value
+
+
+@dataclass
+class GateResult:
+    passed: bool
+    partition_date: dt.date
+    max_error_rate: float
+    failures: list[str] = field(default_factory=list)  # Chinese, one line per failed rule/dataset
+    warnings: int = 0
+    error_rates: dict[str, float] = field(default_factory=dict)
+
+    def description(self) -> str:
+        if self.passed:
+            return (f"质量门禁通过：{self.partition_date} 无错误级数据集规则失败，各数据集错误记录率均不超过 "
+                    f"{self.max_error_rate:.1%}（警告 {self.warnings} 条，不阻断）。")
+        return (f"质量门禁未通过：{self.partition_date} 分区不得出域到运营服务平台。\n"
+                + "\n".join(f"- {f}" for f in self.failures))
+
+
+def evaluate_gate(con: duckdb.DuckDBPyConnection, registry: Registry, partition_date: dt.date,
+                  max_error_rate: float | None = None) -> GateResult:
+    """Fail on any error-severity dataset-level finding or a dataset's error-record rate above the tolerance."""
+    ensure_quality_tables(con)
+    tol = max_error_rate_from_env() if max_error_rate is None else max_error_rate
+    result = GateResult(True, partition_date, tol)
+    result.warnings = con.execute(
+        "select count(*) from quality.findings where partition_date = ? and severity = 'warn'", [partition_date]
+    ).fetchone()[0]
+    dataset_level = con.execute(
+        """select dataset, tool, rule, dimension, count(*) as n, min(detail) as detail
+           from quality.findings
+           where partition_date = ? and severity = 'error' and row_number is null and lineage_id is null
+           group by all order by dataset, rule""", [partition_date]).fetchall()
+    for dataset, tool, rule, dimension, n, detail in dataset_level:
+        result.passed = False
+        name = registry.datasets[dataset].name if dataset in registry.datasets else dataset
+        result.failures.append(f"{name}（{dataset}）错误级数据集规则未通过：{rule}（{tool}，{cn_name(dimension)}）{n} 项：{detail}")
+    rates = con.execute(
+        f"""with delivered as (
+                select dataset, sum(coalesce(rows_delivered, 0)) as n from {_deliveries_source(con)} group by dataset
+            ), bad as (
+                select dataset, count(distinct coalesce(lineage_id, delivery_file || '#' || row_number::VARCHAR)) as n
+                from quality.findings
+                where partition_date = $day and severity = 'error' and (row_number is not null or lineage_id is not null)
+                group by dataset
+            )
+            select b.dataset, b.n, coalesce(d.n, 0) from bad b left join delivered d using (dataset) order by b.dataset""",
+        {"day": partition_date}).fetchall()
+    for dataset, bad, delivered in rates:
+        rate = bad / delivered if delivered else 1.0
+        result.error_rates[dataset] = rate
+        if rate > tol:
+            result.passed = False
+            name = registry.datasets[dataset].name if dataset in registry.datasets else dataset
+            result.failures.append(f"{name}（{dataset}）错误级记录 {bad}/{delivered} = {rate:.2%}，超过容忍度 {tol:.2%}")
+    return result
