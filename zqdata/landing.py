@@ -224,3 +224,11 @@ def render_landing_docs(registry: "Registry") -> str:
                 f"{_cell(f.description)} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def write_landing_docs() -> None:
+    """Re-render ``docs/landing_contract.md`` from the registry (run after changing the registry)."""
+    from zqdata.registry import load_registry
+    from zqdata.settings import repo_root
+
+    (repo_root() / "docs" / "landing_contract.md").write_text(render_landing_docs(load_registry()), encoding="utf-8")

@@ -1,0 +1,95 @@
+"""Shared fixtures: an isolated data dir, the registry, a local landing store, a gov DuckDB, an S3 (moto) store."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from zqdata.registry import Registry, load_registry
+from zqdata.storage import LocalObjectStore
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """``ZQ_DATA_DIR`` pointed at a fresh folder; local store backend."""
+    monkeypatch.setenv("ZQ_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("ZQ_STORE_BACKEND", "local")
+    monkeypatch.delenv("ZQ_LANDING_DIR", raising=False)
+    monkeypatch.delenv("ZQ_GOV_DB", raising=False)
+    monkeypatch.delenv("ZQ_OPS_DB", raising=False)
+    return tmp_path / "data"
+
+
+@pytest.fixture(scope="session")
+def reg() -> Registry:
+    return load_registry()
+
+
+@pytest.fixture
+def store(data_dir: Path) -> LocalObjectStore:
+    return LocalObjectStore(data_dir / "landing")
+
+
+@pytest.fixture
+def gov_con(data_dir: Path) -> Iterator[duckdb.DuckDBPyConnection]:
+    path = data_dir / "warehouse" / "gov_platform.duckdb"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    con = duckdb.connect(str(path))
+    yield con
+    con.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[str]:
+    """A ``moto_server`` on a free loopback port for the session; killed at teardown."""
+    exe = Path(sys.executable).parent / "moto_server"
+    if not exe.exists():
+        pytest.skip("moto_server not installed in the venv")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(url + "/", timeout=1)
+                break
+            except urllib.error.HTTPError:
+                break  # it answers
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("moto_server did not start") from None
+                time.sleep(0.2)
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture
+def s3_store(moto_endpoint: str, request: pytest.FixtureRequest):
+    """An S3ObjectStore on moto, one fresh bucket per test."""
+    from zqdata.storage import S3ObjectStore
+
+    bucket = "zq-test-" + "".join(ch for ch in request.node.name.lower() if ch.isalnum())[:40]
+    return S3ObjectStore(moto_endpoint, "testing", "testing", bucket, secure=False, region="us-east-1")

@@ -1,0 +1,149 @@
+"""Ingestion-boundary contracts: a pandera schema per dataset, built from the registry.
+
+The contract checks only what decides whether a record can enter the ODS at all: the column set, required fields
+non-empty, typed fields parseable. Value rules (check digits, code tables, ranges) are dbt/GX rules downstream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+import pandera.pandas as pa
+
+from zqdata.registry import Dataset, DatasetField
+
+# Accepted spellings (standardizing them is dbt staging's job). ASCII digits only: full-width digits are not parseable.
+_DATE = r"[0-9]{4}(?:-[0-9]{1,2}-[0-9]{1,2}|/[0-9]{1,2}/[0-9]{1,2}|[0-9]{2}[0-9]{2})"
+_TIME = r"[0-9]{1,2}:[0-9]{2}(?::[0-9]{2}(?:\.[0-9]{1,9})?)?"
+_TZ = r"(?:Z|[+-][0-9]{2}(?::?[0-9]{2})?)?"
+PATTERNS: dict[str, str] = {
+    "integer": r"\s*[+-]?[0-9]+\s*",
+    "decimal": r"\s*[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?\s*",
+    "date": rf"\s*{_DATE}\s*",
+    "timestamp": rf"\s*(?:{_DATE}(?:T|\s+){_TIME}{_TZ}|[0-9]{{14}})\s*",
+}
+# Loose component extraction, applied only to values that already match PATTERNS (so it cannot mis-split them).
+_PARTS = (
+    r"^\s*(?P<year>[0-9]{4})[-/]?(?P<month>[0-9]{1,2})[-/]?(?P<day>[0-9]{1,2})"
+    r"(?:(?:T|\s*)(?P<hour>[0-9]{1,2}):?(?P<minute>[0-9]{2})(?::?(?P<second>[0-9]{2}))?)?"
+)
+TYPE_CN = {"integer": "整数", "decimal": "数值", "date": "日期", "timestamp": "日期时间"}
+COLUMN_SET_RULE = "contract.column_set"
+
+
+@dataclass(frozen=True)
+class RuleInfo:
+    """What a pandera check means for quarantine and findings."""
+
+    rule: str
+    dimension: str
+    field: str
+    reason: str  # Chinese, specific; the offending value is appended by the ingester
+
+
+def _blank(s: pd.Series) -> pd.Series:
+    return s.isna() | (s.astype("str").str.strip() == "")
+
+
+def parseable(s: pd.Series, field_type: str) -> pd.Series:
+    """True where the value is empty or parses as ``field_type`` (dates also checked for a real calendar day/time)."""
+    if field_type == "string":
+        return pd.Series(True, index=s.index)
+    text = s.astype("str")
+    ok = _blank(s) | text.str.fullmatch(PATTERNS[field_type]).fillna(False).astype(bool)
+    if field_type in ("date", "timestamp"):
+        cand = ok & ~_blank(s)
+        if cand.any():
+            parts = text[cand].str.extract(_PARTS).fillna({"hour": "0", "minute": "0", "second": "0"}).astype("int64")
+            day = pd.to_datetime(parts[["year", "month", "day"]], errors="coerce")  # NaT for 2025-02-30, month 13
+            real = day.notna() & (parts["hour"] < 24) & (parts["minute"] < 60) & (parts["second"] < 60)
+            ok = ok & ~(cand & ~real.reindex(s.index, fill_value=True))
+    return ok
+
+
+def rule_for_required(f: DatasetField) -> RuleInfo:
+    return RuleInfo("contract.required", "completeness", f.name, f"必填字段「{f.cn_name}」({f.name}) 为空")
+
+
+def rule_for_type(f: DatasetField) -> RuleInfo:
+    return RuleInfo(
+        f"contract.type.{f.type}",
+        "standardization",
+        f.name,
+        f"字段「{f.cn_name}」({f.name}) 的值无法解析为{TYPE_CN[f.type]}",
+    )
+
+
+def build_contract(dataset: Dataset, strict: bool = True) -> pa.DataFrameSchema:
+    """The pandera schema of a dataset's delivered records (all values text). ``strict``: the column set must equal the registry."""
+    columns: dict[str, pa.Column] = {}
+    for f in dataset.fields:
+        checks: list[pa.Check] = []
+        if f.required:
+            req = rule_for_required(f)
+            checks.append(pa.Check(lambda s: ~_blank(s), name=req.rule, description=req.reason, ignore_na=False))
+        if f.type != "string":
+            typ = rule_for_type(f)
+            checks.append(
+                pa.Check(lambda s, t=f.type: parseable(s, t), name=typ.rule, description=typ.reason, ignore_na=True)
+            )
+        # Nulls are judged by the required check (one reason per problem), so pandera's own not-null check stays off.
+        columns[f.name] = pa.Column(nullable=True, required=True, checks=checks, title=f.cn_name)
+    return pa.DataFrameSchema(columns, strict=strict, name=dataset.code, ordered=False)
+
+
+def rules_of(dataset: Dataset) -> dict[tuple[str, str], RuleInfo]:
+    """(field, pandera check name) → rule info, to translate ``failure_cases`` into quarantine reasons."""
+    out: dict[tuple[str, str], RuleInfo] = {}
+    for f in dataset.fields:
+        if f.required:
+            r = rule_for_required(f)
+            out[(f.name, r.rule)] = r
+        if f.type != "string":
+            r = rule_for_type(f)
+            out[(f.name, r.rule)] = r
+    return out
+
+
+def column_problems(schema: pa.DataFrameSchema, columns: list[str]) -> tuple[list[str], list[str]]:
+    """(missing, extra) columns of a delivered file against the contract, found by validating an empty frame."""
+    frame = pd.DataFrame({c: pd.Series([], dtype="str") for c in columns})
+    try:
+        schema.validate(frame, lazy=True)
+    except pa.errors.SchemaErrors as exc:
+        fc = exc.failure_cases
+        missing = sorted(fc.loc[fc["check"] == "column_in_dataframe", "failure_case"].astype(str))
+        extra = sorted(fc.loc[fc["check"] == "column_in_schema", "failure_case"].astype(str))
+        return missing, extra
+    dupes = sorted({c for c in columns if columns.count(c) > 1})
+    return [], dupes
+
+
+def column_problem_reason(missing: list[str], extra: list[str]) -> str:
+    """A Chinese reason naming the missing and unregistered columns (one of each suggests a renamed column)."""
+    parts = []
+    if missing:
+        parts.append("缺少登记字段 " + "、".join(missing))
+    if extra:
+        parts.append("含未登记字段 " + "、".join(extra))
+    hint = "（疑似字段改名）" if missing and extra else ""
+    return "文件列与登记的数据集结构不一致：" + "；".join(parts) + hint + "，整个文件隔离"
+
+
+def failing_rows(schema: pa.DataFrameSchema, frame: pd.DataFrame) -> pd.DataFrame:
+    """Row-level contract failures of a batch: columns ``index, field, check, value`` (``frame`` has a RangeIndex)."""
+    try:
+        schema.validate(frame, lazy=True)
+    except pa.errors.SchemaErrors as exc:
+        fc = exc.failure_cases
+        fc = fc[fc["index"].notna() & (fc["schema_context"] == "Column")]
+        return pd.DataFrame(
+            {
+                "index": fc["index"].astype("int64").to_numpy(),
+                "field": fc["column"].astype(str).to_numpy(),
+                "check": fc["check"].astype(str).to_numpy(),
+                "value": fc["failure_case"].astype(str).to_numpy(),
+            }
+        )
+    return pd.DataFrame({"index": pd.Series([], dtype="int64"), "field": [], "check": [], "value": []})
