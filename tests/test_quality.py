@@ -252,3 +252,41 @@ def test_data_docs_show_the_suites_results(con, reg, tmp_path):
     pages = list(index.parent.glob("validations/zq_water_usage/**/*.html"))
     assert pages and "district_code" in pages[0].read_text(encoding="utf-8")
     assert "'Failed'" in html and "'Success'" in html  # water_usage failed, enterprise_registry passed
+
+
+# --- Dagster wiring ----------------------------------------------------------------------------------------------
+
+def test_governance_definitions_load_with_partitioned_upstreams(reg):
+    import dagster as dg
+
+    from assets.governance import governance_defs
+    from orchestration.partitions import daily_partitions
+    from zqdata.quality.gx_runner import staging_model
+
+    upstream = [dg.AssetSpec(["gov", "staging", staging_model(reg, c)], partitions_def=daily_partitions) for c in reg.datasets]
+    upstream += [dg.AssetSpec(["gov", layer, name], partitions_def=daily_partitions)
+                 for c in reg.datasets for layer, name in (("ods", c), ("intermediate", f"int_{c}"))]
+    defs = dg.Definitions.merge(governance_defs(), dg.Definitions(assets=upstream))
+    dg.Definitions.validate_loadable(defs)
+    graph = defs.resolve_asset_graph()
+    gate = dg.AssetCheckKey(dg.AssetKey(["gov", "quality", "scores"]), "quality_gate")
+    assert gate in graph.asset_check_keys and graph.get_check_spec(gate).blocking
+
+
+def test_gate_check_fails_the_dagster_run_check_on_manifest_mismatch(con, reg, tmp_path):
+    import dagster as dg
+
+    from assets.governance.quality import build_findings_asset, build_scores_asset
+    from orchestration.resources import WarehouseResource
+
+    deliver_all(con, reg)
+    finding(con, reg, "enterprise_registry", "delivery.record_count_mismatch", "completeness", "error", tool="delivery")
+    con.close()
+    result = dg.materialize(
+        [build_findings_asset(), build_scores_asset()], partition_key=DAY.isoformat(),
+        resources={"warehouse": WarehouseResource(gov_db=str(tmp_path / "gov.duckdb"))}, raise_on_error=False)
+    evaluations = result.get_asset_check_evaluations()
+    gate = [e for e in evaluations if e.check_name == "quality_gate"]
+    assert len(gate) == 1 and not gate[0].passed
+    assert "delivery.record_count_mismatch" in gate[0].description and "未通过" in gate[0].description
+    assert (tmp_path / "published" / "gx").exists()

@@ -242,3 +242,43 @@ def evaluate_gate(con: duckdb.DuckDBPyConnection, registry: Registry, partition_
             name = registry.datasets[dataset].name if dataset in registry.datasets else dataset
             result.failures.append(f"{name}（{dataset}）错误级记录 {bad}/{delivered} = {rate:.2%}，超过容忍度 {tol:.2%}")
     return result
+
+
+@dataclass
+class FindingsSummary:
+    partition_date: dt.date
+    delivery_markdown: str = ""
+    dbt_findings: int | None = None  # None: no dbt manifest given
+    gx_failed: dict[str, list[str]] = field(default_factory=dict)
+    gx_notes: dict[str, str] = field(default_factory=dict)
+    data_docs: str | None = None
+    by_tool: dict[str, int] = field(default_factory=dict)
+
+
+def collect_findings(con: duckdb.DuckDBPyConnection, registry: Registry, partition_date: dt.date,
+                     manifest: dict | None = None, docs_dir=None, now: dt.datetime | None = None) -> FindingsSummary:
+    """The partition's findings from every tool run after ingestion: delivery timeliness, dbt tests, GX suites.
+
+    Ingestion has already written its own ('pandera', 'delivery') findings; each tool replaces only its own rows.
+    ``docs_dir`` given: Data Docs for the partition's GX results are rendered under ``<docs_dir>/gx``.
+    """
+    from zqdata.quality.gx_runner import render_data_docs, run_gx
+    from zqdata.quality.timeliness import collect_delivery_findings
+
+    ensure_quality_tables(con)
+    summary = FindingsSummary(partition_date)
+    summary.delivery_markdown = collect_delivery_findings(con, registry, partition_date, now).as_markdown()
+    if manifest is not None:
+        from zqdata.quality.dbt_findings import collect_dbt_findings
+
+        summary.dbt_findings = collect_dbt_findings(con, manifest, partition_date)
+        register_rules(con, partition_date, "dbt", dbt_rules_from_manifest(manifest, registry))
+    validations = run_gx(con, registry, partition_date)
+    summary.gx_failed = {v.dataset: [o.rule for o in v.failed] for v in validations if v.failed}
+    summary.gx_notes = {v.dataset: v.note for v in validations}
+    if docs_dir is not None:
+        summary.data_docs = str(render_data_docs(validations, docs_dir, partition_date))
+    summary.by_tool = dict(con.execute(
+        "select tool, count(*) from quality.findings where partition_date = ? group by tool order by tool",
+        [partition_date]).fetchall())
+    return summary

@@ -171,8 +171,22 @@ def collect_delivery_findings(con: duckdb.DuckDBPyConnection, registry: Registry
             [partition_date, TOOL, *rules],
         )
         write_findings(con, findings)
+        _register_rules(con, registry, partition_date)
         con.execute("commit")
     except Exception:
         con.execute("rollback")
         raise
     return report
+
+
+def _register_rules(con: duckdb.DuckDBPyConnection, registry: Registry, partition_date: dt.date) -> None:
+    """Catalog this module's rules for every dataset, leaving ingestion's tool='delivery' rules in place."""
+    rules = [r[0] for r in RULES]
+    con.execute(
+        f"delete from quality.rule_catalog where partition_date = ? and tool = ? and rule in ({', '.join('?' * len(rules))})",
+        [partition_date, TOOL, *rules],
+    )
+    con.executemany(
+        "insert into quality.rule_catalog (partition_date, dataset, tool, rule, dimension, severity) values (?, ?, ?, ?, ?, ?)",
+        [[partition_date, code, TOOL, rule, dim, sev] for code in registry.datasets for rule, dim, sev in RULES],
+    )

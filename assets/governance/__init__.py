@@ -1,0 +1,10 @@
+"""Governance stage (Art. 20): quality findings, scores, the publication gate, GX checks and Data Docs."""
+
+import dagster as dg
+
+
+def governance_defs() -> dg.Definitions:
+    """Definitions of the governance stage (built on call, nothing at import)."""
+    from assets.governance.quality import quality_defs
+
+    return quality_defs()

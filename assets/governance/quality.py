@@ -1,0 +1,152 @@
+"""Thin Dagster wrappers around ``zqdata.quality``: findings and scores assets, the blocking gate, GX checks."""
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import dagster as dg
+
+from orchestration.partitions import daily_partitions
+from orchestration.resources import WarehouseResource
+from zqdata.registry import registry
+from zqdata.settings import get_settings, repo_root
+
+FINDINGS_KEY = dg.AssetKey(["gov", "quality", "findings"])
+SCORES_KEY = dg.AssetKey(["gov", "quality", "scores"])
+GATE_CHECK = "quality_gate"
+GX_CHECK = "gx_dataset_expectations"
+
+
+def _day(context) -> dt.date:
+    return dt.date.fromisoformat(context.partition_key)
+
+
+def _dbt_manifest() -> dict | None:
+    """The dbt manifest built by `make dbt-parse` / dagster-dbt; None when dbt has not been prepared."""
+    path = repo_root() / "dbt_project" / "target" / "manifest.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
+def _findings_deps() -> list[dg.AssetKey]:
+    reg = registry()
+    keys = [dg.AssetKey(["gov", "ods", code]) for code in reg.datasets]
+    keys += [dg.AssetKey(["gov", "intermediate", f"int_{code}"]) for code in reg.datasets]
+    return keys
+
+
+def build_findings_asset() -> dg.AssetsDefinition:
+    @dg.asset(
+        key=FINDINGS_KEY,
+        group_name="governance",
+        partitions_def=daily_partitions,
+        deps=_findings_deps(),
+        kinds={"duckdb", "great_expectations"},
+        description=(
+            "数据质量问题明细（Art. 20）：汇集交付时效/完整性（meta.deliveries + 登记时限）、dbt 行级规则、"
+            "GX 数据集级期望的结果到 quality.findings，并发布 GX Data Docs。"
+            "Quality findings of the partition from every tool, plus Data Docs."
+        ),
+    )
+    def quality_findings(context: dg.AssetExecutionContext, warehouse: WarehouseResource) -> dg.MaterializeResult:
+        from zqdata.quality.scores import collect_findings
+
+        manifest = _dbt_manifest()
+        if manifest is None:
+            context.log.warning("未找到 dbt manifest（dbt_project/target/manifest.json），本次不汇集 dbt 规则结果")
+        with warehouse.gov() as con:
+            summary = collect_findings(con, registry(), _day(context), manifest, get_settings().docs_dir)
+        return dg.MaterializeResult(metadata={
+            "findings_by_tool": dg.MetadataValue.json(summary.by_tool),
+            "deliveries": dg.MetadataValue.md(summary.delivery_markdown),
+            "dbt_findings": summary.dbt_findings if summary.dbt_findings is not None else "未汇集 (no manifest)",
+            "gx_failed_rules": dg.MetadataValue.json(summary.gx_failed),
+            "gx_batches": dg.MetadataValue.json(summary.gx_notes),
+            "data_docs": dg.MetadataValue.path(summary.data_docs or ""),
+        })
+
+    return quality_findings
+
+
+def build_scores_asset() -> dg.AssetsDefinition:
+    @dg.asset(
+        key=SCORES_KEY,
+        group_name="governance",
+        partitions_def=daily_partitions,
+        deps=[FINDINGS_KEY],
+        kinds={"duckdb"},
+        check_specs=[dg.AssetCheckSpec(
+            GATE_CHECK, asset=SCORES_KEY, blocking=True,
+            description="质量门禁：错误级数据集规则失败或错误记录率超过 ZQ_QUALITY_MAX_ERROR_RATE 时阻断出域；警告不阻断。",
+        )],
+        description=(
+            "数据质量评分（Art. 20 六个维度）：按分区日 × 数源机构 × 数据集 × 维度统计检查记录数、问题记录数、"
+            "规则数、未通过规则数和通过率（quality.scores，逐日保留）。出域到运营服务平台依赖本资产的质量门禁。"
+        ),
+    )
+    def quality_scores(context: dg.AssetExecutionContext, warehouse: WarehouseResource) -> dg.MaterializeResult:
+        from zqdata.quality.scores import compute_scores, evaluate_gate, scores_markdown
+
+        day = _day(context)
+        with warehouse.gov() as con:
+            scores = compute_scores(con, registry(), day)
+            gate = evaluate_gate(con, registry(), day)
+        return dg.MaterializeResult(
+            metadata={"scores": dg.MetadataValue.md(scores_markdown(scores)), "rows": scores.num_rows},
+            check_results=[dg.AssetCheckResult(
+                check_name=GATE_CHECK,
+                passed=gate.passed,
+                severity=dg.AssetCheckSeverity.ERROR,
+                description=gate.description(),
+                metadata={
+                    "failures": dg.MetadataValue.md("\n".join(f"- {f}" for f in gate.failures) or "无 (none)"),
+                    "max_error_rate": gate.max_error_rate,
+                    "error_rates": dg.MetadataValue.json({k: round(v, 6) for k, v in gate.error_rates.items()}),
+                    "warnings": gate.warnings,
+                },
+            )],
+        )
+
+    return quality_scores
+
+
+def build_gx_check(dataset: str) -> dg.AssetChecksDefinition:
+    """A GX asset check on one staging model for the run's partition (ephemeral context, bounded batch)."""
+    from zqdata.quality.gx_runner import staging_model
+
+    model = staging_model(registry(), dataset)
+
+    @dg.asset_check(
+        asset=dg.AssetKey(["gov", "staging", model]),
+        name=GX_CHECK,
+        partitions_def=daily_partitions,
+        description=f"GX 数据集级期望（字段集合、日交付量、主键唯一率、代码表占比、选填字段填充率、数值中位数）：{model}",
+    )
+    def gx_check(context: dg.AssetCheckExecutionContext, warehouse: WarehouseResource) -> dg.AssetCheckResult:
+        from zqdata.quality.gx_runner import validate_dataset
+
+        with warehouse.gov() as con:
+            v = validate_dataset(con, registry(), dataset, _day(context))
+        errors = [o for o in v.failed if o.severity == "error"]
+        return dg.AssetCheckResult(
+            passed=v.success,
+            severity=dg.AssetCheckSeverity.ERROR if errors or v.result is None else dg.AssetCheckSeverity.WARN,
+            description=v.note if v.success else "未通过的期望：" + "；".join(o.rule for o in v.failed) or v.note,
+            metadata={
+                "batch": v.note,
+                "rows_in_partition": v.day_rows,
+                "unexpected_counts": dg.MetadataValue.json(
+                    {o.rule: {"unexpected_count": o.unexpected_count, "element_count": o.element_count,
+                              "observed": o.observed, "success": o.success} for o in v.outcomes}),
+            },
+        )
+
+    gx_check.__name__ = f"gx_{dataset}"
+    return gx_check
+
+
+def quality_defs() -> dg.Definitions:
+    return dg.Definitions(
+        assets=[build_findings_asset(), build_scores_asset()],
+        asset_checks=[build_gx_check(code) for code in registry().datasets],
+        resources={"warehouse": WarehouseResource()},
+    )
