@@ -1,0 +1,142 @@
+"""一场景一授权 and audited delivery: authorized fields, scenario validity, consumer credentials, denied attempts logged."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import re
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from zqdata.audit import read_chain, verify_chain
+from zqdata.authorization import (
+    AccessDenied,
+    AuthorizationError,
+    UnauthorizedFieldError,
+    authorized_fields,
+    check_fields_authorized,
+    check_product_authorized,
+    check_scenario_active,
+    deliver_product,
+    hash_credential,
+    verify_credential,
+)
+from zqdata.registry import Registry, load_registry
+from zqdata.settings import TZ, repo_root
+
+D = dt.date(2025, 5, 1)
+NOW = dt.datetime(2025, 5, 2, 9, 30, tzinfo=TZ)
+
+
+def demo_credentials() -> dict[str, str]:
+    """consumer code -> demo credential, as documented in docs/security.md."""
+    text = (repo_root() / "docs" / "security.md").read_text(encoding="utf-8")
+    return dict(re.findall(r"^\| `(zq_[a-z_]+)` \|[^|]*\|[^|]*\| `([^`]+)` \|", text, flags=re.M))
+
+
+@pytest.fixture
+def registry() -> Registry:
+    return load_registry()
+
+
+@pytest.fixture
+def ops(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("ZQ_DATA_DIR", str(tmp_path))
+    con = duckdb.connect(str(tmp_path / "ops.duckdb"))
+    con.execute("CREATE SCHEMA products")
+    con.execute("CREATE TABLE products.ops_sme_credit_profile (credit_code VARCHAR, kwh DECIMAL(18,2), "
+                "_partition_date DATE)")
+    con.execute("INSERT INTO products.ops_sme_credit_profile VALUES ('91441200MA00000001', 1.5, ?), "
+                "('91441200MA00000002', 2.5, ?), ('91441200MA00000003', 3.5, ?)", [D, D, D + dt.timedelta(days=1)])
+    yield con
+    con.close()
+
+
+def test_authorized_fields_come_from_the_registry(registry):
+    assert authorized_fields(registry, "transit_ridership", "bus_card_swipes") == \
+        registry.scenarios["transit_ridership"].authorized_fields["bus_card_swipes"]
+
+
+def test_unauthorized_field_is_a_clear_error(registry):
+    check_fields_authorized(registry, "sme_credit_profile", "enterprise_registry", ["credit_code", "ent_name"])
+    with pytest.raises(UnauthorizedFieldError,
+                       match=r"场景 sme_credit_profile 未授权字段 enterprise_registry\.legal_rep_name \(unauthorized field\)"):
+        check_fields_authorized(registry, "sme_credit_profile", "enterprise_registry", ["credit_code", "legal_rep_name"])
+    with pytest.raises(UnauthorizedFieldError, match="未授权数据集 resident_population"):
+        authorized_fields(registry, "sme_credit_profile", "resident_population")
+
+
+@pytest.mark.parametrize("update,day,message", [
+    ({}, dt.date(2025, 4, 30), "2025-04-30 不在期限内"),
+    ({"valid_to": dt.date(2025, 6, 30)}, dt.date(2025, 7, 1), "expired"),
+    ({"status": "revoked"}, D, "已撤销"),
+])
+def test_inactive_scenario_is_refused(registry, update, day, message):
+    scenario = registry.scenarios["transit_ridership"].model_copy(update=update)
+    with pytest.raises(AuthorizationError, match=message):
+        check_scenario_active(scenario, day)
+
+
+def test_active_scenario_on_its_last_day_passes(registry):
+    scenario = registry.scenarios["transit_ridership"]
+    check_scenario_active(scenario, scenario.valid_to)
+    assert check_product_authorized(registry, scenario.product, scenario.valid_from).code == scenario.code
+
+
+def test_credentials_are_pbkdf2_and_constant_time_verified():
+    stored = hash_credential("open sesame", iterations=1000)
+    assert re.fullmatch(r"pbkdf2_sha256\$1000\$[0-9a-f]{32}\$[0-9a-f]{64}", stored)
+    assert verify_credential("open sesame", stored)
+    assert not verify_credential("open sesame!", stored)
+    assert not verify_credential("open sesame", "TO_BE_SET")
+
+
+def test_demo_credentials_in_the_docs_match_the_registry(registry):
+    creds = demo_credentials()
+    assert set(creds) == set(registry.consumers)
+    for code, consumer in registry.consumers.items():
+        assert verify_credential(creds[code], consumer.credential_hash), code
+
+
+def test_registered_consumer_gets_the_partition_and_it_is_logged(ops, registry, tmp_path):
+    receipt = deliver_product(ops, registry, "zq_rural_bank", demo_credentials()["zq_rural_bank"],
+                              "ops_sme_credit_profile", D, tmp_path / "out", now=NOW)
+    assert receipt.row_count == 2
+    assert receipt.sha256 == hashlib.sha256(receipt.path.read_bytes()).hexdigest()
+    exported = duckdb.sql(f"SELECT credit_code FROM read_parquet('{receipt.path}') ORDER BY 1").fetchall()
+    assert [r[0] for r in exported] == ["91441200MA00000001", "91441200MA00000002"]
+    [rec] = read_chain(ops)
+    assert (rec.consumer, rec.product, rec.outcome, rec.row_count, rec.file_sha256) == \
+        ("zq_rural_bank", "ops_sme_credit_profile", "delivered", 2, receipt.sha256)
+    assert rec.delivered_at.endswith("+08:00")
+    assert verify_chain(ops) == []
+
+
+@pytest.mark.parametrize("consumer,credential,reason", [
+    ("no_such_bank", "whatever", "unknown consumer"),
+    ("zq_rural_bank", "wrong-password", "wrong credential"),
+    ("zq_transit_planning", None, "not registered for the scenario"),
+])
+def test_unknown_wrong_or_unregistered_consumer_gets_no_data_and_is_logged(ops, registry, tmp_path, consumer,
+                                                                          credential, reason):
+    credential = credential or demo_credentials()[consumer]
+    with pytest.raises(AccessDenied, match=reason):
+        deliver_product(ops, registry, consumer, credential, "ops_sme_credit_profile", D, tmp_path / "out", now=NOW)
+    assert not (tmp_path / "out").exists()  # no data at all
+    [rec] = read_chain(ops)
+    assert (rec.consumer, rec.outcome, rec.row_count) == (consumer, "denied", 0)
+    assert reason in rec.reason
+    assert verify_chain(ops) == []
+
+
+def test_expired_authorization_blocks_delivery_of_its_product(ops, registry, tmp_path):
+    sme = registry.scenarios["sme_credit_profile"]
+    reg = registry.model_copy(update={"scenarios": {**registry.scenarios,
+                                                    sme.code: sme.model_copy(update={"valid_to": D})}})
+    with pytest.raises(AccessDenied, match="expired"):
+        deliver_product(ops, reg, "zq_rural_bank", demo_credentials()["zq_rural_bank"], "ops_sme_credit_profile", D,
+                        tmp_path / "out", now=NOW)  # the partition is in term, but the delivery day is not
+    assert read_chain(ops)[0].outcome == "denied"
+    assert not (tmp_path / "out").exists()
