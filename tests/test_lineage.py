@@ -198,10 +198,13 @@ def test_trace_levels_follow_dbt_manifest(dbs, registry):
         "nodes": {
             "model.zq.stg_x": {"resource_type": "model", "name": "stg_x", "fqn": ["zq", "gov", "staging", "stg_x"], "depends_on": {"nodes": ["source.zq.ods.enterprise_registry"]}},
             "model.zq.int_y": {"resource_type": "model", "name": "int_y", "fqn": ["zq", "gov", "intermediate", "int_y"], "depends_on": {"nodes": ["model.zq.stg_x"]}},
+            # joins int_y in for a consistency rule: another dataset's path, not this one's
+            "model.zq.int_z": {"resource_type": "model", "name": "int_z", "fqn": ["zq", "gov", "intermediate", "int_z"], "depends_on": {"nodes": ["model.zq.stg_other", "model.zq.int_y"]}},
         },
     }
     t = lineage.trace(gov, None, registry, "gov/intermediate/int_y", lineage_ids=[lid("enterprise_registry", "part-0001.csv", 1)], manifest=manifest)
     assert [lv.asset_key for lv in t.levels][:3] == ["gov/intermediate/int_y", "gov/staging/stg_x", "gov/ods/enterprise_registry"]
+    assert "gov/intermediate/int_z" not in [lv.asset_key for lv in t.levels]
 
 
 def test_trace_of_finding_keeps_delivery_level_findings_and_scrubs_details(dbs, registry):

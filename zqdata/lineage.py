@@ -18,6 +18,7 @@ from typing import Any
 import duckdb
 
 from zqdata.desensitize import DesensitizationError, mask_expression, quote_ident
+from zqdata.quality.dimensions import cn_name
 from zqdata.registry import Dataset, Registry
 from zqdata.settings import TZ, repo_root
 
@@ -224,16 +225,13 @@ def _manifest_models(manifest: Mapping[str, Any] | None, dataset: str) -> tuple[
         uid for uid, s in manifest.get("sources", {}).items() if s.get("source_name") == "ods" and s.get("name") == dataset
     }
     staging = {uid for uid, n in nodes.items() if n.get("resource_type") == "model" and sources & set(_parents(n))}
-    intermediate: set[str] = set()
-    frontier = set(staging)
-    while frontier:  # intermediate models may build on each other
-        nxt = {
-            uid
-            for uid, n in nodes.items()
-            if n.get("resource_type") == "model" and frontier & set(_parents(n)) and "intermediate" in n.get("fqn", [])
-        }
-        frontier = nxt - intermediate
-        intermediate |= nxt
+    # Direct children only: an intermediate model that merely joins this dataset in (e.g. int_electricity_usage reading
+    # int_enterprise_registry for a consistency rule) belongs to its own dataset's path, not this one.
+    intermediate = {
+        uid
+        for uid, n in nodes.items()
+        if n.get("resource_type") == "model" and "intermediate" in n.get("fqn", []) and staging & set(_parents(n))
+    }
     return sorted(nodes[u]["name"] for u in staging), sorted(nodes[u]["name"] for u in intermediate)
 
 
@@ -624,7 +622,9 @@ def _jsonable(v: Any) -> Any:
         return {str(k): _jsonable(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
         return [_jsonable(x) for x in v]
-    if isinstance(v, (dt.datetime, dt.date)):
+    if isinstance(v, dt.datetime):
+        return (v.astimezone(TZ) if v.tzinfo else v).isoformat()
+    if isinstance(v, dt.date):
         return v.isoformat()
     if v is None or isinstance(v, (str, int, float, bool)):
         return v
@@ -632,6 +632,16 @@ def _jsonable(v: Any) -> Any:
 
 
 # --------------------------------------------------------------------------- rendering
+
+
+def dimension_label(key: str | None) -> str:
+    """'accuracy' → '准确性（accuracy）' (names from zqdata.quality.dimensions); unknown keys as given."""
+    if not key:
+        return "-"
+    try:
+        return f"{cn_name(key)}（{key}）"
+    except ValueError:
+        return key
 
 
 def _render(t: Trace, markdown: bool) -> str:
@@ -678,7 +688,7 @@ def _render(t: Trace, markdown: bool) -> str:
         lines.append(f"{h}问题明细 findings")
         for f in t.findings:
             lines.append(
-                f"{li}规则 {f.get('rule')}（{f.get('dimension')}，{f.get('severity')}）字段 {f.get('field') or '-'} "
+                f"{li}规则 {f.get('rule')}（{dimension_label(f.get('dimension'))}，{f.get('severity')}）字段 {f.get('field') or '-'} "
                 f"行 {f.get('row_number') if f.get('row_number') is not None else '-'}：{f.get('detail') or ''}"
             )
     if t.truncated:

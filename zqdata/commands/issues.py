@@ -1,0 +1,152 @@
+"""`zq issues list|show|ack|resolve|sync`: the quality-issue register (Art. 20) from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("issues", help="数据质量问题登记 quality issues: list, show, ack, resolve, sync")
+    isub = p.add_subparsers(dest="issues_command", required=True)
+
+    ls = isub.add_parser("list", help="列出问题 list issues")
+    ls.add_argument("--status", action="append", help="open|notified|acknowledged|resolved|verified|reopened (repeatable)")
+    ls.add_argument("--agency", help="数源机构代码 agency code")
+    ls.add_argument("--dataset", help="数据集代码 dataset code")
+    ls.add_argument("--partition", type=dt.date.fromisoformat, help="分区 YYYY-MM-DD")
+    ls.add_argument("--json", action="store_true", help="JSON output")
+    ls.set_defaults(func=_list)
+
+    show = isub.add_parser("show", help="查看问题、溯源、事件与通知 show one issue with its trace, events and notifications")
+    show.add_argument("issue_id")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(func=_show)
+
+    ack = isub.add_parser("ack", help="确认问题 acknowledge an issue")
+    ack.add_argument("issue_id")
+    ack.add_argument("--by", required=True, help="确认人 who acknowledges")
+    ack.add_argument("--note")
+    ack.set_defaults(func=_ack)
+
+    res = isub.add_parser("resolve", help="已整改并重新交付 mark resolved (verified automatically on the next check)")
+    res.add_argument("issue_id")
+    res.add_argument("--note", required=True, help="整改说明 what was fixed and redelivered")
+    res.add_argument("--by")
+    res.set_defaults(func=_resolve)
+
+    sync = isub.add_parser("sync", help="从 quality.findings 同步问题并发送通知 sync issues of a partition (and notify)")
+    sync.add_argument("--partition", type=dt.date.fromisoformat, required=True)
+    sync.add_argument("--notify", action="store_true", help="also send the notifications (SMTP / webhook)")
+    sync.set_defaults(func=_sync)
+
+
+def _gov(read_only: bool = False):
+    import duckdb
+
+    from zqdata.settings import get_settings
+
+    path = get_settings().gov_db
+    if read_only and not path.exists():
+        raise SystemExit(f"市政务大数据平台数据库不存在 gov DB not found: {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return duckdb.connect(str(path), read_only=read_only)
+
+
+def _line(i) -> str:
+    from zqdata.lineage import dimension_label
+
+    esc = " ⚠升级" if i.escalated_at else ""
+    return (
+        f"{i.issue_id}  {i.partition_date}  {i.status:<12} {i.agency:<10} {i.dataset:<22} {i.rule:<36} "
+        f"{dimension_label(i.dimension)} {i.severity} 记录 {i.records_failed}{esc}"
+    )
+
+
+def _list(args: argparse.Namespace) -> int:
+    from zqdata import issues
+
+    with _gov() as con:
+        rows = issues.list_issues(con, status=args.status, agency=args.agency, partition_date=args.partition, dataset=args.dataset)
+    if args.json:
+        print(json.dumps([_public(i) for i in rows], ensure_ascii=False, indent=2, default=str))
+    else:
+        for i in rows:
+            print(_line(i))
+        print(f"共 {len(rows)} 个问题 issues")
+    return 0
+
+
+def _public(i) -> dict:
+    from dataclasses import asdict
+
+    return asdict(i)
+
+
+def _show(args: argparse.Namespace) -> int:
+    from zqdata import alerting, issues, lineage
+
+    with _gov() as con:
+        try:
+            i = issues.get_issue(con, args.issue_id)
+        except issues.IssueError as exc:
+            print(exc)
+            return 1
+        events = issues.issue_events(con, i.issue_id)
+        notes = alerting.notifications(con, i.issue_id)
+    if args.json:
+        print(json.dumps({"issue": _public(i), "events": events, "notifications": notes}, ensure_ascii=False, indent=2, default=str))
+        return 0
+    print(_line(i))
+    print(f"确认 ack: {i.acknowledged_by or '-'} {i.acknowledged_at or ''}   整改说明 note: {i.resolution_note or '-'}")
+    print()
+    if i.trace.get("levels"):
+        print(lineage.Trace.from_dict(i.trace).to_text())
+    print("\n事件 events:")
+    for e in events:
+        print(f"  {e['event_at']}  {e['event']:<12} {e['from_status'] or '-'} → {e['to_status'] or '-'}  {e['actor'] or ''} {e['note'] or ''}")
+    print("通知 notifications:")
+    for n in notes:
+        print(f"  {n['channel']:<8} {n['status_event']:<14} {n['status']:<8} 尝试 {n['attempts']} 次 {n['last_error'] or ''}")
+    return 0
+
+
+def _ack(args: argparse.Namespace) -> int:
+    from zqdata import issues
+
+    with _gov() as con:
+        try:
+            i = issues.acknowledge(con, args.issue_id, by=args.by, note=args.note)
+        except issues.IssueError as exc:
+            print(exc)
+            return 1
+    print(f"已确认 acknowledged: {i.issue_id} by {i.acknowledged_by}")
+    return 0
+
+
+def _resolve(args: argparse.Namespace) -> int:
+    from zqdata import issues
+
+    with _gov() as con:
+        try:
+            i = issues.resolve(con, args.issue_id, note=args.note, by=args.by)
+        except issues.IssueError as exc:
+            print(exc)
+            return 1
+    print(f"已标记整改 resolved: {i.issue_id}（重新交付并复核通过后自动关闭 verified）")
+    return 0
+
+
+def _sync(args: argparse.Namespace) -> int:
+    from zqdata import alerting, issues
+    from zqdata.registry import registry
+
+    with _gov() as con:
+        rep = issues.sync_issues(con, registry(), args.partition)
+        print(rep.summary())
+        if args.notify:
+            n = alerting.notify_issues(con, registry())
+            print(n.summary())
+            return 1 if n.failed else 0
+    return 0
