@@ -1,0 +1,130 @@
+"""The dbt project for Dagster: one cached DbtProject, the one translator, and the dbt vars built from the registry.
+
+The manifest is prepared once, never at import: `prepare_if_dev()` under `dagster dev`, otherwise
+`python -m assets.dbt_common` (runs `dbt parse`; the Makefile/CI should call it before loading definitions).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import os
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+from dagster_dbt import DagsterDbtTranslator, DagsterDbtTranslatorSettings, DbtProject
+
+from zqdata.registry import Registry
+from zqdata.settings import get_settings, repo_root
+
+DBT_PROJECT_DIR = repo_root() / "dbt_project"
+DEFAULT_K_ANONYMITY = 5
+TRANSIT_PRODUCT = "ops_transit_ridership"
+
+
+def set_dbt_env() -> None:
+    """Point the dbt profile's two targets at the configured DuckDB files (profiles.yml reads ZQ_GOV_DB / ZQ_OPS_DB)."""
+    s = get_settings()
+    os.environ["ZQ_GOV_DB"] = str(s.gov_db)
+    os.environ["ZQ_OPS_DB"] = str(s.ops_db)
+    s.gov_db.parent.mkdir(parents=True, exist_ok=True)
+    s.ops_db.parent.mkdir(parents=True, exist_ok=True)
+
+
+@functools.cache
+def dbt_project() -> DbtProject:
+    """The dbt project (both targets share one manifest; the target is chosen per invocation with --target)."""
+    set_dbt_env()
+    project = DbtProject(project_dir=DBT_PROJECT_DIR, profiles_dir=DBT_PROJECT_DIR)
+    project.prepare_if_dev()
+    if not project.manifest_path.exists():
+        prepare_manifest()
+    return project
+
+
+def prepare_manifest() -> Path:
+    """Run `dbt parse` once to write target/manifest.json (what `python -m assets.dbt_common` does)."""
+    set_dbt_env()
+    subprocess.run(
+        [str(Path(sys.executable).parent / "dbt"), "parse", "--project-dir", str(DBT_PROJECT_DIR),
+         "--profiles-dir", str(DBT_PROJECT_DIR), "--quiet"],
+        check=True,
+    )
+    return DBT_PROJECT_DIR / "target" / "manifest.json"
+
+
+def authorized_fields_var(registry: Registry, day: dt.date | None = None) -> dict[str, dict[str, list[str]]]:
+    """{scenario: {dataset: [fields]}} of the scenarios active on `day` (Art. 23: 一场景一授权)."""
+    return {
+        s.code: {ds: list(fields) for ds, fields in s.authorized_fields.items()}
+        for s in registry.scenarios.values()
+        if s.status == "active" and (day is None or s.valid_from <= day <= s.valid_to)
+    }
+
+
+def k_anonymity_var(registry: Registry, product: str = TRANSIT_PRODUCT) -> int:
+    """k of the scenario owning the aggregate product (registry), default 5."""
+    try:
+        return registry.scenario_for_product(product).k_anonymity or DEFAULT_K_ANONYMITY
+    except KeyError:
+        return DEFAULT_K_ANONYMITY
+
+
+def dbt_vars(registry: Registry, partition_date: str | dt.date, scenarios: bool = False) -> dict[str, Any]:
+    """The --vars of one invocation: the partition, and for ops products the authorizations and k from the registry."""
+    day = dt.date.fromisoformat(str(partition_date))
+    out: dict[str, Any] = {"partition_date": day.isoformat()}
+    if scenarios:
+        out["authorized_fields"] = authorized_fields_var(registry, day)
+        out["k_anonymity"] = k_anonymity_var(registry)
+    return out
+
+
+class ZhaoqingDbtTranslator(DagsterDbtTranslator):
+    """Asset keys gov/staging|intermediate/<model>, ops/products/<model>; sources gov/ods/<t>, ops/desensitized/<t>."""
+
+    def get_asset_key(self, dbt_resource_props: Mapping[str, Any]) -> dg.AssetKey:
+        if dbt_resource_props["resource_type"] == "source":
+            source, table = dbt_resource_props["source_name"], dbt_resource_props["name"]
+            if source == "ods":
+                return dg.AssetKey(["gov", "ods", table])
+            if source.startswith("scenario_"):
+                # the scenario tables are written by the boundary crossing together with ops/desensitized/<dataset>
+                return dg.AssetKey(["ops", "desensitized", table])
+            return dg.AssetKey(["gov", source, table])  # ref.* reference tables
+        fqn = dbt_resource_props.get("fqn") or []
+        # fqn = [project, platform, layer, ..., model]: gov/staging/<model>, gov/intermediate/<model>, ops/products/<model>
+        if len(fqn) >= 4:
+            return dg.AssetKey([fqn[1], fqn[2], dbt_resource_props["name"]])
+        return super().get_asset_key(dbt_resource_props)
+
+    def get_group_name(self, dbt_resource_props: Mapping[str, Any]) -> str | None:
+        fqn = dbt_resource_props.get("fqn") or []
+        if len(fqn) >= 2 and fqn[1] in ("gov", "ops"):
+            return f"{fqn[1]}_platform"
+        return None
+
+    def get_description(self, dbt_resource_props: Mapping[str, Any]) -> str:
+        return dbt_resource_props.get("description") or super().get_description(dbt_resource_props)
+
+
+@functools.cache
+def translator() -> ZhaoqingDbtTranslator:
+    """The one translator; dbt tests become asset checks (error-severity tests are blocking in dagster-dbt 0.29)."""
+    return ZhaoqingDbtTranslator(settings=DagsterDbtTranslatorSettings(enable_asset_checks=True))
+
+
+def manifest_model(manifest: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    """The manifest node of a model by name."""
+    for node in manifest.get("nodes", {}).values():
+        if node.get("resource_type") == "model" and node.get("name") == name:
+            return node
+    raise KeyError(f"dbt manifest has no model {name!r}")
+
+
+if __name__ == "__main__":
+    print(prepare_manifest())

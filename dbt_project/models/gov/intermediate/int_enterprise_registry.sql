@@ -1,0 +1,27 @@
+-- generated from the registry by zqdata/reference.py (python -m zqdata.reference); do not edit
+-- depends_on: {{ ref('stg_samr__enterprise_registry') }}
+-- depends_on: {{ source('ref', 'code_tables') }}
+-- depends_on: {{ source('ref', 'fields') }}
+with staged as (
+
+    select * from {{ ref('stg_samr__enterprise_registry') }}
+    where _partition_date = date '{{ var("partition_date") }}'
+
+),
+
+rejected as (
+
+    -- the lineage ids failing an error-severity rule of stg_samr__enterprise_registry (its tests are the list)
+    {{ zq_error_failures('stg_samr__enterprise_registry') }}
+
+),
+
+final as (
+
+    select staged.*
+    from staged
+    anti join rejected on rejected._lineage_id = staged._lineage_id
+
+)
+
+select * from final

@@ -1,0 +1,28 @@
+-- generated from the registry by zqdata/reference.py (python -m zqdata.reference); do not edit
+-- depends_on: {{ ref('stg_water__water_usage') }}
+-- depends_on: {{ source('ref', 'code_tables') }}
+-- depends_on: {{ source('ref', 'fields') }}
+-- depends_on: {{ ref('int_enterprise_registry') }}
+with staged as (
+
+    select * from {{ ref('stg_water__water_usage') }}
+    where _partition_date = date '{{ var("partition_date") }}'
+
+),
+
+rejected as (
+
+    -- the lineage ids failing an error-severity rule of stg_water__water_usage (its tests are the list)
+    {{ zq_error_failures('stg_water__water_usage') }}
+
+),
+
+final as (
+
+    select staged.*
+    from staged
+    anti join rejected on rejected._lineage_id = staged._lineage_id
+
+)
+
+select * from final

@@ -1,0 +1,22 @@
+-- generated from the registry by zqdata/reference.py (python -m zqdata.reference); do not edit
+with source as (
+
+    select * from {{ source('ods', 'electricity_usage') }}
+    where cast(_partition_date as date) = date '{{ var("partition_date") }}'
+
+),
+
+final as (
+
+    select
+        {{ zq_clean('meter_id') }}          as meter_id,
+        {{ zq_clean_upper('credit_code') }} as credit_code,
+        {{ zq_clean('district_code') }}     as district_code,
+        {{ zq_to_date('reading_date') }}    as reading_date,
+        {{ zq_to_decimal('kwh') }}          as kwh,
+        {{ zq_lineage_columns() }}
+    from source
+
+)
+
+select * from final

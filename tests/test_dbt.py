@@ -1,0 +1,316 @@
+"""The dbt project: row-level rules find planted defects with lineage, error rows never reach intermediate models,
+partitions rerun cleanly, SQL check digits agree with zqdata.standards, ops products honour authorization and k."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import duckdb
+import pytest
+from dbt.cli.main import dbtRunner
+
+from assets.dbt_common import DBT_PROJECT_DIR, dbt_vars
+from zqdata import standards
+from zqdata.quality.dbt_findings import collect_dbt_findings
+from zqdata.reference import intermediate_model, render_dbt_models, staging_model, sync_reference_tables
+from zqdata.registry import load_registry
+
+DAY = "2025-05-01"
+REG = load_registry()
+
+
+def _cid(district: str, born: str, seq: str = "123") -> str:
+    first17 = district + born + seq
+    return first17 + standards.citizen_id_check_char(first17)
+
+
+def _uscc(district: str, org: str) -> str:
+    first17 = "91" + district + org
+    return first17 + standards.uscc_check_char(first17)
+
+
+def _bad_check(value: str) -> str:
+    return value[:17] + ("1" if value[17] != "1" else "2")
+
+
+E1, E2, E3 = _uscc("441202", "MA0000001"), _uscc("441203", "MA0000002"), _uscc("441204", "MA0000003")
+E_UNKNOWN = _uscc("441284", "MA0000099")
+E_BADCHECK = _bad_check(E3)
+GOOD_ID = _cid("441202", "19800101")
+TS = "2025-05-01T08:00:00+08:00"
+
+# dataset -> rows (dicts of delivered strings); missing fields default to the good row's value
+GOOD: dict[str, dict[str, str]] = {
+    "enterprise_registry": {"credit_code": E1, "ent_name": "肇庆端州示例有限公司", "legal_rep_name": "张三",
+                            "legal_rep_id": GOOD_ID, "district_code": "441202", "reg_capital_wan": "500.00",
+                            "status": "1", "established_date": "2015-03-01", "updated_at": TS},
+    "resident_population": {"citizen_id": GOOD_ID, "name": "李四", "gender": "1", "birth_date": "1980-01-01",
+                            "phone": "13800138000", "address": "端州区天宁北路1号", "district_code": "441202",
+                            "case_flag": "", "updated_at": TS},
+    "social_insurance": {"record_id": "SI0001", "credit_code": E1, "district_code": "441202", "period": "2025-04",
+                         "insured_headcount": "25", "contribution_yuan": "48000.50", "paid_at": TS},
+    "electricity_usage": {"meter_id": "EM0001", "credit_code": E1, "district_code": "441202",
+                          "reading_date": DAY, "kwh": "1234.5"},
+    "water_usage": {"meter_id": "WM0001", "credit_code": E1, "district_code": "441202",
+                    "reading_date": DAY, "cubic_meters": "88.2"},
+    "bus_card_swipes": {"swipe_id": "S0001", "card_id": "C0001", "card_type": "01", "route_id": "R1",
+                        "stop_id": "ST1", "swipe_time": TS, "fare_yuan": "2.00"},
+    "subject_consent": {"consent_id": "CS0001", "subject_type": "enterprise", "subject_id": E1,
+                        "scenario_code": "sme_credit_profile", "status": "granted", "effective_at": TS},
+}
+
+# (dataset, overrides, rule kind, field, dimension, platform severity); one defect per row
+PLANTED: list[tuple[str, dict[str, str], str, str, str, str]] = [
+    ("resident_population", {"citizen_id": _bad_check(GOOD_ID)},
+     "citizen_id", "citizen_id", "accuracy", "error"),
+    ("resident_population", {"citizen_id": _cid("441202", "19810230")}, "citizen_id", "citizen_id", "accuracy", "error"),
+    ("resident_population", {"citizen_id": _cid("441203", "19700101"), "phone": "12345678901"},
+     "mobile", "phone", "accuracy", "error"),
+    ("resident_population", {"citizen_id": _cid("441204", "19700101"), "gender": "0"},
+     "code_table", "gender", "understandability", "error"),
+    ("resident_population", {"citizen_id": _cid("441223", "19700101"), "district_code": "440103"},
+     "district", "district_code", "accuracy", "error"),
+    ("resident_population", {"citizen_id": _cid("441224", "19700101"), "birth_date": "1970/01/01"},
+     "standard_format", "birth_date", "standardization", "warn"),
+    ("resident_population", {"citizen_id": _cid("441225", "19700101"), "updated_at": "2025/05/01 08:00"},
+     "standard_format", "updated_at", "standardization", "warn"),
+    ("resident_population", {"citizen_id": _cid("441226", "19700101"), "updated_at": "2025-04-30T23:30:00+08:00"},
+     "event_in_day", "updated_at", "timeliness", "error"),
+    ("resident_population", {"citizen_id": _cid("441284", "19700101"), "name": "   "},
+     "required", "name", "completeness", "error"),
+    ("enterprise_registry", {"credit_code": E2, "district_code": "441203", "status": "9"},
+     "code_table", "status", "understandability", "error"),
+    ("enterprise_registry", {"credit_code": E_BADCHECK, "district_code": "441204"}, "uscc", "credit_code", "accuracy", "warn"),
+    ("enterprise_registry", {"credit_code": _uscc("441223", "MA0000004"), "reg_capital_wan": "-5"},
+     "range", "reg_capital_wan", "accuracy", "error"),
+    ("enterprise_registry", {"credit_code": _uscc("441224", "MA0000005"), "legal_rep_id": _bad_check(_cid("441202", "19491231", "002"))},
+     "citizen_id", "legal_rep_id", "accuracy", "error"),
+    ("social_insurance", {"record_id": "SI0002", "credit_code": E_UNKNOWN},
+     "registry_reference", "credit_code", "consistency", "error"),
+    ("social_insurance", {"record_id": "SI0003", "district_code": "441226"},
+     "registry_district", "district_code", "consistency", "warn"),
+    ("social_insurance", {"record_id": "SI0004", "insured_headcount": "200000"},
+     "range", "insured_headcount", "accuracy", "error"),
+    ("social_insurance", {"record_id": "SI0005", "paid_at": "2025-05-02T00:10:00+08:00"},
+     "event_in_day", "paid_at", "timeliness", "error"),
+    ("electricity_usage", {"meter_id": "EM0002", "kwh": "-1"}, "range", "kwh", "accuracy", "error"),
+    ("electricity_usage", {"meter_id": "EM0003", "credit_code": E_UNKNOWN},
+     "registry_reference", "credit_code", "consistency", "error"),
+    ("electricity_usage", {"meter_id": "EM0004", "reading_date": "20250501"},
+     "standard_format", "reading_date", "standardization", "warn"),
+    ("water_usage", {"meter_id": "WM0002", "cubic_meters": "2000000"}, "range", "cubic_meters", "accuracy", "error"),
+    ("bus_card_swipes", {"swipe_id": "S0002", "card_type": "99"}, "code_table", "card_type", "understandability", "error"),
+    ("bus_card_swipes", {"swipe_id": "S0003", "fare_yuan": "25"}, "range", "fare_yuan", "accuracy", "error"),
+    ("bus_card_swipes", {"swipe_id": "S0004", "swipe_time": "2025-05-01 08:00:00"},
+     "standard_format", "swipe_time", "standardization", "warn"),
+    ("subject_consent", {"consent_id": "CS0002", "status": "maybe"}, "code_table", "status", "understandability", "error"),
+]
+# rows sharing a primary key (both occurrences are consistency findings and both are excluded)
+DUPLICATES = [("bus_card_swipes", {"swipe_id": "S0100"}), ("bus_card_swipes", {"swipe_id": "S0100"})]
+EXTRA_GOOD = [("enterprise_registry", {"credit_code": E2, "district_code": "441203"}),
+              ("enterprise_registry", {"credit_code": E3, "district_code": "441204"})]
+
+LINEAGE_DDL = ("_lineage_id varchar, _agency varchar, _dataset varchar, _delivery_file varchar, _row_number integer,"
+               " _batch_id varchar, _ingested_at timestamptz, _partition_date date")
+
+
+def _write_ods(con: duckdb.DuckDBPyConnection, day: str, rows: list[tuple[str, dict[str, str]]]) -> dict[int, str]:
+    """Insert rows into ods.<dataset> as delivered (VARCHAR) with lineage; returns {index in rows: lineage id}."""
+    con.execute("create schema if not exists ods")
+    lineage: dict[int, str] = {}
+    counters: dict[str, int] = {}
+    for code, ds in REG.datasets.items():
+        cols = ", ".join(f"{f} varchar" for f in ds.field_names)
+        con.execute(f"create table if not exists ods.{code} ({cols}, {LINEAGE_DDL})")
+    for i, (code, overrides) in enumerate(rows):
+        ds = REG.datasets[code]
+        n = counters[code] = counters.get(code, 0) + 1
+        values = {**GOOD[code], **overrides}
+        key = f"{ds.agency}/{code}/{day}/part-0001.csv"
+        lid = f"{code}/{day}/part-0001.csv#{n}"
+        lineage[i] = lid
+        con.execute(
+            f"insert into ods.{code} values ({', '.join('?' * (len(ds.field_names) + 8))})",
+            [values[f] for f in ds.field_names] + [lid, ds.agency, code, key, n, "b" * 16, dt.datetime.now(dt.UTC), day],
+        )
+    return lineage
+
+
+def _dbt(args: list[str], tmp: Path) -> object:
+    res = dbtRunner().invoke([*args, "--project-dir", str(DBT_PROJECT_DIR), "--profiles-dir", str(DBT_PROJECT_DIR),
+                              "--target-path", str(tmp / "target"), "--log-path", str(tmp / "logs")])
+    return res
+
+
+def _build_gov(tmp: Path, day: str = DAY) -> object:
+    vars_ = json.dumps(dbt_vars(REG, day))
+    return _dbt(["build", "--target", "gov", "--select", "path:models/gov", "--vars", vars_], tmp)
+
+
+@pytest.fixture(scope="module")
+def gov(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    tmp = tmp_path_factory.mktemp("dbt_gov")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("ZQ_GOV_DB", str(tmp / "gov.duckdb"))
+    mp.setenv("ZQ_OPS_DB", str(tmp / "ops.duckdb"))
+    rows = [(code, {}) for code in GOOD] + EXTRA_GOOD + [(p[0], p[1]) for p in PLANTED] + DUPLICATES
+    with duckdb.connect(str(tmp / "gov.duckdb")) as con:
+        lineage = _write_ods(con, DAY, rows)
+        sync_reference_tables(con, REG)
+    res = _build_gov(tmp)
+    manifest = json.loads((tmp / "target" / "manifest.json").read_text())
+    with duckdb.connect(str(tmp / "gov.duckdb")) as con:
+        collect_dbt_findings(con, manifest, DAY)
+    offset = len(GOOD) + len(EXTRA_GOOD)
+    yield {"tmp": tmp, "db": tmp / "gov.duckdb", "res": res, "manifest": manifest,
+           "planted": {i: lineage[offset + i] for i in range(len(PLANTED))},
+           "duplicates": [lineage[offset + len(PLANTED) + j] for j in range(len(DUPLICATES))]}
+    mp.undo()
+
+
+def test_gov_build_succeeds(gov: dict) -> None:
+    assert gov["res"].success, gov["res"].exception
+
+
+@pytest.mark.parametrize("i", range(len(PLANTED)), ids=[f"{p[0]}-{p[2]}-{p[3]}" for p in PLANTED])
+def test_planted_defect_found_with_lineage(gov: dict, i: int) -> None:
+    dataset, _, kind, field, dimension, severity = PLANTED[i]
+    with duckdb.connect(str(gov["db"])) as con:
+        found = con.execute(
+            "select rule, dimension, severity, field, agency, delivery_file, row_number from quality.findings"
+            " where tool = 'dbt' and lineage_id = ?", [gov["planted"][i]]).fetchall()
+    assert (f"{kind}:{field}", dimension, severity, field) in [r[:4] for r in found], found
+    assert all(r[4] == REG.datasets[dataset].agency and r[5].endswith("part-0001.csv") and r[6] for r in found)
+
+
+def test_duplicate_keys_found(gov: dict) -> None:
+    with duckdb.connect(str(gov["db"])) as con:
+        ids = {r[0] for r in con.execute(
+            "select lineage_id from quality.findings where rule = 'duplicate_key:swipe_id' and dimension = 'consistency'"
+        ).fetchall()}
+    assert set(gov["duplicates"]) <= ids
+
+
+def test_good_rows_have_no_findings(gov: dict) -> None:
+    with duckdb.connect(str(gov["db"])) as con:
+        good = [f"{code}/{DAY}/part-0001.csv#1" for code in GOOD]
+        flagged = con.execute("select lineage_id, rule from quality.findings where list_contains(?, lineage_id)",
+                              [good]).fetchall()
+    assert flagged == []
+
+
+def test_error_rows_absent_from_intermediate_warn_rows_kept(gov: dict) -> None:
+    with duckdb.connect(str(gov["db"])) as con:
+        for i, (dataset, _, kind, field, _, severity) in enumerate(PLANTED):
+            present = con.execute(f"select count(*) from intermediate.{intermediate_model(dataset)} where _lineage_id = ?",
+                                  [gov["planted"][i]]).fetchone()[0]
+            assert present == (0 if severity == "error" else 1), (dataset, kind, field)
+        for lid in gov["duplicates"]:
+            assert con.execute("select count(*) from intermediate.int_bus_card_swipes where _lineage_id = ?",
+                               [lid]).fetchone()[0] == 0
+        for code in GOOD:
+            assert con.execute(f"select count(*) from intermediate.{intermediate_model(code)} where _lineage_id = ?",
+                               [f"{code}/{DAY}/part-0001.csv#1"]).fetchone()[0] == 1
+
+
+def test_staging_normalizes_formats(gov: dict) -> None:
+    i = next(k for k, p in enumerate(PLANTED) if p[3] == "updated_at" and p[2] == "standard_format")
+    with duckdb.connect(str(gov["db"])) as con:
+        value = con.execute(f"select updated_at from staging.{staging_model(REG, 'resident_population')}"
+                            " where _lineage_id = ?", [gov["planted"][i]]).fetchone()[0]
+        good = con.execute("select swipe_time from staging.stg_transport__bus_card_swipes where _lineage_id = ?",
+                           [f"bus_card_swipes/{DAY}/part-0001.csv#1"]).fetchone()[0]
+    assert value == dt.datetime(2025, 5, 1, 8, 0) and good == dt.datetime(2025, 5, 1, 8, 0)
+
+
+def test_rerun_partition_leaves_no_duplicates(gov: dict) -> None:
+    def counts() -> tuple:
+        with duckdb.connect(str(gov["db"])) as con:
+            models = [f"staging.{staging_model(REG, c)}" for c in REG.datasets] + \
+                     [f"intermediate.{intermediate_model(c)}" for c in REG.datasets]
+            rows = tuple(con.execute(f"select count(*), count(distinct _lineage_id) from {m}").fetchone() for m in models)
+            findings = con.execute("select count(*) from quality.findings where tool = 'dbt'").fetchone()
+        return rows + (findings,)
+
+    before = counts()
+    assert all(n == d for n, d in before[:-1])
+    res = _build_gov(gov["tmp"])
+    assert res.success
+    with duckdb.connect(str(gov["db"])) as con:
+        collect_dbt_findings(con, gov["manifest"], DAY)
+    assert counts() == before
+
+
+def _inline_sql(tmp: Path, sql: str) -> str:
+    res = _dbt(["compile", "--target", "gov", "--inline", sql, "--vars", json.dumps(dbt_vars(REG, DAY))], tmp)
+    assert res.success, res.exception
+    return res.result.results[0].node.compiled_code
+
+
+@pytest.mark.parametrize("kind,macro,reference", [
+    ("citizen_id", "zq_is_valid_citizen_id", standards.is_valid_citizen_id),
+    ("uscc", "zq_is_valid_uscc", standards.is_valid_uscc),
+    ("mobile", "zq_is_valid_mobile", standards.is_valid_mobile),
+])
+def test_sql_check_macros_agree_with_standards(gov: dict, kind: str, macro: str, reference) -> None:
+    values = standards.sample_values(kind, 300, seed=7, registry=REG) + ["11010519491231002X", "91350100M000100Y43"]
+    sql = _inline_sql(gov["tmp"], f"select v, {{{{ {macro}('v') }}}} as ok from samples")
+    with duckdb.connect() as con:
+        con.execute("create table samples (v varchar)")
+        con.executemany("insert into samples values (?)", [[v] for v in values])
+        got = dict(con.execute(sql).fetchall())
+    wrong = [v for v in values if v != "" and got[v] != reference(v)]
+    assert not wrong, wrong[:10]
+    assert sum(got.values()) not in (0, len(got))  # the mix holds valid and invalid values
+
+
+def test_generated_models_are_current() -> None:
+    models = DBT_PROJECT_DIR / "models"
+    stale = [rel for rel, text in render_dbt_models(REG).items()
+             if not (models / rel).exists() or (models / rel).read_text(encoding="utf-8") != text]
+    assert not stale, f"run python -m zqdata.reference: {stale}"
+
+
+# ---------------------------------------------------------------- ops products
+
+def _ops_db(path: Path, riders_by_group: dict[tuple[str, int], int]) -> None:
+    with duckdb.connect(str(path)) as con:
+        con.execute("create schema scenario_transit_ridership")
+        con.execute("create table scenario_transit_ridership.bus_card_swipes (card_id varchar, card_type varchar,"
+                    " route_id varchar, swipe_time timestamp, fare_yuan decimal(18, 2), _lineage_id varchar,"
+                    " _partition_date date)")
+        n = 0
+        for (route, hour), riders in riders_by_group.items():
+            for r in range(riders):
+                for _ in range(2):  # each rider swipes twice
+                    n += 1
+                    con.execute("insert into scenario_transit_ridership.bus_card_swipes values (?, '01', ?, ?, 2, ?, ?)",
+                                [f"{r:064x}", route, dt.datetime(2025, 5, 1, hour, 5), f"bus_card_swipes/{DAY}/p#{n}", DAY])
+
+
+def test_k_anonymity_suppresses_small_group(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ZQ_GOV_DB", str(tmp_path / "gov.duckdb"))
+    monkeypatch.setenv("ZQ_OPS_DB", str(tmp_path / "ops.duckdb"))
+    k = REG.scenarios["transit_ridership"].k_anonymity
+    _ops_db(tmp_path / "ops.duckdb", {("R1", 8): k + 1, ("R2", 9): k - 1})
+    vars_ = dbt_vars(REG, DAY, scenarios=True)
+    res = _dbt(["build", "--target", "ops", "--select", "ops_transit_ridership", "--vars", json.dumps(vars_)], tmp_path)
+    assert res.success, res.exception
+    with duckdb.connect(str(tmp_path / "ops.duckdb")) as con:
+        rows = con.execute("select route_id, hour_of_day, swipes, distinct_riders from products.ops_transit_ridership"
+                           ).fetchall()
+    assert rows == [("R1", 8, 2 * (k + 1), k + 1)]
+
+
+def test_unauthorized_field_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ZQ_GOV_DB", str(tmp_path / "gov.duckdb"))
+    monkeypatch.setenv("ZQ_OPS_DB", str(tmp_path / "ops.duckdb"))
+    vars_ = dbt_vars(REG, DAY, scenarios=True)
+    vars_["authorized_fields"]["sme_credit_profile"]["enterprise_registry"].remove("district_code")
+    res = _dbt(["compile", "--target", "ops", "--select", "ops_sme_credit_profile", "--vars", json.dumps(vars_)],
+               tmp_path)
+    assert not res.success
+    text = str(res.exception) + "".join(str(getattr(r, "message", "")) for r in (res.result or []))
+    assert "场景 sme_credit_profile 未授权字段 enterprise_registry.district_code (unauthorized field)" in text

@@ -1,0 +1,94 @@
+"""dbt test failures → `quality.findings` (tool 'dbt'): one row per (rule, record) with its lineage and Art. 20 dimension."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+from typing import Any
+
+import duckdb
+
+LINEAGE_COLUMNS = ("_lineage_id", "_agency", "_dataset", "_delivery_file", "_row_number", "_partition_date")
+
+# Chinese wording of each rule kind (the part of the rule id before ':'), used in the finding's detail.
+RULE_TEXT = {
+    "required": "必填字段为空（去除空白后）",
+    "citizen_id": "公民身份号码不符合 GB 11643（校验位或出生日期错误）",
+    "uscc": "统一社会信用代码校验位不符合 GB 32100（早期试点代码可能合法，需核实）",
+    "mobile": "手机号码格式错误",
+    "district": "行政区划代码不在肇庆市 GB/T 2260 代码表内",
+    "code_table": "代码值不在登记的代码表内",
+    "range": "数值超出登记的取值范围",
+    "standard_format": "未使用标准书写格式（已规范化）",
+    "event_in_day": "业务时间不在所属分区日内（北京时间）",
+    "registry_reference": "统一社会信用代码不在当日企业登记信息中",
+    "registry_district": "区县代码与企业登记信息不一致",
+    "duplicate_key": "分区内主键重复",
+}
+
+_FINDINGS_DDL = """
+create table if not exists quality.findings (
+    partition_date date, agency varchar, dataset varchar, tool varchar, rule varchar, dimension varchar,
+    severity varchar, delivery_file varchar, row_number integer, lineage_id varchar, field varchar, detail varchar
+)
+"""
+
+
+def dbt_test_meta(node: Mapping[str, Any]) -> dict[str, Any]:
+    """The `meta` of a dbt test node (config.meta in dbt ≥ 1.10, top-level meta before)."""
+    return dict((node.get("config") or {}).get("meta") or node.get("meta") or {})
+
+
+def collect_dbt_findings(con: duckdb.DuckDBPyConnection, manifest: Mapping[str, Any], partition_date: str | dt.date) -> int:
+    """Replace the partition's dbt findings with the stored failures of every tagged test; returns the rows written."""
+    day = dt.date.fromisoformat(str(partition_date))
+    con.execute("create schema if not exists quality")
+    con.execute(_FINDINGS_DDL)
+    stored = {
+        (s, t) for s, t in con.execute("select table_schema, table_name from information_schema.tables").fetchall()
+    }
+    selects: list[str] = []
+    params: list[Any] = []
+    for node in manifest.get("nodes", {}).values():
+        if node.get("resource_type") != "test":
+            continue
+        meta = dbt_test_meta(node)
+        if not {"rule", "dimension", "severity"} <= meta.keys():
+            continue
+        table = (node.get("schema"), node.get("alias") or node.get("name"))
+        if table not in stored:
+            continue
+        columns = {c for (c,) in con.execute(
+            "select column_name from information_schema.columns where table_schema = ? and table_name = ?",
+            list(table)).fetchall()}
+        if not set(LINEAGE_COLUMNS) <= columns:
+            # relational tests on intermediate models fail the dbt build (blocking checks); no row lineage to record
+            continue
+        kind = str(meta["rule"]).split(":", 1)[0]
+        text = RULE_TEXT.get(kind, kind)
+        field_sql = "field" if "field" in columns else "null"
+        value_sql = "value" if "value" in columns else "null"
+        selects.append(
+            f"""select cast(_partition_date as date), _agency, _dataset, 'dbt', ?, ?, ?, _delivery_file,
+                       cast(_row_number as integer), _lineage_id, {field_sql},
+                       ? || coalesce('：' || {field_sql} || ' = ' || {value_sql}, '')
+                from "{table[0]}"."{table[1]}" where cast(_partition_date as date) = ?"""
+        )
+        params += [meta["rule"], meta["dimension"], meta["severity"], text, day]
+    con.execute("begin transaction")
+    try:
+        con.execute("delete from quality.findings where tool = 'dbt' and partition_date = ?", [day])
+        written = 0
+        if selects:
+            before = con.execute("select count(*) from quality.findings").fetchone()[0]
+            con.execute(
+                "insert into quality.findings (partition_date, agency, dataset, tool, rule, dimension, severity,"
+                " delivery_file, row_number, lineage_id, field, detail) " + " union all ".join(selects),
+                params,
+            )
+            written = con.execute("select count(*) from quality.findings").fetchone()[0] - before
+        con.execute("commit")
+    except Exception:
+        con.execute("rollback")
+        raise
+    return written
