@@ -254,3 +254,35 @@ def test_default_kinds_are_row_level_only_and_unknown_kinds_are_rejected(env: Pa
     assert Counter(t.row is None for t in truth)[True] == 0
     with pytest.raises(ValueError, match="unknown defect kind"):
         simulate_day(_store(env / "m"), registry, DAY, ROWS, seed=4, defect_kinds=["typo"])
+
+
+def test_landing_assets_simulate_the_partition_or_only_observe(env: Path, registry: Registry,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import dagster as dg
+
+    from assets.source_systems.landing import build_landing_assets, landing_key
+    from orchestration.resources import ObjectStoreResource
+
+    monkeypatch.setenv("ZQ_SIM_ROWS_PER_DAY", "500")
+    monkeypatch.setenv("ZQ_SIM_DEFECT_RATE", "0")
+    landing = build_landing_assets(registry)
+    assert {k for k in landing.keys} == {landing_key(c) for c in registry.datasets}
+    resources = {"store": ObjectStoreResource(local_root=str(env / "landing"))}
+
+    def run(simulate: bool, day: str) -> dict:
+        result = dg.materialize(
+            [landing], resources=resources, partition_key=day,
+            run_config={"ops": {"source_agency_deliveries": {"config": {"simulate": simulate}}}},
+        )
+        assert result.success
+        mats = [e.event_specific_data.materialization for e in result.get_asset_materialization_events()]
+        return {m.asset_key: m.metadata for m in mats}
+
+    meta = run(True, "2025-05-01")
+    expected = rows_by_dataset(registry, 500)
+    for code in registry.datasets:
+        m = meta[landing_key(code)]
+        assert m["records"].value == expected[code] and m["manifest_present"].value is True
+    observed = run(False, "2025-05-02")  # nothing delivered that day: observed, not written
+    assert all(m["manifest_present"].value is False and m["records"].value == 0 for m in observed.values())
+    assert _store(env / "landing").list("samr/enterprise_registry/2025-05-02/") == []

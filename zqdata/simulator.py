@@ -819,3 +819,29 @@ def _write_ground_truth(day: dt.date, truth: list[InjectedDefect]) -> Path:
     tmp.write_text("".join(json.dumps(asdict(d), ensure_ascii=False) + "\n" for d in truth), encoding="utf-8")
     tmp.replace(path)
     return path
+
+
+# ---------------------------------------------------------------- settings for the demo / Dagster
+
+
+@dataclass(frozen=True)
+class SimulatorSettings:
+    """Whether and how the landing assets simulate deliveries (ZQ_SIMULATE, ZQ_SIM_*)."""
+
+    enabled: bool = True
+    rows_per_day: int = 20000
+    defect_rate: float = 0.01
+    seed: int = 20250501
+
+    @classmethod
+    def from_env(cls) -> "SimulatorSettings":
+        env = os.environ
+        try:
+            return cls(
+                enabled=env.get("ZQ_SIMULATE", "1").strip().lower() in ("1", "true", "yes", "on"),
+                rows_per_day=int(env.get("ZQ_SIM_ROWS_PER_DAY", cls.rows_per_day)),
+                defect_rate=float(env.get("ZQ_SIM_DEFECT_RATE", cls.defect_rate)),
+                seed=int(env.get("ZQ_SIM_SEED", cls.seed)),
+            )
+        except ValueError as exc:
+            raise ValueError(f"模拟器环境变量无效 invalid ZQ_SIM_* setting: {exc}") from exc
