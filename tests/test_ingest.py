@@ -437,3 +437,29 @@ def test_jsonl_numbers_and_broken_line(gov_con, store, reg) -> None:
     assert [(r["_row_number"], r["rule"]) for r in q] == [(4, "delivery.malformed_record")] and "JSON 行无法解析" in q[0]["reason"]
     assert "delivery.truncated_file" in {f["rule"] for f in findings(gov_con, "resident_population")}
     assert assert_accounting(gov_con, "resident_population")["rows_in_ods"] == 3
+
+
+def test_ods_assets_materialize_with_row_accounting_check(data_dir, store, reg) -> None:
+    import dagster as dg
+
+    from assets.gov_platform.ods import ROW_ACCOUNTING_CHECK, ods_defs, ods_key
+    from orchestration.resources import ObjectStoreResource, WarehouseResource
+
+    ds = reg.datasets["enterprise_registry"]
+    rows = records(ds, 4)
+    rows[0]["reg_capital_wan"] = "abc"
+    deliver(store, reg, "enterprise_registry", [("part-0001.csv", encode(rows, "csv"), 4)])
+    defs = ods_defs()
+    assets = [a for a in defs.assets if ods_key("enterprise_registry") in a.keys]  # type: ignore[union-attr]
+    assert len(list(defs.assets)) == len(reg.datasets)  # type: ignore[arg-type]
+    gov_db = data_dir / "warehouse" / "gov.duckdb"
+    result = dg.materialize(
+        assets,
+        resources={"store": ObjectStoreResource(local_root=str(store.root)), "warehouse": WarehouseResource(gov_db=str(gov_db))},
+        partition_key="2025-05-01",
+    )
+    assert result.success
+    mat = result.asset_materializations_for_node(assets[0].node_def.name)[0]
+    assert (mat.metadata["rows_accepted"].value, mat.metadata["rows_quarantined"].value) == (3, 1)
+    checks = result.get_asset_check_evaluations()
+    assert [(c.check_name, c.passed) for c in checks] == [(ROW_ACCOUNTING_CHECK, True)]
