@@ -194,10 +194,16 @@ def load_batch(con: duckdb.DuckDBPyConnection, registry: Registry, dataset: str,
 
 def _ephemeral_context():
     import great_expectations as gx
-    from great_expectations.data_context.types.base import ProgressBarsConfig
+    from great_expectations.data_context.types.base import (
+        DataContextConfig,
+        InMemoryStoreBackendDefaults,
+        ProgressBarsConfig,
+    )
 
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-    ctx = gx.get_context(mode="ephemeral")
+    # No temporary Data Docs site: validation runs render nothing (Data Docs come from render_data_docs only).
+    config = DataContextConfig(store_backend_defaults=InMemoryStoreBackendDefaults(init_temp_docs_sites=False))
+    ctx = gx.get_context(mode="ephemeral", project_config=config)
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
     return ctx
 
