@@ -255,3 +255,71 @@ def test_leak_gate_finds_phones_names_and_legal_rep_ids_in_any_table(dbs, regist
     ops.execute("INSERT INTO products.p VALUES (?)", [value])
     leaks = find_leaks(gov, ops, D1, registry)
     assert [(l.table, l.kind) for l in leaks] == [("products.p", kind)]
+
+
+# -- Dagster wiring ----------------------------------------------------------------------------------------------
+
+
+def _resources(tmp_path: Path) -> dict:
+    from assets.ops_platform.boundary import PseudonymKeyResource
+    from orchestration.resources import WarehouseResource
+
+    return {"warehouse": WarehouseResource(gov_db=str(tmp_path / "warehouse" / "gov.duckdb"),
+                                           ops_db=str(tmp_path / "warehouse" / "ops.duckdb")),
+            "pseudonym": PseudonymKeyResource(key=SECRET)}
+
+
+def test_boundary_asset_materializes_with_passing_blocking_checks(tmp_path, registry, monkeypatch):
+    import dagster as dg
+
+    from assets.ops_platform.boundary import boundary_defs, build_boundary_crossing
+
+    monkeypatch.setenv("ZQ_DATA_DIR", str(tmp_path))
+    (tmp_path / "warehouse").mkdir()
+    build_gov(tmp_path / "warehouse" / "gov.duckdb", registry, [D1])
+    boundary = build_boundary_crossing(registry)
+    assert boundary.op.name == "boundary_crossing"
+    released = {ds.code for ds in registry.datasets.values() if ds.release}
+    assert {k.path[-1] for k in boundary.keys} == released
+    assert all(spec.blocking for spec in boundary.check_specs)
+    assert dg.AssetKey(["gov", "quality", "scores"]) in boundary.asset_deps[dg.AssetKey(["ops", "desensitized",
+                                                                                      "water_usage"])]
+    result = dg.materialize([boundary], resources=_resources(tmp_path), partition_key=str(D1))
+    assert result.success
+    evals = result.get_asset_check_evaluations()
+    assert len(evals) == 2 * len(released) and all(e.passed for e in evals)
+    defs = dg.Definitions.merge(boundary_defs(), dg.Definitions(resources={"warehouse": _resources(tmp_path)["warehouse"]}))
+    dg.Definitions.validate_loadable(defs)
+
+
+def test_product_leak_gate_blocks_a_product_holding_a_raw_id(tmp_path, registry, monkeypatch):
+    import dagster as dg
+    import duckdb as ddb
+
+    from assets.ops_platform.boundary import product_gate_checks
+
+    monkeypatch.setenv("ZQ_DATA_DIR", str(tmp_path))
+    (tmp_path / "warehouse").mkdir()
+    build_gov(tmp_path / "warehouse" / "gov.duckdb", registry, [D1])
+    key = dg.AssetKey(["ops", "products", "ops_sme_credit_profile"])
+    from orchestration.partitions import daily_partitions
+
+    @dg.asset(key=key, partitions_def=daily_partitions)
+    def product() -> None:
+        con = ddb.connect(str(tmp_path / "warehouse" / "ops.duckdb"))
+        con.execute("CREATE SCHEMA IF NOT EXISTS products; CREATE OR REPLACE TABLE products.ops_sme_credit_profile "
+                    "(note VARCHAR, _partition_date DATE)")
+        con.execute("INSERT INTO products.ops_sme_credit_profile VALUES (?, ?)", [ID_A, D1])
+        con.close()
+
+    @dg.asset(deps=[key], partitions_def=daily_partitions)
+    def downstream() -> None:
+        """Must not run after a failed blocking check."""
+
+    result = dg.materialize([product, downstream, *product_gate_checks([key])], resources=_resources(tmp_path),
+                            partition_key=str(D1), raise_on_error=False)
+    by_name = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    assert not by_name["no_personal_data_leak"].passed
+    assert by_name["authorization_in_force"].passed
+    materialized = {e.asset_key for e in result.get_asset_materialization_events()}
+    assert key in materialized and dg.AssetKey("downstream") not in materialized

@@ -1,0 +1,142 @@
+"""The one Dagster op crossing gov → ops (`boundary_crossing`), its blocking Art. 2 checks, and a leak gate for products.
+
+Thin wrappers: the logic lives in `zqdata.boundary` / `zqdata.authorization`.
+"""
+
+import datetime as dt
+from collections.abc import Iterator, Sequence
+
+import dagster as dg
+
+from orchestration.partitions import daily_partitions
+from orchestration.resources import WarehouseResource
+from zqdata.authorization import AuthorizationError, check_product_authorized
+from zqdata.boundary import check_exclusions, cross_boundary, find_leaks
+from zqdata.desensitize import KEY_ENV, PseudonymKey
+from zqdata.registry import Registry, registry
+
+SCORES_KEY = dg.AssetKey(["gov", "quality", "scores"])  # the quality gate (blocking check) lives on this asset
+
+
+class PseudonymKeyResource(dg.ConfigurableResource):
+    """The HMAC key for pseudonymization, from ZQ_PSEUDONYM_KEY only (GB/T 35273 §6.2: kept apart from the data)."""
+
+    key: str
+
+    def pseudonym_key(self) -> PseudonymKey:
+        return PseudonymKey.from_secret(self.key)
+
+
+def desensitized_key(dataset: str) -> dg.AssetKey:
+    return dg.AssetKey(["ops", "desensitized", dataset])
+
+
+def _partition_date(context) -> dt.date:
+    key = getattr(context, "partition_key", None) if getattr(context, "has_partition_key", False) else None
+    key = key or context.run.tags.get("dagster/partition")
+    if not key:
+        raise dg.Failure("边界检查需要分区 (a partition key is required)")
+    return dt.date.fromisoformat(key)
+
+
+def build_boundary_crossing(reg: Registry) -> dg.AssetsDefinition:
+    """The multi-asset: one spec per released dataset, two blocking checks on each."""
+    released = [ds for ds in reg.datasets.values() if ds.release]
+    specs = [
+        dg.AssetSpec(
+            key=desensitized_key(ds.code),
+            group_name="ops_platform",
+            kinds={"duckdb"},
+            description=f"{ds.name}（脱敏后）：按登记的脱敏规则出域的字段，及各场景的授权字段 "
+                        f"(desensitized.{ds.code} and scenario_<code>.{ds.code} in the ops DB)",
+            deps=[dg.AssetKey(["gov", "intermediate", f"int_{ds.code}"]), SCORES_KEY],
+            partitions_def=daily_partitions,
+            metadata={"dagster/table_name": f"desensitized.{ds.code}"},
+        )
+        for ds in released
+    ]
+    check_specs = [
+        spec
+        for ds in released
+        for spec in (
+            dg.AssetCheckSpec("exclusions_respected", asset=desensitized_key(ds.code), blocking=True,
+                              description="第二条排除项：不予开放未脱敏、涉密、未授权字段不得出域 (Art. 2 exclusions)"),
+            dg.AssetCheckSpec("no_personal_data_leak", asset=desensitized_key(ds.code), blocking=True,
+                              description="泄露闸门：运营平台不得出现原始身份证号、手机号、姓名 (leak gate)"),
+        )
+    ]
+
+    @dg.multi_asset(name="boundary_crossing", specs=specs, check_specs=check_specs, partitions_def=daily_partitions)
+    def boundary_crossing(context: dg.AssetExecutionContext, warehouse: WarehouseResource,
+                          pseudonym: PseudonymKeyResource) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
+        """市政务大数据平台 → 运营服务平台的唯一出域操作：脱敏、场景授权字段、数据主体授权过滤。"""
+        d = dt.date.fromisoformat(context.partition_key)
+        with warehouse.gov(read_only=True) as gov, warehouse.ops() as ops:
+            report = cross_boundary(gov, ops, reg, d, pseudonym.pseudonym_key(), strict=False)
+            leaks = find_leaks(gov, ops, d, reg)
+            exclusions = {ds.code: check_exclusions(ops, reg, ds.code, d) for ds in released}
+        for code, reason in report.blocked.items():
+            context.log.error(f"场景 {code} 本分区未写入 (scenario blocked, nothing written): {reason}")
+        for ds in released:
+            per_scenario = {s: rows[ds.code] for s, rows in report.scenario_rows.items() if ds.code in rows}
+            yield dg.MaterializeResult(asset_key=desensitized_key(ds.code), metadata={
+                "dagster/row_count": report.released[ds.code],
+                "gov_source": report.sources[ds.code],
+                "scenario_rows": per_scenario,
+                "consent_excluded": {s: n[ds.code] for s, n in report.consent_excluded.items() if ds.code in n},
+                "blocked_scenarios": {s: r for s, r in report.blocked.items()
+                                      if ds.code in reg.scenarios[s].authorized_fields},
+            })
+        for ds in released:
+            problems = exclusions[ds.code]
+            yield dg.AssetCheckResult(asset_key=desensitized_key(ds.code), check_name="exclusions_respected",
+                                      passed=not problems, metadata={"problems": problems})
+            mine = [lk for lk in leaks if lk.table.split(".", 1)[1] == ds.code]
+            yield dg.AssetCheckResult(asset_key=desensitized_key(ds.code), check_name="no_personal_data_leak",
+                                      passed=not mine, metadata={
+                                          "leaks": [f"{lk.table}.{lk.column}: {lk.rows} {lk.kind} (e.g. {lk.sample})"
+                                                    for lk in mine],
+                                          "leaks_elsewhere_in_ops": len(leaks) - len(mine)})
+
+    return boundary_crossing
+
+
+def _product_checks(key: dg.AssetKey) -> list[dg.AssetChecksDefinition]:
+    product = key.path[-1]
+
+    @dg.asset_check(asset=key, name="no_personal_data_leak", blocking=True,
+                    description="泄露闸门：产品表不得出现原始身份证号、手机号、姓名 (leak gate)")
+    def leak_gate(context: dg.AssetCheckExecutionContext, warehouse: WarehouseResource) -> dg.AssetCheckResult:
+        d = _partition_date(context)
+        with warehouse.gov(read_only=True) as gov, warehouse.ops(read_only=True) as ops:
+            leaks = [lk for lk in find_leaks(gov, ops, d, registry()) if lk.table == f"products.{product}"]
+        return dg.AssetCheckResult(passed=not leaks, metadata={
+            "leaks": [f"{lk.column}: {lk.rows} {lk.kind} (e.g. {lk.sample})" for lk in leaks]})
+
+    @dg.asset_check(asset=key, name="authorization_in_force", blocking=True,
+                    description="一场景一授权：场景授权在该分区有效 (scenario authorization in force)")
+    def authorization_in_force(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+        try:
+            scenario = check_product_authorized(registry(), product, _partition_date(context))
+        except AuthorizationError as exc:
+            return dg.AssetCheckResult(passed=False, metadata={"reason": str(exc)})
+        return dg.AssetCheckResult(passed=True, metadata={"scenario": scenario.code})
+
+    return [leak_gate, authorization_in_force]
+
+
+def product_gate_checks(product_keys: Sequence[dg.AssetKey]) -> list[dg.AssetChecksDefinition]:
+    """Blocking checks for ops product assets (`ops/products/<product>`): no raw personal data in the product table
+    (leak gate) and the scenario's authorization covers the partition. Add them to the products' Definitions."""
+    return [check for key in product_keys for check in _product_checks(key)]
+
+
+def boundary_defs() -> dg.Definitions:
+    """The boundary crossing and the pseudonymization key resource (from the environment).
+
+    The ``warehouse: WarehouseResource`` it needs comes from the code location's shared resources.
+    """
+    return dg.Definitions(
+        assets=[build_boundary_crossing(registry())],
+        resources={"pseudonym": PseudonymKeyResource(key=dg.EnvVar(KEY_ENV))},
+    )
