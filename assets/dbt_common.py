@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
-from dagster_dbt import DagsterDbtTranslator, DagsterDbtTranslatorSettings, DbtProject
+from dagster_dbt import DagsterDbtTranslator, DagsterDbtTranslatorSettings, DbtCliResource, DbtProject
 
 from zqdata.registry import Registry
 from zqdata.settings import get_settings, repo_root
@@ -46,11 +46,29 @@ def dbt_project() -> DbtProject:
     return project
 
 
+@functools.cache
+def dbt_resource() -> DbtCliResource:
+    """The `dbt` resource (one instance, so merging the gov and ops definitions does not conflict)."""
+    return DbtCliResource(project_dir=dbt_project(), dbt_executable=dbt_executable())
+
+
+def dbt_executable() -> str:
+    """The venv's dbt when present (the venv's bin/ is not always on PATH), else `dbt` from PATH."""
+    beside = Path(sys.executable).parent / "dbt"
+    return str(beside) if beside.exists() else "dbt"
+
+
+def point_dbt_at(gov_db: Path, ops_db: Path) -> None:
+    """Make the dbt subprocess use the warehouse resource's DuckDB files (profiles.yml reads these variables)."""
+    os.environ["ZQ_GOV_DB"] = str(gov_db)
+    os.environ["ZQ_OPS_DB"] = str(ops_db)
+
+
 def prepare_manifest() -> Path:
     """Run `dbt parse` once to write target/manifest.json (what `python -m assets.dbt_common` does)."""
     set_dbt_env()
     subprocess.run(
-        [str(Path(sys.executable).parent / "dbt"), "parse", "--project-dir", str(DBT_PROJECT_DIR),
+        [dbt_executable(), "parse", "--project-dir", str(DBT_PROJECT_DIR),
          "--profiles-dir", str(DBT_PROJECT_DIR), "--quiet"],
         check=True,
     )

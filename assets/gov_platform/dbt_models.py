@@ -1,0 +1,46 @@
+"""Dagster wrapper of the gov dbt models: `dbt build --target gov` of one partition (staging, intermediate, their tests)."""
+
+import functools
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import dagster as dg
+from dagster_dbt import DbtCliResource, dbt_assets
+
+from assets.dbt_common import dbt_project, dbt_resource, dbt_vars, point_dbt_at, translator
+from orchestration.partitions import daily_partitions
+from orchestration.resources import WarehouseResource
+from zqdata.reference import sync_reference_tables
+from zqdata.registry import registry
+
+
+@functools.cache
+def gov_dbt_assets() -> dg.AssetsDefinition:
+    """gov/staging/<model> and gov/intermediate/<model>, daily partitioned; dbt tests are asset checks."""
+    project = dbt_project()
+
+    @dbt_assets(
+        manifest=project.manifest_path,
+        project=project,
+        select="path:models/gov",
+        name="gov_dbt_models",
+        dagster_dbt_translator=translator(),
+        partitions_def=daily_partitions,
+    )
+    def gov_dbt_models(context: dg.AssetExecutionContext, dbt: DbtCliResource,
+                       warehouse: WarehouseResource) -> Iterator[Any]:
+        reg = registry()
+        # the code-table and range rules read the registry through ref.* (synced, never copied into dbt)
+        with warehouse.gov() as con:
+            sync_reference_tables(con, reg)
+        point_dbt_at(warehouse.gov_path(), warehouse.ops_path())
+        args = ["build", "--target", "gov", "--vars", json.dumps(dbt_vars(reg, context.partition_key))]
+        yield from dbt.cli(args, context=context).stream().fetch_row_counts().fetch_column_metadata()
+
+    return gov_dbt_models
+
+
+def gov_dbt_defs() -> dg.Definitions:
+    """The gov dbt assets with the `dbt` resource (`warehouse` comes from orchestration.resources)."""
+    return dg.Definitions(assets=[gov_dbt_assets()], resources={"dbt": dbt_resource()})
