@@ -11,6 +11,7 @@ import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import dagster as dg
 import pytest
 from aiosmtpd.controller import Controller
 from test_lineage import DAY, build_gov_db, default_findings, set_findings
@@ -226,3 +227,51 @@ def test_outbox_never_stores_the_webhook_url(env, gov, registry, http_server):
     alerting.notify_issues(gov, registry)
     dump = str(gov.execute("select * from governance.notifications").fetchall())
     assert "s3cret" not in dump
+
+
+def test_sensor_reads_failed_checks_from_event_log_and_alerts_once(env, tmp_path, registry, smtp_server, http_server):
+    from orchestration.partitions import daily_partitions
+    from orchestration.resources import WarehouseResource
+    from orchestration.sensors import quality_issue_alert_sensor, trace_metadata
+
+    _, box = smtp_server
+    _, hooks = http_server
+    gov_path = tmp_path / "gov.duckdb"
+    build_gov_db(gov_path).close()
+    warehouse = WarehouseResource(gov_db=str(gov_path), ops_db=str(tmp_path / "ops.duckdb"))
+
+    @dg.asset(key=["gov", "quality", "scores"], partitions_def=daily_partitions, check_specs=[dg.AssetCheckSpec("quality_gate", asset=["gov", "quality", "scores"])])
+    def scores(context):
+        with warehouse.gov() as con:
+            meta = trace_metadata(con, None, registry, partition_date=context.partition_key, severity="error")
+        yield dg.Output(None)
+        yield dg.AssetCheckResult(check_name="quality_gate", passed=not meta, metadata=meta)
+
+    defs = dg.Definitions(assets=[scores])
+    with dg.instance_for_test() as instance:
+
+        def tick(cursor):
+            ctx = dg.build_sensor_context(instance=instance, cursor=cursor, resources={"warehouse": warehouse}, definitions=defs)
+            result = quality_issue_alert_sensor(ctx)
+            return ctx.cursor, result
+
+        cursor, _ = tick(None)  # nothing in the event log yet
+        assert cursor is None and box.messages == []
+        result = dg.materialize([scores], instance=instance, partition_key=DAY)
+        (evaluation,) = result.get_asset_check_evaluations()
+        assert not evaluation.passed
+        assert "part-0001.jsonl" in evaluation.metadata["逐级溯源 trace"].value  # trace shown on the check in the UI
+        cursor, res = tick(None)
+        assert cursor is not None and "quality_gate" in res.skip_message
+        assert len(box.messages) == 2 and len(hooks) == 2  # both agencies' issues of the partition, one message each
+        cursor2, _ = tick(cursor)  # next tick: no new events, no duplicates
+        assert cursor2 == cursor and len(box.messages) == 2 and len(hooks) == 2
+        with warehouse.gov() as con:
+            assert {i.status for i in issues.list_issues(con)} == {"notified"}
+            set_findings(con, DAY, [f for f in default_findings() if f[0] != "psb"])  # psb redelivered corrected data
+        result = dg.materialize([scores], instance=instance, partition_key=DAY)
+        assert result.get_asset_check_evaluations()[0].passed
+        tick(cursor)  # a passing re-check verifies the fix
+        with warehouse.gov() as con:
+            assert {i.agency: i.status for i in issues.list_issues(con)} == {"psb": "verified", "samr": "notified"}
+        assert len(box.messages) == 2
