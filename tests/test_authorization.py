@@ -140,3 +140,24 @@ def test_expired_authorization_blocks_delivery_of_its_product(ops, registry, tmp
                         tmp_path / "out", now=NOW)  # the partition is in term, but the delivery day is not
     assert read_chain(ops)[0].outcome == "denied"
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_deliver_and_audit_verify(ops, tmp_path, monkeypatch, capsys):
+    from zqdata.cli import main
+
+    ops.close()
+    monkeypatch.setenv("ZQ_OPS_DB", str(tmp_path / "ops.duckdb"))
+    monkeypatch.setenv("ZQ_CONSUMER_CREDENTIAL", "wrong")
+    args = ["deliver", "--consumer", "zq_rural_bank", "--product", "ops_sme_credit_profile", "--date", str(D),
+            "--out", str(tmp_path / "out")]
+    assert main(args) == 3
+    monkeypatch.setenv("ZQ_CONSUMER_CREDENTIAL", demo_credentials()["zq_rural_bank"])
+    assert main(args) == 0
+    assert len(list((tmp_path / "out").rglob("*.parquet"))) == 1
+    assert main(["audit", "verify"]) == 0
+    assert "2 records" in capsys.readouterr().out
+    con = duckdb.connect(str(tmp_path / "ops.duckdb"))
+    con.execute("UPDATE audit.deliveries SET outcome = 'delivered' WHERE seq = 1")
+    con.close()
+    assert main(["audit", "verify"]) == 1
+    assert "record 1 was edited" in capsys.readouterr().out

@@ -99,8 +99,11 @@ def append_delivery(ops_con: duckdb.DuckDBPyConnection, *, consumer: str, scenar
 
 
 def read_chain(ops_con: duckdb.DuckDBPyConnection) -> list[AuditRecord]:
-    """Every record in chain order (by seq)."""
-    ensure_audit_table(ops_con)
+    """Every record in chain order (by seq); none when the log does not exist yet (works read-only)."""
+    exists = ops_con.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'audit' "
+                             "AND table_name = 'deliveries' AND table_catalog = current_database()").fetchone()[0]
+    if not exists:
+        return []
     cols = [*_FIELDS, "prev_hash", "record_hash"]
     rows = ops_con.execute(f"SELECT {', '.join(cols)} FROM audit.deliveries ORDER BY seq, record_hash").fetchall()
     return [AuditRecord(**dict(zip(cols, r))) for r in rows]
