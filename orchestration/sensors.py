@@ -7,9 +7,11 @@ escalating overdue issues on every tick). `trace_metadata` puts the 逐级溯源
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,26 +116,39 @@ def run_alert_tick(
     instance: dg.DagsterInstance,
     check_keys: Sequence[dg.AssetCheckKey],
     cursor: int | None,
-    gov_con: duckdb.DuckDBPyConnection,
+    gov: Callable[[], contextlib.AbstractContextManager[duckdb.DuckDBPyConnection]],
     registry: Registry,
     settings: Any = None,
     *,
     now: dt.datetime | None = None,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> AlertTick:
-    """One sensor tick: read new failed checks, sync their partitions' issues, escalate overdue ones, send notifications."""
+    """One sensor tick: read new check executions, sync their partitions' issues, escalate overdue ones, send notifications.
+
+    `gov()` opens the gov DB; it is held only for the DB work, never while sending (DuckDB allows one writer and the
+    nightly job must not find it locked by a slow SMTP server).
+    """
     from zqdata import alerting, issues
 
+    s = settings or alerting.AlertSettings.from_env()
     failed = failed_check_partitions(instance, check_keys, cursor)
-    # Passing re-checks matter too: they verify the fixes of that partition's open issues.
-    to_sync = failed.partitions + [
-        p for p in failed.rechecked if p not in failed.partitions and issues.list_issues(gov_con, partition_date=p, status=UNVERIFIED)
-    ]
-    summaries = [issues.sync_issues(gov_con, registry, p, now=now).summary() for p in to_sync]
-    if not to_sync:
-        escalated = issues.escalate_overdue(gov_con, registry, now)
-        if escalated:
-            summaries.append(f"升级 {len(escalated)} 个问题")
-    report = alerting.notify_issues(gov_con, registry, settings, now=now)
+    with gov() as gov_con:
+        # Passing re-checks matter too: they verify the fixes of that partition's open issues.
+        to_sync = failed.partitions + [
+            p for p in failed.rechecked if p not in failed.partitions and issues.list_issues(gov_con, partition_date=p, status=UNVERIFIED)
+        ]
+        summaries = [issues.sync_issues(gov_con, registry, p, now=now).summary() for p in to_sync]
+        if not to_sync:
+            escalated = issues.escalate_overdue(gov_con, registry, now)
+            if escalated:
+                summaries.append(f"升级 {len(escalated)} 个问题")
+        enqueued = alerting.enqueue(gov_con, registry, s, now)
+        messages = alerting.pending_messages(gov_con)
+    attempts = alerting.send_messages(registry, s, messages, sleep=sleep) if messages else []
+    report = alerting.NotifyReport(enqueued=enqueued, email_disabled=not s.email_enabled)
+    if attempts:
+        with gov() as gov_con:
+            report.sent, report.failed = alerting.record_attempts(gov_con, messages, attempts)
     return AlertTick(cursor=failed.cursor, failed=failed, sync_summaries=summaries, notify_summary=report.summary())
 
 
@@ -156,8 +171,7 @@ def quality_issue_alert_sensor(context: dg.SensorEvaluationContext, warehouse: W
     if not warehouse.gov_path().exists():
         return dg.SkipReason("市政务大数据平台数据库尚未创建 gov DB not created yet")
     try:
-        with warehouse.gov() as gov_con:
-            tick = run_alert_tick(context.instance, check_keys, cursor, gov_con, registry())
+        tick = run_alert_tick(context.instance, check_keys, cursor, warehouse.gov, registry())
     except duckdb.IOException as exc:  # the nightly job holds the single DuckDB writer lock: try again next tick
         return dg.SkipReason(f"市政务大数据平台数据库正被占用，下次重试 gov DB busy: {exc}")
     if tick.cursor is not None:

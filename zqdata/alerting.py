@@ -320,22 +320,36 @@ def _deliver_one(registry: Registry, settings: AlertSettings, n: dict[str, Any])
         post_webhook(url, json.loads(n["payload"]), settings.timeout_seconds)
 
 
-def deliver_pending(
-    gov_con: duckdb.DuckDBPyConnection,
+@dataclass
+class Attempt:
+    notification_id: str
+    attempt: int
+    at: dt.datetime
+    error: str  # "" = delivered
+
+
+def pending_messages(gov_con: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
+    """Outbox messages not yet delivered (pending, or failed on an earlier tick)."""
+    ensure_tables(gov_con)
+    return lineage.fetch_dicts(
+        gov_con, "select * from governance.notifications where status in ('pending', 'failed') order by created_at, notification_id"
+    )
+
+
+def send_messages(
     registry: Registry,
     settings: AlertSettings,
+    messages: list[dict[str, Any]],
     *,
     now: Callable[[], dt.datetime] | None = None,
     sleep: Callable[[float], None] = time.sleep,
-) -> tuple[list[str], list[tuple[str, str]]]:
-    """Send every pending or failed message (bounded retries with exponential backoff); record every attempt."""
-    ensure_tables(gov_con)
+) -> list[Attempt]:
+    """Send each message with bounded retries and exponential backoff; no DB access (the gov DB lock is not held while
+    waiting on the network)."""
     clock = now or (lambda: dt.datetime.now(TZ))
-    sent, failed = [], []
-    todo = lineage.fetch_dicts(gov_con, "select * from governance.notifications where status in ('pending', 'failed') order by created_at, notification_id")
-    for n in todo:
+    out = []
+    for n in messages:
         attempt = int(n["attempts"])
-        error = ""
         for i in range(settings.retries):
             if i:
                 sleep(min(settings.backoff_seconds * 2 ** (i - 1), settings.backoff_max_seconds))
@@ -345,26 +359,54 @@ def deliver_pending(
                 error = ""
             except (OSError, smtplib.SMTPException, urllib.error.URLError, RuntimeError, ValueError) as exc:
                 error = f"{type(exc).__name__}: {exc}"[:1000]
-            at = clock()
-            # Record each attempt as it happens (autocommit): a crash mid-loop loses nothing.
-            gov_con.execute(
-                "insert into governance.notification_attempts values (?, ?, ?, ?, ?)", [n["notification_id"], attempt, at, not error, error or None]
-            )
+            out.append(Attempt(n["notification_id"], attempt, clock(), error))
+            if not error:
+                break
+    return out
+
+
+def record_attempts(gov_con: duckdb.DuckDBPyConnection, messages: list[dict[str, Any]], attempts: list[Attempt]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Record every attempt and each message's outcome; notified issues move to `notified`. Returns (sent, failed)."""
+    by_id = {n["notification_id"]: n for n in messages}
+    last: dict[str, Attempt] = {}
+    gov_con.execute("begin transaction")
+    try:
+        for a in attempts:
+            gov_con.execute("insert into governance.notification_attempts values (?, ?, ?, ?, ?)", [a.notification_id, a.attempt, a.at, not a.error, a.error or None])
+            last[a.notification_id] = a
+        sent, failed = [], []
+        for nid, a in last.items():
             gov_con.execute(
                 """update governance.notifications set attempts = ?, last_attempt_at = ?, status = ?, last_error = ?,
                    sent_at = case when ? then ? else sent_at end where notification_id = ?""",
-                [attempt, at, "failed" if error else "sent", error or None, not error, at, n["notification_id"]],
+                [a.attempt, a.at, "failed" if a.error else "sent", a.error or None, not a.error, a.at, nid],
             )
-            if not error:
-                break
-        if error:
-            log.warning("通知发送失败（将在下次重试）%s %s → %s: %s", n["issue_id"], n["channel"], n["recipient"], error)
-            failed.append((n["notification_id"], error))
-            continue
-        sent.append(n["notification_id"])
-        if n["status_event"] == "opened" or n["status_event"].startswith("reopened#"):
-            issue_register.mark_notified(gov_con, n["fingerprint"], n["channel"], clock())
+            n = by_id[nid]
+            if a.error:
+                log.warning("通知发送失败（将在下次重试）%s %s → %s: %s", n["issue_id"], n["channel"], n["recipient"], a.error)
+                failed.append((nid, a.error))
+                continue
+            sent.append(nid)
+            if n["status_event"] == "opened" or n["status_event"].startswith("reopened#"):
+                issue_register.mark_notified(gov_con, n["fingerprint"], n["channel"], a.at)
+        gov_con.execute("commit")
+    except Exception:
+        gov_con.execute("rollback")
+        raise
     return sent, failed
+
+
+def deliver_pending(
+    gov_con: duckdb.DuckDBPyConnection,
+    registry: Registry,
+    settings: AlertSettings,
+    *,
+    now: Callable[[], dt.datetime] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> tuple[list[str], list[tuple[str, str]]]:
+    """Send every pending or failed message and record every attempt. Returns (sent ids, [(failed id, error)])."""
+    messages = pending_messages(gov_con)
+    return record_attempts(gov_con, messages, send_messages(registry, settings, messages, now=now, sleep=sleep))
 
 
 def notify_issues(

@@ -427,13 +427,16 @@ def source_rows(gov_con: duckdb.DuckDBPyConnection, registry: Registry, lineage_
         ds = registry.datasets[ds_code]
         found: dict[str, SourceRow] = {}
         raw_values: dict[str, Mapping[str, Any]] = {}
+        # The day is part of the lineage id: filtering on it lets DuckDB skip other partitions' row groups.
+        days = sorted({parse_lineage_id(i)[1] for i in ids})
+        where = '"_partition_date" in (select unnest(?::date[])) and "_lineage_id" in (select unnest(?::varchar[]))'
         if table_exists(gov_con, "ods", ds_code):
-            for r in fetch_dicts(gov_con, f'select * from ods."{ds_code}" where "_lineage_id" in (select unnest(?::varchar[]))', [ids]):
+            for r in fetch_dicts(gov_con, f'select * from ods."{ds_code}" where {where}', [days, ids]):
                 found[r["_lineage_id"]] = _source_row(ds, r, "ods")
                 raw_values[r["_lineage_id"]] = r
         missing = [i for i in ids if i not in found]
         if missing and table_exists(gov_con, "quarantine", "rows"):
-            for r in fetch_dicts(gov_con, 'select * from quarantine."rows" where "_lineage_id" in (select unnest(?::varchar[]))', [missing]):
+            for r in fetch_dicts(gov_con, f'select * from quarantine."rows" where {where}', [days, missing]):
                 if r["_lineage_id"] in found:
                     continue
                 row = _source_row(ds, r, "quarantined")
