@@ -8,8 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 import pandera.pandas as pa
+import pyarrow as pa_arrow
+import pyarrow.compute as pc
 
 from zqdata.registry import Dataset, DatasetField
 
@@ -55,11 +58,26 @@ def parseable(s: pd.Series, field_type: str) -> pd.Series:
     if field_type in ("date", "timestamp"):
         cand = ok & ~_blank(s)
         if cand.any():
-            parts = text[cand].str.extract(_PARTS).fillna({"hour": "0", "minute": "0", "second": "0"}).astype("int64")
-            day = pd.to_datetime(parts[["year", "month", "day"]], errors="coerce")  # NaT for 2025-02-30, month 13
-            real = day.notna() & (parts["hour"] < 24) & (parts["minute"] < 60) & (parts["second"] < 60)
+            real = pd.Series(_real_calendar(text[cand].to_numpy(dtype=object)), index=text.index[cand])
             ok = ok & ~(cand & ~real.reindex(s.index, fill_value=True))
     return ok
+
+
+def _real_calendar(values: np.ndarray) -> np.ndarray:
+    """Whether each (pattern-matching) date/time string names a real day and time of day; vectorized with pyarrow."""
+    parts = pc.extract_regex(pa_arrow.array(values, pa_arrow.string()), _PARTS)
+    num = {}
+    for name in ("year", "month", "day", "hour", "minute", "second"):
+        col = pc.struct_field(parts, name)
+        col = pc.if_else(pc.or_kleene(pc.is_null(col), pc.equal(col, "")), "0", col)
+        num[name] = pc.cast(col, pa_arrow.int64()).to_numpy(zero_copy_only=False)
+    y, m, d = num["year"], num["month"], num["day"]
+    leap = ((y % 4 == 0) & (y % 100 != 0)) | (y % 400 == 0)
+    days_in = np.array([0, 31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31])[np.clip(m, 0, 12)] + ((m == 2) & leap)
+    return (
+        (m >= 1) & (m <= 12) & (d >= 1) & (d <= days_in)
+        & (num["hour"] < 24) & (num["minute"] < 60) & (num["second"] < 60)
+    )  # fmt: skip
 
 
 def rule_for_required(f: DatasetField) -> RuleInfo:
