@@ -323,3 +323,13 @@ def test_product_leak_gate_blocks_a_product_holding_a_raw_id(tmp_path, registry,
     assert by_name["authorization_in_force"].passed
     materialized = {e.asset_key for e in result.get_asset_materialization_events()}
     assert key in materialized and dg.AssetKey("downstream") not in materialized
+
+
+def test_a_partition_larger_than_a_row_group_crosses_whole(dbs, registry):
+    gov, ops = dbs
+    n = 125_000  # > DuckDB's row group (122 880): the size at which a silent-loss bug in CTAS+INSERT showed
+    gov.execute("INSERT INTO intermediate.int_bus_card_swipes SELECT 'B' || i, 'CARD' || (i % 1000), '01', 'R2', 'ST1', "
+                "TIMESTAMP '2025-05-01 08:00:00', 2, 'bus/' || i, DATE '2025-05-01' FROM range(?) t(i)", [n])
+    report = cross_boundary(gov, ops, registry, D1, _key())
+    assert report.released["bus_card_swipes"] == n + 6
+    assert ops.execute("SELECT count(*) FROM scenario_transit_ridership.bus_card_swipes").fetchone()[0] == n + 6

@@ -115,13 +115,17 @@ def _write_partition(gov_con: duckdb.DuckDBPyConnection, ops_con: duckdb.DuckDBP
                      sql: str, params: dict, partition_date: dt.date) -> int:
     """Replace one partition of ``schema.table`` in the ops DB with the rows of a gov-side query, streamed as Arrow."""
     target = f"{quote_ident(schema)}.{quote_ident(table)}"
-    reader = gov_con.execute(sql, _params(sql, params)).fetch_record_batch(BATCH_ROWS)
+    reader = gov_con.execute(sql, _params(sql, params)).to_arrow_reader(BATCH_ROWS)
     ops_con.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(schema)}")
     ops_con.register("_zq_boundary_empty", pa.Table.from_batches([], reader.schema))
     try:
-        ops_con.execute(f"CREATE TABLE IF NOT EXISTS {target} AS SELECT * FROM _zq_boundary_empty")
+        columns = ops_con.execute("DESCRIBE SELECT * FROM _zq_boundary_empty").fetchall()
     finally:
         ops_con.unregister("_zq_boundary_empty")
+    # Explicit DDL, not CREATE TABLE AS: in DuckDB 1.5.5 a CTAS followed by a large INSERT in the same
+    # transaction silently keeps 0 rows (found by the 200k-row check in tests/test_boundary.py).
+    ddl = ", ".join(f"{quote_ident(name)} {ctype}" for name, ctype, *_ in columns)
+    ops_con.execute(f"CREATE TABLE IF NOT EXISTS {target} ({ddl})")
     ops_con.execute(f"DELETE FROM {target} WHERE _partition_date = ?", [partition_date])
     ops_con.register("_zq_boundary_batches", reader)
     try:
