@@ -42,8 +42,13 @@ def _meta(dimension: str, severity: str, rule: str, note: str) -> dict:
     return {"dimension": dimension, "severity": severity, "rule": rule, "notes": note}
 
 
-def build_suite(registry: Registry, dataset: str, baseline: Baseline | None = None) -> gx.ExpectationSuite:
-    """The suite for one dataset's staging batch; bounds come from the registry and the baseline."""
+def build_suite(registry: Registry, dataset: str, baseline: Baseline | None = None,
+                partition_rows: int | None = None) -> gx.ExpectationSuite:
+    """The suite for one dataset's staging batch; bounds come from the registry and the baseline.
+
+    An empty partition (``partition_rows == 0``, e.g. a missing delivery) gets the table-level expectations only:
+    rates and medians of nothing would only repeat the delivery finding as noise.
+    """
     ds: Dataset = registry.datasets[dataset]
     base = baseline or Baseline()
     ex = gx.expectations
@@ -59,6 +64,9 @@ def build_suite(registry: Registry, dataset: str, baseline: Baseline | None = No
         column=DAY_ROWS_COLUMN, min_value=lo, max_value=hi,
         meta=_meta("completeness", "warn", f"gx.{dataset}.daily_volume",
                    f"当日记录数在前 {base.days} 日中位数的 {VOLUME_BAND[0]}–{VOLUME_BAND[1]} 倍之间 (daily volume)")))
+    if partition_rows == 0:
+        return gx.ExpectationSuite(name=suite_name(dataset), expectations=items,
+                                   meta={"dataset": dataset, "agency": ds.agency, "baseline_days": base.days})
     items.append(ex.ExpectColumnProportionOfUniqueValuesToBeBetween(
         column=PK_COLUMN, min_value=KEY_MIN_UNIQUE_SHARE, max_value=1.0,
         meta=_meta("consistency", "warn", f"gx.{dataset}.key_unique_share",

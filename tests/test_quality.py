@@ -190,6 +190,8 @@ def make_staging(con, reg, dataset, day=DAY, n=60, bad_codes=0, dup_keys=0, extr
             else:
                 values.append(None if (not f.required and i % 3 == 0) else f"v{i}")
         rows.append([*values, *(["x"] if extra_column else []), f"{dataset}/{day}/part-0001.csv#{i + 1}", day])
+    if not rows:
+        return
     marks = ", ".join("?" * len(rows[0]))
     con.executemany(f'insert into staging."{model}" values ({marks})', rows)
 
@@ -266,7 +268,9 @@ def test_governance_definitions_load_with_partitioned_upstreams(reg):
     upstream = [dg.AssetSpec(["gov", "staging", staging_model(reg, c)], partitions_def=daily_partitions) for c in reg.datasets]
     upstream += [dg.AssetSpec(["gov", layer, name], partitions_def=daily_partitions)
                  for c in reg.datasets for layer, name in (("ods", c), ("intermediate", f"int_{c}"))]
-    defs = dg.Definitions.merge(governance_defs(), dg.Definitions(assets=upstream))
+    from orchestration.resources import WarehouseResource
+
+    defs = dg.Definitions.merge(governance_defs(), dg.Definitions(assets=upstream, resources={"warehouse": WarehouseResource()}))
     dg.Definitions.validate_loadable(defs)
     graph = defs.resolve_asset_graph()
     gate = dg.AssetCheckKey(dg.AssetKey(["gov", "quality", "scores"]), "quality_gate")
@@ -290,3 +294,11 @@ def test_gate_check_fails_the_dagster_run_check_on_manifest_mismatch(con, reg, t
     assert len(gate) == 1 and not gate[0].passed
     assert "delivery.record_count_mismatch" in gate[0].description and "未通过" in gate[0].description
     assert (tmp_path / "published" / "gx").exists()
+
+
+def test_gx_empty_partition_reports_volume_only(con, reg):
+    make_staging(con, reg, "water_usage", day=DAY, n=60)
+    run_gx(con, reg, DAY)
+    make_staging(con, reg, "water_usage", day=DAY + dt.timedelta(days=1), n=0)  # e.g. the delivery was missing
+    v = validate_dataset(con, reg, "water_usage", DAY + dt.timedelta(days=1))
+    assert {o.rule for o in v.failed} == {"gx.water_usage.daily_volume"}

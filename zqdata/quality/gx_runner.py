@@ -221,8 +221,8 @@ def _outcomes(result) -> list[ExpectationOutcome]:
         res = r.result or {}
         raised = bool(r.exception_info and r.exception_info.get("raised_exception"))
         observed = res.get("observed_value")
-        if observed is None and "unexpected_percent" in res:
-            observed = f"{res.get('unexpected_percent', 0):.3f}% unexpected"
+        if observed is None and res.get("unexpected_percent") is not None:
+            observed = f"{res['unexpected_percent']:.3f}% unexpected"
         column = cfg.kwargs.get("column")
         if raised:
             detail = f"期望无法执行 (expectation raised): {_short(r.exception_info.get('exception_message'))}"
@@ -244,11 +244,12 @@ def validate_dataset(con: duckdb.DuckDBPyConnection, registry: Registry, dataset
 
     ds = registry.datasets[dataset]
     model = staging_model(registry, dataset)
-    suite = build_suite(registry, dataset, load_baseline(con, dataset, day))
+    baseline = load_baseline(con, dataset, day)
     if not _columns(con, model):
-        return DatasetValidation(dataset, ds.agency, model, suite, None,
+        return DatasetValidation(dataset, ds.agency, model, build_suite(registry, dataset, baseline), None,
                                  note=f"标准化模型 staging.{model} 不存在，未能执行 GX 校验 (staging model missing)")
     frame, day_rows, sampled = load_batch(con, registry, dataset, day, max_rows)
+    suite = build_suite(registry, dataset, baseline, partition_rows=day_rows)
     ctx = ctx or _ephemeral_context()
     source = ctx.data_sources.add_or_update_pandas(f"gov_staging_{dataset}")
     asset = source.add_dataframe_asset(name=model)
