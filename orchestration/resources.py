@@ -88,3 +88,8 @@ class ObjectStoreResource(dg.ConfigurableResource):
                 secure=self.s3_secure or os.environ.get("ZQ_S3_SECURE", "").strip().lower() in ("1", "true", "yes", "on"),
             )
         return storage.store_from_env()  # raises the clear error for a bad backend / missing settings
+
+
+def default_resources() -> dict[str, object]:
+    """The resources of the code location: the landing zone's store and the two warehouses, from the environment."""
+    return {"store": ObjectStoreResource.from_env(), "warehouse": WarehouseResource()}

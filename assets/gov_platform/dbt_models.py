@@ -36,7 +36,7 @@ def gov_dbt_assets() -> dg.AssetsDefinition:
             sync_reference_tables(con, reg)
         point_dbt_at(warehouse.gov_path(), warehouse.ops_path())
         args = ["build", "--target", "gov", "--vars", json.dumps(dbt_vars(reg, context.partition_key))]
-        yield from dbt.cli(args, context=context).stream().fetch_row_counts().fetch_column_metadata()
+        yield from dbt.cli(args, context=context).stream()
 
     return gov_dbt_models
 

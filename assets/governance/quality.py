@@ -148,5 +148,4 @@ def quality_defs() -> dg.Definitions:
     return dg.Definitions(
         assets=[build_findings_asset(), build_scores_asset()],
         asset_checks=[build_gx_check(code) for code in registry().datasets],
-        resources={"warehouse": WarehouseResource()},
     )

@@ -32,7 +32,7 @@ def ops_dbt_assets() -> dg.AssetsDefinition:
         point_dbt_at(warehouse.gov_path(), warehouse.ops_path())
         vars_ = dbt_vars(registry(), context.partition_key, scenarios=True)
         args = ["build", "--target", "ops", "--vars", json.dumps(vars_, ensure_ascii=False)]
-        yield from dbt.cli(args, context=context).stream().fetch_row_counts().fetch_column_metadata()
+        yield from dbt.cli(args, context=context).stream()
 
     return ops_dbt_products
 
