@@ -140,3 +140,9 @@ def boundary_defs() -> dg.Definitions:
         assets=[build_boundary_crossing(registry())],
         resources={"pseudonym": PseudonymKeyResource(key=dg.EnvVar(KEY_ENV))},
     )
+
+
+def product_gate_defs() -> dg.Definitions:
+    """The blocking product gate checks on every registered scenario product (`ops/products/<scenario.product>`)."""
+    keys = [dg.AssetKey(["ops", "products", s.product]) for s in registry().scenarios.values()]
+    return dg.Definitions(asset_checks=product_gate_checks(keys))
