@@ -261,12 +261,14 @@ def test_leak_gate_finds_phones_names_and_legal_rep_ids_in_any_table(dbs, regist
 
 
 def _resources(tmp_path: Path) -> dict:
+    import dagster as dg
+
     from assets.ops_platform.boundary import PseudonymKeyResource
     from orchestration.resources import WarehouseResource
 
     return {"warehouse": WarehouseResource(gov_db=str(tmp_path / "warehouse" / "gov.duckdb"),
                                            ops_db=str(tmp_path / "warehouse" / "ops.duckdb")),
-            "pseudonym": PseudonymKeyResource(key=SECRET)}
+            "pseudonym": PseudonymKeyResource(key=dg.EnvVar("ZQ_PSEUDONYM_KEY"))}
 
 
 def test_boundary_asset_materializes_with_passing_blocking_checks(tmp_path, registry, monkeypatch):
@@ -275,6 +277,7 @@ def test_boundary_asset_materializes_with_passing_blocking_checks(tmp_path, regi
     from assets.ops_platform.boundary import boundary_defs, build_boundary_crossing
 
     monkeypatch.setenv("ZQ_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("ZQ_PSEUDONYM_KEY", SECRET)
     (tmp_path / "warehouse").mkdir()
     build_gov(tmp_path / "warehouse" / "gov.duckdb", registry, [D1])
     boundary = build_boundary_crossing(registry)
@@ -288,6 +291,11 @@ def test_boundary_asset_materializes_with_passing_blocking_checks(tmp_path, regi
     assert result.success
     evals = result.get_asset_check_evaluations()
     assert len(evals) == 2 * len(released) and all(e.passed for e in evals)
+    card = duckdb.connect(str(tmp_path / "warehouse" / "ops.duckdb"), read_only=True).execute(
+        "SELECT card_id FROM desensitized.bus_card_swipes WHERE swipe_id = ?", [pseudonymize("S05010", SECRET)]).fetchone()
+    assert card == (pseudonymize("CARD0", SECRET),)  # the key reached the op from the environment
+    for f in (p for p in tmp_path.rglob("*") if p.is_file()):
+        assert SECRET.encode() not in f.read_bytes(), f
     defs = dg.Definitions.merge(boundary_defs(), dg.Definitions(resources={"warehouse": _resources(tmp_path)["warehouse"]}))
     dg.Definitions.validate_loadable(defs)
 
@@ -299,6 +307,7 @@ def test_product_leak_gate_blocks_a_product_holding_a_raw_id(tmp_path, registry,
     from assets.ops_platform.boundary import product_gate_checks
 
     monkeypatch.setenv("ZQ_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("ZQ_PSEUDONYM_KEY", SECRET)
     (tmp_path / "warehouse").mkdir()
     build_gov(tmp_path / "warehouse" / "gov.duckdb", registry, [D1])
     key = dg.AssetKey(["ops", "products", "ops_sme_credit_profile"])

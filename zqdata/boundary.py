@@ -19,6 +19,7 @@ import pyarrow as pa
 from zqdata.authorization import AuthorizationError, authorized_fields, check_scenario_active
 from zqdata.desensitize import PseudonymKey, quote_ident, release_select, released_fields
 from zqdata.registry import Dataset, Registry, Scenario
+from zqdata.settings import TZ
 
 BATCH_ROWS = 100_000  # Arrow batch size streamed gov → ops: bounded memory whatever the partition size
 LINEAGE_COLUMNS = ["_lineage_id", "_partition_date"]
@@ -88,8 +89,6 @@ def consent_filter_sql(gov_con: duckdb.DuckDBPyConnection, registry: Registry, s
     end_naive = dt.datetime.combine(partition_date + dt.timedelta(days=1), dt.time())
     etype = cols["effective_at"].upper()
     if "TIME ZONE" in etype:
-        from zqdata.settings import TZ
-
         effective, end = "c.effective_at", end_naive.replace(tzinfo=TZ)
     elif etype.startswith("TIMESTAMP"):
         effective, end = "c.effective_at", end_naive  # naive timestamps are Beijing time (registry)
