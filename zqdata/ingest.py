@@ -599,7 +599,9 @@ def _ingest_file(
                     detail = f"文件编码无法识别：{name} 既不是有效的 UTF-8 也不是 GBK 编码，整个文件隔离"
                     problem("delivery.encoding_undecodable", detail, "quarantined" if file_reason is None else None)
                     file_reason = file_reason or (detail, "delivery.encoding_undecodable", "standardization")
-                elif detected.replace("-sig", "") != declared.replace("-sig", ""):
+                elif detected.replace("-sig", "") != declared.replace("-sig", "") and not _decodes_as(
+                    path, "ascii"
+                ):  # a pure-ASCII file is the same bytes in UTF-8 and GBK: not a mismatch
                     problem("delivery.encoding_mismatch", f"文件实际编码为 {detected}，清单/登记声明为 {declared}")
             try:
                 if fmt == "csv":
