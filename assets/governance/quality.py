@@ -84,12 +84,15 @@ def build_scores_asset() -> dg.AssetsDefinition:
         ),
     )
     def quality_scores(context: dg.AssetExecutionContext, warehouse: WarehouseResource) -> dg.MaterializeResult:
+        from orchestration.sensors import trace_metadata
         from zqdata.quality.scores import compute_scores, evaluate_gate, scores_markdown
 
         day = _day(context)
         with warehouse.gov() as con:
             scores = compute_scores(con, registry(), day)
             gate = evaluate_gate(con, registry(), day)
+            # 逐级溯源: a failed gate shows where its error-severity findings came from (agency, delivery, rows)
+            trace = {} if gate.passed else trace_metadata(con, None, registry(), partition_date=day, severity="error")
         return dg.MaterializeResult(
             metadata={"scores": dg.MetadataValue.md(scores_markdown(scores)), "rows": scores.num_rows},
             check_results=[dg.AssetCheckResult(
@@ -102,6 +105,7 @@ def build_scores_asset() -> dg.AssetsDefinition:
                     "max_error_rate": gate.max_error_rate,
                     "error_rates": dg.MetadataValue.json({k: round(v, 6) for k, v in gate.error_rates.items()}),
                     "warnings": gate.warnings,
+                    **trace,
                 },
             )],
         )
@@ -124,8 +128,11 @@ def build_gx_check(dataset: str) -> dg.AssetChecksDefinition:
     def gx_check(context: dg.AssetCheckExecutionContext, warehouse: WarehouseResource) -> dg.AssetCheckResult:
         from zqdata.quality.gx_runner import validate_dataset
 
+        from orchestration.sensors import trace_metadata
+
         with warehouse.gov() as con:
             v = validate_dataset(con, registry(), dataset, _day(context))
+            trace = {} if v.success else trace_metadata(con, None, registry(), partition_date=_day(context), dataset=dataset)
         errors = [o for o in v.failed if o.severity == "error"]
         return dg.AssetCheckResult(
             passed=v.success,
@@ -137,6 +144,7 @@ def build_gx_check(dataset: str) -> dg.AssetChecksDefinition:
                 "unexpected_counts": dg.MetadataValue.json(
                     {o.rule: {"unexpected_count": o.unexpected_count, "element_count": o.element_count,
                               "observed": o.observed, "success": o.success} for o in v.outcomes}),
+                **trace,
             },
         )
 
