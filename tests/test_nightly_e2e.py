@@ -1,0 +1,227 @@
+"""End to end: the real `nightly_aggregation` job, in process, on the embedded default (local files + two DuckDB files).
+
+One module-scoped run of a defective day is shared by the tests that only read its outcome; reruns, a second day and a
+blocked day are separate runs. Volumes are small: the job's behaviour, not its speed, is under test here.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+import duckdb
+import pytest
+
+from zqdata.settings import repo_root
+
+DAY = dt.date(2025, 6, 1)
+ROWS_PER_DAY = 3000
+# Columns that record when something ran, not what the data is.
+RUN_TIME_COLUMNS = {"_ingested_at", "ingested_at", "quarantined_at", "created_at", "updated_at_run"}
+# Schemas whose tables are the data path (personal data must not leave gov; reruns must reproduce them exactly).
+DATA_SCHEMAS = ("ods", "quarantine", "staging", "intermediate", "desensitized", "products")
+
+pytestmark = pytest.mark.slow
+
+
+def _env(monkeypatch: pytest.MonkeyPatch, data_dir: Path, *, simulate: bool = True, defect_rate: float = 0.01) -> None:
+    monkeypatch.setenv("ZQ_DATA_DIR", str(data_dir))
+    monkeypatch.setenv("ZQ_STORE_BACKEND", "local")
+    for var in ("ZQ_LANDING_DIR", "ZQ_GOV_DB", "ZQ_OPS_DB"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("ZQ_PSEUDONYM_KEY", "e2e-test-key-not-a-secret")
+    monkeypatch.setenv("ZQ_SIMULATE", "1" if simulate else "0")
+    monkeypatch.setenv("ZQ_SIM_ROWS_PER_DAY", str(ROWS_PER_DAY))
+    monkeypatch.setenv("ZQ_SIM_DEFECT_RATE", str(defect_rate))
+    monkeypatch.setenv("ZQ_SIM_SEED", "7")
+
+
+def _run(day: dt.date, instance: dg.DagsterInstance):
+    from orchestration.nightly import run_nightly
+
+    return run_nightly(day, instance=instance)
+
+
+def _snapshot(db: Path) -> dict[str, list[tuple]]:
+    """Every data-path table's rows (run-time columns excluded), sorted: equal snapshots mean identical tables."""
+    out = {}
+    with duckdb.connect(str(db), read_only=True) as con:
+        tables = con.execute(
+            "select table_schema, table_name from information_schema.tables "
+            "where table_schema in (select unnest(?)) or table_schema like 'scenario_%' order by 1, 2",
+            [list(DATA_SCHEMAS)],
+        ).fetchall()
+        for schema, table in tables:
+            cols = [c for (c,) in con.execute(
+                "select column_name from information_schema.columns where table_schema = ? and table_name = ? "
+                "order by ordinal_position", [schema, table]).fetchall() if c not in RUN_TIME_COLUMNS]
+            col_list = ", ".join(f'"{c}"' for c in cols)
+            out[f"{schema}.{table}"] = con.execute(f'select {col_list} from "{schema}"."{table}" order by all').fetchall()
+    return out
+
+
+@pytest.fixture(scope="module")
+def nightly_run(tmp_path_factory: pytest.TempPathFactory):
+    """One nightly run of DAY with 1% injected defects; yields (data_dir, instance, result, summary)."""
+    mp = pytest.MonkeyPatch()
+    data_dir = tmp_path_factory.mktemp("nightly") / "data"
+    _env(mp, data_dir)
+    with dg.instance_for_test() as instance:
+        result, summary = _run(DAY, instance)
+        yield data_dir, instance, result, summary
+    mp.undo()
+
+
+def test_nightly_job_materializes_every_stage(nightly_run):
+    data_dir, _, result, summary = nightly_run
+    assert result.success, summary.checks_failed
+    rows = {table: n for _, table, n in summary.stage_rows}
+    for stage in ("ods.resident_population", "staging.stg_psb__resident_population",
+                  "intermediate.int_resident_population", "desensitized.bus_card_swipes",
+                  "products.ops_sme_credit_profile", "products.ops_transit_ridership"):
+        assert rows.get(stage, 0) > 0, f"{stage} is empty after the nightly run: {rows}"
+    assert (data_dir / "warehouse" / "gov_platform.duckdb").exists()
+    assert (data_dir / "warehouse" / "ops_platform.duckdb").exists()
+
+
+def test_rows_delivered_equal_accepted_plus_quarantined_per_delivery(nightly_run):
+    data_dir = nightly_run[0]
+    with duckdb.connect(str(data_dir / "warehouse" / "gov_platform.duckdb"), read_only=True) as con:
+        deliveries = con.execute(
+            "select dataset, delivery_file, rows_delivered from meta.deliveries "
+            "where partition_date = ? and delivery_file is not null", [DAY]).fetchall()
+        assert len(deliveries) >= 7
+        for dataset, file, delivered in deliveries:
+            accepted = con.execute(f'select count(*) from ods."{dataset}" where _delivery_file = ?', [file]).fetchone()[0]
+            quarantined = con.execute(
+                "select count(distinct _row_number) from quarantine.rows where _delivery_file = ?", [file]).fetchone()[0]
+            assert delivered == accepted + quarantined, (dataset, file, delivered, accepted, quarantined)
+
+
+def test_ops_platform_holds_none_of_the_delivered_ids_or_phones(nightly_run):
+    """Acceptance (b): no raw citizen ID or phone number that was delivered exists anywhere in the ops database."""
+    data_dir = nightly_run[0]
+    con = duckdb.connect()
+    con.execute(f"attach '{data_dir / 'warehouse' / 'gov_platform.duckdb'}' as gov (read_only)")
+    con.execute(f"attach '{data_dir / 'warehouse' / 'ops_platform.duckdb'}' as ops (read_only)")
+    con.execute("""
+        create temp table secrets as
+        select citizen_id as v from gov.ods.resident_population where citizen_id <> ''
+        union select phone from gov.ods.resident_population where phone <> ''
+        union select legal_rep_id from gov.ods.enterprise_registry where legal_rep_id <> ''
+        union select subject_id from gov.ods.subject_consent where subject_type = 'person'
+    """)
+    n_secrets = con.execute("select count(*) from secrets").fetchone()[0]
+    assert n_secrets > 100
+    columns = con.execute(
+        "select schema_name, table_name, column_name from duckdb_columns() "
+        "where database_name = 'ops' and data_type = 'VARCHAR'").fetchall()
+    assert columns, "the ops database has no text columns to scan"
+    leaks = []
+    for schema, table, column in columns:
+        n = con.execute(
+            f'select count(*) from ops."{schema}"."{table}" t join secrets s on position(s.v in t."{column}") > 0'
+        ).fetchone()[0]
+        if n:
+            leaks.append((schema, table, column, n))
+    assert leaks == []
+
+
+def test_rerunning_the_partition_reproduces_identical_tables(nightly_run, tmp_path, monkeypatch):
+    """Acceptance (d): the same partition twice gives identical tables and no duplicate lineage id."""
+    data_dir, instance, _, _ = nightly_run
+    gov, ops = data_dir / "warehouse" / "gov_platform.duckdb", data_dir / "warehouse" / "ops_platform.duckdb"
+    before = {**_snapshot(gov), **_snapshot(ops)}
+    _env(monkeypatch, data_dir)
+    result, summary = _run(DAY, instance)
+    assert result.success, summary.checks_failed
+    after = {**_snapshot(gov), **_snapshot(ops)}
+    assert before.keys() == after.keys()
+    changed = [t for t in before if before[t] != after[t]]
+    assert changed == []
+    with duckdb.connect(str(gov), read_only=True) as con:
+        for (table,) in con.execute("select table_name from information_schema.tables where table_schema = 'ods'").fetchall():
+            dupes = con.execute(
+                f'select count(*) - count(distinct _lineage_id) from ods."{table}"').fetchone()[0]
+            assert dupes == 0, table
+
+
+def test_failed_checks_carry_the_trace_in_the_event_log(nightly_run):
+    """Issue 4: the check result shown in the UI carries the trace back to the agency, delivery file and rows,
+    read back from the instance's event log (what the UI shows)."""
+    _, instance, result, _ = nightly_run
+    failed = [e for e in result.get_asset_check_evaluations() if not e.passed]
+    assert failed, "1% injected defects should fail some checks"
+    stored = []
+    for e in failed:
+        records = instance.event_log_storage.get_asset_check_execution_history(
+            dg.AssetCheckKey(e.asset_key, e.check_name), limit=1)
+        evaluation = records[0].event.dagster_event.event_specific_data
+        trace = {k: v.value for k, v in evaluation.metadata.items() if "trace" in k}
+        if trace:
+            stored.append((e.check_name, "\n".join(str(v) for v in trace.values())))
+    assert stored, f"no failed check carries a trace; failed: {[e.check_name for e in failed][:5]}"
+    for name, text in stored:
+        assert "/2025-06-01/" in text, (name, text[:500])  # the delivery file's landing key
+        assert "肇庆市" in text, (name, text[:500])  # the responsible agency
+
+
+def test_second_day_keeps_history_and_first_day_untouched(nightly_run, monkeypatch):
+    """A backfill goes day by day: a later partition adds its rows and leaves earlier partitions as they were."""
+    data_dir, instance, _, _ = nightly_run
+    gov = data_dir / "warehouse" / "gov_platform.duckdb"
+    with duckdb.connect(str(gov), read_only=True) as con:
+        day1 = con.execute("select count(*) from intermediate.int_bus_card_swipes where _partition_date = ?", [DAY]).fetchone()[0]
+    _env(monkeypatch, data_dir)
+    result, summary = _run(DAY + dt.timedelta(days=1), instance)
+    assert result.success, summary.checks_failed
+    with duckdb.connect(str(gov), read_only=True) as con:
+        per_day = dict(con.execute(
+            "select _partition_date, count(*) from intermediate.int_bus_card_swipes group by 1").fetchall())
+    assert per_day[DAY] == day1 and per_day[DAY + dt.timedelta(days=1)] > 0
+
+
+def test_error_severity_failure_blocks_the_operations_platform(tmp_path, monkeypatch):
+    """Issue 3: a delivery whose manifest disagrees with its content fails the gate; no ops asset of that day is built."""
+    from zqdata.registry import registry
+    from zqdata.simulator import simulate_day
+    from zqdata.storage import LocalObjectStore
+
+    data_dir = tmp_path / "data"
+    _env(monkeypatch, data_dir, simulate=False)
+    simulate_day(LocalObjectStore(data_dir / "landing"), registry(), DAY, ROWS_PER_DAY, seed=7,
+                 defect_rate=0.0, defect_kinds=["manifest_count_mismatch:water_usage"])
+    with dg.instance_for_test() as instance:
+        result, summary = _run(DAY, instance)
+        gate = [e for e in result.get_asset_check_evaluations() if e.check_name == "quality_gate"]
+        assert gate and not gate[0].passed
+        materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+        assert any(k.startswith("gov/ods/") for k in materialized)
+        assert not any(k.startswith("ops/") for k in materialized), sorted(materialized)
+        for key in ("ops/desensitized/water_usage", "ops/products/ops_sme_credit_profile"):
+            assert instance.get_latest_materialization_event(dg.AssetKey(key.split("/"))) is None
+
+
+def test_definitions_validate_with_the_dagster_cli():
+    """`dagster definitions validate -w workspace.yaml` passes, as the README promises."""
+    exe = Path(sys.executable).parent / "dagster"
+    proc = subprocess.run([str(exe), "definitions", "validate", "-w", "workspace.yaml"], cwd=repo_root(),
+                          capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "ZQ_PSEUDONYM_KEY": "validate-only"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
+def test_asset_graph_shows_the_three_platforms_as_groups_with_dbt_models():
+    from orchestration.definitions import defs
+
+    graph = defs().resolve_asset_graph()
+    groups: dict[str, set[str]] = {}
+    for key in graph.get_all_asset_keys():
+        groups.setdefault(graph.get(key).group_name, set()).add(key.to_user_string())
+    assert {"source_systems", "gov_platform", "governance", "ops_platform"} <= groups.keys()
+    assert any(k.startswith("gov/staging/stg_") for k in groups["gov_platform"])
+    assert any(k.startswith("ops/products/") for k in groups["ops_platform"])
+    assert all(k.startswith("landing/") for k in groups["source_systems"])
