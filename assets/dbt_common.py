@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import logging
 import os
 import subprocess
 import sys
-from collections.abc import Mapping
+import time
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
-from dagster_dbt import DagsterDbtTranslator, DagsterDbtTranslatorSettings, DbtCliResource, DbtProject
+from dagster_dbt import DagsterDbtTranslator, DagsterDbtTranslatorSettings, DbtCliInvocation, DbtCliResource, DbtProject
 
+from zqdata import column_lineage as cl
 from zqdata.registry import Registry
 from zqdata.settings import get_settings, repo_root
 
@@ -121,6 +124,9 @@ class ZhaoqingDbtTranslator(DagsterDbtTranslator):
         return super().get_asset_key(dbt_resource_props)
 
     def get_group_name(self, dbt_resource_props: Mapping[str, Any]) -> str | None:
+        if dbt_resource_props["resource_type"] == "source":
+            # a source belongs to the platform whose DB holds it: gov/* keys -> gov_platform, ops/* -> ops_platform
+            return f"{self.get_asset_key(dbt_resource_props).path[0]}_platform"
         fqn = dbt_resource_props.get("fqn") or []
         if len(fqn) >= 2 and fqn[1] in ("gov", "ops"):
             return f"{fqn[1]}_platform"
@@ -142,6 +148,113 @@ def manifest_model(manifest: Mapping[str, Any], name: str) -> Mapping[str, Any]:
         if node.get("resource_type") == "model" and node.get("name") == name:
             return node
     raise KeyError(f"dbt manifest has no model {name!r}")
+
+
+def dbt_source_specs(manifest: Mapping[str, Any], source_names: Iterable[str]) -> list[dg.AssetSpec]:
+    """External asset specs of dbt sources no other asset defines (ref.*), so they get the translator's group.
+
+    dagster-dbt only makes sources `deps`, which Dagster puts in group `default`.
+    """
+    names = set(source_names)
+    tr = translator()
+    return [
+        dg.AssetSpec(key=tr.get_asset_key(props), group_name=tr.get_group_name(props),
+                     description=tr.get_description(props), kinds={"duckdb"})
+        for props in manifest.get("sources", {}).values() if props["source_name"] in names
+    ]
+
+
+# ---------------------------------------------------------------- column lineage as asset metadata
+
+def relation_asset_keys(manifest: Mapping[str, Any]) -> dict[str, dg.AssetKey]:
+    """{relation `<schema>.<table>`: asset key} of every dbt model and source, by the one translator."""
+    tr = translator()
+    out: dict[str, dg.AssetKey] = {}
+    for section in ("nodes", "sources"):
+        for props in manifest.get(section, {}).values():
+            if props.get("relation_name") and props["resource_type"] in ("model", "snapshot", "seed", "source"):
+                out[cl.relation_of(props["relation_name"])] = tr.get_asset_key(props)
+    return out
+
+
+def to_column_lineage(lineage: cl.ColumnLineage, keys: Mapping[str, dg.AssetKey]) -> dg.TableColumnLineage:
+    """Dagster's TableColumnLineage; upstream relations that are not dbt models/sources are left out."""
+    return dg.TableColumnLineage(deps_by_column={
+        column: [dg.TableColumnDep(asset_key=keys[rel], column_name=col) for rel, col in deps if rel in keys]
+        for column, deps in lineage.items()
+    })
+
+
+def to_column_schema(columns: Mapping[str, str]) -> dg.TableSchema:
+    """Dagster's TableSchema from {column: DuckDB type}."""
+    return dg.TableSchema(columns=[dg.TableColumn(name=name, type=type_) for name, type_ in columns.items()])
+
+
+def add_column_lineage(events: list[Any], manifest: Mapping[str, Any], db_path: Path,
+                       log: logging.Logger) -> list[Any]:
+    """The model events with `dagster/column_lineage` and `dagster/column_schema` added; other events unchanged.
+
+    Lineage is best effort: a model whose lineage fails gets a warning and no lineage, the run goes on.
+    """
+    started = time.monotonic()
+    model_ids = [uid for e in events if isinstance(e, (dg.Output, dg.AssetMaterialization))
+                 and (uid := _unique_id(e)) and uid in manifest.get("nodes", {})]
+    if not model_ids:
+        return events
+    try:
+        columns = cl.read_relation_columns_file(db_path, cl.relations_to_read(manifest, model_ids))
+        result = cl.manifest_column_lineage(manifest, columns, model_ids)
+        keys = relation_asset_keys(manifest)
+    except Exception as e:  # noqa: BLE001 - lineage must never fail the dbt run
+        log.warning(f"列级血缘未能计算 (column lineage skipped): {type(e).__name__}: {e}")
+        return events
+    for uid, reason in result.errors.items():
+        log.warning(f"模型 {uid} 的列级血缘未能计算 (column lineage skipped): {reason}")
+    out = []
+    for event in events:
+        uid = _unique_id(event) if isinstance(event, (dg.Output, dg.AssetMaterialization)) else None
+        if uid in result.by_model:
+            try:
+                extra: dict[str, Any] = {"dagster/column_lineage": to_column_lineage(result.by_model[uid], keys)}
+                own = columns.get(cl.relation_of(manifest["nodes"][uid]["relation_name"]))
+                if own:
+                    extra["dagster/column_schema"] = to_column_schema(own)
+                event = event.with_metadata({**event.metadata, **extra})
+            except Exception as e:  # noqa: BLE001 - lineage must never fail the dbt run
+                log.warning(f"模型 {uid} 的列级血缘未能附加 (column lineage skipped): {type(e).__name__}: {e}")
+        out.append(event)
+    log.debug(f"column lineage of {len(result.by_model)} models in {time.monotonic() - started:.2f}s")
+    return out
+
+
+def _unique_id(event: Any) -> str | None:
+    value = (event.metadata or {}).get("unique_id")
+    return getattr(value, "value", value)
+
+
+def stream_with_column_lineage(invocation: DbtCliInvocation, db_path: Path,
+                               context: dg.AssetExecutionContext) -> Iterator[Any]:
+    """`invocation.stream()` buffered, then re-yielded with column lineage; a dbt failure is re-raised afterwards.
+
+    The schema is read with a plain read-only connection after the dbt subprocess exits: dagster-dbt's in-process
+    adapter fetches would keep the DuckDB file open with another configuration.
+    """
+    events: list[Any] = []
+    failure: BaseException | None = None
+    try:
+        events.extend(invocation.stream())
+    except Exception as e:  # noqa: BLE001 - re-raised below, after the successful models are recorded
+        failure = e
+    try:
+        manifest = invocation.get_artifact("manifest.json")
+    except Exception as e:  # noqa: BLE001
+        context.log.warning(f"读取 dbt 运行清单失败，无列级血缘 (no run manifest): {type(e).__name__}: {e}")
+        manifest = None
+    if manifest is not None:
+        events = add_column_lineage(events, manifest, db_path, context.log)
+    yield from events
+    if failure is not None:
+        raise failure
 
 
 if __name__ == "__main__":

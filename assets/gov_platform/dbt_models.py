@@ -8,7 +8,15 @@ from typing import Any
 import dagster as dg
 from dagster_dbt import DbtCliResource, dbt_assets
 
-from assets.dbt_common import dbt_project, dbt_resource, dbt_vars, point_dbt_at, translator
+from assets.dbt_common import (
+    dbt_project,
+    dbt_resource,
+    dbt_source_specs,
+    dbt_vars,
+    point_dbt_at,
+    stream_with_column_lineage,
+    translator,
+)
 from orchestration.partitions import daily_partitions
 from orchestration.resources import WarehouseResource
 from zqdata.reference import sync_reference_tables
@@ -36,11 +44,20 @@ def gov_dbt_assets() -> dg.AssetsDefinition:
             sync_reference_tables(con, reg)
         point_dbt_at(warehouse.gov_path(), warehouse.ops_path())
         args = ["build", "--target", "gov", "--vars", json.dumps(dbt_vars(reg, context.partition_key))]
-        yield from dbt.cli(args, context=context).stream()
+        # column lineage + schema are read from the gov DB once dbt has exited (never through dbt's in-process adapter)
+        yield from stream_with_column_lineage(dbt.cli(args, context=context), warehouse.gov_path(), context)
 
     return gov_dbt_models
 
 
 def gov_dbt_defs() -> dg.Definitions:
-    """The gov dbt assets with the `dbt` resource (`warehouse` comes from orchestration.resources)."""
-    return dg.Definitions(assets=[gov_dbt_assets()], resources={"dbt": dbt_resource()})
+    """The gov dbt assets with the `dbt` resource (`warehouse` comes from orchestration.resources).
+
+    The ref.* sources (synced from the registry by this asset) are declared here so they sit in gov_platform.
+    """
+    ref_sources = dg.AssetsDefinition(specs=dbt_source_specs(_manifest(), source_names=["ref"]))
+    return dg.Definitions(assets=[gov_dbt_assets(), ref_sources], resources={"dbt": dbt_resource()})
+
+
+def _manifest() -> dict[str, Any]:
+    return json.loads(dbt_project().manifest_path.read_text(encoding="utf-8"))

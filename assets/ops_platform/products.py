@@ -8,7 +8,14 @@ from typing import Any
 import dagster as dg
 from dagster_dbt import DbtCliResource, dbt_assets
 
-from assets.dbt_common import dbt_project, dbt_resource, dbt_vars, point_dbt_at, translator
+from assets.dbt_common import (
+    dbt_project,
+    dbt_resource,
+    dbt_vars,
+    point_dbt_at,
+    stream_with_column_lineage,
+    translator,
+)
 from orchestration.partitions import daily_partitions
 from orchestration.resources import WarehouseResource
 from zqdata.registry import registry
@@ -32,7 +39,8 @@ def ops_dbt_assets() -> dg.AssetsDefinition:
         point_dbt_at(warehouse.gov_path(), warehouse.ops_path())
         vars_ = dbt_vars(registry(), context.partition_key, scenarios=True)
         args = ["build", "--target", "ops", "--vars", json.dumps(vars_, ensure_ascii=False)]
-        yield from dbt.cli(args, context=context).stream()
+        # column lineage + schema are read from the ops DB once dbt has exited (never through dbt's in-process adapter)
+        yield from stream_with_column_lineage(dbt.cli(args, context=context), warehouse.ops_path(), context)
 
     return ops_dbt_products
 
