@@ -350,7 +350,9 @@ def find_leaks(gov_con: duckdb.DuckDBPyConnection, ops_con: duckdb.DuckDBPyConne
                 tokens AS (
                     SELECT v, upper(trim(v)) AS tok FROM vals
                     UNION ALL
-                    SELECT v, upper(unnest(regexp_extract_all(v, '[0-9]{{17}}[0-9Xx]|1[3-9][0-9]{{9}}'))) FROM vals
+                    -- only whole tokens: a digit run inside a 64-hex pseudonym is not a mobile number
+                    SELECT v, upper(unnest(regexp_extract_all(
+                        v, '(?:^|[^0-9A-Za-z])([0-9]{{17}}[0-9Xx]|1[3-9][0-9]{{9}})(?:[^0-9A-Za-z]|$)', 1))) FROM vals
                 )
                 SELECT g.kind, count(DISTINCT tokens.v), min(tokens.tok)
                 FROM tokens JOIN _zq_gov_personal_values AS g ON tokens.tok = g.value

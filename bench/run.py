@@ -1,0 +1,406 @@
+"""`make bench`: the nightly path at 1/5/10 million rows a day vs the bare-DuckDB floor, days 1..N, code-location load.
+
+Every measurement runs in its own child process under ``BENCH_DIR`` (default /tmp/zq-bench, never the repo), so peak
+memory is per measurement. Results: docs/benchmark.json (written after each measurement) and docs/benchmark.md.
+Overrides (env or flags): BENCH_SIZES / SIZES (comma-separated rows per day), BENCH_DAYS / DAYS (≥ 7 asked for),
+BENCH_DAY_ROWS (rows per day of the day series), BENCH_DIR, BENCH_DATE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from zqdata.settings import TZ, repo_root
+
+DEFAULT_SIZES = (1_000_000, 5_000_000, 10_000_000)
+DEFAULT_DAYS = 7
+DEFAULT_DATE = dt.date(2025, 6, 1)
+DISK_FACTOR = 4.0  # landing + gov + ops + baseline copies, over the landing size (measured at 1 M: ~3×)
+DEFECT_RATE = 0.01  # the simulator's default for the nightly job
+
+
+# ------------------------------------------------------------------------------------------- environment
+
+
+def machine() -> dict:
+    """Cores, memory, CPU, versions and the load when the benchmark started (the machine may be shared)."""
+    import dagster
+    import duckdb
+
+    mem_kb = next((int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                   if line.startswith("MemTotal:")), 0)
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return {
+        "cores": len(os.sched_getaffinity(0)), "memory_gb": round(mem_kb / 1024 / 1024, 1), "cpu": cpu,
+        "python": platform.python_version(), "duckdb": duckdb.__version__, "dagster": dagster.__version__,
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+    }  # fmt: skip
+
+
+def _env(data_dir: Path) -> dict[str, str]:
+    """The child environment: its own data dir and Dagster instance; the key comes from the caller's environment."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ZQ_GOV_DB", "ZQ_OPS_DB", "ZQ_LANDING_DIR"))}
+    dh = data_dir / "dagster_home"
+    dh.mkdir(parents=True, exist_ok=True)
+    shutil.copy(repo_root() / "orchestration" / "dagster.yaml", dh / "dagster.yaml")
+    env.update(ZQ_DATA_DIR=str(data_dir), DAGSTER_HOME=str(dh), ZQ_STORE_BACKEND="local", PYTHONUNBUFFERED="1")
+    return env
+
+
+def _bin(name: str) -> str:
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.exists() else name
+
+
+def _run(cmd: list[str], env: dict[str, str], log: Path) -> tuple[int, float]:
+    """Run a child to completion, output to ``log``; returns (exit code, wall seconds)."""
+    start = time.perf_counter()
+    with log.open("a", encoding="utf-8") as fh:
+        fh.write(f"$ {' '.join(cmd)}\n")
+        fh.flush()
+        rc = subprocess.run(cmd, env=env, cwd=repo_root(), stdout=fh, stderr=subprocess.STDOUT).returncode
+    return rc, time.perf_counter() - start
+
+
+def simulate(data_dir: Path, day: dt.date, days: int, rows: int, log: Path) -> float:
+    """Write the deliveries (and ground truth) with `zq simulate`; returns wall seconds."""
+    rc, secs = _run([_bin("zq"), "simulate", "--date", day.isoformat(), "--days", str(days), "--rows-per-day",
+                     str(rows), "--defect-rate", str(DEFECT_RATE)], _env(data_dir), log)
+    if rc != 0:
+        raise RuntimeError(f"模拟交付失败 simulation failed (rc={rc}), see {log}")
+    return secs
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
+
+
+# ------------------------------------------------------------------------------------------- measurements
+
+
+def measure_size(root: Path, rows: int, day: dt.date) -> dict:
+    """One size: simulate, run the nightly job (child), run the baseline (child) on the same files."""
+    data_dir = root / f"size-{rows}"
+    shutil.rmtree(data_dir, ignore_errors=True)
+    data_dir.mkdir(parents=True)
+    log = data_dir / "bench.log"
+    out: dict = {"rows_per_day": rows, "partition": day.isoformat(), "log": str(log)}
+    out["simulate_seconds"] = round(simulate(data_dir, day, 1, rows, log), 3)
+    out["landing_bytes"] = _dir_bytes(data_dir / "landing")
+    env = _env(data_dir)
+    pj = data_dir / "pipeline.json"
+    rc, secs = _run([sys.executable, "-m", "bench.stages", "--date", day.isoformat(), "--days", "1", "--rows",
+                     str(rows), "--out", str(pj)], env, log)
+    out["pipeline_rc"] = rc
+    out["pipeline"] = json.loads(pj.read_text(encoding="utf-8")) if pj.exists() else None
+    out["pipeline_process_seconds"] = round(secs, 3)
+    out["warehouse_bytes"] = _dir_bytes(data_dir / "warehouse")
+    bj = data_dir / "baseline.json"
+    rc, secs = _run([sys.executable, "-m", "bench.baseline", "--date", day.isoformat(), "--landing",
+                     str(data_dir / "landing"), "--work", str(data_dir / "baseline"), "--out", str(bj)], env, log)
+    out["baseline_rc"] = rc
+    out["baseline"] = json.loads(bj.read_text(encoding="utf-8")) if bj.exists() else None
+    shutil.rmtree(data_dir / "baseline" / "db", ignore_errors=True)
+    if out["pipeline"] and out["baseline"]:
+        p_day, base = out["pipeline"]["days"][0], out["baseline"]
+        out["ratio_total"] = round(p_day["job_seconds"] / base["total_seconds"], 2)
+        out["ratio_by_stage"] = {
+            s: round(p_day["stages"][s]["seconds"] / base["stages"][s]["seconds"], 2)
+            for s in base["stages"] if s in p_day["stages"] and base["stages"][s]["seconds"] > 0
+        }
+    return out
+
+
+def measure_days(root: Path, rows: int, first: dt.date, days: int) -> dict:
+    """Days 1..N in sequence in one child (history accumulates in the same warehouse)."""
+    data_dir = root / "days"
+    shutil.rmtree(data_dir, ignore_errors=True)
+    data_dir.mkdir(parents=True)
+    log = data_dir / "bench.log"
+    sim = simulate(data_dir, first, days, rows, log)
+    pj = data_dir / "pipeline.json"
+    rc, _ = _run([sys.executable, "-m", "bench.stages", "--date", first.isoformat(), "--days", str(days), "--rows",
+                  str(rows), "--out", str(pj)], _env(data_dir), log)
+    res = json.loads(pj.read_text(encoding="utf-8")) if pj.exists() else {"days": []}
+    per_day = [{"day": i + 1, "partition": d["partition"], "job_seconds": d["job_seconds"], "success": d["success"],
+                "peak_rss_mb": d["peak_rss_mb"], "stages": {k: v["seconds"] for k, v in d["stages"].items()}}
+               for i, d in enumerate(res["days"])]
+    growth = None
+    if len(per_day) >= 2:
+        growth = round(per_day[-1]["job_seconds"] / per_day[0]["job_seconds"] - 1, 3)
+    return {"rows_per_day": rows, "days": per_day, "rc": rc, "simulate_seconds": round(sim, 3),
+            "day_n_vs_day_1": growth, "warehouse_bytes": _dir_bytes(data_dir / "warehouse"), "log": str(log)}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _http(url: str, data: bytes | None = None, timeout: float = 5.0) -> int:
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"} if data else {})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        resp.read()
+        return resp.status
+
+
+def measure_code_location(root: Path, limit: float = 180.0) -> dict:
+    """`dagster definitions validate`, the in-process defs() call, and the webserver's first answers."""
+    data_dir = root / "codeloc"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    env, log = _env(data_dir), data_dir / "bench.log"
+    out: dict = {}
+    rc, secs = _run([_bin("dagster"), "definitions", "validate", "-w", "workspace.yaml"], env, log)
+    out["definitions_validate_seconds"], out["definitions_validate_rc"] = round(secs, 3), rc
+    probe = ("import json, time; t0 = time.perf_counter(); import orchestration.definitions as m; "
+             "t1 = time.perf_counter(); d = m.defs(); t2 = time.perf_counter(); "
+             "n = len(list(d.resolve_asset_graph().get_all_asset_keys())); "
+             "print(json.dumps({'import_seconds': round(t1 - t0, 3), 'defs_call_seconds': round(t2 - t1, 3), 'assets': n}))")
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", probe], env=env, cwd=repo_root(), capture_output=True, text=True)
+    out["in_process_wall_seconds"] = round(time.perf_counter() - start, 3)
+    try:
+        out.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+    except (IndexError, ValueError):
+        out["in_process_error"] = proc.stderr[-2000:]
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    with log.open("a", encoding="utf-8") as fh:
+        start = time.perf_counter()
+        web = subprocess.Popen([_bin("dagster-webserver"), "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)],
+                               env=env, cwd=repo_root(), stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            while time.perf_counter() - start < limit:
+                try:
+                    if _http(f"{base}/server_info", timeout=2) == 200:
+                        out["ui_server_info_seconds"] = round(time.perf_counter() - start, 3)
+                        break
+                except OSError:
+                    time.sleep(0.2)
+            query = json.dumps({"query": "{ assetNodes { assetKey { path } dependencyKeys { path } } }"}).encode()
+            while "ui_server_info_seconds" in out and time.perf_counter() - start < limit:
+                try:
+                    t0 = time.perf_counter()
+                    req = urllib.request.Request(f"{base}/graphql", data=query,
+                                                 headers={"Content-Type": "application/json"})
+                    with urllib.request.urlopen(req, timeout=60) as resp:
+                        body = json.loads(resp.read())
+                    nodes = (body.get("data") or {}).get("assetNodes")
+                    if nodes:
+                        out["ui_asset_graph_seconds"] = round(time.perf_counter() - start, 3)
+                        out["ui_asset_graph_query_seconds"] = round(time.perf_counter() - t0, 3)
+                        out["ui_asset_nodes"] = len(nodes)
+                        break
+                except OSError:
+                    pass
+                time.sleep(0.2)  # the code location may still be loading
+        finally:
+            os.killpg(web.pid, signal.SIGTERM)  # the webserver we started and its code-server child, by our pid
+            try:
+                web.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(web.pid, signal.SIGKILL)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- report
+
+
+def _fmt(v, unit: str = "") -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:,.1f}{unit}"
+    if isinstance(v, int):
+        return f"{v:,}{unit}"
+    return f"{v}{unit}"
+
+
+STAGE_ORDER = ("landing", "ingest", "checks", "dbt", "boundary", "products", "alerting", "orchestration_overhead")
+
+
+def render_markdown(results: dict) -> str:
+    """docs/benchmark.md from the JSON results."""
+    m = results.get("machine", {})
+    lines = [
+        "# 基准测试 Benchmark: the nightly path vs a bare-DuckDB floor",
+        "",
+        f"Generated by `make bench` (`python -m bench.run`) at {results.get('finished_at') or results.get('started_at')}. "
+        "Numbers are measurements, not assertions; no test checks a timing.",
+        "",
+        f"**Machine**: {m.get('cores')} cores, {m.get('memory_gb')} GB memory, {m.get('cpu')}; Python {m.get('python')}, "
+        f"DuckDB {m.get('duckdb')}, Dagster {m.get('dagster')}. Load average at start {m.get('load_average_at_start')} "
+        "(the machine was shared with other work during the run, so absolute times are noisy).",
+        "",
+        "Method: `zq simulate` writes each size's deliveries (1 % defective rows, default seed) to a fresh data dir under "
+        f"`{results.get('bench_dir')}`; a child process runs `nightly_aggregation` in-process on them (landing only "
+        "observes); stage times come from the run's event log (STEP_START → STEP_SUCCESS/FAILURE per op, ops mapped to "
+        "stages), memory from a 0.1 s sampler of VmRSS of the process plus its children (dbt). *alerting* is one tick of "
+        "the alert sensor's logic after the run. The **baseline** (`bench/baseline.py`) is one process doing the same work "
+        "in DuckDB SQL: read the delivered files, the ingestion contract as SQL, dbt's own compiled SQL for the models and "
+        "tests, dataset-level checks and scores, the registry's mask rules and consent filter, the leak scan, the products.",
+        "",
+        "## Per size",
+        "",
+    ]
+    for r in results.get("sizes", []):
+        p = (r.get("pipeline") or {}).get("days", [{}])[0] if r.get("pipeline") else {}
+        b = r.get("baseline") or {}
+        lines += [
+            f"### {r['rows_per_day']:,} rows/day",
+            "",
+            f"Pipeline job {_fmt(p.get('job_seconds'), ' s')} (success: {p.get('success')}), peak RSS "
+            f"{_fmt(p.get('peak_rss_mb'), ' MB')}; baseline {_fmt(b.get('total_seconds'), ' s')}, peak RSS "
+            f"{_fmt(b.get('peak_rss_mb'), ' MB')}; **pipeline ÷ baseline = {_fmt(r.get('ratio_total'))}**. "
+            f"Simulation {_fmt(r.get('simulate_seconds'), ' s')}; landing {_fmt(r.get('landing_bytes', 0) / 1e6, ' MB')}, "
+            f"warehouse {_fmt(r.get('warehouse_bytes', 0) / 1e6, ' MB')}.",
+            "",
+            "| stage | pipeline s | rows/s | peak RSS MB (self + children) | baseline s | ratio |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        stages = p.get("stages", {})
+        for s in STAGE_ORDER:
+            if s not in stages and s not in b.get("stages", {}):
+                continue
+            ps, bs = stages.get(s, {}), b.get("stages", {}).get(s, {})
+            mem = (f"{_fmt(ps.get('peak_rss_mb'))} ({_fmt(ps.get('peak_self_mb'))} + {_fmt(ps.get('peak_children_mb'))})"
+                   if "peak_rss_mb" in ps else "–")
+            lines.append(f"| {s} | {_fmt(ps.get('seconds'))} | {_fmt(ps.get('rows_per_s'))} | {mem} | "
+                         f"{_fmt(bs.get('seconds'))} | {_fmt(r.get('ratio_by_stage', {}).get(s))} |")
+        total_rps = round(r["rows_per_day"] / p["job_seconds"]) if p.get("job_seconds") else None
+        lines += [f"| **total** | **{_fmt(p.get('job_seconds'))}** | {_fmt(total_rps)} | {_fmt(p.get('peak_rss_mb'))} | "
+                  f"**{_fmt(b.get('total_seconds'))}** | **{_fmt(r.get('ratio_total'))}** |", ""]
+        if p.get("failed_checks"):
+            lines += [f"Failed checks ({len(p['failed_checks'])}): " + ", ".join(f"`{c}`" for c in p["failed_checks"][:8])
+                      + (" …" if len(p["failed_checks"]) > 8 else ""), ""]
+    if results.get("size_limit_note"):
+        lines += [f"Note: {results['size_limit_note']}", ""]
+    d = results.get("days")
+    if d:
+        lines += [
+            f"## Days 1..{len(d['days'])} at {d['rows_per_day']:,} rows/day (history accumulates)",
+            "",
+            "| day | partition | job s | ingest | checks | dbt | boundary | products | alerting | peak RSS MB |",
+            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for x in d["days"]:
+            st = x["stages"]
+            lines.append(f"| {x['day']} | {x['partition']} | {_fmt(x['job_seconds'])} | "
+                         + " | ".join(_fmt(st.get(s)) for s in ("ingest", "checks", "dbt", "boundary", "products", "alerting"))
+                         + f" | {_fmt(x['peak_rss_mb'])} |")
+        lines += ["", f"Day N vs day 1: {_fmt(100 * d['day_n_vs_day_1'] if d.get('day_n_vs_day_1') is not None else None, ' %')}.", ""]
+    c = results.get("code_location")
+    if c:
+        lines += [
+            "## Code location and UI",
+            "",
+            "| measure | seconds |",
+            "|---|---:|",
+            f"| `dagster definitions validate -w workspace.yaml` (process, incl. Python start) | {_fmt(c.get('definitions_validate_seconds'))} |",
+            f"| import `orchestration.definitions` | {_fmt(c.get('import_seconds'))} |",
+            f"| `defs()` call (build all assets, dbt manifest, checks) | {_fmt(c.get('defs_call_seconds'))} |",
+            f"| `dagster-webserver` start → `/server_info` answers | {_fmt(c.get('ui_server_info_seconds'))} |",
+            f"| start → GraphQL asset graph answers ({_fmt(c.get('ui_asset_nodes'))} asset nodes) | {_fmt(c.get('ui_asset_graph_seconds'))} |",
+            f"| that GraphQL query alone | {_fmt(c.get('ui_asset_graph_query_seconds'))} |",
+            "",
+        ]
+    if results.get("notes"):
+        lines += ["## Findings and what is left", "", *results["notes"], ""]
+    return "\n".join(lines)
+
+
+def _save(results: dict, docs: Path) -> None:
+    docs.mkdir(parents=True, exist_ok=True)
+    (docs / "benchmark.json").write_text(json.dumps(results, ensure_ascii=False, indent=1, default=str), encoding="utf-8")
+    (docs / "benchmark.md").write_text(render_markdown(results), encoding="utf-8")
+
+
+def _sizes_fit(root: Path, sizes: list[int], measured: dict | None) -> tuple[list[int], str | None]:
+    """Drop sizes whose estimated disk need exceeds the free space of ``root`` (estimate from the measured 1 M size)."""
+    per_row = (measured["landing_bytes"] + measured.get("warehouse_bytes", 0)) / measured["rows_per_day"] if measured else 300
+    free = shutil.disk_usage(root).free
+    keep, note = [], None
+    for n in sizes:
+        need = per_row * n * DISK_FACTOR / 2
+        if need < free:
+            keep.append(n)
+        else:
+            note = (f"{n:,} rows/day skipped: about {need / 1e9:.1f} GB of disk needed, {free / 1e9:.1f} GB free "
+                    f"under {root}")
+    return keep, note
+
+
+def main(argv: list[str] | None = None) -> int:
+    env = os.environ
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", default=env.get("BENCH_SIZES") or env.get("SIZES")
+                   or ",".join(str(s) for s in DEFAULT_SIZES))
+    p.add_argument("--days", type=int, default=int(env.get("BENCH_DAYS") or env.get("DAYS") or DEFAULT_DAYS))
+    p.add_argument("--day-rows", type=int, default=int(env.get("BENCH_DAY_ROWS") or 1_000_000))
+    p.add_argument("--date", type=dt.date.fromisoformat, default=dt.date.fromisoformat(env.get("BENCH_DATE") or DEFAULT_DATE.isoformat()))
+    p.add_argument("--dir", type=Path, default=Path(env.get("BENCH_DIR") or "/tmp/zq-bench"))
+    p.add_argument("--docs", type=Path, default=repo_root() / "docs")
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: sizes,days,codeloc")
+    p.add_argument("--report-only", action="store_true", help="re-render docs/benchmark.md from docs/benchmark.json")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the other parts of docs/benchmark.json, replacing only what this run measures")
+    args = p.parse_args(argv)
+    if args.report_only:
+        results = json.loads((args.docs / "benchmark.json").read_text(encoding="utf-8"))
+        _save(results, args.docs)
+        return 0
+    if not os.environ.get("ZQ_PSEUDONYM_KEY"):
+        print("需要 ZQ_PSEUDONYM_KEY (set by `make bench`)", file=sys.stderr)
+        return 2
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    args.dir.mkdir(parents=True, exist_ok=True)
+    results: dict = {"sizes": [], "notes": []}
+    if args.merge and (args.docs / "benchmark.json").exists():
+        results = json.loads((args.docs / "benchmark.json").read_text(encoding="utf-8"))
+    results.update(started_at=dt.datetime.now(TZ).isoformat(timespec="seconds"), machine=machine(),
+                   bench_dir=str(args.dir))
+    sizes = sorted(int(s) for s in args.sizes.split(",") if s.strip())
+    if "sizes" not in skip:
+        done: dict | None = None
+        for n in sizes:
+            fit, note = _sizes_fit(args.dir, [n], done)
+            if not fit:
+                results["size_limit_note"] = note
+                print(f"[bench] {note}", file=sys.stderr)
+                break
+            print(f"[bench] size {n:,} rows/day …", file=sys.stderr, flush=True)
+            r = measure_size(args.dir, n, args.date)
+            results["sizes"] = sorted([x for x in results["sizes"] if x["rows_per_day"] != n] + [r],
+                                      key=lambda x: x["rows_per_day"])
+            done = r if r.get("landing_bytes") else done
+            shutil.rmtree(args.dir / f"size-{n}" / "landing", ignore_errors=True)  # keep the warehouse for inspection
+            _save(results, args.docs)
+    if "days" not in skip and args.days > 0:
+        print(f"[bench] days 1..{args.days} at {args.day_rows:,} rows/day …", file=sys.stderr, flush=True)
+        results["days"] = measure_days(args.dir, args.day_rows, args.date, args.days)
+        _save(results, args.docs)
+    if "codeloc" not in skip:
+        print("[bench] code location and UI …", file=sys.stderr, flush=True)
+        results["code_location"] = measure_code_location(args.dir)
+    results["finished_at"] = dt.datetime.now(TZ).isoformat(timespec="seconds")
+    _save(results, args.docs)
+    print(f"[bench] written {args.docs / 'benchmark.md'} and benchmark.json", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
