@@ -1,0 +1,140 @@
+"""The benchmark harness on a tiny day: the baseline does the same work as the pipeline (same quarantine, findings,
+released rows and products), every job step maps to a stage, and the report renders. No timing is asserted."""
+
+from __future__ import annotations
+
+import datetime as dt
+import sys
+from pathlib import Path
+
+import dagster as dg
+import duckdb
+import pytest
+
+from zqdata.settings import repo_root
+
+if str(repo_root()) not in sys.path:  # `bench` is run from the repo root (`python -m bench.run`), not installed
+    sys.path.insert(0, str(repo_root()))
+
+from bench import baseline, stages  # noqa: E402
+from bench.memory import RssSampler  # noqa: E402
+from bench.run import render_markdown  # noqa: E402
+
+pytestmark = pytest.mark.slow  # runs the nightly job and dbt once (about a minute)
+
+DAY = dt.date(2025, 6, 1)
+ROWS = 2500
+KEY = "bench-test-key-not-a-secret"
+
+
+@pytest.fixture(scope="module")
+def both_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Simulate one defective day, run the nightly job on it, then the baseline on the same files."""
+    from orchestration.nightly import run_nightly
+    from zqdata.desensitize import PseudonymKey
+    from zqdata.registry import registry
+    from zqdata.simulator import simulate_day
+    from zqdata.storage import LocalObjectStore
+
+    root = tmp_path_factory.mktemp("bench")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("ZQ_DATA_DIR", str(root / "data"))
+    mp.setenv("ZQ_STORE_BACKEND", "local")
+    for var in ("ZQ_LANDING_DIR", "ZQ_GOV_DB", "ZQ_OPS_DB"):
+        mp.delenv(var, raising=False)
+    mp.setenv("ZQ_PSEUDONYM_KEY", KEY)
+    mp.setenv("ZQ_SIMULATE", "0")
+    try:
+        reg = registry()
+        landing = root / "data" / "landing"
+        simulate_day(LocalObjectStore(landing), reg, DAY, ROWS, 11, 0.03)
+        instance = dg.DagsterInstance.ephemeral()
+        result, summary = run_nightly(DAY, instance)
+        windows, run_start, run_end = stages.step_windows(instance, result.run_id)
+        compiled = baseline.compile_dbt(root / "baseline", reg, DAY)
+        sampler = RssSampler(interval=0.05)
+        sampler.start()
+        try:
+            base = baseline.run_baseline(landing, root / "baseline" / "db", reg, DAY, compiled,
+                                         PseudonymKey.from_secret(KEY), sampler)
+        finally:
+            sampler.stop()
+        yield {"root": root, "summary": summary, "windows": windows, "run": (run_start, run_end), "base": base,
+               "gov": root / "data" / "warehouse" / "gov_platform.duckdb",
+               "ops": root / "data" / "warehouse" / "ops_platform.duckdb",
+               "bgov": root / "baseline" / "db" / "gov_platform.duckdb",
+               "bops": root / "baseline" / "db" / "ops_platform.duckdb", "sampler": sampler}
+    finally:
+        mp.undo()
+
+
+def _rows(db: Path, sql: str) -> set[tuple]:
+    with duckdb.connect(str(db), read_only=True) as con:
+        return set(con.execute(sql).fetchall())
+
+
+def test_pipeline_run_succeeds_and_every_step_maps_to_a_stage(both_runs):
+    assert both_runs["summary"].success, both_runs["summary"].checks_failed
+    windows = both_runs["windows"]
+    assert windows, "no step events read from the event log"
+    assert {w.stage for w in windows} >= {"landing", "ingest", "dbt", "checks", "boundary", "products"}
+    assert [w.step for w in windows if w.stage == "other"] == []
+    start, end = both_runs["run"]
+    assert all(start <= w.start <= w.end <= end for w in windows)
+
+
+def test_baseline_quarantines_the_same_records(both_runs):
+    sql = "select _lineage_id, rule from quarantine.rows"
+    pipeline = _rows(both_runs["gov"], sql)
+    assert pipeline, "the defective day should quarantine something"
+    assert _rows(both_runs["bgov"], sql) == pipeline
+
+
+def test_baseline_finds_the_same_row_level_findings(both_runs):
+    sql = ("select tool, rule, lineage_id, field from quality.findings "
+           f"where partition_date = date '{DAY}' and tool in ('pandera', 'dbt')")
+    pipeline = _rows(both_runs["gov"], sql)
+    assert {t for t, *_ in pipeline} == {"pandera", "dbt"}
+    assert _rows(both_runs["bgov"], sql) == pipeline
+
+
+def test_baseline_releases_and_builds_the_same_rows(both_runs):
+    sql = ("select table_schema, table_name, 0 from information_schema.tables "
+           "where table_schema = 'desensitized' or table_schema = 'products' or table_schema like 'scenario_%'")
+
+    def counts(db: Path) -> dict[str, int]:
+        with duckdb.connect(str(db), read_only=True) as con:
+            names = [f'"{s}"."{t}"' for s, t, _ in con.execute(sql).fetchall()]
+            return {n: con.execute(f"select count(*) from {n}").fetchone()[0] for n in names}
+
+    pipeline = counts(both_runs["ops"])
+    assert any(n.startswith('"products"') for n in pipeline) and any(n.startswith('"desensitized"') for n in pipeline)
+    assert counts(both_runs["bops"]) == pipeline
+    assert both_runs["base"].products == {n.split(".")[1].strip('"'): c for n, c in pipeline.items()
+                                          if n.startswith('"products"')}
+    # the pseudonyms agree too: the baseline applies the same mask rules with the same key
+    sql_ids = 'select card_id from desensitized.bus_card_swipes'
+    assert _rows(both_runs["bops"], sql_ids) == _rows(both_runs["ops"], sql_ids)
+
+
+def test_baseline_reports_every_stage_and_the_report_renders(both_runs):
+    base = both_runs["base"]
+    assert set(base.stages) == set(baseline.STAGE_NAMES)
+    assert base.counts["delivered"] == ROWS
+    assert base.counts["leaks"] == 0
+    assert both_runs["sampler"].samples, "the memory sampler recorded nothing"
+    results = {"machine": {"cores": 2}, "sizes": [{
+        "rows_per_day": ROWS, "ratio_total": 1.0, "ratio_by_stage": {},
+        "pipeline": {"days": [{"job_seconds": 1.0, "success": True, "peak_rss_mb": 1.0,
+                               "stages": stages.summarize_stages(both_runs["windows"], both_runs["sampler"], ROWS)}]},
+        "baseline": {"total_seconds": base.total_seconds, "stages": base.stages, "peak_rss_mb": 1.0}}]}
+    md = render_markdown(results)
+    assert f"{ROWS:,} rows/day" in md and "| ingest |" in md and "| products |" in md
+
+
+def test_stage_mapping_of_known_step_names():
+    assert stages.stage_of_step("gov__ods__water_usage") == "ingest"
+    assert stages.stage_of_step("gov__staging__stg_water__water_usage_gx_dataset_expectations") == "checks"
+    assert stages.stage_of_step("boundary_crossing") == "boundary"
+    assert stages.stage_of_step("ops_dbt_products") == "products"
+    assert stages.stage_of_step("something_new") == "other"
