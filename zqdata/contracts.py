@@ -45,27 +45,49 @@ class RuleInfo:
     reason: str  # Chinese, specific; the offending value is appended by the ingester
 
 
+# Python's ``\s`` on str (what the patterns mean) spelled for RE2, which pyarrow's regex functions use.
+_PY_SPACE = r"[\t\n\x0b\f\r\x1c-\x1f\x85\p{Z}]"
+_ARROW_PATTERNS = {k: "^(?:" + v.replace(r"\s", _PY_SPACE) + ")$" for k, v in PATTERNS.items()}
+
+
+def _text(s: pd.Series) -> pa_arrow.Array:
+    """The values as an Arrow string array (zero-copy for Arrow-backed text; missing values null)."""
+    values = s if isinstance(s.dtype, pd.StringDtype) else s.astype("str")
+    arr = pa_arrow.array(values, type=pa_arrow.string(), from_pandas=True)
+    return arr.combine_chunks() if isinstance(arr, pa_arrow.ChunkedArray) else arr
+
+
+def _blank_arrow(arr: pa_arrow.Array) -> np.ndarray:
+    """Missing or whitespace only (Unicode whitespace, like ``str.strip``)."""
+    empty = pc.equal(pc.utf8_trim_whitespace(arr), "")
+    return pc.or_kleene(pc.is_null(arr), empty).fill_null(True).to_numpy(zero_copy_only=False)
+
+
 def _blank(s: pd.Series) -> pd.Series:
-    return s.isna() | (s.astype("str").str.strip() == "")
+    return pd.Series(_blank_arrow(_text(s)), index=s.index)
 
 
 def parseable(s: pd.Series, field_type: str) -> pd.Series:
     """True where the value is empty or parses as ``field_type`` (dates also checked for a real calendar day/time)."""
     if field_type == "string":
         return pd.Series(True, index=s.index)
-    text = s.astype("str")
-    ok = _blank(s) | text.str.fullmatch(PATTERNS[field_type]).fillna(False).astype(bool)
+    # Vectorized in Arrow (RE2, anchored like fullmatch): pandas' str.fullmatch fell back to Python per value.
+    arr = _text(s)
+    blank = _blank_arrow(arr)
+    ok = blank | pc.match_substring_regex(arr, _ARROW_PATTERNS[field_type]).fill_null(False).to_numpy(zero_copy_only=False)
     if field_type in ("date", "timestamp"):
-        cand = ok & ~_blank(s)
+        cand = ok & ~blank
         if cand.any():
-            real = pd.Series(_real_calendar(text[cand].to_numpy(dtype=object)), index=text.index[cand])
-            ok = ok & ~(cand & ~real.reindex(s.index, fill_value=True))
-    return ok
+            real = np.ones(len(ok), dtype=bool)
+            real[cand] = _real_calendar(arr.filter(pa_arrow.array(cand)))
+            ok = ok & real
+    return pd.Series(ok, index=s.index)
 
 
-def _real_calendar(values: np.ndarray) -> np.ndarray:
+def _real_calendar(values: np.ndarray | pa_arrow.Array) -> np.ndarray:
     """Whether each (pattern-matching) date/time string names a real day and time of day; vectorized with pyarrow."""
-    parts = pc.extract_regex(pa_arrow.array(values, pa_arrow.string()), _PARTS)
+    arr = values if isinstance(values, pa_arrow.Array) else pa_arrow.array(values, pa_arrow.string())
+    parts = pc.extract_regex(arr, _PARTS)
     num = {}
     for name in ("year", "month", "day", "hour", "minute", "second"):
         col = pc.struct_field(parts, name)

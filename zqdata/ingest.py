@@ -456,7 +456,9 @@ def _load_chunk(ctx: _Ctx, chunk: Chunk, key: str, name: str, file_reason: str |
                 [ctx.day, ctx.agency, ctx.ds.code, key, prefix],
             )
             ctx.con.unregister("_zq_f")
-        need_raw = need_raw or bool(per_row)
+        # With exactly the registered columns in registry order, the flush's default raw_record is the same JSON,
+        # so it is built there for the quarantined rows only instead of here for the whole batch.
+        need_raw = need_raw or (bool(per_row) and table.column_names != fields)
     raw: pa.Array
     if need_raw and n:
         # raw_record carries every delivered column (unregistered ones too); only computed for rows that may need it.
