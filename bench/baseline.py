@@ -161,13 +161,16 @@ def _contract_failures_sql(ds: Dataset) -> str:
                          f"{_lit(r.dimension)} as dimension, {_lit(r.reason)} as detail from _bl_raw where {blank}")
         if f.type != "string":
             r = contracts.rule_for_type(f)
-            ok = f"regexp_full_match({col}, {_lit(contracts.PATTERNS[f.type])})"
-            if f.type in ("date", "timestamp"):
-                pieces = f"regexp_extract({col}, {_lit(contracts._PARTS)}, ['year', 'month', 'day', 'hour', 'minute', 'second'])"
-                ok = f"({ok} and _bl_calendar({pieces}))"
-            parts.append(f"select _row_number, {order} as ord, {_lit(f.name)} as field, {_lit(r.rule)} as rule, "
-                         f"{_lit(r.dimension)} as dimension, {_lit(r.reason)} || '：''' || {col} || '''' as detail "
-                         f"from _bl_raw where {col} is not null and not {blank} and not {ok}")
+            calendar, pieces = "true", "null"
+            if f.type in ("date", "timestamp"):  # the calendar check reads the parts extracted once per value
+                pieces = (f"regexp_extract({col}, {_lit(contracts._PARTS)}, "
+                          "['year', 'month', 'day', 'hour', 'minute', 'second'])")
+                calendar = "_bl_calendar(s)"
+            parts.append(
+                f"select _row_number, {order} as ord, {_lit(f.name)} as field, {_lit(r.rule)} as rule, "
+                f"{_lit(r.dimension)} as dimension, {_lit(r.reason)} || '：''' || v || '''' as detail "
+                f"from (select _row_number, {col} as v, regexp_full_match({col}, {_lit(contracts.PATTERNS[f.type])}) "
+                f"as m, {pieces} as s from _bl_raw where {col} is not null and not {blank}) where not (m and {calendar})")
     return " union all ".join(parts) if parts else "select 0 as _row_number, 0 as ord, '' as field, '' as rule, '' as dimension, '' as detail where false"
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import duckdb
@@ -312,10 +313,12 @@ def _mask_sample(value: str) -> str:
 
 
 def find_leaks(gov_con: duckdb.DuckDBPyConnection, ops_con: duckdb.DuckDBPyConnection, partition_date: dt.date | str,
-               registry: Registry | None = None, all_partitions: bool = False) -> list[Leak]:
+               registry: Registry | None = None, all_partitions: bool = False,
+               tables: Collection[str] | None = None) -> list[Leak]:
     """Every ops VARCHAR column holding a raw gov ID number, mobile or name (zero allowed).
 
     Tables with ``_partition_date`` are scanned for that partition (``all_partitions`` for a full sweep); others whole.
+    ``tables`` (``"schema.table"`` names) limits the scan, e.g. a product gate checking its own product only.
     ID numbers and mobiles are also found inside longer text. The gov value set is registered on the ops
     connection only for the scan (an Arrow view, never written to the ops DB).
     """
@@ -333,6 +336,9 @@ def find_leaks(gov_con: duckdb.DuckDBPyConnection, ops_con: duckdb.DuckDBPyConne
         "WHERE c.data_type = 'VARCHAR' AND c.table_catalog = current_database() "
         "ORDER BY 1, 2, 3"
     ).fetchall()
+    if tables is not None:  # the scan is per column and costly at scale: skip what the caller does not ask about
+        wanted = set(tables)
+        columns = [c for c in columns if f"{c[0]}.{c[1]}" in wanted]
     partitioned = {
         (s, t) for s, t in ops_con.execute(
             "SELECT table_schema, table_name FROM information_schema.columns WHERE column_name = '_partition_date' "
