@@ -12,7 +12,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import duckdb
+import email
+import email.policy
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
 import pytest
+from aiosmtpd.controller import Controller
 
 from zqdata.registry import Registry, load_registry
 from zqdata.storage import LocalObjectStore
@@ -93,3 +100,45 @@ def s3_store(moto_endpoint: str, request: pytest.FixtureRequest):
 
     bucket = "zq-test-" + "".join(ch for ch in request.node.name.lower() if ch.isalnum())[:40]
     return S3ObjectStore(moto_endpoint, "testing", "testing", bucket, secure=False, region="us-east-1")
+
+
+# --- loopback SMTP and HTTP servers that receive the alerts to source agencies ---------------------------------
+
+class _Mailbox:
+    def __init__(self) -> None:
+        self.messages: list[email.message.EmailMessage] = []
+
+    async def handle_DATA(self, server, session, envelope):  # aiosmtpd handler hook
+        self.messages.append(email.message_from_bytes(envelope.content, policy=email.policy.default))
+        return "250 OK"
+
+
+@pytest.fixture
+def smtp_server():
+    box = _Mailbox()
+    ctl = Controller(box, hostname="127.0.0.1", port=_free_port())
+    ctl.start()
+    yield ctl, box
+    ctl.stop()
+
+
+@pytest.fixture
+def http_server():
+    received: list[tuple[str, dict]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server API
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append((self.path, json.loads(body.decode("utf-8"))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):  # keep test output quiet
+            pass
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}", received
+    srv.shutdown()
+    srv.server_close()

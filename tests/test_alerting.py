@@ -3,17 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
-import email
-import email.policy
-import json
 import logging
-import socket
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import dagster as dg
 import pytest
-from aiosmtpd.controller import Controller
+from conftest import _free_port
 from test_lineage import DAY, build_gov_db, default_findings, set_findings
 
 from zqdata import alerting, issues
@@ -22,52 +16,6 @@ from zqdata.settings import TZ
 
 T0 = dt.datetime(2025, 5, 2, 3, 0, tzinfo=TZ)
 AGENCIES = ("psb", "samr")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class _Mailbox:
-    def __init__(self) -> None:
-        self.messages: list[email.message.EmailMessage] = []
-
-    async def handle_DATA(self, server, session, envelope):  # aiosmtpd handler hook
-        self.messages.append(email.message_from_bytes(envelope.content, policy=email.policy.default))
-        return "250 OK"
-
-
-@pytest.fixture
-def smtp_server():
-    box = _Mailbox()
-    ctl = Controller(box, hostname="127.0.0.1", port=free_port())
-    ctl.start()
-    yield ctl, box
-    ctl.stop()
-
-
-@pytest.fixture
-def http_server():
-    received: list[tuple[str, dict]] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802 - http.server API
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            received.append((self.path, json.loads(body.decode("utf-8"))))
-            self.send_response(200)
-            self.end_headers()
-
-        def log_message(self, *args):  # keep test output quiet
-            pass
-
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}", received
-    srv.shutdown()
-    srv.server_close()
 
 
 @pytest.fixture
@@ -146,7 +94,7 @@ def test_each_agency_gets_exactly_one_message_per_issue_and_channel_with_trace(e
 
 def test_unreachable_webhook_is_retried_recorded_and_sent_later(env, gov, registry, http_server):
     url, hooks = http_server
-    env.setenv("ZQ_WEBHOOK_SAMR", f"http://127.0.0.1:{free_port()}/hook/samr")  # nothing listens there
+    env.setenv("ZQ_WEBHOOK_SAMR", f"http://127.0.0.1:{_free_port()}/hook/samr")  # nothing listens there
     env.setenv("ZQ_ALERT_RETRIES", "3")
     waits: list[float] = []
     issues.sync_issues(gov, registry, DAY, now=T0)

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import dagster as dg
+import duckdb
 from dagster_dbt import DbtCliResource, dbt_assets
 
 from assets.dbt_common import (
@@ -20,7 +21,7 @@ from assets.dbt_common import (
 from orchestration.partitions import daily_partitions
 from orchestration.resources import WarehouseResource
 from zqdata.reference import sync_reference_tables
-from zqdata.registry import registry
+from zqdata.registry import Registry, registry
 
 
 @functools.cache
@@ -45,9 +46,41 @@ def gov_dbt_assets() -> dg.AssetsDefinition:
         point_dbt_at(warehouse.gov_path(), warehouse.ops_path())
         args = ["build", "--target", "gov", "--vars", json.dumps(dbt_vars(reg, context.partition_key))]
         # column lineage + schema are read from the gov DB once dbt has exited (never through dbt's in-process adapter)
-        yield from stream_with_column_lineage(dbt.cli(args, context=context), warehouse.gov_path(), context)
+        events = stream_with_column_lineage(dbt.cli(args, context=context), warehouse.gov_path(), context)
+        yield from with_check_traces(events, warehouse, reg, context.partition_key)
 
     return gov_dbt_models
+
+
+def with_check_traces(events: Iterator[Any], warehouse: WarehouseResource, reg: Registry,
+                      partition_key: str) -> Iterator[Any]:
+    """Attach the 逐级溯源 trace (agency → delivery file → rows) to every failed dbt check, as the UI shows it.
+
+    The events arrive after dbt has exited (they are buffered for column lineage), so the gov DB is free: the
+    partition's dbt failures are collected into quality.findings once, then each failed check is traced by its rule.
+    """
+    from orchestration.sensors import trace_metadata
+    from zqdata.quality.dbt_findings import collect_dbt_findings
+
+    tests = {n["name"]: n for n in _manifest().get("nodes", {}).values() if n.get("resource_type") == "test"}
+    con = None
+    try:
+        for event in events:
+            if isinstance(event, dg.AssetCheckResult) and not event.passed and event.check_name in tests:
+                node = tests[event.check_name]
+                rule = (node.get("config", {}).get("meta") or node.get("meta") or {}).get("rule")
+                model = (node.get("attached_node") or "").rsplit(".", 1)[-1]
+                if rule and "__" in model:
+                    if con is None:
+                        con = duckdb.connect(str(warehouse.gov_path()))
+                        collect_dbt_findings(con, _manifest(), partition_key)
+                    trace = trace_metadata(con, None, reg, partition_date=partition_key,
+                                           dataset=model.split("__", 1)[1], rules=[rule])
+                    event = event._replace(metadata={**event.metadata, **trace})
+            yield event
+    finally:
+        if con is not None:
+            con.close()
 
 
 def gov_dbt_defs() -> dg.Definitions:

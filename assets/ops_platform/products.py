@@ -40,9 +40,50 @@ def ops_dbt_assets() -> dg.AssetsDefinition:
         vars_ = dbt_vars(registry(), context.partition_key, scenarios=True)
         args = ["build", "--target", "ops", "--vars", json.dumps(vars_, ensure_ascii=False)]
         # column lineage + schema are read from the ops DB once dbt has exited (never through dbt's in-process adapter)
-        yield from stream_with_column_lineage(dbt.cli(args, context=context), warehouse.ops_path(), context)
+        events = stream_with_column_lineage(dbt.cli(args, context=context), warehouse.ops_path(), context)
+        yield from with_product_traces(events, warehouse, context.partition_key)
 
     return ops_dbt_products
+
+
+def with_product_traces(events: Iterator[Any], warehouse: WarehouseResource, partition_key: str) -> Iterator[Any]:
+    """Attach the 逐级溯源 trace to every failed product check: the failing product rows' `_source_lineage_ids` lead
+    level by level to the ops dataset, the gov models, the ODS rows, the delivery file and the agency (masked rows).
+
+    Runs after dbt has exited (events are buffered for column lineage). The gov DB is opened read-only for the trace,
+    which only reads it: nothing of the ops platform is written into gov.
+    """
+    from orchestration.sensors import trace_metadata
+
+    manifest = json.loads(dbt_project().manifest_path.read_text(encoding="utf-8"))
+    tests = {n["name"]: n for n in manifest.get("nodes", {}).values() if n.get("resource_type") == "test"}
+    for event in events:
+        node = tests.get(getattr(event, "check_name", None)) if isinstance(event, dg.AssetCheckResult) else None
+        if node is not None and not event.passed:
+            trace = _product_trace(node, warehouse, partition_key, trace_metadata)
+            event = event._replace(metadata={**event.metadata, **trace})
+        yield event
+
+
+def _product_trace(node: dict[str, Any], warehouse: WarehouseResource, partition_key: str, trace_metadata) -> dict:
+    """The trace of one failed product test from its stored failures (empty when they carry no lineage)."""
+    model = (node.get("attached_node") or "").rsplit(".", 1)[-1]
+    schema, table = node.get("schema"), node.get("alias") or node.get("name")
+    if not model or not schema:
+        return {}
+    with warehouse.ops(read_only=True) as ops_con:
+        columns = {c for (c,) in ops_con.execute(
+            "select column_name from information_schema.columns where table_schema = ? and table_name = ?",
+            [schema, table]).fetchall()}
+        if "_source_lineage_ids" not in columns:
+            return {}
+        ids = [i for (i,) in ops_con.execute(
+            f'select distinct unnest(_source_lineage_ids) from "{schema}"."{table}" order by 1 limit 50').fetchall()]
+        if not ids:
+            return {}
+        with warehouse.gov(read_only=True) as gov_con:
+            return trace_metadata(gov_con, ops_con, registry(), partition_date=partition_key, lineage_ids=ids,
+                                  asset_key=f"ops/products/{model}")
 
 
 def ops_dbt_defs() -> dg.Definitions:
