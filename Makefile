@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 # The dbt manifest is built once here, never parsed at import time.
 $(DBT_MANIFEST): $(STAMP) $(shell find dbt_project -name '*.sql' -o -name '*.yml' 2>/dev/null | grep -v -e target/ -e logs/)
-	cd dbt_project && ZQ_GOV_DB=/tmp/zq-parse-gov.duckdb ZQ_OPS_DB=/tmp/zq-parse-ops.duckdb ../$(BIN)/dbt parse --quiet --profiles-dir . --target gov
+	$(BIN)/python -m assets.dbt_common
 	touch $@
 
 dbt-parse: $(DBT_MANIFEST)

@@ -188,18 +188,49 @@ def test_second_day_keeps_history_and_first_day_untouched(nightly_run, monkeypat
     assert per_day[DAY] == day1 and per_day[DAY + dt.timedelta(days=1)] > 0
 
 
-def test_error_severity_failure_blocks_the_operations_platform(tmp_path, monkeypatch):
-    """Issue 3: a delivery whose manifest disagrees with its content fails the gate; no ops asset of that day is built."""
+def test_blocking_gate_and_issue_lifecycle_through_real_redeliveries(tmp_path, monkeypatch):
+    """Issue 3: a delivery whose manifest disagrees with its content fails the blocking gate, and no ops asset of that
+    day is built. Issue 4: the alert sensor files the issue; the agency redelivers a corrected file and the rerun
+    verifies it; a bad redelivery after that reopens it."""
+    from orchestration.definitions import defs
+    from orchestration.resources import WarehouseResource
+    from orchestration.sensors import quality_issue_alert_sensor
+    from zqdata import issues
     from zqdata.registry import registry
     from zqdata.simulator import simulate_day
     from zqdata.storage import LocalObjectStore
 
     data_dir = tmp_path / "data"
     _env(monkeypatch, data_dir, simulate=False)
-    simulate_day(LocalObjectStore(data_dir / "landing"), registry(), DAY, ROWS_PER_DAY, seed=7,
-                 defect_rate=0.0, defect_kinds=["manifest_count_mismatch:water_usage"])
+    for code in registry().agencies:
+        monkeypatch.delenv(f"ZQ_WEBHOOK_{code.upper()}", raising=False)
+    store = LocalObjectStore(data_dir / "landing")
+    warehouse = WarehouseResource()
+    definitions = defs()
+
+    def deliver(defective: bool) -> None:
+        simulate_day(store, registry(), DAY, ROWS_PER_DAY, seed=7, defect_rate=0.0,
+                     defect_kinds=["manifest_count_mismatch:water_usage"] if defective else [])
+
+    def water_issues() -> dict[str, str]:
+        with warehouse.gov() as con:
+            return {i.rule: i.status for i in issues.list_issues(con, partition_date=DAY.isoformat())
+                    if i.dataset == "water_usage"}
+
     with dg.instance_for_test() as instance:
-        result, summary = _run(DAY, instance)
+        cursor = None
+
+        def run_and_tick():
+            nonlocal cursor
+            result, _ = _run(DAY, instance)
+            ctx = dg.build_sensor_context(instance=instance, cursor=cursor, resources={"warehouse": warehouse},
+                                          definitions=definitions)
+            quality_issue_alert_sensor(ctx)
+            cursor = ctx.cursor
+            return result
+
+        deliver(defective=True)
+        result = run_and_tick()
         gate = [e for e in result.get_asset_check_evaluations() if e.check_name == "quality_gate"]
         assert gate and not gate[0].passed
         materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
@@ -207,6 +238,22 @@ def test_error_severity_failure_blocks_the_operations_platform(tmp_path, monkeyp
         assert not any(k.startswith("ops/") for k in materialized), sorted(materialized)
         for key in ("ops/desensitized/water_usage", "ops/products/ops_sme_credit_profile"):
             assert instance.get_latest_materialization_event(dg.AssetKey(key.split("/"))) is None
+        opened = water_issues()
+        rule = next(r for r in opened if "count" in r)
+        assert opened[rule] in ("open", "notified")
+
+        with warehouse.gov() as con:  # the agency fixes its extract and says so
+            issue = next(i for i in issues.list_issues(con, partition_date=DAY.isoformat()) if i.rule == rule)
+            issues.resolve(con, issue.issue_id, note="已重新交付正确文件", by="water")
+        deliver(defective=False)
+        result = run_and_tick()
+        assert [e.passed for e in result.get_asset_check_evaluations() if e.check_name == "quality_gate"] == [True]
+        assert water_issues()[rule] == "verified"
+        assert instance.get_latest_materialization_event(dg.AssetKey(["ops", "desensitized", "water_usage"]))
+
+        deliver(defective=True)  # the same fault comes back
+        run_and_tick()
+        assert water_issues()[rule] == "reopened"
 
 
 def test_definitions_validate_with_the_dagster_cli():
