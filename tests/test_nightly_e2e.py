@@ -87,6 +87,25 @@ def test_nightly_job_materializes_every_stage(nightly_run):
     assert (data_dir / "warehouse" / "ops_platform.duckdb").exists()
 
 
+def test_nightly_job_writes_quality_scores_and_publishes_data_docs(nightly_run):
+    """Issue 3: the nightly job keeps the partition's scores per agency × dataset × dimension and publishes GX Data Docs."""
+    from zqdata.quality.dimensions import DIMENSIONS
+    from zqdata.registry import registry
+
+    data_dir = nightly_run[0]
+    with duckdb.connect(str(data_dir / "warehouse" / "gov_platform.duckdb"), read_only=True) as con:
+        scores = con.execute("select dataset, dimension, records_checked, records_failed, pass_rate "
+                             "from quality.scores where partition_date = ?", [DAY]).fetchall()
+    assert {d for d, *_ in scores} == set(registry().datasets)
+    assert {dim for _, dim, *_ in scores} <= {d.key for d in DIMENSIONS}
+    assert any(failed > 0 for *_, failed, _ in scores)  # 1% injected defects show up in the scores
+    assert all(0.0 <= rate <= 1.0 for *_, rate in scores)
+    index = next((data_dir / "published").rglob("index.html"))
+    html = index.read_text(encoding="utf-8")
+    for dataset in registry().datasets:
+        assert f"zq_{dataset}" in html  # every dataset's suite has its validation result on the site
+
+
 def test_rows_delivered_equal_accepted_plus_quarantined_per_delivery(nightly_run):
     data_dir = nightly_run[0]
     with duckdb.connect(str(data_dir / "warehouse" / "gov_platform.duckdb"), read_only=True) as con:
