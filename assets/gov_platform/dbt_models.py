@@ -36,6 +36,8 @@ def gov_dbt_assets() -> dg.AssetsDefinition:
         name="gov_dbt_models",
         dagster_dbt_translator=translator(),
         partitions_def=daily_partitions,
+        # one run per day, like every other asset: the dbt vars carry exactly one partition_date
+        backfill_policy=dg.BackfillPolicy.multi_run(1),
     )
     def gov_dbt_models(context: dg.AssetExecutionContext, dbt: DbtCliResource,
                        warehouse: WarehouseResource) -> Iterator[Any]:

@@ -33,6 +33,8 @@ def ops_dbt_assets() -> dg.AssetsDefinition:
         name="ops_dbt_products",
         dagster_dbt_translator=translator(),
         partitions_def=daily_partitions,
+        # one run per day, like every other asset: the dbt vars carry exactly one partition_date
+        backfill_policy=dg.BackfillPolicy.multi_run(1),
     )
     def ops_dbt_products(context: dg.AssetExecutionContext, dbt: DbtCliResource,
                          warehouse: WarehouseResource) -> Iterator[Any]:
