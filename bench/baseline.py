@@ -226,7 +226,7 @@ def ingest_dataset(con: duckdb.DuckDBPyConnection, landing_root: Path, ds: Datas
                 "insert into quality.findings select ?, ?, ?, 'pandera', rule, dimension, 'error', ?, _row_number, "
                 "? || _row_number, field, detail from _bl_fail",
                 [day, ds.agency, ds.code, key, params[0]])
-            accepted = con.execute("select count(*) from _bl_raw anti join _bl_fail using (_row_number)").fetchone()[0]
+            accepted = delivered - con.execute("select count(distinct _row_number) from _bl_fail").fetchone()[0]
         if entry and entry.record_count != delivered:
             con.execute("insert into quality.findings values (?, ?, ?, 'delivery', 'delivery.record_count_mismatch', "
                         "'completeness', 'error', ?, NULL, NULL, NULL, ?)",

@@ -291,9 +291,17 @@ def gov_personal_values(gov_con: duckdb.DuckDBPyConnection, registry: Registry, 
     for dataset, fields in personal_value_fields(registry).items():
         ds = registry.datasets[dataset]
         relations = [("ods", dataset), ("staging", f"stg_{ds.agency}__{dataset}"), ("intermediate", f"int_{dataset}")]
+        staged: set[str] = set()
         for schema, table in relations:
             cols = _relation_columns(gov_con, schema, table)
             if "_partition_date" not in cols:
+                continue
+            names = [n for n in fields if n in cols]
+            if schema == "staging":
+                staged = set(names)
+            elif schema == "intermediate" and set(names) <= staged:
+                # int_<dataset> is its staging model minus rejected rows (models/gov/intermediate): no value it holds
+                # is missing from staging, and this scan covers all history, so reading it again only costs time
                 continue
             for name, kind in fields.items():
                 if name in cols:
