@@ -353,28 +353,32 @@ def find_leaks(gov_con: duckdb.DuckDBPyConnection, ops_con: duckdb.DuckDBPyConne
             "AND table_catalog = current_database()").fetchall()
     }
     leaks: list[Leak] = []
+    if not columns:
+        return leaks
+    # One query over every column: the gov value set (all history, millions of values) is hashed once per scan,
+    # not once per ops column.
+    ctes, branches = [], []
+    for i, (schema, table, column) in enumerate(columns):
+        col = quote_ident(column)
+        target = f"{quote_ident(schema)}.{quote_ident(table)}"
+        scope = "TRUE" if all_partitions or (schema, table) not in partitioned else "_partition_date = $zq_partition"
+        ctes.append(f"vals_{i} AS (SELECT DISTINCT {col} AS v FROM {target} WHERE {col} IS NOT NULL AND {scope})")
+        branches.append(f"SELECT {i} AS c, v, upper(trim(v)) AS tok FROM vals_{i}")
+        # only whole tokens: a digit run inside a 64-hex pseudonym is not a mobile number
+        branches.append(
+            f"SELECT {i} AS c, v, upper(unnest(regexp_extract_all(v, "
+            f"'(?:^|[^0-9A-Za-z])([0-9]{{17}}[0-9Xx]|1[3-9][0-9]{{9}})(?:[^0-9A-Za-z]|$)', 1))) FROM vals_{i}")
+    sql = (f"WITH {', '.join(ctes)}, tokens AS ({' UNION ALL '.join(branches)}) "
+           "SELECT tokens.c, g.kind, count(DISTINCT tokens.v), min(tokens.tok) "
+           "FROM tokens JOIN _zq_gov_personal_values AS g ON tokens.tok = g.value "
+           "GROUP BY tokens.c, g.kind ORDER BY tokens.c, g.kind")
+    params = {"zq_partition": d} if "$zq_partition" in sql else {}
     ops_con.register("_zq_gov_personal_values", values)
     try:
-        for schema, table, column in columns:
-            col = quote_ident(column)
-            target = f"{quote_ident(schema)}.{quote_ident(table)}"
-            scope = "TRUE" if all_partitions or (schema, table) not in partitioned else "_partition_date = $zq_partition"
-            sql = f"""
-                WITH vals AS (SELECT DISTINCT {col} AS v FROM {target} WHERE {col} IS NOT NULL AND {scope}),
-                tokens AS (
-                    SELECT v, upper(trim(v)) AS tok FROM vals
-                    UNION ALL
-                    -- only whole tokens: a digit run inside a 64-hex pseudonym is not a mobile number
-                    SELECT v, upper(unnest(regexp_extract_all(
-                        v, '(?:^|[^0-9A-Za-z])([0-9]{{17}}[0-9Xx]|1[3-9][0-9]{{9}})(?:[^0-9A-Za-z]|$)', 1))) FROM vals
-                )
-                SELECT g.kind, count(DISTINCT tokens.v), min(tokens.tok)
-                FROM tokens JOIN _zq_gov_personal_values AS g ON tokens.tok = g.value
-                GROUP BY g.kind ORDER BY g.kind"""
-            params = {"zq_partition": d} if "$zq_partition" in sql else {}
-            for kind, rows, sample in ops_con.execute(sql, params).fetchall():
-                leaks.append(Leak(table=f"{schema}.{table}", column=column, kind=kind, rows=rows,
-                                  sample=_mask_sample(sample)))
+        for c, kind, rows, sample in ops_con.execute(sql, params).fetchall():
+            schema, table, column = columns[c]
+            leaks.append(Leak(table=f"{schema}.{table}", column=column, kind=kind, rows=rows,
+                              sample=_mask_sample(sample)))
     finally:
         ops_con.unregister("_zq_gov_personal_values")
     return leaks
