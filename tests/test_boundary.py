@@ -67,6 +67,11 @@ def _rows(ds_code: str, d: dt.date) -> list[dict]:
                          status="granted", effective_at=ts),
                     # consent for another scenario does not count
                     dict(consent_id="C3", subject_type="enterprise", subject_id=ENT_C, scenario_code="transit_ridership",
+                         status="granted", effective_at=ts),
+                    # residents who authorized a use on the operations platform (Art. 2)
+                    dict(consent_id="C4", subject_type="person", subject_id=ID_A, scenario_code="transit_ridership",
+                         status="granted", effective_at=ts),
+                    dict(consent_id="C5", subject_type="person", subject_id=ID_B, scenario_code="sme_credit_profile",
                          status="granted", effective_at=ts)]
         return []
     raise KeyError(ds_code)
@@ -129,6 +134,20 @@ def test_desensitized_tables_hold_only_released_fields_masked(dbs, registry):
         assert check_exclusions(ops, registry, ds, D1) == []
 
 
+def test_subjects_without_any_authorization_never_reach_the_operations_platform(dbs, registry):
+    """Art. 2: personal information of a resident who authorized nothing stays in the gov domain, even desensitized."""
+    gov, ops = dbs
+    unconsented = citizen_id("44122419800202135")
+    gov.execute("INSERT INTO intermediate.int_resident_population BY NAME SELECT * REPLACE (? AS citizen_id, "
+                "'x#99' AS _lineage_id) FROM intermediate.int_resident_population WHERE citizen_id = ? "
+                "AND _partition_date = ?", [unconsented, ID_A, D1])
+    report = cross_boundary(gov, ops, registry, D1, _key())
+    released = {r[0] for r in ops.execute("SELECT citizen_id FROM desensitized.resident_population").fetchall()}
+    assert report.released["resident_population"] == 2
+    assert pseudonymize(unconsented, SECRET) not in released
+    assert released == {pseudonymize(ID_A, SECRET), pseudonymize(ID_B, SECRET)}
+
+
 def test_scenario_tables_hold_only_authorized_fields_of_consenting_subjects(dbs, registry):
     gov, ops = dbs
     report = cross_boundary(gov, ops, registry, D1, _key())
@@ -182,8 +201,9 @@ def test_expired_authorization_blocks_its_scenario_and_writes_nothing_for_it(dbs
     # the rest of the crossing for that day went through
     assert ops.execute("SELECT count(*) FROM scenario_transit_ridership.bus_card_swipes WHERE _partition_date = ?",
                        [D2]).fetchone()[0] == 6
+    # only ENT_C authorized a scenario still in force on D2 (ENT_A/B's consents were for the expired one)
     assert ops.execute("SELECT count(*) FROM desensitized.enterprise_registry WHERE _partition_date = ?",
-                       [D2]).fetchone()[0] == 3
+                       [D2]).fetchone()[0] == 1
 
 
 def test_revoked_scenario_is_blocked(dbs, registry):

@@ -84,6 +84,26 @@ def consent_filter_sql(gov_con: duckdb.DuckDBPyConnection, registry: Registry, s
             f"场景 {scenario.code} 要求 {scenario.consent_required} 授权，但数据集 {dataset.code} 无对应主体字段 "
             f"(scenario needs {scenario.consent_required} consent; dataset {dataset.code} has no such subject field)"
         )
+    return _granted_for_any_sql(gov_con, registry, [scenario.code], dataset, partition_date)
+
+
+def release_consent_filter_sql(gov_con: duckdb.DuckDBPyConnection, registry: Registry, dataset: Dataset,
+                               partition_date: dt.date) -> tuple[str, dict]:
+    """Art. 2 for desensitized.<dataset>: personal information and trade secrets cross only for subjects who authorized
+    at least one scenario in force that day (each scenario's own tables then keep only its own consents); a dataset
+    without a consent subject crosses whole."""
+    if dataset.consent is None:
+        return "TRUE", {}
+    scenarios = [s.code for s in registry.scenarios.values()
+                 if s.status == "active" and s.valid_from <= partition_date <= s.valid_to]
+    if not scenarios:
+        return "FALSE", {}  # nobody could have authorized a use: nothing of these subjects leaves the domain
+    return _granted_for_any_sql(gov_con, registry, scenarios, dataset, partition_date)
+
+
+def _granted_for_any_sql(gov_con: duckdb.DuckDBPyConnection, registry: Registry, scenarios: list[str],
+                         dataset: Dataset, partition_date: dt.date) -> tuple[str, dict]:
+    """Subjects whose latest consent record (as of the end of the day) for any of ``scenarios`` is a grant."""
     relation = gov_relation(gov_con, registry, CONSENT_DATASET)
     cols = _check_columns(gov_con, relation, ["subject_type", "subject_id", "scenario_code", "status", "effective_at",
                                               "_partition_date"])
@@ -100,14 +120,15 @@ def consent_filter_sql(gov_con: duckdb.DuckDBPyConnection, registry: Registry, s
     sql = f"""{subject} IN (
         SELECT subject_id FROM (
             SELECT trim(c.subject_id) AS subject_id, lower(trim(c.status)) AS status,
-                   row_number() OVER (PARTITION BY trim(c.subject_id)
+                   row_number() OVER (PARTITION BY trim(c.subject_id), trim(c.scenario_code)
                                       ORDER BY {effective} DESC, (lower(trim(c.status)) = 'revoked') DESC,
                                                c._partition_date DESC) AS rn
             FROM {relation} AS c
-            WHERE trim(c.scenario_code) = $zq_scenario AND lower(trim(c.subject_type)) = $zq_subject_type
+            WHERE trim(c.scenario_code) IN (SELECT unnest($zq_scenarios::VARCHAR[]))
+              AND lower(trim(c.subject_type)) = $zq_subject_type
               AND c._partition_date <= $zq_partition AND {effective} < $zq_consent_end
         ) WHERE rn = 1 AND status = 'granted')"""
-    return sql, {"zq_scenario": scenario.code, "zq_subject_type": scenario.consent_required,
+    return sql, {"zq_scenarios": scenarios, "zq_subject_type": dataset.consent.subject_type,
                  "zq_consent_end": end}
 
 
@@ -160,9 +181,11 @@ def cross_boundary(gov_con: duckdb.DuckDBPyConnection, ops_con: duckdb.DuckDBPyC
         for ds in released:
             relation = report.sources[ds.code]
             items = release_select(ds, released_fields(ds), d)
+            where, consent_params = release_consent_filter_sql(gov_con, registry, ds, d)
             sql = (f"SELECT {', '.join(items)}, src._lineage_id, src._partition_date "
-                   f"FROM {relation} AS src WHERE src._partition_date = $zq_partition")
-            report.released[ds.code] = _write_partition(gov_con, ops_con, "desensitized", ds.code, sql, base, d)
+                   f"FROM {relation} AS src WHERE src._partition_date = $zq_partition AND {where}")
+            report.released[ds.code] = _write_partition(gov_con, ops_con, "desensitized", ds.code, sql,
+                                                        {**base, **consent_params}, d)
 
         for scenario in registry.scenarios.values():
             try:
