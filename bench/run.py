@@ -46,8 +46,20 @@ def machine() -> dict:
     return {
         "cores": len(os.sched_getaffinity(0)), "memory_gb": round(mem_kb / 1024 / 1024, 1), "cpu": cpu,
         "python": platform.python_version(), "duckdb": duckdb.__version__, "dagster": dagster.__version__,
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()], "git_commit": _git_commit(),
     }  # fmt: skip
+
+
+def _git_commit() -> str:
+    """The commit measured (``+dirty`` when tracked files differ: other work in the tree at the time)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo_root(), capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo_root(),
+                               capture_output=True, text=True).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def _env(data_dir: Path) -> dict[str, str]:
@@ -97,7 +109,8 @@ def measure_size(root: Path, rows: int, day: dt.date) -> dict:
     shutil.rmtree(data_dir, ignore_errors=True)
     data_dir.mkdir(parents=True)
     log = data_dir / "bench.log"
-    out: dict = {"rows_per_day": rows, "partition": day.isoformat(), "log": str(log)}
+    out: dict = {"rows_per_day": rows, "partition": day.isoformat(), "log": str(log), "git_commit": _git_commit(),
+                 "measured_at": dt.datetime.now(TZ).isoformat(timespec="seconds")}
     out["simulate_seconds"] = round(simulate(data_dir, day, 1, rows, log), 3)
     out["landing_bytes"] = _dir_bytes(data_dir / "landing")
     env = _env(data_dir)
@@ -142,6 +155,7 @@ def measure_days(root: Path, rows: int, first: dt.date, days: int) -> dict:
     if len(per_day) >= 2:
         growth = round(per_day[-1]["job_seconds"] / per_day[0]["job_seconds"] - 1, 3)
     return {"rows_per_day": rows, "days": per_day, "rc": rc, "simulate_seconds": round(sim, 3),
+            "git_commit": _git_commit(), "measured_at": dt.datetime.now(TZ).isoformat(timespec="seconds"),
             "day_n_vs_day_1": growth, "warehouse_bytes": _dir_bytes(data_dir / "warehouse"), "log": str(log)}
 
 
@@ -224,7 +238,7 @@ def _fmt(v, unit: str = "") -> str:
     if v is None:
         return "–"
     if isinstance(v, float):
-        return f"{v:,.1f}{unit}"
+        return f"{v:,.2f}{unit}" if abs(v) < 1 else f"{v:,.1f}{unit}"
     if isinstance(v, int):
         return f"{v:,}{unit}"
     return f"{v}{unit}"
@@ -243,7 +257,8 @@ def render_markdown(results: dict) -> str:
         "Numbers are measurements, not assertions; no test checks a timing.",
         "",
         f"**Machine**: {m.get('cores')} cores, {m.get('memory_gb')} GB memory, {m.get('cpu')}; Python {m.get('python')}, "
-        f"DuckDB {m.get('duckdb')}, Dagster {m.get('dagster')}. Load average at start {m.get('load_average_at_start')} "
+        f"DuckDB {m.get('duckdb')}, Dagster {m.get('dagster')}; commit {m.get('git_commit', '?')}. "
+        f"Load average at start {m.get('load_average_at_start')} "
         "(the machine was shared with other work during the run, so absolute times are noisy).",
         "",
         "Method: `zq simulate` writes each size's deliveries (1 % defective rows, default seed) to a fresh data dir under "
@@ -262,6 +277,8 @@ def render_markdown(results: dict) -> str:
         b = r.get("baseline") or {}
         lines += [
             f"### {r['rows_per_day']:,} rows/day",
+            "",
+            f"Measured {r.get('measured_at', '?')} at commit {r.get('git_commit', '?')}.",
             "",
             f"Pipeline job {_fmt(p.get('job_seconds'), ' s')} (success: {p.get('success')}), peak RSS "
             f"{_fmt(p.get('peak_rss_mb'), ' MB')}; baseline {_fmt(b.get('total_seconds'), ' s')}, peak RSS "
@@ -296,6 +313,9 @@ def render_markdown(results: dict) -> str:
     if d:
         lines += [
             f"## Days 1..{len(d['days'])} at {d['rows_per_day']:,} rows/day (history accumulates)",
+            "",
+            f"Measured {d.get('measured_at', '?')} at commit {d.get('git_commit', '?')}, all days in one process "
+            "(like a long-running code server; day 1 pays first-use costs).",
             "",
             "| day | partition | job s | ingest | checks | dbt | boundary | products | alerting | peak RSS MB |",
             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
