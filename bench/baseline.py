@@ -295,7 +295,7 @@ def scores(con: duckdb.DuckDBPyConnection, day: dt.date) -> int:
 def cross(con: duckdb.DuckDBPyConnection, registry: Registry, day: dt.date, key) -> dict[str, int]:
     """gov → ops in one statement per table: the registry's mask rules (`zqdata.desensitize`), consent filter."""
     from zqdata.authorization import AuthorizationError, authorized_fields, check_scenario_active
-    from zqdata.boundary import consent_filter_sql, gov_relation
+    from zqdata.boundary import consent_filter_sql, gov_relation, release_consent_filter_sql
     from zqdata.desensitize import release_select, released_fields
 
     rows: dict[str, int] = {}
@@ -311,8 +311,10 @@ def cross(con: duckdb.DuckDBPyConnection, registry: Registry, day: dt.date, key)
     released = [ds for ds in registry.datasets.values() if ds.release]
     for ds in released:
         items = release_select(ds, released_fields(ds), day)
+        where, extra = release_consent_filter_sql(con, registry, ds, day)  # Art. 2: consenting subjects only
         write("desensitized", ds.code, f"select {', '.join(items)}, src._lineage_id, src._partition_date "
-              f"from {gov_relation(con, registry, ds.code)} as src where src._partition_date = $zq_partition", base)
+              f"from {gov_relation(con, registry, ds.code)} as src where src._partition_date = $zq_partition "
+              f"and {where}", {**base, **extra})
     for sc in registry.scenarios.values():
         try:
             check_scenario_active(sc, day)
