@@ -386,11 +386,11 @@ def find_leaks(gov_con: duckdb.DuckDBPyConnection, ops_con: duckdb.DuckDBPyConne
         target = f"{quote_ident(schema)}.{quote_ident(table)}"
         scope = "TRUE" if all_partitions or (schema, table) not in partitioned else "_partition_date = $zq_partition"
         ctes.append(f"vals_{i} AS (SELECT DISTINCT {col} AS v FROM {target} WHERE {col} IS NOT NULL AND {scope})")
-        branches.append(f"SELECT {i} AS c, v, upper(trim(v)) AS tok FROM vals_{i}")
-        # only whole tokens: a digit run inside a 64-hex pseudonym is not a mobile number
+        # the whole value and the ID/mobile tokens standing alone inside it (a digit run inside a 64-hex pseudonym is
+        # not a mobile number); one reference to vals_i, so DuckDB streams it instead of materializing every column
         branches.append(
-            f"SELECT {i} AS c, v, upper(unnest(regexp_extract_all(v, "
-            f"'(?:^|[^0-9A-Za-z])([0-9]{{17}}[0-9Xx]|1[3-9][0-9]{{9}})(?:[^0-9A-Za-z]|$)', 1))) FROM vals_{i}")
+            f"SELECT {i} AS c, v, upper(unnest(list_prepend(trim(v), regexp_extract_all(v, "
+            f"'(?:^|[^0-9A-Za-z])([0-9]{{17}}[0-9Xx]|1[3-9][0-9]{{9}})(?:[^0-9A-Za-z]|$)', 1)))) AS tok FROM vals_{i}")
     sql = (f"WITH {', '.join(ctes)}, tokens AS ({' UNION ALL '.join(branches)}) "
            "SELECT tokens.c, g.kind, count(DISTINCT tokens.v), min(tokens.tok) "
            "FROM tokens JOIN _zq_gov_personal_values AS g ON tokens.tok = g.value "
