@@ -109,7 +109,7 @@ def _product_checks(key: dg.AssetKey) -> list[dg.AssetChecksDefinition]:
     def leak_gate(context: dg.AssetCheckExecutionContext, warehouse: WarehouseResource) -> dg.AssetCheckResult:
         d = _partition_date(context)
         with warehouse.gov(read_only=True) as gov, warehouse.ops(read_only=True) as ops:
-            leaks = [lk for lk in find_leaks(gov, ops, d, registry()) if lk.table == f"products.{product}"]
+            leaks = find_leaks(gov, ops, d, registry(), tables=[f"products.{product}"])
         return dg.AssetCheckResult(passed=not leaks, metadata={
             "leaks": [f"{lk.column}: {lk.rows} {lk.kind} (e.g. {lk.sample})" for lk in leaks]})
 
