@@ -50,7 +50,7 @@ ui: setup $(KEYFILE)
 	$(WITH_KEY) $(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
 bench: setup $(KEYFILE)
-	$(WITH_KEY) $(BIN)/python -m bench.run
+	$(WITH_KEY) $(BIN)/python -m bench.run $(if $(SIZES),--sizes $(SIZES)) $(if $(BENCH_DAYS),--days $(BENCH_DAYS))
 
 clean:
 	rm -rf .data $(DAGSTER_HOME) dbt_project/target dbt_project/logs
