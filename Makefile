@@ -15,7 +15,7 @@ KEYFILE ?= $(HOME)/.config/zhaoqing-public-data/demo-pseudonym.key
 WITH_KEY = ZQ_PSEUDONYM_KEY="$${ZQ_PSEUDONYM_KEY:-$$(cat $(KEYFILE))}"
 DBT_MANIFEST := dbt_project/target/manifest.json
 
-.PHONY: setup nightly backfill test ui bench dbt-parse docs clean
+.PHONY: setup nightly test ui bench dbt-parse clean
 
 setup: $(STAMP) $(DBT_MANIFEST) $(DAGSTER_HOME)/dagster.yaml
 
