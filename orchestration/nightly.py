@@ -26,7 +26,10 @@ def run_nightly(day: dt.date, instance: dg.DagsterInstance | None = None) -> tup
 
     job = defs().resolve_job_def("nightly_aggregation")
     instance = instance or dg.DagsterInstance.get()
-    result = job.execute_in_process(partition_key=day.isoformat(), instance=instance, raise_on_error=False)
+    # INFO on the console: step starts/ends and warnings, not every event (the event log keeps everything)
+    run_config = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+    result = job.execute_in_process(partition_key=day.isoformat(), instance=instance, raise_on_error=False,
+                                    run_config=run_config)
     summary = DaySummary(partition=day.isoformat(), success=result.success)
     for ev in result.get_asset_check_evaluations():
         name = f"{ev.asset_key.to_user_string()}:{ev.check_name}"
