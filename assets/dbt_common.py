@@ -6,13 +6,17 @@ The manifest is prepared once, never at import: `prepare_if_dev()` under `dagste
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
+import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -29,11 +33,16 @@ DEFAULT_K_ANONYMITY = 5
 TRANSIT_PRODUCT = "ops_transit_ridership"
 
 
+def dbt_env(gov_db: Path, ops_db: Path) -> dict[str, str]:
+    """What profiles.yml reads: the two DuckDB files and the DuckDB memory limit (settings)."""
+    return {"ZQ_GOV_DB": str(gov_db), "ZQ_OPS_DB": str(ops_db),
+            "ZQ_DUCKDB_MEMORY_LIMIT": get_settings().duckdb_memory_limit}
+
+
 def set_dbt_env() -> None:
-    """Point the dbt profile's two targets at the configured DuckDB files (profiles.yml reads ZQ_GOV_DB / ZQ_OPS_DB)."""
+    """Point the dbt profile's two targets at the configured DuckDB files (for `dbt parse` and manual dbt runs)."""
     s = get_settings()
-    os.environ["ZQ_GOV_DB"] = str(s.gov_db)
-    os.environ["ZQ_OPS_DB"] = str(s.ops_db)
+    os.environ.update(dbt_env(s.gov_db, s.ops_db))
     s.gov_db.parent.mkdir(parents=True, exist_ok=True)
     s.ops_db.parent.mkdir(parents=True, exist_ok=True)
 
@@ -61,18 +70,13 @@ def dbt_executable() -> str:
     return str(beside) if beside.exists() else "dbt"
 
 
-def point_dbt_at(gov_db: Path, ops_db: Path) -> None:
-    """Make the dbt subprocess use the warehouse resource's DuckDB files (profiles.yml reads these variables)."""
-    os.environ["ZQ_GOV_DB"] = str(gov_db)
-    os.environ["ZQ_OPS_DB"] = str(ops_db)
-
-
 def prepare_manifest() -> Path:
     """Run `dbt parse` once to write target/manifest.json (what `python -m assets.dbt_common` does)."""
     set_dbt_env()
     subprocess.run(
+        # --target gov: the first nightly gov build then finds a partial-parse state that matches it
         [dbt_executable(), "parse", "--project-dir", str(DBT_PROJECT_DIR),
-         "--profiles-dir", str(DBT_PROJECT_DIR), "--quiet"],
+         "--profiles-dir", str(DBT_PROJECT_DIR), "--target", "gov", "--quiet"],
         check=True,
     )
     return DBT_PROJECT_DIR / "target" / "manifest.json"
@@ -96,13 +100,18 @@ def k_anonymity_var(registry: Registry, product: str = TRANSIT_PRODUCT) -> int:
 
 
 def dbt_vars(registry: Registry, partition_date: str | dt.date, scenarios: bool = False) -> dict[str, Any]:
-    """The --vars of one invocation: the partition, and for ops products the authorizations and k from the registry."""
+    """The --vars of a manual run or test: the partition, and for ops products the authorizations and k.
+
+    Dagster's nightly runs pass the partition in the environment instead (`build_partition`), so --vars stay the same
+    from night to night and dbt keeps its partial parse.
+    """
     day = dt.date.fromisoformat(str(partition_date))
-    out: dict[str, Any] = {"partition_date": day.isoformat()}
-    if scenarios:
-        out["authorized_fields"] = authorized_fields_var(registry, day)
-        out["k_anonymity"] = k_anonymity_var(registry)
-    return out
+    return {"partition_date": day.isoformat(), **(scenario_vars(registry, day) if scenarios else {})}
+
+
+def scenario_vars(registry: Registry, day: dt.date) -> dict[str, Any]:
+    """The ops products' --vars: the authorized fields of the scenarios in force and k, from the registry."""
+    return {"authorized_fields": authorized_fields_var(registry, day), "k_anonymity": k_anonymity_var(registry)}
 
 
 class ZhaoqingDbtTranslator(DagsterDbtTranslator):
@@ -255,6 +264,84 @@ def stream_with_column_lineage(invocation: DbtCliInvocation, db_path: Path,
     yield from events
     if failure is not None:
         raise failure
+
+
+# ---------------------------------------------------------------- one partition's dbt build
+
+RUN_DIRS_KEPT = 14  # per dbt asset: the newest run folders (compiled SQL, run_results.json, dbt.log) kept for audit
+
+
+def build_partition(dbt: DbtCliResource, context: dg.AssetExecutionContext, target: str, gov_db: Path, ops_db: Path,
+                    extra_vars: Mapping[str, Any] | None = None) -> Iterator[Any]:
+    """`dbt build --target <target>` of the run's partition; its events, with column lineage, once dbt has exited.
+
+    - The partition reaches dbt as ZQ_PARTITION_DATE in the subprocess environment (macros/partition.sql), not as
+      --vars: a new night then changes nothing dbt parses.
+    - dbt's partial-parse state is kept per target between runs (target/partial_parse/<target>.msgpack) and put in the
+      run's own target folder before dbt starts, so a night re-parses only the files that changed.
+    - Run folders of this asset beyond the newest RUN_DIRS_KEPT are removed (dagster-dbt makes one per run).
+    """
+    op_name = context.op_execution_context.op.name
+    target_dir = DBT_PROJECT_DIR / "target"
+    run_dir = target_dir / f"{op_name}-{context.run.run_id[:8]}-{uuid.uuid4().hex[:7]}"
+    cache = target_dir / "partial_parse" / f"{target}.msgpack"
+    seed_partial_parse(cache, run_dir)
+    args = ["build", "--target", target]
+    if extra_vars:
+        args += ["--vars", json.dumps(extra_vars, ensure_ascii=False, sort_keys=True)]
+    env = {**dbt_env(gov_db, ops_db), "ZQ_PARTITION_DATE": dt.date.fromisoformat(context.partition_key).isoformat()}
+    with scoped_environ(env):  # dagster-dbt copies os.environ when it starts the subprocess, inside cli()
+        invocation = dbt.cli(args, context=context, target_path=run_dir)
+    try:
+        yield from stream_with_column_lineage(invocation, gov_db if target == "gov" else ops_db, context)
+    finally:
+        keep_partial_parse(run_dir, cache)
+        prune_run_dirs(target_dir, op_name, keep=RUN_DIRS_KEPT)
+
+
+@contextlib.contextmanager
+def scoped_environ(values: Mapping[str, str]) -> Iterator[None]:
+    """os.environ with `values` set inside the block, restored after it."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def seed_partial_parse(cache: Path, run_dir: Path) -> bool:
+    """Copy the target's kept partial-parse state into a new run folder (False when there is none yet)."""
+    if not cache.is_file():
+        return False
+    run_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(cache, run_dir / "partial_parse.msgpack")
+    return True
+
+
+def keep_partial_parse(run_dir: Path, cache: Path) -> bool:
+    """Keep the state dbt wrote in `run_dir` for the next run of the same target (atomic replace)."""
+    state = run_dir / "partial_parse.msgpack"
+    if not state.is_file():
+        return False
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(f".{cache.name}.{uuid.uuid4().hex[:8]}")
+    shutil.copyfile(state, tmp)
+    os.replace(tmp, cache)
+    return True
+
+
+def prune_run_dirs(target_dir: Path, op_name: str, keep: int) -> list[Path]:
+    """Remove `<op_name>-*` run folders beyond the newest `keep` (by modification time); returns the removed ones."""
+    runs = sorted((p for p in target_dir.glob(f"{op_name}-*") if p.is_dir()),
+                  key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in runs[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
+    return runs[keep:]
 
 
 if __name__ == "__main__":

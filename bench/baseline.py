@@ -50,13 +50,13 @@ class CompiledProject:
 
 def compile_dbt(work: Path, registry: Registry, day: dt.date) -> CompiledProject:
     """`dbt compile` both targets for ``day`` against empty DuckDB files named like the pipeline's (not timed)."""
-    from assets.dbt_common import DBT_PROJECT_DIR, dbt_executable, dbt_vars
+    from assets.dbt_common import DBT_PROJECT_DIR, dbt_env, dbt_executable, dbt_vars
 
     out: dict[str, dict] = {}
     for target, select, scenarios in (("gov", "path:models/gov", False), ("ops", "path:models/ops", True)):
         cdir = work / f"compile-{target}"
         cdir.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "ZQ_GOV_DB": str(cdir / GOV_DB), "ZQ_OPS_DB": str(cdir / OPS_DB)}
+        env = {**os.environ, **dbt_env(cdir / GOV_DB, cdir / OPS_DB)}
         subprocess.run(
             [dbt_executable(), "compile", "--quiet", "--project-dir", str(DBT_PROJECT_DIR),
              "--profiles-dir", str(DBT_PROJECT_DIR), "--target", target, "--target-path", str(cdir / "target"),

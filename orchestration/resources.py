@@ -13,7 +13,11 @@ from zqdata.settings import get_settings
 
 
 class WarehouseResource(dg.ConfigurableResource):
-    """The two security domains: the gov big-data platform DB and the operations platform DB (separate files)."""
+    """The two security domains: the gov big-data platform DB and the operations platform DB (separate files).
+
+    Every connection gets DuckDB's `memory_limit` (``ZQ_DUCKDB_MEMORY_LIMIT``, settings): beyond it DuckDB spills to
+    `<db>.tmp`, so a step's memory does not grow with the day's volume.
+    """
 
     gov_db: str = ""
     ops_db: str = ""
@@ -26,17 +30,19 @@ class WarehouseResource(dg.ConfigurableResource):
 
     @contextlib.contextmanager
     def gov(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
-        yield from _connect(self.gov_path(), read_only)
+        yield from _connect(self.gov_path(), read_only, get_settings().duckdb_memory_limit)
 
     @contextlib.contextmanager
     def ops(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
-        yield from _connect(self.ops_path(), read_only)
+        yield from _connect(self.ops_path(), read_only, get_settings().duckdb_memory_limit)
 
 
-def _connect(path: Path, read_only: bool) -> Iterator[duckdb.DuckDBPyConnection]:
+def _connect(path: Path, read_only: bool, memory_limit: str) -> Iterator[duckdb.DuckDBPyConnection]:
     path.parent.mkdir(parents=True, exist_ok=True)
     con = duckdb.connect(str(path), read_only=read_only)
     try:
+        # SET, not connect(config=...): a file already open in this process with another config would refuse it
+        con.execute(f"SET memory_limit = '{memory_limit}'")  # validated by get_settings()
         yield con
     finally:
         con.close()

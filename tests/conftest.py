@@ -25,6 +25,16 @@ from zqdata.registry import Registry, load_registry
 from zqdata.storage import LocalObjectStore
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _dbt_profile_env() -> None:
+    """profiles.yml reads ZQ_DUCKDB_MEMORY_LIMIT: Dagster sets it for each dbt run; tests that call dbt directly too."""
+    import os
+
+    from zqdata.settings import get_settings
+
+    os.environ.setdefault("ZQ_DUCKDB_MEMORY_LIMIT", get_settings().duckdb_memory_limit)
+
+
 @pytest.fixture
 def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """``ZQ_DATA_DIR`` pointed at a fresh folder; local store backend."""

@@ -11,7 +11,7 @@ import duckdb
 import pytest
 from dbt.cli.main import dbtRunner
 
-from assets.dbt_common import DBT_PROJECT_DIR, dbt_vars
+from assets.dbt_common import DBT_PROJECT_DIR, dbt_vars, keep_partial_parse, prune_run_dirs, seed_partial_parse
 from zqdata import standards
 from zqdata.quality.dbt_findings import collect_dbt_findings
 from zqdata.reference import intermediate_model, render_dbt_models, staging_model, sync_reference_tables
@@ -247,6 +247,39 @@ def _inline_sql(tmp: Path, sql: str) -> str:
     res = _dbt(["compile", "--target", "gov", "--inline", sql, "--vars", json.dumps(dbt_vars(REG, DAY))], tmp)
     assert res.success, res.exception
     return res.result.results[0].node.compiled_code
+
+
+def test_the_partition_comes_from_the_environment_and_a_bad_one_stops_dbt(gov: dict, monkeypatch) -> None:
+    """Dagster passes the partition as ZQ_PARTITION_DATE (not --vars, so dbt keeps its partial parse from night to
+    night); it wins over the var, and a value that is not a date never reaches the SQL."""
+    sql = "select date '{{ zq_partition_date() }}' as d"
+    monkeypatch.delenv("ZQ_PARTITION_DATE", raising=False)
+    assert f"date '{DAY}'" in _inline_sql(gov["tmp"], sql)  # the --vars value
+    monkeypatch.setenv("ZQ_PARTITION_DATE", "2025-07-09")
+    assert "date '2025-07-09'" in _inline_sql(gov["tmp"], sql)
+    monkeypatch.setenv("ZQ_PARTITION_DATE", "2025-07-09' or true --")
+    res = _dbt(["compile", "--target", "gov", "--inline", sql, "--vars", json.dumps(dbt_vars(REG, DAY))], gov["tmp"])
+    assert not res.success and "partition_date must be YYYY-MM-DD" in str(res.exception or res.result)
+
+
+def test_partial_parse_state_is_kept_per_target_and_old_run_folders_pruned(tmp_path: Path) -> None:
+    import os
+
+    cache, run1, run2 = tmp_path / "partial_parse" / "gov.msgpack", tmp_path / "op-a", tmp_path / "op-b"
+    assert not seed_partial_parse(cache, run1) and not keep_partial_parse(run1, cache)  # nothing yet: dbt parses
+    run1.mkdir()
+    (run1 / "partial_parse.msgpack").write_bytes(b"state-1")
+    assert keep_partial_parse(run1, cache) and cache.read_bytes() == b"state-1"
+    assert seed_partial_parse(cache, run2) and (run2 / "partial_parse.msgpack").read_bytes() == b"state-1"
+    for i in range(5):
+        d = tmp_path / f"op-old{i}"
+        d.mkdir()
+        os.utime(d, (1_000_000 + i, 1_000_000 + i))
+    (tmp_path / "other-run").mkdir()
+    removed = prune_run_dirs(tmp_path, "op", keep=3)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert sorted(p.name for p in removed) == ["op-old0", "op-old1", "op-old2", "op-old3"]
+    assert left == ["op-a", "op-b", "op-old4", "other-run", "partial_parse"]
 
 
 @pytest.mark.parametrize("kind,macro,reference", [

@@ -205,6 +205,14 @@ def test_second_day_keeps_history_and_first_day_untouched(nightly_run, monkeypat
         per_day = dict(con.execute(
             "select _partition_date, count(*) from intermediate.int_bus_card_swipes group by 1").fetchall())
     assert per_day[DAY] == day1 and per_day[DAY + dt.timedelta(days=1)] > 0
+    # the partition reached dbt in the environment, not as --vars: the new night re-parsed nothing of the project
+    from assets.dbt_common import DBT_PROJECT_DIR
+
+    logs = [d / "dbt.log" for d in (DBT_PROJECT_DIR / "target").glob(f"*-{result.run_id[:8]}-*")]
+    assert len(logs) == 2, logs  # the gov build and the ops products build
+    for log in logs:
+        text = log.read_text(encoding="utf-8")
+        assert "Partial parsing enabled" in text and "Unable to do partial parsing" not in text, log
 
 
 def test_blocking_gate_and_issue_lifecycle_through_real_redeliveries(tmp_path, monkeypatch):

@@ -302,3 +302,40 @@ def test_gx_empty_partition_reports_volume_only(con, reg):
     make_staging(con, reg, "water_usage", day=DAY + dt.timedelta(days=1), n=0)  # e.g. the delivery was missing
     v = validate_dataset(con, reg, "water_usage", DAY + dt.timedelta(days=1))
     assert {o.rule for o in v.failed} == {"gx.water_usage.daily_volume"}
+
+
+def test_stored_validation_is_the_same_runs_result_and_only_that_run(con, reg):
+    from zqdata.quality.gx_runner import stored_validation
+
+    make_staging(con, reg, "water_usage", bad_codes=30)
+    fresh = validate_dataset(con, reg, "water_usage", DAY)
+    run_gx(con, reg, DAY, run_id="run-1")
+    stored = stored_validation(con, reg, "water_usage", DAY, "run-1")
+    assert stored is not None and stored.validated_by_run == "run-1"
+    assert (stored.success, stored.note, stored.day_rows, stored.present) == (fresh.success, fresh.note, fresh.day_rows, True)
+    key = lambda o: (o.rule, o.success, o.unexpected_count, o.element_count, o.severity)  # noqa: E731
+    assert sorted(map(key, stored.outcomes)) == sorted(map(key, fresh.outcomes)) and not stored.success
+    assert stored_validation(con, reg, "water_usage", DAY, "run-2") is None  # another run validates afresh
+
+
+def test_gx_check_reports_the_findings_assets_validation_in_the_same_run(con, reg, tmp_path):
+    import dagster as dg
+
+    from assets.governance.quality import build_findings_asset, build_gx_check
+    from orchestration.partitions import daily_partitions
+    from orchestration.resources import WarehouseResource
+
+    deliver_all(con, reg)
+    make_staging(con, reg, "water_usage", bad_codes=30)
+    con.close()
+    @dg.asset(key=["gov", "staging", staging_model(reg, "water_usage")], partitions_def=daily_partitions)
+    def staging() -> None:  # built above by make_staging (dbt's part in the real job)
+        return None
+
+    result = dg.materialize(
+        [staging, build_findings_asset(), build_gx_check("water_usage")], partition_key=DAY.isoformat(),
+        resources={"warehouse": WarehouseResource(gov_db=str(tmp_path / "gov.duckdb"))}, raise_on_error=False)
+    check = [e for e in result.get_asset_check_evaluations() if e.check_name == "gx_dataset_expectations"]
+    assert len(check) == 1 and not check[0].passed
+    assert "findings" in check[0].metadata["validated_by"].value
+    assert "gx.water_usage.district_code.code_table_share" in check[0].description

@@ -150,7 +150,7 @@ def render_staging_sql(registry: Registry, dataset: str) -> str:
 with source as (
 
     select * from {{{{ source('ods', '{dataset}') }}}}
-    where cast(_partition_date as date) = date '{{{{ var("partition_date") }}}}'
+    where cast(_partition_date as date) = date '{{{{ zq_partition_date() }}}}'
 
 ),
 
@@ -179,7 +179,7 @@ def render_intermediate_sql(registry: Registry, dataset: str) -> str:
 with staged as (
 
     select * from {{{{ ref('{stg}') }}}}
-    where _partition_date = date '{{{{ var("partition_date") }}}}'
+    where _partition_date = date '{{{{ zq_partition_date() }}}}'
 
 ),
 

@@ -6,12 +6,17 @@ Every variable is documented in the README. Nothing secret has a default.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
 TZ = ZoneInfo("Asia/Shanghai")
 PARTITION_START = "2025-05-01"  # the measures took effect
+# Per DuckDB instance (a step may hold two: the boundary reads gov and writes ops). DuckDB spills to <db>.tmp beyond it,
+# so the nightly job's memory stays bounded whatever the day's volume (docs/benchmark.md). DuckDB's own default is 80 %
+# of RAM, and its buffer pool keeps what a step wrote until the connection closes.
+DEFAULT_DUCKDB_MEMORY_LIMIT = "1GB"
 
 
 def repo_root() -> Path:
@@ -25,6 +30,7 @@ class Settings:
     ops_db: Path
     store_backend: str  # "local" | "s3"
     landing_root: Path  # local backend: the landing zone's root folder
+    duckdb_memory_limit: str = DEFAULT_DUCKDB_MEMORY_LIMIT  # ZQ_DUCKDB_MEMORY_LIMIT, e.g. "1GB", "1536MB"
 
     @property
     def docs_dir(self) -> Path:
@@ -41,4 +47,12 @@ def get_settings() -> Settings:
         ops_db=Path(os.environ.get("ZQ_OPS_DB", warehouse / "ops_platform.duckdb")),
         store_backend=os.environ.get("ZQ_STORE_BACKEND", "local"),
         landing_root=Path(os.environ.get("ZQ_LANDING_DIR", data_dir / "landing")),
+        duckdb_memory_limit=memory_size(os.environ.get("ZQ_DUCKDB_MEMORY_LIMIT", "").strip() or DEFAULT_DUCKDB_MEMORY_LIMIT),
     )
+
+
+def memory_size(value: str) -> str:
+    """A DuckDB memory size such as `1GB`, `1536MB`, `2GiB`; anything else is a clear configuration error."""
+    if not re.fullmatch(r"\d+(\.\d+)?\s*(KB|MB|GB|TB|KiB|MiB|GiB|TiB)", value):
+        raise ValueError(f"ZQ_DUCKDB_MEMORY_LIMIT must be a size such as 1GB or 1536MB, got {value!r}")
+    return value

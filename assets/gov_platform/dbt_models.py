@@ -1,23 +1,15 @@
 """Dagster wrapper of the gov dbt models: `dbt build --target gov` of one partition (staging, intermediate, their tests)."""
 
+import contextlib
 import functools
 import json
 from collections.abc import Iterator
 from typing import Any
 
 import dagster as dg
-import duckdb
 from dagster_dbt import DbtCliResource, dbt_assets
 
-from assets.dbt_common import (
-    dbt_project,
-    dbt_resource,
-    dbt_source_specs,
-    dbt_vars,
-    point_dbt_at,
-    stream_with_column_lineage,
-    translator,
-)
+from assets.dbt_common import build_partition, dbt_project, dbt_resource, dbt_source_specs, translator
 from orchestration.partitions import daily_partitions
 from orchestration.resources import WarehouseResource
 from zqdata.reference import sync_reference_tables
@@ -36,7 +28,7 @@ def gov_dbt_assets() -> dg.AssetsDefinition:
         name="gov_dbt_models",
         dagster_dbt_translator=translator(),
         partitions_def=daily_partitions,
-        # one run per day, like every other asset: the dbt vars carry exactly one partition_date
+        # one run per day, like every other asset: dbt gets exactly one partition (ZQ_PARTITION_DATE)
         backfill_policy=dg.BackfillPolicy.multi_run(1),
     )
     def gov_dbt_models(context: dg.AssetExecutionContext, dbt: DbtCliResource,
@@ -45,10 +37,8 @@ def gov_dbt_assets() -> dg.AssetsDefinition:
         # the code-table and range rules read the registry through ref.* (synced, never copied into dbt)
         with warehouse.gov() as con:
             sync_reference_tables(con, reg)
-        point_dbt_at(warehouse.gov_path(), warehouse.ops_path())
-        args = ["build", "--target", "gov", "--vars", json.dumps(dbt_vars(reg, context.partition_key))]
         # column lineage + schema are read from the gov DB once dbt has exited (never through dbt's in-process adapter)
-        events = stream_with_column_lineage(dbt.cli(args, context=context), warehouse.gov_path(), context)
+        events = build_partition(dbt, context, "gov", warehouse.gov_path(), warehouse.ops_path())
         yield from with_check_traces(events, warehouse, reg, context.partition_key)
 
     return gov_dbt_models
@@ -66,7 +56,7 @@ def with_check_traces(events: Iterator[Any], warehouse: WarehouseResource, reg: 
 
     tests = {n["name"]: n for n in _manifest().get("nodes", {}).values() if n.get("resource_type") == "test"}
     con = None
-    try:
+    with contextlib.ExitStack() as stack:
         for event in events:
             if isinstance(event, dg.AssetCheckResult) and not event.passed and event.check_name in tests:
                 node = tests[event.check_name]
@@ -74,15 +64,12 @@ def with_check_traces(events: Iterator[Any], warehouse: WarehouseResource, reg: 
                 model = (node.get("attached_node") or "").rsplit(".", 1)[-1]
                 if rule and "__" in model:
                     if con is None:
-                        con = duckdb.connect(str(warehouse.gov_path()))
+                        con = stack.enter_context(warehouse.gov())
                         collect_dbt_findings(con, _manifest(), partition_key)
                     trace = trace_metadata(con, None, reg, partition_date=partition_key,
                                            dataset=model.split("__", 1)[1], rules=[rule])
                     event = event._replace(metadata={**event.metadata, **trace})
             yield event
-    finally:
-        if con is not None:
-            con.close()
 
 
 def gov_dbt_defs() -> dg.Definitions:

@@ -2,7 +2,6 @@
 
 import datetime as dt
 import json
-from pathlib import Path
 
 import dagster as dg
 
@@ -54,7 +53,8 @@ def build_findings_asset() -> dg.AssetsDefinition:
         if manifest is None:
             context.log.warning("未找到 dbt manifest（dbt_project/target/manifest.json），本次不汇集 dbt 规则结果")
         with warehouse.gov() as con:
-            summary = collect_findings(con, registry(), _day(context), manifest, get_settings().docs_dir)
+            summary = collect_findings(con, registry(), _day(context), manifest, get_settings().docs_dir,
+                                       run_id=context.run.run_id)
         return dg.MaterializeResult(metadata={
             "findings_by_tool": dg.MetadataValue.json(summary.by_tool),
             "deliveries": dg.MetadataValue.md(summary.delivery_markdown),
@@ -114,7 +114,11 @@ def build_scores_asset() -> dg.AssetsDefinition:
 
 
 def build_gx_check(dataset: str) -> dg.AssetChecksDefinition:
-    """A GX asset check on one staging model for the run's partition (ephemeral context, bounded batch)."""
+    """A GX asset check on one staging model for the run's partition (ephemeral context, bounded batch).
+
+    It runs after `gov/quality/findings` when both are in the run: that asset validated the same staging partition a
+    moment before (quality.gx_results), so the check reports it instead of validating twice. Run alone, it validates.
+    """
     from zqdata.quality.gx_runner import staging_model
 
     model = staging_model(registry(), dataset)
@@ -123,24 +127,27 @@ def build_gx_check(dataset: str) -> dg.AssetChecksDefinition:
         asset=dg.AssetKey(["gov", "staging", model]),
         name=GX_CHECK,
         partitions_def=daily_partitions,
+        additional_deps=[FINDINGS_KEY],
         description=f"GX 数据集级期望（字段集合、日交付量、主键唯一率、代码表占比、选填字段填充率、数值中位数）：{model}",
     )
     def gx_check(context: dg.AssetCheckExecutionContext, warehouse: WarehouseResource) -> dg.AssetCheckResult:
-        from zqdata.quality.gx_runner import validate_dataset
+        from zqdata.quality.gx_runner import stored_validation, validate_dataset
 
         from orchestration.sensors import trace_metadata
 
         with warehouse.gov() as con:
-            v = validate_dataset(con, registry(), dataset, _day(context))
+            v = (stored_validation(con, registry(), dataset, _day(context), context.run.run_id)
+                 or validate_dataset(con, registry(), dataset, _day(context)))
             trace = {} if v.success else trace_metadata(con, None, registry(), partition_date=_day(context), dataset=dataset)
         errors = [o for o in v.failed if o.severity == "error"]
         return dg.AssetCheckResult(
             passed=v.success,
-            severity=dg.AssetCheckSeverity.ERROR if errors or v.result is None else dg.AssetCheckSeverity.WARN,
+            severity=dg.AssetCheckSeverity.ERROR if errors or not v.present else dg.AssetCheckSeverity.WARN,
             description=v.note if v.success else "未通过的期望：" + "；".join(o.rule for o in v.failed) or v.note,
             metadata={
                 "batch": v.note,
                 "rows_in_partition": v.day_rows,
+                "validated_by": ("gov/quality/findings（同一运行 same run）" if v.validated_by_run else "本检查 this check"),
                 "unexpected_counts": dg.MetadataValue.json(
                     {o.rule: {"unexpected_count": o.unexpected_count, "element_count": o.element_count,
                               "observed": o.observed, "success": o.success} for o in v.outcomes}),

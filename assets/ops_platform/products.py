@@ -1,5 +1,6 @@
 """Dagster wrapper of the ops scenario products: `dbt build --target ops` (reads only the ops DB: the security boundary)."""
 
+import datetime as dt
 import functools
 import json
 from collections.abc import Iterator
@@ -8,14 +9,7 @@ from typing import Any
 import dagster as dg
 from dagster_dbt import DbtCliResource, dbt_assets
 
-from assets.dbt_common import (
-    dbt_project,
-    dbt_resource,
-    dbt_vars,
-    point_dbt_at,
-    stream_with_column_lineage,
-    translator,
-)
+from assets.dbt_common import build_partition, dbt_project, dbt_resource, scenario_vars, translator
 from orchestration.partitions import daily_partitions
 from orchestration.resources import WarehouseResource
 from zqdata.registry import registry
@@ -33,16 +27,14 @@ def ops_dbt_assets() -> dg.AssetsDefinition:
         name="ops_dbt_products",
         dagster_dbt_translator=translator(),
         partitions_def=daily_partitions,
-        # one run per day, like every other asset: the dbt vars carry exactly one partition_date
+        # one run per day, like every other asset: dbt gets exactly one partition (ZQ_PARTITION_DATE)
         backfill_policy=dg.BackfillPolicy.multi_run(1),
     )
     def ops_dbt_products(context: dg.AssetExecutionContext, dbt: DbtCliResource,
                          warehouse: WarehouseResource) -> Iterator[Any]:
-        point_dbt_at(warehouse.gov_path(), warehouse.ops_path())
-        vars_ = dbt_vars(registry(), context.partition_key, scenarios=True)
-        args = ["build", "--target", "ops", "--vars", json.dumps(vars_, ensure_ascii=False)]
+        vars_ = scenario_vars(registry(), dt.date.fromisoformat(context.partition_key))
         # column lineage + schema are read from the ops DB once dbt has exited (never through dbt's in-process adapter)
-        events = stream_with_column_lineage(dbt.cli(args, context=context), warehouse.ops_path(), context)
+        events = build_partition(dbt, context, "ops", warehouse.gov_path(), warehouse.ops_path(), extra_vars=vars_)
         yield from with_product_traces(events, warehouse, context.partition_key)
 
     return ops_dbt_products

@@ -12,7 +12,7 @@
         {#- reads the ODS (the value as delivered) because staging holds the normalized value -#}
         select {{ zq_failure_columns(column_name, column_name) }}
         from {{ source('ods', kw['dataset']) }}
-        where cast(_partition_date as date) = date '{{ var("partition_date") }}'
+        where cast(_partition_date as date) = date '{{ zq_partition_date() }}'
           and _lineage_id in (select _lineage_id from {{ relation }})
           and not {{ zq_is_standard_format(column_name, kw['kind']) }}
     {%- elif rule == 'duplicate_key' -%}
@@ -53,7 +53,7 @@
     {#- the enterprise registry as of the partition day: the latest valid daily snapshot on or before it -#}
     (select credit_code, district_code from {{ ref('int_enterprise_registry') }}
      where _partition_date = (select max(_partition_date) from {{ ref('int_enterprise_registry') }}
-                              where _partition_date <= date '{{ var("partition_date") }}'))
+                              where _partition_date <= date '{{ zq_partition_date() }}'))
 {%- endmacro %}
 
 {% macro zq_registry_reference_failures(relation, column_name) -%}
@@ -77,7 +77,7 @@
         (read from the project graph, so the tests in the .yml are the only list of rules) -#}
     {%- set parts = [] -%}
     {%- if execute -%}
-        {%- set relation = "(select * from " ~ ref(staging_model) ~ " where _partition_date = date '" ~ var('partition_date') ~ "')" -%}
+        {%- set relation = "(select * from " ~ ref(staging_model) ~ " where _partition_date = date '" ~ zq_partition_date() ~ "')" -%}
         {%- for node in graph.nodes.values() -%}
             {%- set tm = node.get('test_metadata') or {} -%}
             {%- set meta = (node.get('config') or {}).get('meta') or node.get('meta') or {} -%}

@@ -50,7 +50,7 @@
 
 {% macro zq_is_in_partition_day(col) -%}
     {#- 时效性: the event happened on the partition day (Beijing time; staging already converted to Asia/Shanghai) -#}
-    ({{ col }} is null or cast({{ col }} as date) = date '{{ var("partition_date") }}')
+    ({{ col }} is null or cast({{ col }} as date) = date '{{ zq_partition_date() }}')
 {%- endmacro %}
 
 {% macro zq_is_present(col) -%}

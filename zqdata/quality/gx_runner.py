@@ -34,6 +34,11 @@ _DDL = [
         partition_date DATE, agency VARCHAR, dataset VARCHAR, suite VARCHAR, rule VARCHAR, expectation_type VARCHAR,
         column_name VARCHAR, dimension VARCHAR, severity VARCHAR, success BOOLEAN, observed VARCHAR,
         unexpected_count BIGINT, element_count BIGINT, sampled BOOLEAN, detail VARCHAR)""",
+    # one row per dataset and partition: which run validated it and on what batch (lets that run's asset checks
+    # report the result instead of validating the same batch a second time)
+    """create table if not exists quality.gx_validations (
+        partition_date DATE, dataset VARCHAR, run_id VARCHAR, validated_at TIMESTAMPTZ, model_present BOOLEAN,
+        day_rows BIGINT, batch_rows BIGINT, sampled BOOLEAN, note VARCHAR)""",
 ]
 
 
@@ -56,17 +61,19 @@ class DatasetValidation:
     dataset: str
     agency: str
     model: str
-    suite: object  # gx.ExpectationSuite
-    result: object | None  # ExpectationSuiteValidationResult; None when the model is absent
+    suite: object | None  # gx.ExpectationSuite; None when read back from quality.gx_results
+    result: object | None  # ExpectationSuiteValidationResult; None when the model is absent or read back
     day_rows: int = 0
     batch_rows: int = 0
     sampled: bool = False
     note: str = ""
     outcomes: list[ExpectationOutcome] = field(default_factory=list)
+    present: bool = True  # the staging model exists (False: nothing could be validated)
+    validated_by_run: str | None = None  # set when read back: the run whose validation this is
 
     @property
     def success(self) -> bool:
-        return self.result is not None and all(o.success for o in self.outcomes)
+        return self.present and all(o.success for o in self.outcomes)
 
     @property
     def failed(self) -> list[ExpectationOutcome]:
@@ -246,7 +253,7 @@ def validate_dataset(con: duckdb.DuckDBPyConnection, registry: Registry, dataset
     model = staging_model(registry, dataset)
     baseline = load_baseline(con, dataset, day)
     if not _columns(con, model):
-        return DatasetValidation(dataset, ds.agency, model, build_suite(registry, dataset, baseline), None,
+        return DatasetValidation(dataset, ds.agency, model, build_suite(registry, dataset, baseline), None, present=False,
                                  note=f"标准化模型 staging.{model} 不存在，未能执行 GX 校验 (staging model missing)")
     frame, day_rows, sampled = load_batch(con, registry, dataset, day, max_rows)
     suite = build_suite(registry, dataset, baseline, partition_rows=day_rows)
@@ -284,8 +291,11 @@ def gx_findings(validations: list[DatasetValidation], day: dt.date) -> list[dict
 
 
 def run_gx(con: duckdb.DuckDBPyConnection, registry: Registry, day: dt.date,
-           max_rows: int | None = None) -> list[DatasetValidation]:
-    """Validate every dataset, store profiles, results and findings (tool 'gx', replacing the partition's)."""
+           max_rows: int | None = None, run_id: str | None = None) -> list[DatasetValidation]:
+    """Validate every dataset, store profiles, results and findings (tool 'gx', replacing the partition's).
+
+    ``run_id``: the Dagster run validating; its GX asset checks read the stored results (`stored_validation`).
+    """
     from zqdata.quality.scores import ensure_quality_tables, register_rules
     from zqdata.quality.timeliness import write_findings
 
@@ -296,7 +306,7 @@ def run_gx(con: duckdb.DuckDBPyConnection, registry: Registry, day: dt.date,
     for code in registry.datasets:
         v = validate_dataset(con, registry, code, day, max_rows, ctx)
         validations.append(v)
-        if v.result is not None:
+        if v.present:
             store_profile(con, code, day, profile_partition(con, registry, code, day))
     rows = [{"partition_date": day, "agency": v.agency, "dataset": v.dataset, "suite": v.suite.name, "rule": o.rule,
              "expectation_type": o.expectation_type, "column_name": o.column, "dimension": o.dimension,
@@ -310,6 +320,10 @@ def run_gx(con: duckdb.DuckDBPyConnection, registry: Registry, day: dt.date,
             con.register("_zq_gx", pa.Table.from_pylist(rows))
             con.execute("insert into quality.gx_results by name select * from _zq_gx")
             con.unregister("_zq_gx")
+        con.execute("delete from quality.gx_validations where partition_date = ?", [day])
+        con.executemany(
+            "insert into quality.gx_validations values (?, ?, ?, now(), ?, ?, ?, ?, ?)",
+            [[day, v.dataset, run_id, v.present, v.day_rows, v.batch_rows, v.sampled, v.note] for v in validations])
         con.execute("delete from quality.findings where partition_date = ? and tool = ?", [day, TOOL])
         write_findings(con, gx_findings(validations, day))
         con.execute("commit")
@@ -318,6 +332,29 @@ def run_gx(con: duckdb.DuckDBPyConnection, registry: Registry, day: dt.date,
         raise
     register_rules(con, day, TOOL, gx_rules(validations))
     return validations
+
+
+def stored_validation(con: duckdb.DuckDBPyConnection, registry: Registry, dataset: str, day: dt.date,
+                      run_id: str) -> DatasetValidation | None:
+    """The validation `run_gx` stored for this partition *in run `run_id`* (None: validate afresh).
+
+    Only the same run's result is reused: it validated the staging partition this run built, so it is current.
+    """
+    ensure_gx_tables(con)
+    head = con.execute(
+        """select model_present, day_rows, batch_rows, sampled, note from quality.gx_validations
+           where partition_date = ? and dataset = ? and run_id = ?""", [day, dataset, run_id]).fetchone()
+    if head is None:
+        return None
+    present, day_rows, batch_rows, sampled, note = head
+    rows = con.execute(
+        """select rule, expectation_type, column_name, dimension, severity, success, observed, unexpected_count,
+                  element_count, detail
+           from quality.gx_results where partition_date = ? and dataset = ? order by rule""", [day, dataset]).fetchall()
+    ds = registry.datasets[dataset]
+    return DatasetValidation(dataset, ds.agency, staging_model(registry, dataset), None, None, day_rows, batch_rows,
+                             sampled, note, [ExpectationOutcome(*r) for r in rows], present=present,
+                             validated_by_run=run_id)
 
 
 def render_data_docs(validations: list[DatasetValidation], docs_dir: Path, day: dt.date) -> Path:

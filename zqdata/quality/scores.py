@@ -256,7 +256,8 @@ class FindingsSummary:
 
 
 def collect_findings(con: duckdb.DuckDBPyConnection, registry: Registry, partition_date: dt.date,
-                     manifest: dict | None = None, docs_dir=None, now: dt.datetime | None = None) -> FindingsSummary:
+                     manifest: dict | None = None, docs_dir=None, now: dt.datetime | None = None,
+                     run_id: str | None = None) -> FindingsSummary:
     """The partition's findings from every tool run after ingestion: delivery timeliness, dbt tests, GX suites.
 
     Ingestion has already written its own ('pandera', 'delivery') findings; each tool replaces only its own rows.
@@ -273,7 +274,7 @@ def collect_findings(con: duckdb.DuckDBPyConnection, registry: Registry, partiti
 
         summary.dbt_findings = collect_dbt_findings(con, manifest, partition_date)
         register_rules(con, partition_date, "dbt", dbt_rules_from_manifest(manifest, registry))
-    validations = run_gx(con, registry, partition_date)
+    validations = run_gx(con, registry, partition_date, run_id=run_id)
     summary.gx_failed = {v.dataset: [o.rule for o in v.failed] for v in validations if v.failed}
     summary.gx_notes = {v.dataset: v.note for v in validations}
     if docs_dir is not None:

@@ -2,7 +2,7 @@
 with source as (
 
     select * from {{ source('ods', 'social_insurance') }}
-    where cast(_partition_date as date) = date '{{ var("partition_date") }}'
+    where cast(_partition_date as date) = date '{{ zq_partition_date() }}'
 
 ),
 

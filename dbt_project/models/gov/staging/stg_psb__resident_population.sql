@@ -2,7 +2,7 @@
 with source as (
 
     select * from {{ source('ods', 'resident_population') }}
-    where cast(_partition_date as date) = date '{{ var("partition_date") }}'
+    where cast(_partition_date as date) = date '{{ zq_partition_date() }}'
 
 ),
 

@@ -4,7 +4,7 @@ with enterprises as (
 
     select * from {{ scenario_source('sme_credit_profile', 'enterprise_registry',
         ['credit_code', 'ent_name', 'district_code', 'reg_capital_wan', 'status', 'established_date']) }}
-    where cast(_partition_date as date) = date '{{ var("partition_date") }}'
+    where cast(_partition_date as date) = date '{{ zq_partition_date() }}'
 
 ),
 
@@ -12,21 +12,21 @@ social_insurance as (
 
     select * from {{ scenario_source('sme_credit_profile', 'social_insurance',
         ['credit_code', 'period', 'insured_headcount', 'contribution_yuan']) }}
-    where cast(_partition_date as date) <= date '{{ var("partition_date") }}'
+    where cast(_partition_date as date) <= date '{{ zq_partition_date() }}'
 
 ),
 
 electricity as (
 
     select * from {{ scenario_source('sme_credit_profile', 'electricity_usage', ['credit_code', 'reading_date', 'kwh']) }}
-    where cast(_partition_date as date) = date '{{ var("partition_date") }}'
+    where cast(_partition_date as date) = date '{{ zq_partition_date() }}'
 
 ),
 
 water as (
 
     select * from {{ scenario_source('sme_credit_profile', 'water_usage', ['credit_code', 'reading_date', 'cubic_meters']) }}
-    where cast(_partition_date as date) = date '{{ var("partition_date") }}'
+    where cast(_partition_date as date) = date '{{ zq_partition_date() }}'
 
 ),
 
