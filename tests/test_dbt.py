@@ -376,3 +376,17 @@ def test_dagster_dbt_definitions_load(tmp_path: Path, monkeypatch: pytest.Monkey
     # relational rules (dbt severity error) block downstream; row-level rules only warn
     assert {c.blocking for c in checks if c.name.startswith("unique_int_")} == {True}
     assert {c.blocking for c in checks if "__citizen_id__" in c.name} == {False}
+
+
+def test_dbt_resource_knows_the_dbt_version_without_asking_the_cli() -> None:
+    """The resource reads the venv's dbt-core version instead of running `dbt --version` before every step; it must
+    be the version the executable reports (dagster-dbt picks its event parsing by it)."""
+    import re
+    import subprocess
+
+    from assets.dbt_common import ZhaoqingDbtCliResource, dbt_executable
+
+    res = ZhaoqingDbtCliResource(project_dir=str(DBT_PROJECT_DIR), dbt_executable=dbt_executable())
+    reported = re.search(r"(\d+\.\d+\.\d+)", subprocess.check_output([dbt_executable(), "--version"], text=True))
+    assert str(res._cli_version) == reported.group(1)
+    assert res._initialize_dbt_core_adapter(["build"]) is None  # no in-process adapter on the DuckDB files

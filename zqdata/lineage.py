@@ -8,14 +8,17 @@ from lineage ids: `_source_lineage_ids` / `_lineage_id` on the ops side, then `o
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import re
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import duckdb
+import pyarrow as pa
 
 from zqdata.desensitize import DesensitizationError, mask_expression, quote_ident
 from zqdata.quality.dimensions import cn_name
@@ -141,6 +144,18 @@ def parse_lineage_id(lineage_id: str) -> tuple[str, str, str, int]:
 HIDDEN = {"pseudonymize": "〔假名化，不显示〕", "suppress": "〔已屏蔽〕"}
 
 
+_DISPLAY = threading.local()
+
+
+def _display_connection() -> duckdb.DuckDBPyConnection:
+    """One in-memory DuckDB per thread for display masking (a trace masks a few rows; connecting each time cost
+    10 ms × every failed check of a night)."""
+    con = getattr(_DISPLAY, "con", None)
+    if con is None:
+        con = _DISPLAY.con = duckdb.connect()
+    return con
+
+
 def mask_rows(ds: Dataset, rows: Sequence[Mapping[str, Any]], as_of: dt.date) -> list[dict[str, str]]:
     """Field values of a few rows as they may be shown in a trace or alert: the registry's mask rules, applied with
     `zqdata.desensitize.mask_expression` (the boundary's own SQL) in a throwaway in-memory DuckDB.
@@ -161,16 +176,15 @@ def mask_rows(ds: Dataset, rows: Sequence[Mapping[str, Any]], as_of: dt.date) ->
             continue  # a rule the boundary would refuse: never shown
         if e is not None:
             exprs[f.name] = e
-    con = duckdb.connect()  # in-memory, display only; nothing persisted
+    src = pa.table({"_i": pa.array(range(len(rows)), pa.int32()),
+                    **{n: pa.array([None if r.get(n) is None else str(r.get(n)) for r in rows], pa.string())
+                       for n in names}})
+    con = _display_connection().cursor()  # in-memory, display only; nothing persisted
     try:
-        cols = ", ".join(f"{quote_ident(n)} varchar" for n in names)
-        con.execute(f"create table src (_i integer, {cols})")
-        con.executemany(
-            f"insert into src values (?, {', '.join('?' for _ in names)})",
-            [[i, *[None if r.get(n) is None else str(r.get(n)) for n in names]] for i, r in enumerate(rows)],
-        )
+        con.register("_zq_display_rows", src)
         select = ", ".join(["_i", *exprs.values()]) if exprs else "_i"
-        masked = {r[0]: dict(zip(exprs, r[1:])) for r in con.execute(f"select {select} from src order by _i").fetchall()}
+        masked = {r[0]: dict(zip(exprs, r[1:]))
+                  for r in con.execute(f"select {select} from _zq_display_rows as src order by _i").fetchall()}
     finally:
         con.close()
     out = []
@@ -212,7 +226,13 @@ def load_manifest(path: Path | None = None) -> dict[str, Any] | None:
     p = path or manifest_path()
     if not p.exists():
         return None
-    with open(p, encoding="utf-8") as fh:
+    return _read_manifest(p, p.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=2)
+def _read_manifest(path: Path, mtime_ns: int) -> dict[str, Any]:
+    """Parsed once per file version (read only by the callers): a night traces dozens of failed checks."""
+    with open(path, encoding="utf-8") as fh:
         return json.load(fh)
 
 
@@ -427,16 +447,20 @@ def source_rows(gov_con: duckdb.DuckDBPyConnection, registry: Registry, lineage_
         ds = registry.datasets[ds_code]
         found: dict[str, SourceRow] = {}
         raw_values: dict[str, Mapping[str, Any]] = {}
-        # The day is part of the lineage id: filtering on it lets DuckDB skip other partitions' row groups.
-        days = sorted({parse_lineage_id(i)[1] for i in ids})
-        where = '"_partition_date" in (select unnest(?::date[])) and "_lineage_id" in (select unnest(?::varchar[]))'
+        # The day and the row number are part of the lineage id. Rows are stored in delivery order, so the range of
+        # row numbers (like the day) lets DuckDB skip every other row group: a day of 7 M swipes 0.4 s → 0.01 s.
+        parsed = [parse_lineage_id(i) for i in ids]
+        days = sorted({p[1] for p in parsed})
+        row_range = [min(p[3] for p in parsed), max(p[3] for p in parsed)]
+        where = ('"_partition_date" in (select unnest(?::date[])) and "_row_number" between ? and ? '
+                 'and "_lineage_id" in (select unnest(?::varchar[]))')
         if table_exists(gov_con, "ods", ds_code):
-            for r in fetch_dicts(gov_con, f'select * from ods."{ds_code}" where {where}', [days, ids]):
+            for r in fetch_dicts(gov_con, f'select * from ods."{ds_code}" where {where}', [days, *row_range, ids]):
                 found[r["_lineage_id"]] = _source_row(ds, r, "ods")
                 raw_values[r["_lineage_id"]] = r
         missing = [i for i in ids if i not in found]
         if missing and table_exists(gov_con, "quarantine", "rows"):
-            for r in fetch_dicts(gov_con, f'select * from quarantine."rows" where {where}', [days, missing]):
+            for r in fetch_dicts(gov_con, f'select * from quarantine."rows" where {where}', [days, *row_range, missing]):
                 if r["_lineage_id"] in found:
                     continue
                 row = _source_row(ds, r, "quarantined")

@@ -207,7 +207,13 @@ def _ephemeral_context():
         ProgressBarsConfig,
     )
 
+    from great_expectations.execution_engine import pandas_execution_engine
+
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    # GX hashes every pandas batch below HASH_THRESHOLD bytes for an informational batch-marker fingerprint, twice per
+    # validation (get_batch, then validate): 4.4 of the 10.9 s the seven suites took on a 10 M-row day. The batch is
+    # identified by dataset, partition and the sampling note instead, so the fingerprint is switched off.
+    pandas_execution_engine.HASH_THRESHOLD = 0
     # No temporary Data Docs site: validation runs render nothing (Data Docs come from render_data_docs only).
     config = DataContextConfig(store_backend_defaults=InMemoryStoreBackendDefaults(init_temp_docs_sites=False))
     ctx = gx.get_context(mode="ephemeral", project_config=config)
@@ -367,7 +373,13 @@ def render_data_docs(validations: list[DatasetValidation], docs_dir: Path, day: 
         ValidationResultIdentifier,
     )
 
+    from great_expectations.execution_engine import pandas_execution_engine
+
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    # GX hashes every pandas batch below HASH_THRESHOLD bytes for an informational batch-marker fingerprint, twice per
+    # validation (get_batch, then validate): 4.4 of the 10.9 s the seven suites took on a 10 M-row day. The batch is
+    # identified by dataset, partition and the sampling note instead, so the fingerprint is switched off.
+    pandas_execution_engine.HASH_THRESHOLD = 0
     root = Path(docs_dir) / "gx"
     root.mkdir(parents=True, exist_ok=True)
     ctx = gx.get_context(mode="file", project_root_dir=str(root))
