@@ -51,11 +51,13 @@ def machine() -> dict:
 
 
 def _git_commit() -> str:
-    """The commit measured (``+dirty`` when tracked files differ: other work in the tree at the time)."""
+    """The commit measured (``+dirty`` when tracked files differ: other work in the tree at the time; the results
+    this benchmark itself writes under docs/ do not count)."""
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo_root(), capture_output=True,
                               text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo_root(),
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)docs/benchmark.json", ":(exclude)docs/benchmark.md"], cwd=repo_root(),
                                capture_output=True, text=True).stdout.strip()
         return head + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):

@@ -277,6 +277,31 @@ def test_leak_gate_finds_phones_names_and_legal_rep_ids_in_any_table(dbs, regist
     assert [(l.table, l.kind) for l in leaks] == [("products.p", kind)]
 
 
+def test_leak_gates_share_the_gov_value_set_until_the_gov_db_changes(tmp_path, registry):
+    """The boundary's gate and the product gates reuse one all-history value set per gov file version; a new
+    resident written to gov afterwards is still caught (the set is rebuilt)."""
+    from zqdata import boundary
+
+    gov_path, ops_path = tmp_path / "gov.duckdb", tmp_path / "ops.duckdb"
+    build_gov(gov_path, registry, [D1])
+    with duckdb.connect(str(ops_path)) as ops:
+        ops.execute("CREATE SCHEMA products; CREATE TABLE products.p (note VARCHAR)")
+        ops.execute("INSERT INTO products.p VALUES ('13700001111')")
+        with duckdb.connect(str(gov_path), read_only=True) as gov:
+            assert find_leaks(gov, ops, D1, registry) == []
+            first = boundary._VALUE_SET_CACHE.copy()
+            assert len(first) == 1
+        with duckdb.connect(str(gov_path), read_only=True) as gov:  # the next gate, a new connection, same data
+            assert find_leaks(gov, ops, D1, registry) == []
+            assert boundary._VALUE_SET_CACHE.keys() == first.keys()
+        with duckdb.connect(str(gov_path)) as gov:  # gov changes: a resident with that mobile is delivered
+            gov.execute("INSERT INTO ods.resident_population (phone, _lineage_id, _partition_date) VALUES (?, ?, ?)",
+                        ["13700001111", f"resident_population/{D1}/part-0002#1", D1])
+        with duckdb.connect(str(gov_path), read_only=True) as gov:
+            leaks = find_leaks(gov, ops, D1, registry)
+    assert [(l.table, l.kind) for l in leaks] == [("products.p", "mobile")]
+
+
 # -- Dagster wiring ----------------------------------------------------------------------------------------------
 
 

@@ -13,6 +13,7 @@ import datetime as dt
 import re
 from collections.abc import Collection
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import duckdb
 import pyarrow as pa
@@ -339,6 +340,49 @@ def gov_personal_values(gov_con: duckdb.DuckDBPyConnection, registry: Registry, 
     return gov_con.execute(sql, {"zq_partition": partition_date}).fetch_arrow_table()
 
 
+_VALUE_SET_CACHE: dict[tuple, pa.Table] = {}  # one entry: the latest (gov file version, partition) in this process
+
+
+def _read_only_file_version(gov_con: duckdb.DuckDBPyConnection) -> tuple | None:
+    """(path, size and mtime of the file and of its WAL) of a gov DB opened read-only; None otherwise.
+
+    Read-only: nothing can change the file while the connection is open (DuckDB's lock), and any later write
+    changes size or mtime, so the key names one version of the data. In-memory or writable DBs are never cached.
+    """
+    if gov_con.execute("SELECT current_setting('access_mode')").fetchone()[0] != "read_only":
+        return None
+    row = gov_con.execute("SELECT path FROM duckdb_databases() WHERE database_name = current_database()").fetchone()
+    if not row or not row[0]:
+        return None
+    path = Path(row[0]).resolve()
+    stats = []
+    for f in (path, path.with_name(path.name + ".wal")):
+        try:
+            st = f.stat()
+            stats.append((st.st_size, st.st_mtime_ns))
+        except FileNotFoundError:
+            stats.append(None)
+    return (str(path), *stats)
+
+
+def cached_gov_personal_values(gov_con: duckdb.DuckDBPyConnection, registry: Registry,
+                               partition_date: dt.date) -> pa.Table:
+    """`gov_personal_values`, computed once per gov file version and partition in this process.
+
+    A night runs three leak gates (the boundary and one per product) on the same gov data: the all-history
+    DISTINCT is the part of each gate that grows with history, so the later gates reuse the first one's set.
+    """
+    version = _read_only_file_version(gov_con)
+    if version is None:
+        return gov_personal_values(gov_con, registry, partition_date)
+    key = (version, partition_date, tuple(sorted((d, tuple(sorted(f.items())))
+                                                 for d, f in personal_value_fields(registry).items())))
+    if key not in _VALUE_SET_CACHE:
+        _VALUE_SET_CACHE.clear()
+        _VALUE_SET_CACHE[key] = gov_personal_values(gov_con, registry, partition_date)
+    return _VALUE_SET_CACHE[key]
+
+
 def _mask_sample(value: str) -> str:
     return value[:1] + "*" * max(len(value) - 2, 1) + value[-1:] if len(value) > 2 else "*" * len(value)
 
@@ -358,7 +402,7 @@ def find_leaks(gov_con: duckdb.DuckDBPyConnection, ops_con: duckdb.DuckDBPyConne
 
         registry = _registry()
     d = dt.date.fromisoformat(partition_date) if isinstance(partition_date, str) else partition_date
-    values = gov_personal_values(gov_con, registry, d)
+    values = cached_gov_personal_values(gov_con, registry, d)
     if values.num_rows == 0:
         return []
     columns = ops_con.execute(
