@@ -24,7 +24,14 @@ from typing import Any
 
 import dagster as dg
 from packaging import version
-from dagster_dbt import DagsterDbtTranslator, DagsterDbtTranslatorSettings, DbtCliInvocation, DbtCliResource, DbtProject
+from dagster_dbt import (
+    DagsterDbtTranslator,
+    DagsterDbtTranslatorSettings,
+    DbtCliInvocation,
+    DbtCliResource,
+    DbtProject,
+    dbt_assets,
+)
 
 from zqdata import column_lineage as cl
 from zqdata.registry import Registry
@@ -288,6 +295,17 @@ def stream_with_column_lineage(invocation: DbtCliInvocation, db_path: Path,
 
 
 # ---------------------------------------------------------------- one partition's dbt build
+
+
+def partitioned_dbt_assets(select: str, name: str):
+    """`@dbt_assets` as both platforms use it: the one manifest and translator, daily partitions, one run per day
+    (dbt gets exactly one partition, `build_partition`)."""
+    from orchestration.partitions import daily_partitions
+
+    project = dbt_project()
+    return dbt_assets(manifest=project.manifest_path, project=project, select=select, name=name,
+                      dagster_dbt_translator=translator(), partitions_def=daily_partitions,
+                      backfill_policy=dg.BackfillPolicy.multi_run(1))
 
 RUN_DIRS_KEPT = 14  # per dbt asset: the newest run folders (compiled SQL, run_results.json, dbt.log) kept for audit
 

@@ -7,10 +7,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import dagster as dg
-from dagster_dbt import DbtCliResource, dbt_assets
+from dagster_dbt import DbtCliResource
 
-from assets.dbt_common import build_partition, dbt_project, dbt_resource, dbt_source_specs, translator
-from orchestration.partitions import daily_partitions
+from assets.dbt_common import build_partition, dbt_project, dbt_resource, dbt_source_specs, partitioned_dbt_assets
 from orchestration.resources import WarehouseResource
 from zqdata.reference import sync_reference_tables
 from zqdata.registry import Registry, registry
@@ -19,18 +18,8 @@ from zqdata.registry import Registry, registry
 @functools.cache
 def gov_dbt_assets() -> dg.AssetsDefinition:
     """gov/staging/<model> and gov/intermediate/<model>, daily partitioned; dbt tests are asset checks."""
-    project = dbt_project()
 
-    @dbt_assets(
-        manifest=project.manifest_path,
-        project=project,
-        select="path:models/gov",
-        name="gov_dbt_models",
-        dagster_dbt_translator=translator(),
-        partitions_def=daily_partitions,
-        # one run per day, like every other asset: dbt gets exactly one partition (ZQ_PARTITION_DATE)
-        backfill_policy=dg.BackfillPolicy.multi_run(1),
-    )
+    @partitioned_dbt_assets(select="path:models/gov", name="gov_dbt_models")
     def gov_dbt_models(context: dg.AssetExecutionContext, dbt: DbtCliResource,
                        warehouse: WarehouseResource) -> Iterator[Any]:
         reg = registry()

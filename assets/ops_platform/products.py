@@ -7,10 +7,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import dagster as dg
-from dagster_dbt import DbtCliResource, dbt_assets
+from dagster_dbt import DbtCliResource
 
-from assets.dbt_common import build_partition, dbt_project, dbt_resource, scenario_vars, translator
-from orchestration.partitions import daily_partitions
+from assets.dbt_common import build_partition, dbt_project, dbt_resource, partitioned_dbt_assets, scenario_vars
 from orchestration.resources import WarehouseResource
 from zqdata.registry import registry
 
@@ -18,18 +17,8 @@ from zqdata.registry import registry
 @functools.cache
 def ops_dbt_assets() -> dg.AssetsDefinition:
     """ops/products/<model>, daily partitioned; authorized fields and k come from the registry as dbt vars."""
-    project = dbt_project()
 
-    @dbt_assets(
-        manifest=project.manifest_path,
-        project=project,
-        select="path:models/ops",
-        name="ops_dbt_products",
-        dagster_dbt_translator=translator(),
-        partitions_def=daily_partitions,
-        # one run per day, like every other asset: dbt gets exactly one partition (ZQ_PARTITION_DATE)
-        backfill_policy=dg.BackfillPolicy.multi_run(1),
-    )
+    @partitioned_dbt_assets(select="path:models/ops", name="ops_dbt_products")
     def ops_dbt_products(context: dg.AssetExecutionContext, dbt: DbtCliResource,
                          warehouse: WarehouseResource) -> Iterator[Any]:
         vars_ = scenario_vars(registry(), dt.date.fromisoformat(context.partition_key))
