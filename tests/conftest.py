@@ -152,3 +152,39 @@ def http_server():
     yield f"http://127.0.0.1:{srv.server_address[1]}", received
     srv.shutdown()
     srv.server_close()
+
+
+# --- the operational database (issues, notifications, audit): SQLite by default, PostgreSQL in production --------
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A PostgreSQL server on loopback for the session. Required on CI (`make test` installs the package)."""
+    import os
+
+    from pgserver import pg_bin, postgres_server
+
+    if pg_bin() is None:
+        if os.environ.get("CI"):
+            raise RuntimeError("PostgreSQL server missing on CI: `make test` should have installed it")
+        pytest.skip("PostgreSQL server not installed (apt-get install postgresql)")
+    with postgres_server() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def opdb(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The operational DB engine on both backends, empty, and ``ZQ_OPDB_URL`` pointing at it (for the CLI)."""
+    import sqlalchemy as sa
+
+    from zqdata import opdb as opdb_module
+
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'opdb' / 'operational.sqlite'}"
+    else:
+        url = request.getfixturevalue("pg_url")
+    engine = opdb_module.get_engine(url)
+    with engine.begin() as conn:  # empty for each test (the PostgreSQL server lives for the session)
+        for table in reversed(opdb_module.metadata.sorted_tables):
+            conn.execute(sa.delete(table))
+    monkeypatch.setenv(opdb_module.URL_ENV, url)
+    return engine
