@@ -1,6 +1,6 @@
 """The dbt project for Dagster: one cached DbtProject, the one translator, and the dbt vars built from the registry.
 
-The manifest is prepared once, never at import: `prepare_if_dev()` under `dagster dev`, otherwise
+The manifest is prepared once, never at import: when missing or stale at definitions load (`dbt_project()`), or by
 `python -m assets.dbt_common` (runs `dbt parse`; the Makefile/CI should call it before loading definitions).
 """
 
@@ -58,13 +58,28 @@ def set_dbt_env() -> None:
 
 @functools.cache
 def dbt_project() -> DbtProject:
-    """The dbt project (both targets share one manifest; the target is chosen per invocation with --target)."""
+    """The dbt project (both targets share one manifest; the target is chosen per invocation with --target).
+
+    Not `DbtProject.prepare_if_dev()`: under `dagster dev` it runs `dbt` from PATH (absent when the venv is not
+    activated) and rewrites target/manifest.json in place while other processes read it. The manifest is built here
+    only when missing or older than the project's files, with the venv's dbt, and replaced atomically.
+    """
     set_dbt_env()
     project = DbtProject(project_dir=DBT_PROJECT_DIR, profiles_dir=DBT_PROJECT_DIR)
-    project.prepare_if_dev()
-    if not project.manifest_path.exists():
+    if manifest_stale(project.manifest_path):
         prepare_manifest()
     return project
+
+
+def manifest_stale(manifest: Path) -> bool:
+    """True when the manifest is missing or a model, macro, test or project file is newer than it."""
+    if not manifest.is_file():
+        return True
+    built = manifest.stat().st_mtime
+    sources = [DBT_PROJECT_DIR / "dbt_project.yml", DBT_PROJECT_DIR / "profiles.yml"]
+    for folder in ("models", "macros", "tests"):
+        sources += [p for p in (DBT_PROJECT_DIR / folder).rglob("*") if p.suffix in (".sql", ".yml", ".yaml")]
+    return any(p.stat().st_mtime > built for p in sources if p.is_file())
 
 
 class ZhaoqingDbtCliResource(DbtCliResource):
@@ -99,15 +114,25 @@ def dbt_executable() -> str:
 
 
 def prepare_manifest() -> Path:
-    """Run `dbt parse` once to write target/manifest.json (what `python -m assets.dbt_common` does)."""
+    """Run `dbt parse` to write target/manifest.json (what `python -m assets.dbt_common` does).
+
+    dbt writes into a folder of its own; the manifest then replaces the old one atomically, so a process reading it
+    (a code server, a sensor, a run) never sees half a file.
+    """
     set_dbt_env()
-    subprocess.run(
-        # --target gov: the first nightly gov build then finds a partial-parse state that matches it
-        [dbt_executable(), "parse", "--project-dir", str(DBT_PROJECT_DIR),
-         "--profiles-dir", str(DBT_PROJECT_DIR), "--target", "gov", "--quiet"],
-        check=True,
-    )
-    return DBT_PROJECT_DIR / "target" / "manifest.json"
+    target = DBT_PROJECT_DIR / "target"
+    target.mkdir(parents=True, exist_ok=True)
+    scratch = target / f".parse-{uuid.uuid4().hex[:8]}"
+    try:
+        subprocess.run(
+            [dbt_executable(), "parse", "--project-dir", str(DBT_PROJECT_DIR), "--profiles-dir", str(DBT_PROJECT_DIR),
+             "--target", "gov", "--target-path", str(scratch), "--quiet"],
+            check=True,
+        )
+        os.replace(scratch / "manifest.json", target / "manifest.json")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return target / "manifest.json"
 
 
 def authorized_fields_var(registry: Registry, day: dt.date | None = None) -> dict[str, dict[str, list[str]]]:
@@ -297,15 +322,15 @@ def stream_with_column_lineage(invocation: DbtCliInvocation, db_path: Path,
 # ---------------------------------------------------------------- one partition's dbt build
 
 
-def partitioned_dbt_assets(select: str, name: str):
+def partitioned_dbt_assets(select: str, name: str, pool: str):
     """`@dbt_assets` as both platforms use it: the one manifest and translator, daily partitions, one run per day
-    (dbt gets exactly one partition, `build_partition`)."""
+    (dbt gets exactly one partition, `build_partition`), under the pool of the DuckDB file dbt writes."""
     from orchestration.partitions import daily_partitions
 
     project = dbt_project()
     return dbt_assets(manifest=project.manifest_path, project=project, select=select, name=name,
                       dagster_dbt_translator=translator(), partitions_def=daily_partitions,
-                      backfill_policy=dg.BackfillPolicy.multi_run(1))
+                      backfill_policy=dg.BackfillPolicy.multi_run(1), pool=pool)
 
 RUN_DIRS_KEPT = 14  # per dbt asset: the newest run folders (compiled SQL, run_results.json, dbt.log) kept for audit
 

@@ -4,11 +4,14 @@ import dagster as dg
 
 from orchestration.partitions import daily_partitions
 
-# In-process: both DuckDB files allow one writer at a time, so steps run one after another
-# (STYLE.md: serialize writers instead of retrying lock errors).
+# In-process: steps of one night run one after another; across runs, every step that opens a warehouse file holds
+# that file's concurrency pool (orchestration/pools.py), so concurrent runs queue instead of fighting for DuckDB's lock.
+NIGHTLY_JOB = "nightly_aggregation"
+
+# Notification delivery is its own small job (requested by the alert sensor; `zq nightly` runs it after the night).
 nightly_aggregation = dg.define_asset_job(
-    name="nightly_aggregation",
-    selection=dg.AssetSelection.all(include_sources=False),
+    name=NIGHTLY_JOB,
+    selection=dg.AssetSelection.all(include_sources=False) - dg.AssetSelection.assets(dg.AssetKey(["gov", "quality", "notifications"])),
     partitions_def=daily_partitions,
     executor_def=dg.in_process_executor,
     description=(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
+from typing import Any
 
 import dagster as dg
 import duckdb
@@ -18,27 +19,61 @@ class DaySummary:
     stage_rows: list[tuple[str, str, int]] = field(default_factory=list)  # (platform, table, rows in partition)
     checks_passed: int = 0
     checks_failed: list[str] = field(default_factory=list)
+    gate_passed: bool | None = None  # the quality gate on gov/quality/scores; None: not evaluated
+    gate_failures: list[str] = field(default_factory=list)
+    issues: list[Any] = field(default_factory=list)  # the partition's unverified issues (zqdata.issues.Issue)
+    notify: str = ""  # what the notification run did
+    published: list[str] = field(default_factory=list)  # products published for the partition
+
+
+# INFO on the console: step starts/ends and warnings, not every event (the event log keeps everything)
+_RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
 
 
 def run_nightly(day: dt.date, instance: dg.DagsterInstance | None = None) -> tuple[dg.ExecuteInProcessResult, DaySummary]:
-    """Execute `nightly_aggregation` for one partition in this process and summarize it."""
+    """Execute `nightly_aggregation` for one partition in this process, deliver the agencies' messages (the run the
+    alert sensor requests under `make ui`), and summarize both."""
+    from assets.governance.issues import NOTIFY_JOB
     from orchestration.definitions import defs
+    from orchestration.jobs import NIGHTLY_JOB
+    from zqdata import issues, opdb
 
-    job = defs().resolve_job_def("nightly_aggregation")
+    location = defs()
     instance = instance or dg.DagsterInstance.get()
-    # INFO on the console: step starts/ends and warnings, not every event (the event log keeps everything)
-    run_config = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
-    result = job.execute_in_process(partition_key=day.isoformat(), instance=instance, raise_on_error=False,
-                                    run_config=run_config)
+    result = location.resolve_job_def(NIGHTLY_JOB).execute_in_process(
+        partition_key=day.isoformat(), instance=instance, raise_on_error=False, run_config=_RUN_CONFIG)
     summary = DaySummary(partition=day.isoformat(), success=result.success)
     for ev in result.get_asset_check_evaluations():
         name = f"{ev.asset_key.to_user_string()}:{ev.check_name}"
+        if ev.check_name == "quality_gate":
+            summary.gate_passed = ev.passed
+            failures = ev.metadata.get("failures")
+            summary.gate_failures = [] if ev.passed or failures is None else [
+                line[2:] for line in str(getattr(failures, "value", failures)).splitlines() if line.startswith("- ")]
         if ev.passed:
             summary.checks_passed += 1
         else:
             summary.checks_failed.append(name)
+    summary.published = sorted(m.asset_key.path[-1] for m in result.get_asset_materialization_events()
+                               if m.asset_key.path[:2] == ["ops", "published"])
+    notify = location.resolve_job_def(NOTIFY_JOB).execute_in_process(instance=instance, raise_on_error=False,
+                                                                       run_config=_RUN_CONFIG)
+    summary.notify = _notify_text(notify)
+    summary.issues = [i for i in issues.list_issues(opdb.get_engine(), partition_date=day) if i.status != "verified"]
     summary.stage_rows = stage_row_counts(day)
     return result, summary
+
+
+def _notify_text(result: dg.ExecuteInProcessResult) -> str:
+    if not result.success:
+        return "通知投递运行失败 notification run failed (see the Dagster event log)"
+    (mat,) = [m.materialization for m in result.get_asset_materialization_events()] or [None]
+    if mat is None:
+        return ""
+    meta = {k: getattr(v, "value", v) for k, v in mat.metadata.items()}
+    where = "本地发件箱 Maildir " + str(meta.get("maildir")) if meta.get("email_transport") == "maildir" else "SMTP"
+    return (f"新消息 {meta.get('queued', 0)}，已发送 {meta.get('sent', 0)}，失败待重试 {meta.get('failed', 0)}；"
+            f"邮件 → {where}")
 
 
 def _counts(db_path, platform: str, day: dt.date) -> list[tuple[str, str, int]]:
@@ -73,6 +108,10 @@ def stage_row_counts(day: dt.date) -> list[tuple[str, str, int]]:
 
 
 def format_summary(summary: DaySummary) -> str:
+    from zqdata.lineage import dimension_label
+    from zqdata.registry import registry
+
+    reg = registry()
     lines = [
         f"== 分区 partition {summary.partition}: {'成功 success' if summary.success else '失败 FAILED'} ==",
         f"{'platform':<22} {'table':<55} {'rows':>10}",
@@ -80,4 +119,23 @@ def format_summary(summary: DaySummary) -> str:
     lines += [f"{p:<22} {t:<55} {n:>10,}" for p, t, n in summary.stage_rows]
     lines.append(f"检查 checks: {summary.checks_passed} passed, {len(summary.checks_failed)} failed")
     lines += [f"  未通过 failed: {name}" for name in summary.checks_failed]
+    gate = {True: "通过 passed（允许出域）", False: "未通过 FAILED（本分区不出域、不发布）", None: "未运行 not evaluated"}
+    lines.append(f"质量门禁 quality gate: {gate[summary.gate_passed]}")
+    lines += [f"  - {f}" for f in summary.gate_failures]
+    lines.append("已发布产品 published: " + ("、".join(summary.published) if summary.published else "无 none"))
+    by_agency: dict[str, dict[str, list]] = {}
+    for i in summary.issues:
+        by_agency.setdefault(i.agency, {}).setdefault(dimension_label(i.dimension), []).append(i)
+    lines.append(f"未关闭的质量问题 open quality issues: {len(summary.issues)}（按数源机构、第二十条维度 by agency and Art. 20 dimension）")
+    for agency, dims in sorted(by_agency.items()):
+        name = reg.agencies[agency].name if agency in reg.agencies else agency
+        lines.append(f"  {name} ({agency})")
+        for dim, items in sorted(dims.items()):
+            rules = "、".join(sorted({i.rule for i in items}))
+            records = sum(int(i.records_failed or 0) for i in items)
+            lines.append(f"    {dim}: {len(items)} 条规则未通过, {records} 条记录 — {rules}")
+    if summary.notify:
+        lines.append(f"通知 notifications: {summary.notify}")
+    lines.append("下一步 next: `.venv/bin/zq issues list` 查看问题；`.venv/bin/zq issues show <QI-…>` 查看溯源与通知；"
+                 "`make ui` 在 Dagster UI 查看检查与血缘；Data Docs 在 <ZQ_DATA_DIR>/published/gx/")
     return "\n".join(lines)

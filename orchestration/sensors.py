@@ -1,184 +1,140 @@
-"""Alerting on failed asset checks (open-source Dagster has no check alerts; a failed check doesn't fail the run).
+"""The alert sensor: reads the event log, requests small runs; never opens a database file itself.
 
-`quality_issue_alert_sensor` reads asset check evaluations (execution records) from the event log after its cursor, syncs the quality-issue
-register for each partition with a failed check, and sends the agency notifications (also retrying failed ones and
-escalating overdue issues on every tick). `trace_metadata` puts the 逐级溯源 trace into a check's result metadata.
+- After `gov/quality/findings` was recomputed by a run that did not also file the partition's issues (a partial
+  materialization from the UI, say), it requests `quality_issue_sync` for that partition.
+- After new `gov/quality/issues` materializations (the nightly job files issues itself), it requests
+  `quality_issue_notifications` to deliver the agencies' messages.
+- While messages wait for a retry, or when the next SLA escalation falls due (both read from the metadata of the latest
+  `gov/quality/notifications` materialization), it requests that run again.
+
+Every request has a run key derived from event-log storage ids, so a tick never requests the same work twice, and a
+restarted daemon resumes from the cursor. `trace_metadata` puts the 逐级溯源 trace into a check's result metadata.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
+import json
 import logging
-import time
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import dagster as dg
 import duckdb
-from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 
-from orchestration.resources import WarehouseResource
 from zqdata.registry import Registry
 
 log = logging.getLogger(__name__)
 
 SENSOR_NAME = "quality_issue_alert_sensor"
-EVENTS_PER_TICK = 1000
-UNVERIFIED = ("open", "notified", "acknowledged", "resolved", "reopened")  # bounded work per tick; the cursor carries the rest to the next tick
+INTERVAL_ENV = "ZQ_ALERT_SENSOR_INTERVAL_SECONDS"
+RETRY_ENV = "ZQ_ALERT_RETRY_MINUTES"
+EVENTS_PER_TICK = 500
 
 
 @dataclass
-class FailedChecks:
-    partitions: list[str]
-    checks: list[str]  # "<asset key>:<check name>[<partition>]"
-    cursor: int | None  # id of the last check execution read
-    unpartitioned: list[str] = field(default_factory=list)
-    rechecked: list[str] = field(default_factory=list)  # partitions with passing checks (fixes to verify)
+class AlertPlan:
+    """What one tick asks for: runs to request and the next cursor."""
+
+    cursor: dict[str, int]
+    sync_partitions: list[tuple[str, int]] = field(default_factory=list)  # (partition, findings storage id)
+    notify_key: str | None = None
+    notify_reason: str = ""
+
+    def run_requests(self, sync_job: str, notify_job: str) -> list[dg.RunRequest]:
+        out = [dg.RunRequest(run_key=f"sync:{p}:{sid}", job_name=sync_job, partition_key=p,
+                             tags={"zq/requested_by": SENSOR_NAME}) for p, sid in self.sync_partitions]
+        if self.notify_key:
+            out.append(dg.RunRequest(run_key=self.notify_key, job_name=notify_job,
+                                     tags={"zq/requested_by": SENSOR_NAME, "zq/reason": self.notify_reason}))
+        return out
 
 
-def _run_partitions(instance: dg.DagsterInstance, run_id: str) -> list[str]:
-    """The daily partitions a run covered: its partition tag, or the days of a backfill range."""
-    run = instance.get_run_by_id(run_id)
-    tags = run.tags if run else {}
-    if tags.get("dagster/partition"):
-        return [tags["dagster/partition"]]
-    start, end = tags.get("dagster/asset_partition_range_start"), tags.get("dagster/asset_partition_range_end")
-    if start and end:
-        d0, d1 = dt.date.fromisoformat(start), dt.date.fromisoformat(end)
-        return [(d0 + dt.timedelta(days=i)).isoformat() for i in range((d1 - d0).days + 1)]
-    return []
+def _files_issues_itself(run: dg.DagsterRun | None, issues_key: dg.AssetKey, nightly_job: str) -> bool:
+    if run is None:
+        return False
+    if run.asset_selection is not None:
+        return issues_key in run.asset_selection
+    return run.job_name == nightly_job
 
 
-def failed_check_partitions(
-    instance: dg.DagsterInstance, check_keys: Sequence[dg.AssetCheckKey], cursor: int | None, limit: int = EVENTS_PER_TICK
-) -> FailedChecks:
-    """Failed asset check executions with an execution id above `cursor`, by partition, and the next cursor.
+def plan_alert_tick(instance: dg.DagsterInstance, cursor: dict[str, int], *, now: dt.datetime | None = None,
+                    limit: int = EVENTS_PER_TICK) -> AlertPlan:
+    """Read the event log after `cursor` and decide which runs to request (pure event-log reads)."""
+    from assets.governance.issues import FINDINGS_KEY, ISSUES_KEY, NOTIFICATIONS_KEY
+    from orchestration.jobs import NIGHTLY_JOB
 
-    Reads the event log's asset-check execution records (ids are global even on the run-sharded SQLite storage of
-    `dagster dev`, where cross-run event queries need run-aware cursors). An execution still in progress holds the cursor
-    back so its evaluation is not skipped; re-reading a failure is harmless (issues and messages are deduplicated).
-    """
-    storage = instance.event_log_storage
-    after = cursor or 0
-    out = FailedChecks(partitions=[], checks=[], cursor=cursor)
-    newest, hold_back = after, None
-    runs: dict[str, list[str]] = {}
-    finished: dict[str, bool] = {}
-    for key in check_keys:
-        page: int | None = None
-        while True:
-            records = storage.get_asset_check_execution_history(key, limit=limit, cursor=page)
-            fresh = [r for r in records if r.id > after]
-            for r in fresh:
-                newest = max(newest, r.id)
-                if r.status == AssetCheckExecutionRecordStatus.PLANNED:
-                    if r.run_id not in finished:
-                        run = instance.get_run_by_id(r.run_id)
-                        finished[r.run_id] = run is None or run.is_finished
-                    if not finished[r.run_id]:
-                        hold_back = r.id if hold_back is None else min(hold_back, r.id)
-                    continue
-                # The execution's own partition is often unset for partitioned runs: use the run's partition tags.
-                parts = [r.partition] if r.partition else runs.setdefault(r.run_id, _run_partitions(instance, r.run_id))
-                if r.status != AssetCheckExecutionRecordStatus.FAILED:
-                    out.rechecked += [p for p in parts if p not in out.rechecked]
-                    continue
-                name = f"{key.asset_key.to_user_string()}:{key.name}"
-                if not parts:
-                    out.unpartitioned.append(name)
-                for p in parts:
-                    out.checks.append(f"{name}[{p}]")
-                    if p not in out.partitions:
-                        out.partitions.append(p)
-            if len(records) < limit or len(fresh) < len(records):
-                break
-            page = records[-1].id  # older page (ids descending)
-    next_cursor = newest if hold_back is None else hold_back - 1
-    out.cursor = next_cursor if next_cursor > 0 else cursor
-    return out
+    now = now or dt.datetime.now(dt.timezone.utc)
+    plan = AlertPlan(cursor=dict(cursor))
+    findings = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=FINDINGS_KEY, after_storage_id=cursor.get("findings")), limit=limit,
+        ascending=True).records
+    runs: dict[str, dg.DagsterRun | None] = {}
+    for rec in findings:
+        plan.cursor["findings"] = rec.storage_id
+        run = runs.setdefault(rec.run_id, instance.get_run_by_id(rec.run_id))
+        if rec.partition_key and not _files_issues_itself(run, ISSUES_KEY, NIGHTLY_JOB):
+            plan.sync_partitions.append((rec.partition_key, rec.storage_id))
+    filed = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=ISSUES_KEY, after_storage_id=cursor.get("issues")), limit=limit,
+        ascending=True).records
+    if filed:
+        plan.cursor["issues"] = filed[-1].storage_id
+        plan.notify_key, plan.notify_reason = f"notify:issues:{filed[-1].storage_id}", "new issues filed"
+        return plan
+    latest = instance.fetch_materializations(NOTIFICATIONS_KEY, limit=1).records
+    if not latest:
+        return plan
+    rec = latest[0]
+    meta = rec.asset_materialization.metadata if rec.asset_materialization else {}
+    pending = _meta(meta, "retry_pending", 0)
+    retry_after = dt.timedelta(minutes=float(os.environ.get(RETRY_ENV) or 10))
+    if pending and now.timestamp() - rec.timestamp >= retry_after.total_seconds():
+        plan.notify_key, plan.notify_reason = f"notify:retry:{rec.storage_id}", f"{pending} messages to retry"
+        return plan
+    due = _meta(meta, "next_escalation_due", "")
+    if due and dt.datetime.fromisoformat(due) <= now:
+        plan.notify_key, plan.notify_reason = f"notify:escalate:{due}", "escalation due"
+    return plan
 
 
-@dataclass
-class AlertTick:
-    cursor: int | None
-    failed: FailedChecks
-    sync_summaries: list[str]
-    notify_summary: str
-
-    def message(self) -> str:
-        checks = "；".join(self.failed.checks[:10]) or "无新的未通过检查"
-        return f"{checks} | {' | '.join(self.sync_summaries)} | 通知 {self.notify_summary}".strip(" |")
+def _meta(meta: dict[str, Any], key: str, default: Any) -> Any:
+    value = meta.get(key)
+    return default if value is None else getattr(value, "value", value)
 
 
-def run_alert_tick(
-    instance: dg.DagsterInstance,
-    check_keys: Sequence[dg.AssetCheckKey],
-    cursor: int | None,
-    gov: Callable[[], contextlib.AbstractContextManager[duckdb.DuckDBPyConnection]],
-    registry: Registry,
-    settings: Any = None,
-    *,
-    now: dt.datetime | None = None,
-    sleep: Callable[[float], None] = time.sleep,
-) -> AlertTick:
-    """One sensor tick: read new check executions, sync their partitions' issues, escalate overdue ones, send notifications.
-
-    `gov()` opens the gov DB; it is held only for the DB work, never while sending (DuckDB allows one writer and the
-    nightly job must not find it locked by a slow SMTP server).
-    """
-    from zqdata import alerting, issues
-
-    s = settings or alerting.AlertSettings.from_env()
-    failed = failed_check_partitions(instance, check_keys, cursor)
-    with gov() as gov_con:
-        # Passing re-checks matter too: they verify the fixes of that partition's open issues.
-        to_sync = failed.partitions + [
-            p for p in failed.rechecked if p not in failed.partitions and issues.list_issues(gov_con, partition_date=p, status=UNVERIFIED)
-        ]
-        summaries = [issues.sync_issues(gov_con, registry, p, now=now).summary() for p in to_sync]
-        if not to_sync:
-            escalated = issues.escalate_overdue(gov_con, registry, now)
-            if escalated:
-                summaries.append(f"升级 {len(escalated)} 个问题")
-        enqueued = alerting.enqueue(gov_con, registry, s, now)
-        messages = alerting.pending_messages(gov_con)
-    attempts = alerting.send_messages(registry, s, messages, sleep=sleep) if messages else []
-    report = alerting.NotifyReport(enqueued=enqueued, email_disabled=not s.email_enabled)
-    if attempts:
-        with gov() as gov_con:
-            report.sent, report.failed = alerting.record_attempts(gov_con, messages, attempts)
-    return AlertTick(cursor=failed.cursor, failed=failed, sync_summaries=summaries, notify_summary=report.summary())
+def sensor_interval_seconds() -> int:
+    """``ZQ_ALERT_SENSOR_INTERVAL_SECONDS`` (default 60)."""
+    return max(1, int(os.environ.get(INTERVAL_ENV) or 60))
 
 
-@dg.sensor(
-    name=SENSOR_NAME,
-    minimum_interval_seconds=60,
-    default_status=dg.DefaultSensorStatus.RUNNING,
-    description=(
-        "数据质量问题告警：读取事件日志中未通过的资产检查，登记质量问题并通知数源机构（邮件/Webhook，第二十条逐级溯源）。"
-        " Reads failed asset check evaluations from the event log, syncs the quality-issue register, alerts the source agency."
-    ),
-)
-def quality_issue_alert_sensor(context: dg.SensorEvaluationContext, warehouse: WarehouseResource) -> dg.SkipReason:
-    """Thin wrapper around `run_alert_tick`; never launches runs."""
-    from zqdata.registry import registry
+def build_alert_sensor() -> dg.SensorDefinition:
+    from assets.governance.issues import NOTIFY_JOB, SYNC_JOB, issue_jobs
 
-    cursor = int(context.cursor) if context.cursor else None
-    # Every check of the code location (dbt tests, GX, gates, row accounting, boundary checks).
-    check_keys = list(context.repository_def.asset_graph.asset_check_keys) if context.repository_def else []
-    if not warehouse.gov_path().exists():
-        return dg.SkipReason("市政务大数据平台数据库尚未创建 gov DB not created yet")
-    try:
-        tick = run_alert_tick(context.instance, check_keys, cursor, warehouse.gov, registry())
-    except duckdb.IOException as exc:  # the nightly job holds the single DuckDB writer lock: try again next tick
-        return dg.SkipReason(f"市政务大数据平台数据库正被占用，下次重试 gov DB busy: {exc}")
-    if tick.cursor is not None:
-        context.update_cursor(str(tick.cursor))
-    if tick.failed.unpartitioned:
-        context.log.warning(f"未分区的检查未通过，无法确定分区 unpartitioned failed checks: {tick.failed.unpartitioned}")
-    return dg.SkipReason(tick.message())
+    @dg.sensor(
+        name=SENSOR_NAME,
+        minimum_interval_seconds=sensor_interval_seconds(),
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        jobs=issue_jobs(),
+        description=(
+            "数据质量问题告警：读取事件日志，为重算过质量明细的分区请求问题登记运行，为新登记的问题请求通知投递运行，"
+            "并按需请求重试与升级。只读事件日志、只请求运行，不打开任何数据库文件。"
+            " Reads the event log and requests issue-sync and notification runs (with run keys); opens no database."
+        ),
+    )
+    def quality_issue_alert_sensor(context: dg.SensorEvaluationContext):
+        cursor = json.loads(context.cursor) if context.cursor and context.cursor.startswith("{") else {}
+        plan = plan_alert_tick(context.instance, cursor)
+        requests = plan.run_requests(SYNC_JOB, NOTIFY_JOB)
+        if plan.cursor != cursor:
+            context.update_cursor(json.dumps(plan.cursor, sort_keys=True))
+        if not requests:
+            return dg.SkipReason("无新的质量明细或待投递通知 nothing new")
+        return requests
+
+    return quality_issue_alert_sensor
 
 
 def trace_metadata(
@@ -231,5 +187,5 @@ def trace_metadata(
 
 
 def sensor_defs() -> dg.Definitions:
-    """The alert sensor (needs the `warehouse` resource from orchestration.resources)."""
-    return dg.Definitions(sensors=[quality_issue_alert_sensor])
+    """The alert sensor (it requests the jobs of assets.governance.issues)."""
+    return dg.Definitions(sensors=[build_alert_sensor()])

@@ -10,6 +10,7 @@ import dagster as dg
 from dagster_dbt import DbtCliResource
 
 from assets.dbt_common import build_partition, dbt_project, dbt_resource, dbt_source_specs, partitioned_dbt_assets
+from orchestration.pools import GOV_POOL
 from orchestration.resources import WarehouseResource
 from zqdata.reference import sync_reference_tables
 from zqdata.registry import Registry, registry
@@ -19,7 +20,7 @@ from zqdata.registry import Registry, registry
 def gov_dbt_assets() -> dg.AssetsDefinition:
     """gov/staging/<model> and gov/intermediate/<model>, daily partitioned; dbt tests are asset checks."""
 
-    @partitioned_dbt_assets(select="path:models/gov", name="gov_dbt_models")
+    @partitioned_dbt_assets(select="path:models/gov", name="gov_dbt_models", pool=GOV_POOL)
     def gov_dbt_models(context: dg.AssetExecutionContext, dbt: DbtCliResource,
                        warehouse: WarehouseResource) -> Iterator[Any]:
         reg = registry()

@@ -8,6 +8,7 @@ import datetime as dt
 import dagster as dg
 
 from orchestration.partitions import daily_partitions
+from orchestration.pools import GOV_POOL
 from orchestration.resources import ObjectStoreResource, WarehouseResource
 from zqdata.ingest import IngestReport, ingest_delivery, row_accounting
 from zqdata.registry import Dataset, Registry, registry
@@ -55,6 +56,7 @@ def build_ods_asset(ds: Dataset, reg: Registry) -> dg.AssetsDefinition:
         group_name="gov_platform",
         partitions_def=daily_partitions,
         deps=[dg.AssetKey(["landing", ds.code])],
+        pool=GOV_POOL,
         kinds={"duckdb"},
         description=(
             f"贴源层（ODS）「{ds.name}」：{agency.name}当日交付的原始记录，字段值按交付原样保存为文本并附血缘列；"

@@ -5,6 +5,7 @@ import dagster as dg
 
 def governance_defs() -> dg.Definitions:
     """Definitions of the governance stage (built on call, nothing at import)."""
+    from assets.governance.issues import issues_defs
     from assets.governance.quality import quality_defs
 
-    return quality_defs()
+    return dg.Definitions.merge(quality_defs(), issues_defs())

@@ -6,6 +6,7 @@ import json
 import dagster as dg
 
 from orchestration.partitions import daily_partitions
+from orchestration.pools import GOV_POOL
 from orchestration.resources import WarehouseResource
 from zqdata.registry import registry
 from zqdata.settings import get_settings, repo_root
@@ -39,6 +40,7 @@ def build_findings_asset() -> dg.AssetsDefinition:
         group_name="governance",
         partitions_def=daily_partitions,
         deps=_findings_deps(),
+        pool=GOV_POOL,
         kinds={"duckdb", "great_expectations"},
         description=(
             "数据质量问题明细（Art. 20）：汇集交付时效/完整性（meta.deliveries + 登记时限）、dbt 行级规则、"
@@ -73,6 +75,7 @@ def build_scores_asset() -> dg.AssetsDefinition:
         group_name="governance",
         partitions_def=daily_partitions,
         deps=[FINDINGS_KEY],
+        pool=GOV_POOL,
         kinds={"duckdb"},
         check_specs=[dg.AssetCheckSpec(
             GATE_CHECK, asset=SCORES_KEY, blocking=True,
@@ -128,6 +131,7 @@ def build_gx_check(dataset: str) -> dg.AssetChecksDefinition:
         name=GX_CHECK,
         partitions_def=daily_partitions,
         additional_deps=[FINDINGS_KEY],
+        pool=GOV_POOL,
         description=f"GX 数据集级期望（字段集合、日交付量、主键唯一率、代码表占比、选填字段填充率、数值中位数）：{model}",
     )
     def gx_check(context: dg.AssetCheckExecutionContext, warehouse: WarehouseResource) -> dg.AssetCheckResult:

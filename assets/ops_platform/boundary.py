@@ -9,6 +9,7 @@ from collections.abc import Iterator, Sequence
 import dagster as dg
 
 from orchestration.partitions import daily_partitions
+from orchestration.pools import GOV_POOL, OPS_POOL, hold_pool
 from orchestration.resources import WarehouseResource
 from zqdata.authorization import AuthorizationError, check_product_authorized
 from zqdata.boundary import check_exclusions, cross_boundary, find_leaks
@@ -66,12 +67,13 @@ def build_boundary_crossing(reg: Registry) -> dg.AssetsDefinition:
         )
     ]
 
-    @dg.multi_asset(name="boundary_crossing", specs=specs, check_specs=check_specs, partitions_def=daily_partitions)
+    @dg.multi_asset(name="boundary_crossing", specs=specs, check_specs=check_specs, partitions_def=daily_partitions,
+                    pool=OPS_POOL)
     def boundary_crossing(context: dg.AssetExecutionContext, warehouse: WarehouseResource,
                           pseudonym: PseudonymKeyResource) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
         """市政务大数据平台 → 运营服务平台的唯一出域操作：脱敏、场景授权字段、数据主体授权过滤。"""
         d = dt.date.fromisoformat(context.partition_key)
-        with warehouse.gov(read_only=True) as gov, warehouse.ops() as ops:
+        with hold_pool(context, GOV_POOL), warehouse.gov(read_only=True) as gov, warehouse.ops() as ops:
             report = cross_boundary(gov, ops, reg, d, pseudonym.pseudonym_key(), strict=False)
             leaks = find_leaks(gov, ops, d, reg)
             exclusions = {ds.code: check_exclusions(ops, reg, ds.code, d) for ds in released}
@@ -104,11 +106,11 @@ def build_boundary_crossing(reg: Registry) -> dg.AssetsDefinition:
 def _product_checks(key: dg.AssetKey) -> list[dg.AssetChecksDefinition]:
     product = key.path[-1]
 
-    @dg.asset_check(asset=key, name="no_personal_data_leak", blocking=True,
+    @dg.asset_check(asset=key, name="no_personal_data_leak", blocking=True, pool=OPS_POOL,
                     description="泄露闸门：产品表不得出现原始身份证号、手机号、姓名 (leak gate)")
     def leak_gate(context: dg.AssetCheckExecutionContext, warehouse: WarehouseResource) -> dg.AssetCheckResult:
         d = _partition_date(context)
-        with warehouse.gov(read_only=True) as gov, warehouse.ops(read_only=True) as ops:
+        with hold_pool(context, GOV_POOL), warehouse.gov(read_only=True) as gov, warehouse.ops(read_only=True) as ops:
             leaks = find_leaks(gov, ops, d, registry(), tables=[f"products.{product}"])
         return dg.AssetCheckResult(passed=not leaks, metadata={
             "leaks": [f"{lk.column}: {lk.rows} {lk.kind} (e.g. {lk.sample})" for lk in leaks]})

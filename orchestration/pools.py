@@ -1,0 +1,52 @@
+"""One writer per DuckDB file, by construction: a Dagster concurrency pool per warehouse file, limit 1.
+
+Every step that opens a warehouse file (to write, or to read: a DuckDB reader in another process conflicts with the
+writer too) declares that file's pool, so runs and backfills queue on the pool instead of failing on DuckDB's lock.
+The instance gives every pool the limit 1 (`concurrency.pools.default_limit` in orchestration/dagster.yaml).
+
+Dagster gives a step one pool. The few steps that open both files (the boundary crossing, the product leak gates, a
+failed product check's trace) declare the ops pool and take the gov pool inside the step (`hold_pool`): always ops
+first, then gov, and no gov-only step ever takes the ops pool, so two steps can never wait on each other.
+Nothing outside a run step (sensor ticks, schedules, the code server, the CLI, consumers) opens a warehouse file to
+write: they use the operational database (zqdata.opdb) and published snapshots (zqdata.publish).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+
+import dagster as dg
+
+GOV_POOL = "zq_gov_duckdb"  # 市政务大数据平台 gov_platform.duckdb
+OPS_POOL = "zq_ops_duckdb"  # 运营服务平台 ops_platform.duckdb
+POOLS = (GOV_POOL, OPS_POOL)
+CLAIM_POLL_MAX_SECONDS = 5.0  # how often a waiting step asks again at most (Dagster's own back-off starts lower)
+
+
+@contextlib.contextmanager
+def hold_pool(context: dg.OpExecutionContext | dg.AssetExecutionContext | dg.AssetCheckExecutionContext,
+              pool: str) -> Iterator[None]:
+    """Hold a slot of `pool` for the rest of the block, inside a step that already holds its declared pool.
+
+    Uses the instance's own slot accounting (the same the executor uses for the declared pool), so the slot shows in
+    the UI's concurrency page and is freed when the block ends — or, if the process dies, with the run's slots.
+    """
+    from dagster._core.execution.plan.instance_concurrency_context import InstanceConcurrencyContext
+
+    op_ctx = getattr(context, "op_execution_context", context)
+    run = op_ctx.run
+    key = f"{op_ctx.get_step_execution_context().step.key}@{pool}"
+    with InstanceConcurrencyContext(op_ctx.instance, run) as slots:
+        waited, delay = 0.0, 0.1
+        while not slots.claim(pool, key):
+            if waited == 0.0:
+                op_ctx.log.info(f"等待并发池 {pool}（另一运行正在使用该数据库文件） waiting for pool {pool}")
+            time.sleep(delay)
+            waited += delay
+            delay = min(delay * 2, CLAIM_POLL_MAX_SECONDS)
+        try:
+            yield
+        finally:
+            slots.free_step(key)
