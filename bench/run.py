@@ -266,8 +266,8 @@ def render_markdown(results: dict) -> str:
         "Method: `zq simulate` writes each size's deliveries (1 % defective rows, default seed) to a fresh data dir under "
         f"`{results.get('bench_dir')}`; a child process runs `nightly_aggregation` in-process on them (landing only "
         "observes); stage times come from the run's event log (STEP_START → STEP_SUCCESS/FAILURE per op, ops mapped to "
-        "stages), memory from a 0.1 s sampler of VmRSS of the process plus its children (dbt). *alerting* is one tick of "
-        "the alert sensor's logic after the run. The **baseline** (`bench/baseline.py`) is one process doing the same work "
+        "stages), memory from a 0.1 s sampler of VmRSS of the process plus its children (dbt). *alerting* is the step that files "
+        "the issues and queues the agencies' messages. The **baseline** (`bench/baseline.py`) is one process doing the same work "
         "in DuckDB SQL: read the delivered files, the ingestion contract as SQL, dbt's own compiled SQL for the models and "
         "tests, dataset-level checks and scores, the registry's mask rules and consent filter, the leak scan, the products.",
         "",
@@ -303,8 +303,6 @@ def render_markdown(results: dict) -> str:
         total_rps = round(r["rows_per_day"] / p["job_seconds"]) if p.get("job_seconds") else None
         lines += [f"| **total (job)** | **{_fmt(p.get('job_seconds'))}** | {_fmt(total_rps)} | {_fmt(p.get('peak_rss_mb'))} | "
                   f"**{_fmt(b.get('total_seconds'))}** | **{_fmt(r.get('ratio_total'))}** |"]
-        if "alerting" in stages and p.get("job_seconds"):
-            lines.append(f"| job + alerting tick | {_fmt(p['job_seconds'] + stages['alerting']['seconds'])} | | | | |")
         lines.append("")
         if p.get("failed_checks"):
             lines += [f"Failed checks ({len(p['failed_checks'])}): " + ", ".join(f"`{c}`" for c in p["failed_checks"][:8])

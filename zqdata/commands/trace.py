@@ -29,9 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import duckdb
 
     from zqdata import lineage
+    from zqdata.readonly import connect_read_only
     from zqdata.registry import registry
     from zqdata.settings import get_settings
 
@@ -46,8 +46,8 @@ def _run(args: argparse.Namespace) -> int:
     if not s.gov_db.exists():
         print(f"市政务大数据平台数据库不存在 gov DB not found: {s.gov_db}")
         return 1
-    gov = duckdb.connect(str(s.gov_db), read_only=True)
-    ops = duckdb.connect(str(s.ops_db), read_only=True) if s.ops_db.exists() else None
+    gov = connect_read_only(s.gov_db)
+    ops = connect_read_only(s.ops_db) if s.ops_db.exists() else None
     try:
         findings = None
         if args.partition:
