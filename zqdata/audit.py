@@ -1,8 +1,13 @@
-"""Append-only, hash-chained delivery log ``audit.deliveries`` in the ops DB (Art. 25: identity, access, audit trail).
+"""Append-only, hash-chained delivery log (Art. 25: identity, access, audit trail) in the operational database.
 
-Each record carries ``prev_hash`` (the previous record's hash; 64 zeros for the first) and
-``record_hash = sha256(prev_hash + canonical JSON of the record)``, so editing, deleting or inserting a record
-breaks the chain and ``verify_chain`` names where.
+The table is ``opdb.audit_deliveries`` (SQLite WAL by default, PostgreSQL by ``ZQ_OPDB_URL``), never a DuckDB file, so a
+delivery can be logged while the nightly run holds the warehouse files. Each record carries ``prev_hash`` (the previous
+record's hash; 64 zeros for the first) and ``record_hash = sha256(prev_hash + canonical JSON of the record)``, so
+editing, deleting or inserting a record breaks the chain and ``verify_chain`` names where.
+
+Appenders in several processes keep one chain: each append is one transaction that first takes the append lock
+(``opdb.lock_for_append``: SQLite's ``BEGIN IMMEDIATE`` write lock, a table lock on PostgreSQL), then reads the head and
+inserts after it; ``seq`` is the primary key, so a second record with the same ``seq`` could never be stored anyway.
 """
 
 from __future__ import annotations
@@ -12,31 +17,15 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-import duckdb
+import sqlalchemy as sa
 
+from zqdata import opdb
 from zqdata.settings import TZ
 
 GENESIS = "0" * 64
 _FIELDS = ("seq", "consumer", "scenario", "product", "partition_date", "delivered_at", "outcome", "reason",
-           "row_count", "file_sha256")
-
-DDL = """
-CREATE SCHEMA IF NOT EXISTS audit;
-CREATE TABLE IF NOT EXISTS audit.deliveries (
-    seq BIGINT NOT NULL,
-    consumer VARCHAR NOT NULL,
-    scenario VARCHAR NOT NULL,
-    product VARCHAR NOT NULL,
-    partition_date DATE,
-    delivered_at VARCHAR NOT NULL,   -- ISO 8601, Asia/Shanghai (+08:00); text so the hashed form is exact
-    outcome VARCHAR NOT NULL,        -- delivered | denied
-    reason VARCHAR NOT NULL,
-    row_count BIGINT NOT NULL,
-    file_sha256 VARCHAR NOT NULL,
-    prev_hash VARCHAR NOT NULL,
-    record_hash VARCHAR NOT NULL
-);
-"""
+           "row_count", "file_sha256", "snapshot")
+TABLE = opdb.audit_deliveries
 
 
 @dataclass(frozen=True)
@@ -51,6 +40,7 @@ class AuditRecord:
     reason: str
     row_count: int
     file_sha256: str
+    snapshot: str
     prev_hash: str
     record_hash: str
 
@@ -66,50 +56,37 @@ def record_hash(prev_hash: str, values: dict) -> str:
     return hashlib.sha256((prev_hash + canonical(values)).encode("utf-8")).hexdigest()
 
 
-def ensure_audit_table(ops_con: duckdb.DuckDBPyConnection) -> None:
-    ops_con.execute(DDL)
-
-
-def append_delivery(ops_con: duckdb.DuckDBPyConnection, *, consumer: str, scenario: str, product: str,
-                    partition_date: dt.date | None, outcome: str, reason: str, row_count: int, file_sha256: str,
+def append_delivery(db: sa.Engine, *, consumer: str, scenario: str, product: str, partition_date: dt.date | None,
+                    outcome: str, reason: str, row_count: int, file_sha256: str, snapshot: str = "",
                     delivered_at: dt.datetime | None = None) -> AuditRecord:
-    """Append one delivery attempt to the chain (its own transaction) and return it."""
+    """Append one delivery attempt to the chain (one transaction, under the append lock) and return it."""
     if outcome not in ("delivered", "denied"):
         raise ValueError(f"outcome must be delivered|denied, got {outcome!r}")
-    ensure_audit_table(ops_con)
-    when = (delivered_at or dt.datetime.now(TZ)).astimezone(TZ).isoformat(timespec="microseconds")
-    ops_con.execute("BEGIN TRANSACTION")
-    try:
-        last = ops_con.execute("SELECT seq, record_hash FROM audit.deliveries ORDER BY seq DESC LIMIT 1").fetchone()
-        seq, prev = (last[0] + 1, last[1]) if last else (1, GENESIS)
+    when = delivered_at or dt.datetime.now(TZ)
+    if when.tzinfo is None:
+        raise ValueError(f"naive delivered_at {when!r}: audit times carry their zone")
+    when_text = when.astimezone(TZ).isoformat(timespec="microseconds")
+    with opdb.transaction(db) as conn:
+        opdb.lock_for_append(conn, TABLE)
+        last = conn.execute(sa.select(TABLE.c.seq, TABLE.c.record_hash).order_by(TABLE.c.seq.desc()).limit(1)).first()
+        seq, prev = (int(last.seq) + 1, last.record_hash) if last else (1, GENESIS)
         values = {"seq": seq, "consumer": consumer, "scenario": scenario, "product": product,
-                  "partition_date": partition_date, "delivered_at": when, "outcome": outcome, "reason": reason,
-                  "row_count": int(row_count), "file_sha256": file_sha256}
+                  "partition_date": partition_date, "delivered_at": when_text, "outcome": outcome, "reason": reason,
+                  "row_count": int(row_count), "file_sha256": file_sha256, "snapshot": snapshot}
         h = record_hash(prev, values)
-        ops_con.execute(
-            "INSERT INTO audit.deliveries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [seq, consumer, scenario, product, partition_date, when, outcome, reason, int(row_count), file_sha256,
-             prev, h],
-        )
-        ops_con.execute("COMMIT")
-    except Exception:
-        ops_con.execute("ROLLBACK")
-        raise
+        conn.execute(sa.insert(TABLE).values(**values, prev_hash=prev, record_hash=h))
     return AuditRecord(**values, prev_hash=prev, record_hash=h)
 
 
-def read_chain(ops_con: duckdb.DuckDBPyConnection) -> list[AuditRecord]:
-    """Every record in chain order (by seq); none when the log does not exist yet (works read-only)."""
-    exists = ops_con.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'audit' "
-                             "AND table_name = 'deliveries' AND table_catalog = current_database()").fetchone()[0]
-    if not exists:
-        return []
+def read_chain(db: sa.Engine) -> list[AuditRecord]:
+    """Every record in chain order (by seq); empty when nothing was logged yet."""
     cols = [*_FIELDS, "prev_hash", "record_hash"]
-    rows = ops_con.execute(f"SELECT {', '.join(cols)} FROM audit.deliveries ORDER BY seq, record_hash").fetchall()
+    with db.connect() as conn:
+        rows = conn.execute(sa.select(*(TABLE.c[c] for c in cols)).order_by(TABLE.c.seq, TABLE.c.record_hash)).all()
     return [AuditRecord(**dict(zip(cols, r))) for r in rows]
 
 
-def verify_chain(ops_con: duckdb.DuckDBPyConnection) -> list[str]:
+def verify_chain(db: sa.Engine) -> list[str]:
     """Problems found in the chain (empty when intact): edited, deleted, inserted or reordered records.
 
     Deleting the newest records leaves a valid shorter chain; compare the head hash with one kept elsewhere
@@ -117,7 +94,7 @@ def verify_chain(ops_con: duckdb.DuckDBPyConnection) -> list[str]:
     """
     problems: list[str] = []
     prev = GENESIS
-    for i, rec in enumerate(read_chain(ops_con), start=1):
+    for i, rec in enumerate(read_chain(db), start=1):
         values = {k: getattr(rec, k) for k in _FIELDS}
         if rec.seq != i:
             problems.append(f"第 {i} 条记录的序号为 {rec.seq}：记录被删除或插入 (seq gap/duplicate: expected {i}, found {rec.seq})")

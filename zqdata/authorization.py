@@ -10,16 +10,18 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import hmac
+import os
 import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-import duckdb
+import sqlalchemy as sa
 
-from zqdata import audit
+from zqdata import audit, publish
 from zqdata.registry import Registry, Scenario
 from zqdata.settings import TZ
+from zqdata.storage import ObjectStore
 
 PBKDF2_ITERATIONS = 600_000  # OWASP 2023 guidance for PBKDF2-HMAC-SHA256
 _HASH_RE = re.compile(r"^pbkdf2_sha256\$(\d+)\$([0-9a-f]+)\$([0-9a-f]{64})$")
@@ -102,7 +104,8 @@ def verify_credential(credential: str, stored_hash: str) -> bool:
 
 @dataclass(frozen=True)
 class DeliveryReceipt:
-    """What a consumer was handed: the Parquet file, its row count and checksum, and the audit record's hash."""
+    """What a consumer was handed: the Parquet file, its row count and checksum, the published snapshot it is a copy
+    of, and the audit record's hash."""
 
     consumer: str
     scenario: str
@@ -113,67 +116,79 @@ class DeliveryReceipt:
     sha256: str
     delivered_at: dt.datetime
     record_hash: str
+    snapshot: str  # key of the published Parquet object (publish.Snapshot.key)
 
 
-def _deny(ops_con: duckdb.DuckDBPyConnection, consumer_code: str, product: str, partition: dt.date,
-          scenario: str, reason: str, now: dt.datetime) -> AccessDenied:
-    audit.append_delivery(ops_con, consumer=consumer_code, scenario=scenario, product=product, partition_date=partition,
-                          outcome="denied", reason=reason, row_count=0, file_sha256="", delivered_at=now)
+def _deny(db: sa.Engine, consumer_code: str, product: str, partition: dt.date, scenario: str, reason: str,
+          now: dt.datetime, snapshot: str = "") -> AccessDenied:
+    audit.append_delivery(db, consumer=consumer_code, scenario=scenario, product=product, partition_date=partition,
+                          outcome="denied", reason=reason, row_count=0, file_sha256="", snapshot=snapshot,
+                          delivered_at=now)
     return AccessDenied(f"拒绝交付 (delivery denied): {reason}")
 
 
-def deliver_product(ops_con: duckdb.DuckDBPyConnection, registry: Registry, consumer_code: str, credential: str,
+def deliver_product(db: sa.Engine, store: ObjectStore, registry: Registry, consumer_code: str, credential: str,
                     product: str, partition: dt.date | str, out_dir: Path | str,
                     now: dt.datetime | None = None) -> DeliveryReceipt:
-    """Export ``products.<product>`` for one partition as Parquet to a verified consumer of its scenario; log every attempt.
+    """Hand the published snapshot of ``product`` for one partition to a verified consumer of its scenario; log every
+    attempt in the audit log of the operational DB ``db``.
 
-    Unknown consumer, wrong credential, a product outside the consumer's scenarios or an inactive authorization:
-    no file is written, the attempt is recorded as ``denied`` in ``audit.deliveries``, and AccessDenied is raised.
+    Served only from ``store`` (publish.published_store()): the build database is never opened. Unknown consumer, wrong
+    credential, a product outside the consumer's scenarios, an inactive authorization, a partition not published (gates
+    not passed, or withdrawn for a rebuild) or a snapshot failing its checksum: no file is written, the attempt is
+    recorded as ``denied``, and AccessDenied is raised.
     """
     partition = dt.date.fromisoformat(partition) if isinstance(partition, str) else partition
     now = (now or dt.datetime.now(TZ)).astimezone(TZ)
     consumer = registry.consumers.get(consumer_code)
     credential_ok = verify_credential(credential, consumer.credential_hash if consumer else _DUMMY_HASH)
     if consumer is None:
-        raise _deny(ops_con, consumer_code, product, partition, "", f"未登记的使用方 {consumer_code} (unknown consumer)", now)
+        raise _deny(db, consumer_code, product, partition, "", f"未登记的使用方 {consumer_code} (unknown consumer)", now)
     if not credential_ok:
-        raise _deny(ops_con, consumer_code, product, partition, "", f"使用方 {consumer_code} 凭证错误 (wrong credential)", now)
+        raise _deny(db, consumer_code, product, partition, "", f"使用方 {consumer_code} 凭证错误 (wrong credential)", now)
     try:
         scenario = registry.scenario_for_product(product)
-    except KeyError:
-        raise _deny(ops_con, consumer_code, product, partition, "", f"产品 {product} 未登记 (unknown product)", now) from None
+        publish.check_product_name(product)
+    except (KeyError, ValueError):
+        raise _deny(db, consumer_code, product, partition, "", f"产品 {product} 未登记 (unknown product)", now) from None
     if scenario.code not in consumer.scenarios:
-        raise _deny(ops_con, consumer_code, product, partition, scenario.code,
+        raise _deny(db, consumer_code, product, partition, scenario.code,
                     f"使用方 {consumer_code} 未获场景 {scenario.code} 授权 (consumer not registered for the scenario)", now)
     try:
         check_scenario_active(scenario, partition)
         check_scenario_active(scenario, now.date())
     except AuthorizationError as exc:
-        raise _deny(ops_con, consumer_code, product, partition, scenario.code, str(exc), now) from None
+        raise _deny(db, consumer_code, product, partition, scenario.code, str(exc), now) from None
+
+    try:
+        snap = publish.current_snapshot(store, product, partition)
+        if snap is None:
+            raise _deny(db, consumer_code, product, partition, scenario.code,
+                        f"产品 {product} 的 {partition} 分区尚未发布（未通过门禁或正在重建） (partition not published)", now)
+        if snap.scenario != scenario.code:
+            raise _deny(db, consumer_code, product, partition, scenario.code,
+                        f"快照 {snap.key} 属于场景 {snap.scenario}，不属于 {scenario.code} "
+                        f"(snapshot published under another scenario)", now, snapshot=snap.key)
+        data = publish.read_snapshot(store, snap)
+    except publish.SnapshotCorrupt as exc:
+        raise _deny(db, consumer_code, product, partition, scenario.code,
+                    f"产品 {product} 的 {partition} 分区快照校验失败，不予交付 (published snapshot failed its check): {exc}",
+                    now) from None
 
     out = Path(out_dir) / product / partition.isoformat()
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{product}_{partition.isoformat()}_{consumer_code}.parquet"
-    table = f"products.{_ident(product)}"
-    # COPY does not take bound parameters; the date literal comes from a parsed dt.date.
-    ops_con.execute(
-        f"COPY (SELECT * FROM {table} WHERE _partition_date = DATE '{partition.isoformat()}') "
-        f"TO '{_sql_str(str(path))}' (FORMAT parquet)"
-    )
-    row_count = ops_con.execute(f"SELECT count(*) FROM {table} WHERE _partition_date = ?", [partition]).fetchone()[0]
-    sha = hashlib.sha256(path.read_bytes()).hexdigest()
-    record = audit.append_delivery(ops_con, consumer=consumer_code, scenario=scenario.code, product=product,
-                                   partition_date=partition, outcome="delivered", reason="", row_count=row_count,
-                                   file_sha256=sha, delivered_at=now)
+    tmp = out / f".{path.name}.{secrets.token_hex(8)}.tmp"
+    try:
+        tmp.write_bytes(data)
+        # Logged before the file appears under its name: there is no delivered file without its audit record.
+        record = audit.append_delivery(db, consumer=consumer_code, scenario=scenario.code, product=product,
+                                       partition_date=partition, outcome="delivered", reason="",
+                                       row_count=snap.row_count, file_sha256=snap.sha256, snapshot=snap.key,
+                                       delivered_at=now)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return DeliveryReceipt(consumer=consumer_code, scenario=scenario.code, product=product, partition_date=partition,
-                           path=path, row_count=row_count, sha256=sha, delivered_at=now, record_hash=record.record_hash)
-
-
-def _ident(name: str) -> str:
-    if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
-        raise AccessDenied(f"非法产品名 {name!r} (invalid product name)")
-    return name
-
-
-def _sql_str(text: str) -> str:
-    return text.replace("'", "''")
+                           path=path, row_count=snap.row_count, sha256=snap.sha256, delivered_at=now,
+                           record_hash=record.record_hash, snapshot=snap.key)

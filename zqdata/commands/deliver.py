@@ -1,4 +1,8 @@
-"""`zq deliver` (export a scenario product to a registered consumer) and `zq audit verify|list|hash-credential|classification`."""
+"""`zq deliver` (hand a published product snapshot to a registered consumer) and `zq audit verify|list|hash-credential|classification`.
+
+Deliveries and the audit log use only the published snapshots (zqdata.publish) and the operational DB (zqdata.opdb),
+never a DuckDB file, so they work while the nightly run holds the warehouse.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ CREDENTIAL_ENV = "ZQ_CONSUMER_CREDENTIAL"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("deliver", help="向登记的使用方交付场景产品 deliver a product partition to a registered consumer")
+    p = sub.add_parser("deliver", help="向登记的使用方交付已发布的场景产品 deliver a published product partition to a registered consumer")
     p.add_argument("--consumer", required=True, help="consumer code (registry/consumers.yaml)")
     p.add_argument("--product", required=True, help="product, e.g. ops_sme_credit_profile")
     p.add_argument("--date", type=dt.date.fromisoformat, required=True, help="partition, YYYY-MM-DD")
@@ -23,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     a = sub.add_parser("audit", help="交付审计日志 the delivery audit log (Art. 25)")
     asub = a.add_subparsers(dest="audit_command", required=True)
-    v = asub.add_parser("verify", help="校验哈希链 verify the hash chain of audit.deliveries")
+    v = asub.add_parser("verify", help="校验哈希链 verify the hash chain of the delivery audit log (operational DB)")
     v.set_defaults(func=_verify)
     ls = asub.add_parser("list", help="列出交付记录 list delivery records")
     ls.add_argument("--limit", type=int, default=20)
@@ -36,9 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _deliver(args: argparse.Namespace) -> int:
-    import duckdb
-
+    from zqdata import opdb
     from zqdata.authorization import AccessDenied, deliver_product
+    from zqdata.publish import published_store
     from zqdata.registry import registry
     from zqdata.settings import get_settings
 
@@ -46,73 +50,62 @@ def _deliver(args: argparse.Namespace) -> int:
     if not credential:
         print(f"缺少凭证：请设置环境变量 {args.credential_env} (credential required in the environment)", file=sys.stderr)
         return 2
-    settings = get_settings()
-    out = args.out or settings.docs_dir / "deliveries"
-    con = duckdb.connect(str(settings.ops_db))
+    out = args.out or get_settings().docs_dir / "deliveries"
+    try:  # served from the published snapshots and logged in the operational DB: no warehouse file is opened
+        engine, store = opdb.get_engine(), published_store()
+    except ValueError as exc:
+        print(f"配置错误 (configuration error): {exc}", file=sys.stderr)
+        return 2
     try:
-        receipt = deliver_product(con, registry(), args.consumer, credential, args.product, args.date, out)
+        receipt = deliver_product(engine, store, registry(), args.consumer, credential, args.product, args.date, out)
     except AccessDenied as exc:
         print(str(exc), file=sys.stderr)
         return 3
-    finally:
-        con.close()
     print(f"已交付 delivered: {receipt.path}\n  rows={receipt.row_count} sha256={receipt.sha256}\n"
+          f"  snapshot={receipt.snapshot}\n"
           f"  scenario={receipt.scenario} at={receipt.delivered_at.isoformat()} audit_hash={receipt.record_hash}")
     return 0
 
 
-def _ops_read_only():
-    import duckdb
+def _opdb():
+    from zqdata import opdb
 
-    from zqdata.settings import get_settings
-
-    path = get_settings().ops_db
-    if not path.exists():
-        print(f"运营平台数据库不存在 (ops DB not found): {path}", file=sys.stderr)
+    try:
+        return opdb.get_engine()
+    except ValueError as exc:
+        print(f"配置错误 (configuration error): {exc}", file=sys.stderr)
         return None
-    return duckdb.connect(str(path), read_only=True)
 
 
 def _verify(args: argparse.Namespace) -> int:
     from zqdata.audit import read_chain, verify_chain
 
-    con = _ops_read_only()
-    if con is None:
+    engine = _opdb()
+    if engine is None:
         return 2
-    try:
-        has_table = con.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'audit' "
-                                "AND table_name = 'deliveries'").fetchone()[0]
-        if not has_table:
-            print("审计日志为空 (no audit log yet): OK")
-            return 0
-        problems = verify_chain(con)
-        chain = read_chain(con)
-    finally:
-        con.close()
+    problems = verify_chain(engine)
+    chain = read_chain(engine)
     if problems:
         print(f"审计日志哈希链校验失败 (audit chain BROKEN), {len(problems)} problem(s):")
         for p in problems:
             print(f"  - {p}")
         return 1
-    head = chain[-1].record_hash if chain else "-"
-    print(f"审计日志完整 (audit chain intact): {len(chain)} records, head {head}")
+    if not chain:
+        print("审计日志为空 (no audit log yet): OK")
+        return 0
+    print(f"审计日志完整 (audit chain intact): {len(chain)} records, head {chain[-1].record_hash}")
     return 0
 
 
 def _list(args: argparse.Namespace) -> int:
     from zqdata.audit import read_chain
 
-    con = _ops_read_only()
-    if con is None:
+    engine = _opdb()
+    if engine is None:
         return 2
-    try:
-        chain = read_chain(con) if con.execute(
-            "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'audit'").fetchone()[0] else []
-    finally:
-        con.close()
-    for r in chain[-args.limit:]:
+    for r in read_chain(engine)[-args.limit:]:
         print(f"{r.seq:>5} {r.delivered_at} {r.outcome:<9} {r.consumer:<22} {r.product:<26} {r.partition_date} "
-              f"rows={r.row_count} {r.reason}")
+              f"rows={r.row_count} {r.snapshot or '-'} {r.reason}")
     return 0
 
 
