@@ -1,16 +1,20 @@
-"""Alerts to the responsible agency over a real SMTP server (aiosmtpd) and a real HTTP server, both on loopback."""
+"""Alerts to the responsible agency over a real SMTP server (aiosmtpd), a real HTTP server (both on loopback) and the
+local Maildir outbox; the outbox and the register in the operational DB (SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
 import datetime as dt
+import email
+import email.policy
 import logging
 
-import dagster as dg
 import pytest
+import sqlalchemy as sa
 from conftest import _free_port
 from test_lineage import DAY, build_gov_db, default_findings, set_findings
 
 from zqdata import alerting, issues
+from zqdata.opdb import notification_attempts, notifications
 from zqdata.registry import load_registry
 from zqdata.settings import TZ
 
@@ -32,6 +36,7 @@ def env(tmp_path, monkeypatch, smtp_server, http_server):
         monkeypatch.setenv(f"ZQ_WEBHOOK_{code.upper()}", f"{url}/hook/{code}")
     for other in ("TRANSPORT", "POWER", "WATER", "HRSS", "DATA_BUREAU"):
         monkeypatch.delenv(f"ZQ_WEBHOOK_{other}", raising=False)
+    monkeypatch.delenv("ZQ_ALERT_MAILDIR", raising=False)
     return monkeypatch
 
 
@@ -47,6 +52,15 @@ def gov(tmp_path):
     con.close()
 
 
+def _outbox(db, *cols, **where):
+    """Rows of the outbox table (selected columns, filtered by equality)."""
+    q = sa.select(*(notifications.c[c] for c in cols)) if cols else sa.select(notifications)
+    for k, v in where.items():
+        q = q.where(notifications.c[k] == v)
+    with db.connect() as conn:
+        return [tuple(r) for r in conn.execute(q.order_by(notifications.c.notification_id))]
+
+
 def _mail_by_agency(box, registry) -> dict[str, list]:
     out: dict[str, list] = {}
     addr = {a.contact.email: code for code, a in registry.agencies.items()}
@@ -55,11 +69,11 @@ def _mail_by_agency(box, registry) -> dict[str, list]:
     return out
 
 
-def test_each_agency_gets_exactly_one_message_per_issue_and_channel_with_trace(env, gov, registry, smtp_server, http_server):
+def test_each_agency_gets_exactly_one_message_per_issue_and_channel_with_trace(env, gov, opdb, registry, smtp_server, http_server):
     _, box = smtp_server
     _, hooks = http_server
-    issues.sync_issues(gov, registry, DAY, now=T0)
-    rep = alerting.notify_issues(gov, registry, now=T0)
+    issues.sync_issues(gov, opdb, registry, DAY, now=T0)
+    rep = alerting.notify_issues(opdb, registry, now=T0)
     assert rep.failed == [] and len(rep.sent) == 4  # 2 issues × (email + webhook)
 
     mails = _mail_by_agency(box, registry)
@@ -83,71 +97,79 @@ def test_each_agency_gets_exactly_one_message_per_issue_and_channel_with_trace(e
     assert payload["agency"] == "samr" and payload["dimension_cn"].startswith("准确性")
     assert payload["delivery_files"] == [{"file": f"samr/enterprise_registry/{DAY}/part-0001.csv", "rows": [2], "row_count": 1}]
     assert payload["trace"]["sources"][0]["row_numbers"] == [2]
-    assert {i.status for i in issues.list_issues(gov)} == {"notified"}
+    assert {i.status for i in issues.list_issues(opdb)} == {"notified"}
 
     # Re-running the checks and the sensor for the same partition sends nothing new.
-    issues.sync_issues(gov, registry, DAY, now=T0 + dt.timedelta(minutes=10))
-    again = alerting.notify_issues(gov, registry, now=T0 + dt.timedelta(minutes=10))
+    issues.sync_issues(gov, opdb, registry, DAY, now=T0 + dt.timedelta(minutes=10))
+    again = alerting.notify_issues(opdb, registry, now=T0 + dt.timedelta(minutes=10))
     assert again.enqueued == [] and again.sent == []
     assert len(box.messages) == 2 and len(hooks) == 2
 
 
-def test_unreachable_webhook_is_retried_recorded_and_sent_later(env, gov, registry, http_server):
+def test_unreachable_webhook_is_retried_recorded_and_sent_later(env, gov, opdb, registry, http_server):
     url, hooks = http_server
     env.setenv("ZQ_WEBHOOK_SAMR", f"http://127.0.0.1:{_free_port()}/hook/samr")  # nothing listens there
     env.setenv("ZQ_ALERT_RETRIES", "3")
     waits: list[float] = []
-    issues.sync_issues(gov, registry, DAY, now=T0)
-    rep = alerting.notify_issues(gov, registry, now=T0, sleep=waits.append)
+    issues.sync_issues(gov, opdb, registry, DAY, now=T0)
+    rep = alerting.notify_issues(opdb, registry, now=T0, sleep=waits.append)
     assert len(rep.failed) == 1
     nid, error = rep.failed[0]
     assert "Connection refused" in error or "URLError" in error
     assert waits == [0.01, 0.02]  # exponential backoff between the 3 attempts
-    row = gov.execute("select status, attempts, last_error from governance.notifications where notification_id = ?", [nid]).fetchone()
-    assert row[0] == "failed" and row[1] == 3 and row[2]
-    attempts = gov.execute("select attempt, ok from governance.notification_attempts where notification_id = ? order by attempt", [nid]).fetchall()
-    assert attempts == [(1, False), (2, False), (3, False)]
+    (row,) = _outbox(opdb, "status", "attempts", "last_error", "transport", notification_id=nid)
+    assert row[0] == "failed" and row[1] == 3 and row[2] and row[3] == "http"
+    with opdb.connect() as conn:
+        attempts = conn.execute(
+            sa.select(notification_attempts.c.attempt, notification_attempts.c.ok, notification_attempts.c.error)
+            .where(notification_attempts.c.notification_id == nid).order_by(notification_attempts.c.attempt)
+        ).all()
+    assert [(a, ok) for a, ok, _ in attempts] == [(1, False), (2, False), (3, False)] and all(e for _, _, e in attempts)
+    assert alerting.outbox_counts(opdb) == {"pending": 0, "sent": 3, "failed": 1}
+    samr = next(i for i in issues.list_issues(opdb) if i.agency == "samr")
+    assert samr.status == "notified"  # its e-mail went out; the webhook is retried
 
     # Next tick: still down → retried again, never dropped.
-    alerting.notify_issues(gov, registry, now=T0, sleep=waits.append)
-    assert gov.execute("select attempts from governance.notifications where notification_id = ?", [nid]).fetchone()[0] == 6
+    alerting.notify_issues(opdb, registry, now=T0, sleep=waits.append)
+    assert _outbox(opdb, "attempts", notification_id=nid) == [(6,)]
     # The agency's endpoint is back: the same message goes out once.
     env.setenv("ZQ_WEBHOOK_SAMR", f"{url}/hook/samr")
-    rep = alerting.notify_issues(gov, registry, now=T0, sleep=waits.append)
+    rep = alerting.notify_issues(opdb, registry, now=T0, sleep=waits.append)
     assert rep.sent == [nid]
     assert [p for p, _ in hooks].count("/hook/samr") == 1
-    assert gov.execute("select status, attempts from governance.notifications where notification_id = ?", [nid]).fetchone() == ("sent", 7)
+    assert _outbox(opdb, "status", "attempts", notification_id=nid) == [("sent", 7)]
+    assert alerting.outbox_counts(opdb) == {"pending": 0, "sent": 4, "failed": 0}
 
 
-def test_verified_then_reopened_issue_is_notified_once_more(env, gov, registry, smtp_server, http_server):
+def test_verified_then_reopened_issue_is_notified_once_more(env, gov, opdb, registry, smtp_server, http_server):
     _, box = smtp_server
     _, hooks = http_server
-    issues.sync_issues(gov, registry, DAY, now=T0)
-    alerting.notify_issues(gov, registry, now=T0)
-    psb = next(i for i in issues.list_issues(gov) if i.agency == "psb")
-    issues.resolve(gov, psb.issue_id, note="已重新交付")
+    issues.sync_issues(gov, opdb, registry, DAY, now=T0)
+    alerting.notify_issues(opdb, registry, now=T0)
+    psb = next(i for i in issues.list_issues(opdb) if i.agency == "psb")
+    issues.resolve(opdb, psb.issue_id, note="已重新交付")
     set_findings(gov, DAY, [f for f in default_findings() if f[0] != "psb"])  # corrected redelivery
-    issues.sync_issues(gov, registry, DAY, now=T0 + dt.timedelta(hours=1))
-    assert issues.get_issue(gov, psb.issue_id).status == "verified"
-    assert alerting.notify_issues(gov, registry).enqueued == []  # verified: nothing to say
+    issues.sync_issues(gov, opdb, registry, DAY, now=T0 + dt.timedelta(hours=1))
+    assert issues.get_issue(opdb, psb.issue_id).status == "verified"
+    assert alerting.notify_issues(opdb, registry).enqueued == []  # verified: nothing to say
     set_findings(gov, DAY, default_findings())  # the defect is back
-    issues.sync_issues(gov, registry, DAY, now=T0 + dt.timedelta(hours=2))
-    rep = alerting.notify_issues(gov, registry)
+    issues.sync_issues(gov, opdb, registry, DAY, now=T0 + dt.timedelta(hours=2))
+    rep = alerting.notify_issues(opdb, registry)
     assert len(rep.sent) == 2  # one email + one webhook for the reopening
     psb_mails = _mail_by_agency(box, registry)["psb"]
     assert len(psb_mails) == 2 and "重新打开" in psb_mails[-1]["Subject"]
     assert [h["status_event"] for p, h in hooks if p == "/hook/psb"] == ["opened", "reopened#1"]
-    alerting.notify_issues(gov, registry)
+    alerting.notify_issues(opdb, registry)
     assert len(_mail_by_agency(box, registry)["psb"]) == 2  # still exactly one per event
 
 
-def test_escalation_goes_to_agency_and_data_management_agency(env, gov, registry, smtp_server):
+def test_escalation_goes_to_agency_and_data_management_agency(env, gov, opdb, registry, smtp_server):
     _, box = smtp_server
-    issues.sync_issues(gov, registry, DAY, now=T0)
-    alerting.notify_issues(gov, registry, now=T0)
+    issues.sync_issues(gov, opdb, registry, DAY, now=T0)
+    alerting.notify_issues(opdb, registry, now=T0)
     sla = registry.datasets["resident_population"].delivery.sla_hours
-    issues.escalate_overdue(gov, registry, now=T0 + dt.timedelta(hours=sla + 1))
-    rep = alerting.notify_issues(gov, registry)
+    issues.escalate_overdue(opdb, registry, now=T0 + dt.timedelta(hours=sla + 1))
+    rep = alerting.notify_issues(opdb, registry)
     escalations = [m for m in box.messages if "升级" in m["Subject"]]
     assert rep.failed == [] and escalations
     recipients = {m["To"] for m in escalations}
@@ -155,71 +177,100 @@ def test_escalation_goes_to_agency_and_data_management_agency(env, gov, registry
     assert registry.agencies["data_bureau"].contact.email in recipients
 
 
-def test_no_smtp_host_disables_email_with_a_notice(env, gov, registry, smtp_server, http_server, caplog):
+def _maildir_messages(path) -> list[email.message.EmailMessage]:
+    out = []
+    for f in sorted((path / "new").iterdir()):
+        with f.open("rb") as fh:
+            out.append(email.message_from_binary_file(fh, policy=email.policy.default))
+    return out
+
+
+def test_without_smtp_host_email_goes_to_the_local_maildir_once(env, gov, opdb, registry, smtp_server, http_server, tmp_path, caplog):
     _, box = smtp_server
     _, hooks = http_server
     env.delenv("ZQ_SMTP_HOST")
-    issues.sync_issues(gov, registry, DAY, now=T0)
+    settings = alerting.AlertSettings.from_env()
+    maildir = tmp_path / "outbox" / "maildir"  # <ZQ_DATA_DIR>/outbox/maildir
+    assert settings.email_transport == "maildir" and settings.maildir == maildir
+    issues.sync_issues(gov, opdb, registry, DAY, now=T0)
     with caplog.at_level(logging.INFO, logger="zqdata.alerting"):
-        rep = alerting.notify_issues(gov, registry)
-    assert rep.email_disabled and "ZQ_SMTP_HOST" in caplog.text
-    assert box.messages == [] and len(hooks) == 2
-    channels = {r[0] for r in gov.execute("select channel from governance.notifications").fetchall()}
-    assert channels == {"webhook"}
+        rep = alerting.notify_issues(opdb, registry, now=T0)
+    assert rep.failed == [] and len(rep.sent) == 4
+    assert f"邮件写入本地发件箱 Maildir {maildir}" in rep.summary() and "ZQ_SMTP_HOST" in caplog.text
+    assert box.messages == [] and len(hooks) == 2  # nothing over SMTP; webhooks as usual
+
+    msgs = _maildir_messages(maildir)
+    by_issue = {i.issue_id: i for i in issues.list_issues(opdb)}
+    assert sorted(m["X-ZQ-Issue-Id"] for m in msgs) == sorted(by_issue)  # one message file per issue
+    for m in msgs:
+        issue = by_issue[m["X-ZQ-Issue-Id"]]
+        assert m["To"] == registry.agencies[issue.agency].contact.email
+        assert m["X-ZQ-Agency"] == issue.agency and m["X-ZQ-Status-Event"] == "opened"
+        assert m["From"] == "zq-platform@zwsj.zhaoqing.example"
+        assert email.utils.parsedate_to_datetime(m["Date"]) == T0
+        assert m["Message-ID"].startswith("<") and m["Message-ID"].endswith(">")
+        assert issue.issue_id in m["Subject"] and "准确性" in m["Subject"]
+        body = m.get_body().get_content()
+        assert m.get_body().get_content_charset() == "utf-8"
+        assert f"问题编号：{issue.issue_id}" in body and "zq issues ack" in body
+    psb = next(m for m in msgs if m["X-ZQ-Agency"] == "psb")
+    assert f"psb/resident_population/{DAY}/part-0001.jsonl：第 2-3 行" in psb.get_body().get_content()
+    assert dict((ch, t) for ch, t in _outbox(opdb, "channel", "transport")) == {"email": "maildir", "webhook": "http"}
+    assert {i.status for i in issues.list_issues(opdb)} == {"notified"}
+
+    again = alerting.notify_issues(opdb, registry, now=T0 + dt.timedelta(minutes=10))
+    assert again.enqueued == [] and again.sent == []
+    assert len(list((maildir / "new").iterdir())) == 2 and len(hooks) == 2
 
 
-def test_outbox_never_stores_the_webhook_url(env, gov, registry, http_server):
+def test_smtp_transport_is_recorded(env, gov, opdb, registry, smtp_server):
+    _, box = smtp_server
+    issues.sync_issues(gov, opdb, registry, DAY, now=T0)
+    rep = alerting.notify_issues(opdb, registry, now=T0)
+    assert "SMTP 127.0.0.1" in rep.summary()
+    assert {t for (t,) in _outbox(opdb, "transport", channel="email")} == {"smtp"}
+    assert {m["X-ZQ-Issue-Id"] for m in box.messages} == {i.issue_id for i in issues.list_issues(opdb)}
+    shown = alerting.notifications(opdb, box.messages[0]["X-ZQ-Issue-Id"])
+    assert {(n["channel"], n["status"], n["transport"]) for n in shown} == {("email", "sent", "smtp"), ("webhook", "sent", "http")}
+
+
+def test_build_message_needs_no_database(registry):
+    issue = issues.Issue(
+        fingerprint="f" * 64, issue_id="QI-ffffffffffff", partition_date=dt.date(2025, 5, 1), agency="psb",
+        dataset="resident_population", rule="accuracy.citizen_id_check", dimension="accuracy", severity="error", tools="dbt",
+        findings_count=150, records_failed=150, sample_rows=[],
+        affected_rows=[{"file": "psb/resident_population/2025-05-01/part-0001.jsonl", "rows": list(range(1, 101)), "row_count": 150}],
+        trace={}, status="open", first_seen_at=T0, last_seen_at=T0, open_since=T0, notified_at=None, acknowledged_at=None,
+        acknowledged_by=None, resolved_at=None, resolution_note=None, verified_at=None, escalated_at=None, reopen_count=0,
+        updated_at=T0,
+    )
+    subject, body, payload = alerting.build_message(registry, issue, "opened")
+    assert "QI-ffffffffffff" in subject
+    assert "part-0001.jsonl：第 1-100 行 等共 150 行" in body
+    assert payload["delivery_files"] == issue.affected_rows
+
+
+def test_outbox_never_stores_the_webhook_url(env, gov, opdb, registry, http_server):
     url, _ = http_server
     env.setenv("ZQ_WEBHOOK_PSB", f"{url}/hook/psb?token=s3cret")
-    issues.sync_issues(gov, registry, DAY, now=T0)
-    alerting.notify_issues(gov, registry)
-    dump = str(gov.execute("select * from governance.notifications").fetchall())
+    issues.sync_issues(gov, opdb, registry, DAY, now=T0)
+    alerting.notify_issues(opdb, registry)
+    dump = str(_outbox(opdb))
+    with opdb.connect() as conn:
+        dump += str(conn.execute(sa.select(notification_attempts)).all())
     assert "s3cret" not in dump
 
 
-def test_sensor_reads_failed_checks_from_event_log_and_alerts_once(env, tmp_path, registry, smtp_server, http_server):
-    from orchestration.partitions import daily_partitions
-    from orchestration.resources import WarehouseResource
-    from orchestration.sensors import quality_issue_alert_sensor, trace_metadata
-
-    _, box = smtp_server
-    _, hooks = http_server
-    gov_path = tmp_path / "gov.duckdb"
-    build_gov_db(gov_path).close()
-    warehouse = WarehouseResource(gov_db=str(gov_path), ops_db=str(tmp_path / "ops.duckdb"))
-
-    @dg.asset(key=["gov", "quality", "scores"], partitions_def=daily_partitions, check_specs=[dg.AssetCheckSpec("quality_gate", asset=["gov", "quality", "scores"])])
-    def scores(context):
-        with warehouse.gov() as con:
-            meta = trace_metadata(con, None, registry, partition_date=context.partition_key, severity="error")
-        yield dg.Output(None)
-        yield dg.AssetCheckResult(check_name="quality_gate", passed=not meta, metadata=meta)
-
-    defs = dg.Definitions(assets=[scores])
-    with dg.instance_for_test() as instance:
-
-        def tick(cursor):
-            ctx = dg.build_sensor_context(instance=instance, cursor=cursor, resources={"warehouse": warehouse}, definitions=defs)
-            result = quality_issue_alert_sensor(ctx)
-            return ctx.cursor, result
-
-        cursor, _ = tick(None)  # nothing in the event log yet
-        assert cursor is None and box.messages == []
-        result = dg.materialize([scores], instance=instance, partition_key=DAY)
-        (evaluation,) = result.get_asset_check_evaluations()
-        assert not evaluation.passed
-        assert "part-0001.jsonl" in evaluation.metadata["逐级溯源 trace"].value  # trace shown on the check in the UI
-        cursor, res = tick(None)
-        assert cursor is not None and "quality_gate" in res.skip_message
-        assert len(box.messages) == 2 and len(hooks) == 2  # both agencies' issues of the partition, one message each
-        cursor2, _ = tick(cursor)  # next tick: no new events, no duplicates
-        assert cursor2 == cursor and len(box.messages) == 2 and len(hooks) == 2
-        with warehouse.gov() as con:
-            assert {i.status for i in issues.list_issues(con)} == {"notified"}
-            set_findings(con, DAY, [f for f in default_findings() if f[0] != "psb"])  # psb redelivered corrected data
-        result = dg.materialize([scores], instance=instance, partition_key=DAY)
-        assert result.get_asset_check_evaluations()[0].passed
-        tick(cursor)  # a passing re-check verifies the fix
-        with warehouse.gov() as con:
-            assert {i.agency: i.status for i in issues.list_issues(con)} == {"psb": "verified", "samr": "notified"}
-        assert len(box.messages) == 2
+def test_a_duplicate_message_does_not_fail_the_transaction(opdb):
+    """Two enqueuers racing on the same (issue, channel, status event): the loser's insert is a no-op, not an error."""
+    row = dict(
+        notification_id="n1", fingerprint="f" * 64, issue_id="QI-ffffffffffff", agency="psb", channel="email",
+        status_event="opened", recipient="a@b", subject="s", body="b", payload="{}", status="pending", attempts=0,
+        created_at=T0,
+    )
+    with opdb.begin() as conn:
+        assert alerting._insert_ignore(conn, notifications, **row) is True
+        assert alerting._insert_ignore(conn, notifications, **{**row, "notification_id": "n2"}) is False  # unique key
+        assert alerting._insert_ignore(conn, notifications, **row) is False  # primary key
+        conn.execute(sa.update(notifications).values(subject="still usable"))
+    assert _outbox(opdb, "notification_id", "subject") == [("n1", "still usable")]

@@ -1,9 +1,14 @@
-"""Alert the responsible source agency about its quality issues (Art. 20): e-mail (SMTP) and webhook (HTTP POST JSON).
+"""Alert the responsible source agency about its quality issues (Art. 20): e-mail and webhook (HTTP POST JSON).
 
-Messages go through an outbox in the gov DB, `governance.notifications`, unique per (fingerprint, channel, status event), so
-each issue gets exactly one message per channel per event (opened, reopened #n, escalated #n) however often the sensor
-ticks. Every attempt is recorded in `governance.notification_attempts`; a failed message stays `failed` and is retried on
-the next call (next sensor tick), with bounded exponential backoff within a call.
+E-mail always has a transport: SMTP when ``ZQ_SMTP_HOST`` is set, otherwise a local Maildir outbox
+(``ZQ_ALERT_MAILDIR``, default ``<ZQ_DATA_DIR>/outbox/maildir``) that an operator or a mail relay picks up — an alert is
+never dropped for want of a mail server.
+
+Messages go through an outbox in the operational DB (`zqdata.opdb`: `notifications`), unique per (fingerprint, channel,
+status event), so each issue gets exactly one message per channel per event (opened, reopened #n, escalated #n) however
+often the sensor ticks. Every attempt is recorded in `notification_attempts`; a failed message stays `failed` and is
+retried on the next call (next sensor tick), with bounded exponential backoff within a call. Sending touches no
+database: read the pending messages, send them, then record the attempts in one short transaction.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import mailbox
 import os
 import smtplib
 import time
@@ -20,61 +26,47 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.message import EmailMessage
+from email.utils import format_datetime
+from pathlib import Path
 from typing import Any
 
-import duckdb
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 
 from zqdata import issues as issue_register
 from zqdata import lineage
 from zqdata.issues import Issue
+from zqdata.opdb import notification_attempts as attempts_t
+from zqdata.opdb import notifications as notifications_t
+from zqdata.opdb import transaction
 from zqdata.registry import Registry
-from zqdata.settings import TZ
+from zqdata.settings import TZ, get_settings
 
 log = logging.getLogger(__name__)
 
 CHANNELS = ("email", "webhook")
-MAX_ROWS_LISTED = 100  # row numbers listed per file in a message; the trace and `zq issues show` give the rest
+OUTBOX_STATUSES = ("pending", "sent", "failed")
+MAX_ROWS_LISTED = issue_register.MAX_ROWS_LISTED
+DEFAULT_FROM = "zq-data-platform@localhost"
+MESSAGE_ID_DOMAIN = "zq-data-platform.local"
 
-DDL = """
-create schema if not exists governance;
-create table if not exists governance.notifications (
-    notification_id  varchar primary key,   -- sha256(fingerprint|channel|status_event)[:20]
-    fingerprint      varchar not null,
-    issue_id         varchar not null,
-    agency           varchar not null,      -- the webhook URL is resolved from the registry at send time (it may hold a token)
-    channel          varchar not null,      -- email | webhook
-    status_event     varchar not null,      -- opened | reopened#<n> | escalated#<n>
-    recipient        varchar,               -- e-mail address (webhooks: the agency code)
-    subject          varchar not null,
-    body             varchar not null,
-    payload          varchar not null,      -- JSON posted to the webhook
-    status           varchar not null,      -- pending | sent | failed
-    attempts         integer not null default 0,
-    last_error       varchar,
-    created_at       timestamptz not null,
-    last_attempt_at  timestamptz,
-    sent_at          timestamptz,
-    unique (fingerprint, channel, status_event)
-);
-create table if not exists governance.notification_attempts (
-    notification_id  varchar not null,
-    attempt          integer not null,
-    attempted_at     timestamptz not null,
-    ok               boolean not null,
-    error            varchar
-);
-"""
+
+def default_maildir() -> Path:
+    """``ZQ_ALERT_MAILDIR``, else ``<ZQ_DATA_DIR>/outbox/maildir``."""
+    raw = os.environ.get("ZQ_ALERT_MAILDIR", "").strip()
+    return Path(raw) if raw else get_settings().data_dir / "outbox" / "maildir"
 
 
 @dataclass(frozen=True)
 class AlertSettings:
-    """SMTP and retry settings, from the environment (secrets only there)."""
+    """Mail transport and retry settings, from the environment (secrets only there)."""
 
     smtp_host: str = ""
     smtp_port: int = 25
     smtp_user: str = ""
     smtp_password: str = ""
     smtp_from: str = ""
+    maildir: Path = field(default_factory=default_maildir)  # the local outbox used when no SMTP host is set
     retries: int = 3  # attempts per message per call (sensor tick)
     backoff_seconds: float = 1.0  # first wait; doubles each attempt
     backoff_max_seconds: float = 30.0
@@ -82,18 +74,31 @@ class AlertSettings:
     escalation_agency: str = "data_bureau"  # the data management agency also gets escalations (if registered)
 
     @property
-    def email_enabled(self) -> bool:
-        return bool(self.smtp_host)
+    def email_transport(self) -> str:
+        """"smtp" when ``ZQ_SMTP_HOST`` is set, else "maildir" (the local outbox)."""
+        return "smtp" if self.smtp_host else "maildir"
+
+    @property
+    def email_destination(self) -> str:
+        """Where e-mail goes, for summaries and logs (no credentials)."""
+        if self.email_transport == "smtp":
+            return f"SMTP {self.smtp_host}:{self.smtp_port}"
+        return f"Maildir {self.maildir}"
+
+    @property
+    def sender(self) -> str:
+        return self.smtp_from or self.smtp_user or DEFAULT_FROM
 
     @classmethod
     def from_env(cls) -> "AlertSettings":
         env = os.environ.get
         return cls(
-            smtp_host=env("ZQ_SMTP_HOST", ""),
+            smtp_host=env("ZQ_SMTP_HOST", "").strip(),
             smtp_port=int(env("ZQ_SMTP_PORT") or 25),
             smtp_user=env("ZQ_SMTP_USER", ""),
             smtp_password=env("ZQ_SMTP_PASSWORD", ""),
             smtp_from=env("ZQ_SMTP_FROM", ""),
+            maildir=default_maildir(),
             retries=max(1, int(env("ZQ_ALERT_RETRIES") or 3)),
             backoff_seconds=float(env("ZQ_ALERT_BACKOFF_SECONDS") or 1.0),
             backoff_max_seconds=float(env("ZQ_ALERT_BACKOFF_MAX_SECONDS") or 30.0),
@@ -107,16 +112,18 @@ class NotifyReport:
     enqueued: list[str] = field(default_factory=list)  # notification ids
     sent: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)  # (notification id, last error)
-    email_disabled: bool = False
+    email_transport: str = "smtp"  # smtp | maildir
+    email_destination: str = ""  # "SMTP host:port" | "Maildir <path>"
+
+    @classmethod
+    def for_settings(cls, settings: AlertSettings, **kw: Any) -> "NotifyReport":
+        return cls(email_transport=settings.email_transport, email_destination=settings.email_destination, **kw)
 
     def summary(self) -> str:
         s = f"新消息 {len(self.enqueued)}，已发送 {len(self.sent)}，发送失败 {len(self.failed)}（下次重试）"
-        return s + ("；未配置 ZQ_SMTP_HOST，邮件通知已停用" if self.email_disabled else "")
-
-
-def ensure_tables(gov_con: duckdb.DuckDBPyConnection) -> None:
-    issue_register.ensure_tables(gov_con)
-    gov_con.execute(DDL)
+        if self.email_transport == "maildir":
+            return s + f"；未配置 ZQ_SMTP_HOST，邮件写入本地发件箱 {self.email_destination}"
+        return s + (f"；邮件经 {self.email_destination} 发送" if self.email_destination else "")
 
 
 def _now(now: dt.datetime | None) -> dt.datetime:
@@ -126,22 +133,9 @@ def _now(now: dt.datetime | None) -> dt.datetime:
 # --------------------------------------------------------------------------- message
 
 
-def _affected_rows(gov_con: duckdb.DuckDBPyConnection, issue: Issue) -> list[tuple[str, list[int], int]]:
-    """(delivery file, first row numbers, number of rows) of the issue, from quality.findings."""
-    if not lineage.table_exists(gov_con, "quality", "findings"):
-        return []
-    rows = gov_con.execute(
-        f"""select coalesce(delivery_file, ''), list(distinct row_number order by row_number)[1:{MAX_ROWS_LISTED}],
-                   count(distinct row_number)
-            from quality.findings where partition_date = ? and dataset = ? and rule = ? and agency = ?
-            group by 1 order by 1""",
-        [issue.partition_date, issue.dataset, issue.rule, issue.agency],
-    ).fetchall()
-    return [(f, [int(x) for x in (rns or []) if x is not None], int(n)) for f, rns, n in rows]
-
-
-def build_message(gov_con: duckdb.DuckDBPyConnection, registry: Registry, issue: Issue, status_event: str) -> tuple[str, str, dict[str, Any]]:
-    """(subject, Chinese text body, webhook JSON payload) of an issue's notification."""
+def build_message(registry: Registry, issue: Issue, status_event: str) -> tuple[str, str, dict[str, Any]]:
+    """(subject, Chinese text body, webhook JSON payload) of an issue's notification; from the issue alone (its
+    `affected_rows` were taken from quality.findings at sync time), no database access."""
     ds = registry.datasets.get(issue.dataset)
     ag = registry.agencies.get(issue.agency)
     ds_name = ds.name if ds else issue.dataset
@@ -151,7 +145,10 @@ def build_message(gov_con: duckdb.DuckDBPyConnection, registry: Registry, issue:
     kind = status_event.split("#")[0]
     head = {"opened": "数据质量问题通知", "reopened": "数据质量问题重新打开（重新交付后复核未通过）", "escalated": "数据质量问题升级（超过处理时限）"}[kind]
     redeliver = f"landing/{issue.agency}/{issue.dataset}/{day}/"
-    files = _affected_rows(gov_con, issue)
+    files = [
+        {"file": f.get("file") or "", "rows": [int(x) for x in f.get("rows") or []], "row_count": int(f.get("row_count") or 0)}
+        for f in issue.affected_rows
+    ]
     subject = f"【{head}】{ag_name} · {ds_name} · {day} · {lineage.dimension_label(issue.dimension)} · {issue.issue_id}"
     lines = [
         f"【{head}】依据《肇庆市公共数据资源授权运营管理办法（试行）》第二十条（数据质量问题逐级溯源、数源机构整改）",
@@ -166,10 +163,11 @@ def build_message(gov_con: duckdb.DuckDBPyConnection, registry: Registry, issue:
         f"影响记录：{issue.records_failed} 条（{issue.findings_count} 项发现）",
         "交付文件与行号：",
     ]
-    for f, rns, n in files:
+    for f in files:
+        rns, n = f["rows"], f["row_count"]
         more = f" 等共 {n} 行" if n > len(rns) else ""
         where = f"第 {lineage.row_ranges(rns)} 行{more}" if rns else "交付级问题（整个文件/分区）"
-        lines.append(f"  - {f or '（未交付）'}：{where}")
+        lines.append(f"  - {f['file'] or '（未交付）'}：{where}")
     if issue.sample_rows:
         lines.append("问题示例（个人信息已遮蔽）：")
         for s in issue.sample_rows:
@@ -207,7 +205,7 @@ def build_message(gov_con: duckdb.DuckDBPyConnection, registry: Registry, issue:
         "dimension_cn": lineage.dimension_label(issue.dimension),
         "severity": issue.severity,
         "records_failed": issue.records_failed,
-        "delivery_files": [{"file": f, "rows": rns, "row_count": n} for f, rns, n in files],
+        "delivery_files": files,
         "redeliver_to": redeliver,
         "trace": issue.trace,
         "text": body,
@@ -222,68 +220,85 @@ def notification_id(fp: str, channel: str, status_event: str) -> str:
     return hashlib.sha256(f"{fp}|{channel}|{status_event}".encode()).hexdigest()[:20]
 
 
-def _channels_for(registry: Registry, agency: str, settings: AlertSettings) -> list[tuple[str, str]]:
-    """(channel, recipient) pairs configured for an agency."""
+def _channels_for(registry: Registry, agency: str) -> list[tuple[str, str]]:
+    """(channel, recipient) pairs configured for an agency (e-mail always has a transport: SMTP or the Maildir)."""
     ag = registry.agencies.get(agency)
     if ag is None:
         return []
     out = []
-    if settings.email_enabled and ag.contact.email:
+    if ag.contact.email:
         out.append(("email", ag.contact.email))
     if ag.contact.webhook_url():
         out.append(("webhook", ag.code))
     return out
 
 
-def enqueue(gov_con: duckdb.DuckDBPyConnection, registry: Registry, settings: AlertSettings, now: dt.datetime | None = None) -> list[str]:
+def _insert_ignore(conn: sa.Connection, table: sa.Table, **values: Any) -> bool:
+    """INSERT … ON CONFLICT DO NOTHING (the transaction survives a duplicate); whether a row was inserted."""
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    return conn.execute(dialect.insert(table).values(**values).on_conflict_do_nothing()).rowcount == 1
+
+
+def enqueue(db: sa.Engine, registry: Registry, settings: AlertSettings, now: dt.datetime | None = None) -> list[str]:
     """Put one message per (issue, channel, status event) into the outbox; existing ones are left alone."""
-    ensure_tables(gov_con)
     at = _now(now)
     out = []
     todo: list[tuple[Issue, str, str]] = []  # (issue, status event, agency to notify)
-    for issue in issue_register.list_issues(gov_con, status=issue_register.OPEN_LIKE):
-        if issue.status in ("open", "reopened"):
-            ev = "opened" if issue.reopen_count == 0 else f"reopened#{issue.reopen_count}"
-            todo.append((issue, ev, issue.agency))
-        if issue.escalated_at is not None:
-            ev = f"escalated#{issue.reopen_count}"
-            todo.append((issue, ev, issue.agency))
-            if settings.escalation_agency in registry.agencies and settings.escalation_agency != issue.agency:
-                todo.append((issue, ev, settings.escalation_agency))
-    for issue, ev, agency in todo:
-        key_ev = ev if agency == issue.agency else f"{ev}@{agency}"
-        channels = _channels_for(registry, agency, settings)
-        missing = [
-            (ch, rcpt)
-            for ch, rcpt in channels
-            if not gov_con.execute(
-                "select 1 from governance.notifications where fingerprint = ? and channel = ? and status_event = ?",
-                [issue.fingerprint, ch, key_ev],
-            ).fetchone()
-        ]
-        if not missing:
-            continue
-        subject, body, payload = build_message(gov_con, registry, issue, ev)
-        for ch, rcpt in missing:
-            nid = notification_id(issue.fingerprint, ch, key_ev)
-            gov_con.execute(
-                """insert into governance.notifications
-                   (notification_id, fingerprint, issue_id, agency, channel, status_event, recipient, subject, body, payload,
-                    status, attempts, created_at)
-                   values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', 0, ?) on conflict do nothing""",
-                [nid, issue.fingerprint, issue.issue_id, agency, ch, key_ev, rcpt, subject, body, json.dumps(payload, ensure_ascii=False), at],
-            )
-            out.append(nid)
+    with transaction(db) as conn:
+        for issue in issue_register.list_issues(conn, status=issue_register.OPEN_LIKE):
+            if issue.status in ("open", "reopened"):
+                ev = "opened" if issue.reopen_count == 0 else f"reopened#{issue.reopen_count}"
+                todo.append((issue, ev, issue.agency))
+            if issue.escalated_at is not None:
+                ev = f"escalated#{issue.reopen_count}"
+                todo.append((issue, ev, issue.agency))
+                if settings.escalation_agency in registry.agencies and settings.escalation_agency != issue.agency:
+                    todo.append((issue, ev, settings.escalation_agency))
+        for issue, ev, agency in todo:
+            key_ev = ev if agency == issue.agency else f"{ev}@{agency}"
+            missing = [
+                (ch, rcpt)
+                for ch, rcpt in _channels_for(registry, agency)
+                if conn.execute(
+                    sa.select(notifications_t.c.notification_id).where(
+                        notifications_t.c.fingerprint == issue.fingerprint,
+                        notifications_t.c.channel == ch,
+                        notifications_t.c.status_event == key_ev,
+                    )
+                ).first() is None
+            ]
+            if not missing:
+                continue
+            subject, body, payload = build_message(registry, issue, ev)
+            for ch, rcpt in missing:
+                nid = notification_id(issue.fingerprint, ch, key_ev)
+                if _insert_ignore(
+                    conn, notifications_t,
+                    notification_id=nid, fingerprint=issue.fingerprint, issue_id=issue.issue_id, agency=agency, channel=ch,
+                    status_event=key_ev, recipient=rcpt, subject=subject, body=body,
+                    payload=json.dumps(payload, ensure_ascii=False), status="pending", attempts=0, created_at=at,
+                ):
+                    out.append(nid)
     return out
 
 
-def send_email(settings: AlertSettings, to: str, subject: str, body: str) -> None:
-    """One message over SMTP (STARTTLS when the server offers it and credentials are set)."""
+def email_message(settings: AlertSettings, n: dict[str, Any], at: dt.datetime | None = None) -> EmailMessage:
+    """The RFC 5322 message of an e-mail notification (the same for SMTP and the Maildir), UTF-8 body."""
     msg = EmailMessage()
-    msg["From"] = settings.smtp_from or settings.smtp_user or "zq-data-platform@localhost"
-    msg["To"] = to
-    msg["Subject"] = subject
-    msg.set_content(body)
+    msg["From"] = settings.sender
+    msg["To"] = n["recipient"]
+    msg["Subject"] = n["subject"]
+    msg["Date"] = format_datetime(_now(at))
+    msg["Message-ID"] = f"<{n['notification_id']}@{MESSAGE_ID_DOMAIN}>"  # stable: a resend is recognisably the same
+    msg["X-ZQ-Issue-Id"] = n["issue_id"]
+    msg["X-ZQ-Agency"] = n["agency"]
+    msg["X-ZQ-Status-Event"] = n["status_event"]
+    msg.set_content(n["body"], charset="utf-8")
+    return msg
+
+
+def send_email(settings: AlertSettings, msg: EmailMessage) -> None:
+    """One message over SMTP (STARTTLS when the server offers it and credentials are set)."""
     with smtplib.SMTP(settings.smtp_host, settings.smtp_port, timeout=settings.timeout_seconds) as smtp:
         smtp.ehlo()
         if settings.smtp_user:
@@ -292,6 +307,12 @@ def send_email(settings: AlertSettings, to: str, subject: str, body: str) -> Non
                 smtp.ehlo()
             smtp.login(settings.smtp_user, settings.smtp_password)
         smtp.send_message(msg)
+
+
+def write_maildir(settings: AlertSettings, msg: EmailMessage) -> str:
+    """One message into the local Maildir outbox (``<maildir>/new``); returns its key."""
+    Path(settings.maildir).parent.mkdir(parents=True, exist_ok=True)  # Maildir(create=True) makes only the last level
+    return mailbox.Maildir(settings.maildir, create=True).add(msg)
 
 
 def post_webhook(url: str, payload: dict[str, Any], timeout: float) -> None:
@@ -307,11 +328,18 @@ def post_webhook(url: str, payload: dict[str, Any], timeout: float) -> None:
             raise urllib.error.HTTPError(url, resp.status, f"HTTP {resp.status}", resp.headers, None)
 
 
-def _deliver_one(registry: Registry, settings: AlertSettings, n: dict[str, Any]) -> None:
+def transport_of(settings: AlertSettings, channel: str) -> str:
+    """smtp | maildir | http."""
+    return settings.email_transport if channel == "email" else "http"
+
+
+def _deliver_one(registry: Registry, settings: AlertSettings, n: dict[str, Any], at: dt.datetime) -> None:
     if n["channel"] == "email":
-        if not settings.email_enabled:
-            raise RuntimeError("邮件通知未配置 (ZQ_SMTP_HOST not set)")
-        send_email(settings, n["recipient"], n["subject"], n["body"])
+        msg = email_message(settings, n, at)
+        if settings.email_transport == "smtp":
+            send_email(settings, msg)
+        else:
+            write_maildir(settings, msg)
     else:
         ag = registry.agencies.get(n["agency"])
         url = ag.contact.webhook_url() if ag else ""
@@ -326,14 +354,30 @@ class Attempt:
     attempt: int
     at: dt.datetime
     error: str  # "" = delivered
+    transport: str = ""  # smtp | maildir | http
 
 
-def pending_messages(gov_con: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
+def pending_messages(db: sa.Engine) -> list[dict[str, Any]]:
     """Outbox messages not yet delivered (pending, or failed on an earlier tick)."""
-    ensure_tables(gov_con)
-    return lineage.fetch_dicts(
-        gov_con, "select * from governance.notifications where status in ('pending', 'failed') order by created_at, notification_id"
+    q = (
+        sa.select(notifications_t)
+        .where(notifications_t.c.status.in_(("pending", "failed")))
+        .order_by(notifications_t.c.created_at, notifications_t.c.notification_id)
     )
+    with db.connect() as conn:
+        return [dict(r) for r in conn.execute(q).mappings()]
+
+
+Clock = Callable[[], dt.datetime]
+
+
+def _clock(now: dt.datetime | Clock | None) -> Clock:
+    if now is None:
+        return lambda: dt.datetime.now(TZ)
+    if callable(now):
+        return now
+    fixed = _now(now)
+    return lambda: fixed
 
 
 def send_messages(
@@ -341,46 +385,60 @@ def send_messages(
     settings: AlertSettings,
     messages: list[dict[str, Any]],
     *,
-    now: Callable[[], dt.datetime] | None = None,
+    now: dt.datetime | Clock | None = None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> list[Attempt]:
-    """Send each message with bounded retries and exponential backoff; no DB access (the gov DB lock is not held while
-    waiting on the network)."""
-    clock = now or (lambda: dt.datetime.now(TZ))
+    """Send each message with bounded retries and exponential backoff. No database access: no lock or transaction is
+    held while waiting on the network. `now` is a time or a clock (default: the wall clock)."""
+    clock = _clock(now)
     out = []
     for n in messages:
         attempt = int(n["attempts"])
+        transport = transport_of(settings, n["channel"])
         for i in range(settings.retries):
             if i:
                 sleep(min(settings.backoff_seconds * 2 ** (i - 1), settings.backoff_max_seconds))
             attempt += 1
+            at = clock()
             try:
-                _deliver_one(registry, settings, n)
+                _deliver_one(registry, settings, n, at)
                 error = ""
-            except (OSError, smtplib.SMTPException, urllib.error.URLError, RuntimeError, ValueError) as exc:
+            except (OSError, smtplib.SMTPException, urllib.error.URLError, RuntimeError, ValueError, mailbox.Error) as exc:
                 error = f"{type(exc).__name__}: {exc}"[:1000]
-            out.append(Attempt(n["notification_id"], attempt, clock(), error))
+            out.append(Attempt(n["notification_id"], attempt, at, error, transport))
             if not error:
                 break
     return out
 
 
-def record_attempts(gov_con: duckdb.DuckDBPyConnection, messages: list[dict[str, Any]], attempts: list[Attempt]) -> tuple[list[str], list[tuple[str, str]]]:
-    """Record every attempt and each message's outcome; notified issues move to `notified`. Returns (sent, failed)."""
+def record_attempts(db: sa.Engine, messages: list[dict[str, Any]], attempts: list[Attempt]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Record every attempt and each message's outcome in one transaction; notified issues move to `notified`.
+    Returns (sent, failed)."""
     by_id = {n["notification_id"]: n for n in messages}
     last: dict[str, Attempt] = {}
-    gov_con.execute("begin transaction")
-    try:
-        for a in attempts:
-            gov_con.execute("insert into governance.notification_attempts values (?, ?, ?, ?, ?)", [a.notification_id, a.attempt, a.at, not a.error, a.error or None])
-            last[a.notification_id] = a
-        sent, failed = [], []
-        for nid, a in last.items():
-            gov_con.execute(
-                """update governance.notifications set attempts = ?, last_attempt_at = ?, status = ?, last_error = ?,
-                   sent_at = case when ? then ? else sent_at end where notification_id = ?""",
-                [a.attempt, a.at, "failed" if a.error else "sent", a.error or None, not a.error, a.at, nid],
-            )
+    for a in attempts:
+        last[a.notification_id] = a
+    sent: list[str] = []
+    failed: list[tuple[str, str]] = []
+    notified: list[tuple[str, str, dt.datetime]] = []
+    if not attempts:
+        return sent, failed
+    with transaction(db) as conn:
+        conn.execute(
+            sa.insert(attempts_t),
+            [{"notification_id": a.notification_id, "attempt": a.attempt, "attempted_at": a.at, "ok": not a.error, "error": a.error or None} for a in attempts],
+        )
+        for nid in sorted(last):  # rows locked in one order by every writer: no deadlock on PostgreSQL
+            a = last[nid]
+            values: dict[str, Any] = {
+                "attempts": a.attempt, "last_attempt_at": a.at, "status": "failed" if a.error else "sent",
+                "last_error": a.error or None,
+            }
+            if a.transport:
+                values["transport"] = a.transport
+            if not a.error:
+                values["sent_at"] = a.at
+            conn.execute(sa.update(notifications_t).where(notifications_t.c.notification_id == nid).values(**values))
             n = by_id[nid]
             if a.error:
                 log.warning("通知发送失败（将在下次重试）%s %s → %s: %s", n["issue_id"], n["channel"], n["recipient"], a.error)
@@ -388,29 +446,32 @@ def record_attempts(gov_con: duckdb.DuckDBPyConnection, messages: list[dict[str,
                 continue
             sent.append(nid)
             if n["status_event"] == "opened" or n["status_event"].startswith("reopened#"):
-                issue_register.mark_notified(gov_con, n["fingerprint"], n["channel"], a.at)
-        gov_con.execute("commit")
-    except Exception:
-        gov_con.execute("rollback")
-        raise
+                notified.append((n["fingerprint"], n["channel"], a.at))
+        for fp, channel, at in sorted(notified, key=lambda x: (x[0], x[1])):
+            issue_register.mark_notified(conn, fp, channel, at)
+    order = {nid: i for i, nid in enumerate(by_id)}
+    sent.sort(key=lambda nid: order.get(nid, 0))
+    failed.sort(key=lambda f: order.get(f[0], 0))
     return sent, failed
 
 
 def deliver_pending(
-    gov_con: duckdb.DuckDBPyConnection,
+    db: sa.Engine,
     registry: Registry,
     settings: AlertSettings,
     *,
-    now: Callable[[], dt.datetime] | None = None,
+    now: dt.datetime | Clock | None = None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> tuple[list[str], list[tuple[str, str]]]:
     """Send every pending or failed message and record every attempt. Returns (sent ids, [(failed id, error)])."""
-    messages = pending_messages(gov_con)
-    return record_attempts(gov_con, messages, send_messages(registry, settings, messages, now=now, sleep=sleep))
+    messages = pending_messages(db)
+    if not messages:
+        return [], []
+    return record_attempts(db, messages, send_messages(registry, settings, messages, now=now, sleep=sleep))
 
 
 def notify_issues(
-    gov_con: duckdb.DuckDBPyConnection,
+    db: sa.Engine,
     registry: Registry,
     settings: AlertSettings | None = None,
     *,
@@ -419,19 +480,34 @@ def notify_issues(
 ) -> NotifyReport:
     """Enqueue messages for open/reopened/escalated issues and send everything pending or previously failed."""
     s = settings or AlertSettings.from_env()
-    report = NotifyReport(email_disabled=not s.email_enabled)
-    if not s.email_enabled:
-        log.info("未配置 ZQ_SMTP_HOST：邮件通知已停用，仅发送 webhook (email alerts disabled)")
-    report.enqueued = enqueue(gov_con, registry, s, now)
-    report.sent, report.failed = deliver_pending(gov_con, registry, s, sleep=sleep)
+    report = NotifyReport.for_settings(s)
+    if s.email_transport == "maildir":
+        log.info("未配置 ZQ_SMTP_HOST：邮件写入本地发件箱 %s (no SMTP host: e-mail goes to the local Maildir)", s.maildir)
+    report.enqueued = enqueue(db, registry, s, now)
+    report.sent, report.failed = deliver_pending(db, registry, s, now=now, sleep=sleep)
     log.info("质量问题通知 %s", report.summary())
     return report
 
 
-def notifications(gov_con: duckdb.DuckDBPyConnection, issue_id: str | None = None) -> list[dict[str, Any]]:
+def notifications(db: sa.Engine, issue_id: str | None = None) -> list[dict[str, Any]]:
     """Outbox rows (without bodies), optionally of one issue."""
-    ensure_tables(gov_con)
-    sql = "select notification_id, issue_id, agency, channel, status_event, recipient, status, attempts, last_error, created_at, sent_at from governance.notifications"
+    c = notifications_t.c
+    q = sa.select(
+        c.notification_id, c.issue_id, c.agency, c.channel, c.status_event, c.recipient, c.status, c.transport,
+        c.attempts, c.last_error, c.created_at, c.sent_at,
+    )
     if issue_id:
-        return lineage.fetch_dicts(gov_con, sql + " where issue_id = ? order by created_at", [issue_id])
-    return lineage.fetch_dicts(gov_con, sql + " order by created_at")
+        q = q.where(c.issue_id == issue_id)
+    q = q.order_by(c.created_at, c.notification_id)
+    with db.connect() as conn:
+        return [dict(r) for r in conn.execute(q).mappings()]
+
+
+def outbox_counts(db: sa.Engine) -> dict[str, int]:
+    """Outbox messages by status: {"pending": n, "sent": n, "failed": n}."""
+    q = sa.select(notifications_t.c.status, sa.func.count()).group_by(notifications_t.c.status)
+    out = dict.fromkeys(OUTBOX_STATUSES, 0)
+    with db.connect() as conn:
+        for status, n in conn.execute(q):
+            out[status] = int(n)
+    return out

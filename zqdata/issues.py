@@ -1,23 +1,34 @@
 """The quality-issue register (Art. 20): one issue per failing (dataset, rule, partition, agency), tracked until fixed.
 
-Tables in the gov DB: `governance.quality_issues` (one row per fingerprint) and `governance.issue_events` (every status
-change). Lifecycle: open → notified → acknowledged → resolved (agency redelivered) → verified (the check passes on the
-redelivered data), or reopened when the findings come back. `sync_issues` derives all of this from `quality.findings`.
+The register lives in the operational DB (`zqdata.opdb`: tables `quality_issues` and `issue_events`), not in the gov
+DuckDB file: people (`zq issues ack`), the alert sensor and the nightly run write it at any time without waiting on the
+warehouse's single-writer lock. Lifecycle: open → notified → acknowledged → resolved (agency redelivered) → verified
+(the check passes on the redelivered data), or reopened when the findings come back. `sync_issues` derives all of this
+from `quality.findings` of the gov DB, which it only reads.
+
+Concurrency: every status change reads the status and writes the new one in the same transaction (SQLite: the write
+lock is taken at BEGIN; PostgreSQL: `SELECT … FOR UPDATE`). The bulk writers (`sync_issues`, `escalate_overdue`) also
+lock the register table on PostgreSQL first, so they never deadlock with each other or with a delivery being recorded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import duckdb
+import sqlalchemy as sa
 
 from zqdata import lineage
+from zqdata.opdb import issue_events as events_t
+from zqdata.opdb import quality_issues as issues_t
+from zqdata.opdb import transaction
 from zqdata.registry import Registry
 from zqdata.settings import TZ
 
@@ -34,50 +45,7 @@ STATUS_CN = {
     "reopened": "重新打开 reopened",
 }
 SAMPLE_ROWS = 5
-
-DDL = """
-create schema if not exists governance;
-create table if not exists governance.quality_issues (
-    fingerprint      varchar primary key,   -- sha256(dataset|rule|partition|agency)
-    issue_id         varchar not null,      -- QI-<first 12 hex>, what people type
-    partition_date   date not null,
-    agency           varchar not null,
-    dataset          varchar not null,
-    rule             varchar not null,
-    dimension        varchar,
-    severity         varchar,
-    tools            varchar,
-    findings_count   integer,
-    records_failed   integer,
-    sample_rows      varchar,               -- JSON list of masked finding rows
-    trace            varchar,               -- JSON of lineage.Trace
-    status           varchar not null,
-    first_seen_at    timestamptz not null,
-    last_seen_at     timestamptz,
-    open_since       timestamptz,           -- SLA clock: when it was (re)opened
-    notified_at      timestamptz,
-    acknowledged_at  timestamptz,
-    acknowledged_by  varchar,
-    resolved_at      timestamptz,
-    resolution_note  varchar,
-    verified_at      timestamptz,
-    escalated_at     timestamptz,
-    reopen_count     integer not null default 0,
-    updated_at       timestamptz not null
-);
-create sequence if not exists governance.issue_event_seq;
-create table if not exists governance.issue_events (
-    event_id     bigint primary key default nextval('governance.issue_event_seq'),
-    fingerprint  varchar not null,
-    issue_id     varchar not null,
-    event        varchar not null,   -- opened|updated|notified|acknowledged|resolved|verified|reopened|escalated
-    from_status  varchar,
-    to_status    varchar,
-    actor        varchar,
-    note         varchar,
-    event_at     timestamptz not null
-);
-"""
+MAX_ROWS_LISTED = 100  # row numbers kept per delivery file in `affected_rows`; the trace and `zq issues show` give more
 
 
 class IssueError(ValueError):
@@ -98,6 +66,7 @@ class Issue:
     findings_count: int
     records_failed: int
     sample_rows: list[dict[str, Any]]
+    affected_rows: list[dict[str, Any]]  # [{"file", "rows" (first 100 row numbers), "row_count"}], at the last sync
     trace: dict[str, Any]
     status: str
     first_seen_at: dt.datetime
@@ -139,24 +108,51 @@ def issue_id_of(fp: str) -> str:
     return f"QI-{fp[:12]}"
 
 
-def ensure_tables(gov_con: duckdb.DuckDBPyConnection) -> None:
-    gov_con.execute(DDL)
-
-
 def _now(now: dt.datetime | None) -> dt.datetime:
     return (now or dt.datetime.now(TZ)).astimezone(TZ)
 
 
-def _event(con: duckdb.DuckDBPyConnection, fp: str, event: str, frm: str | None, to: str | None, at: dt.datetime, actor: str | None = None, note: str | None = None) -> None:
-    con.execute(
-        "insert into governance.issue_events (fingerprint, issue_id, event, from_status, to_status, actor, note, event_at) values (?, ?, ?, ?, ?, ?, ?, ?)",
-        [fp, issue_id_of(fp), event, frm, to, actor, note, at],
+def _day(partition_date: str | dt.date) -> dt.date:
+    return partition_date if isinstance(partition_date, dt.date) else dt.date.fromisoformat(str(partition_date))
+
+
+def _event(conn: sa.Connection, fp: str, event: str, frm: str | None, to: str | None, at: dt.datetime, actor: str | None = None, note: str | None = None) -> None:
+    conn.execute(
+        sa.insert(events_t).values(
+            fingerprint=fp, issue_id=issue_id_of(fp), event=event, from_status=frm, to_status=to, actor=actor, note=note, event_at=at
+        )
     )
 
 
+def _lock_register(conn: sa.Connection) -> None:
+    """Bulk writers: one at a time on PostgreSQL (readers are not blocked); SQLite's BEGIN IMMEDIATE already did it.
+
+    Taken before any row lock, so a bulk writer never holds rows while waiting (no deadlock with `FOR UPDATE` users).
+    """
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(f"LOCK TABLE {issues_t.name} IN SHARE ROW EXCLUSIVE MODE")
+
+
+@contextlib.contextmanager
+def _reading(db: sa.Engine | sa.Connection) -> Iterator[sa.Connection]:
+    """A connection to read with: the caller's (inside its transaction) or a short one of the engine."""
+    if isinstance(db, sa.Connection):
+        yield db
+    else:
+        with db.connect() as conn:
+            yield conn
+
+
+def _update(conn: sa.Connection, fp: str, **values: Any) -> None:
+    conn.execute(sa.update(issues_t).where(issues_t.c.fingerprint == fp).values(**values))
+
+
+# --------------------------------------------------------------------------- reading the gov DB (read only)
+
 
 def _failing_groups(gov_con: duckdb.DuckDBPyConnection, partition_date: str) -> list[dict[str, Any]]:
-    """quality.findings of the partition grouped by (agency, dataset, rule), with counts and the first sample rows."""
+    """quality.findings of the partition grouped by (agency, dataset, rule), with counts, the first sample rows and the
+    affected delivery files and rows."""
     if not lineage.table_exists(gov_con, "quality", "findings"):
         return []
     groups = lineage.fetch_dicts(
@@ -184,11 +180,26 @@ def _failing_groups(gov_con: duckdb.DuckDBPyConnection, partition_date: str) -> 
         """,
         [partition_date],
     )
+    files = gov_con.execute(
+        f"""select agency, dataset, rule, coalesce(delivery_file, '') as file,
+                   list(distinct row_number order by row_number)[1:{MAX_ROWS_LISTED}] as rows,
+                   count(distinct row_number) as row_count
+            from quality.findings where partition_date = ?::date
+            group by all order by file""",
+        [partition_date],
+    ).fetchall()
     by_key: dict[tuple, list[dict[str, Any]]] = {}
     for s in samples:
         by_key.setdefault((s["agency"], s["dataset"], s["rule"]), []).append(s)
+    affected: dict[tuple, list[dict[str, Any]]] = {}
+    for agency, dataset, rule, file, rows, n in files:
+        affected.setdefault((agency, dataset, rule), []).append(
+            {"file": file, "rows": [int(x) for x in (rows or []) if x is not None], "row_count": int(n)}
+        )
     for g in groups:
-        g["samples"] = by_key.get((g["agency"], g["dataset"], g["rule"]), [])
+        key = (g["agency"], g["dataset"], g["rule"])
+        g["samples"] = by_key.get(key, [])
+        g["affected_rows"] = affected.get(key, [])
     return groups
 
 
@@ -203,81 +214,6 @@ def _checked_datasets(gov_con: duckdb.DuckDBPyConnection, partition_date: str) -
     return {r[0] for r in rows} if rows else None
 
 
-def sync_issues(
-    gov_con: duckdb.DuckDBPyConnection,
-    registry: Registry,
-    partition_date: str | dt.date,
-    *,
-    now: dt.datetime | None = None,
-    ops_con: duckdb.DuckDBPyConnection | None = None,
-) -> SyncReport:
-    """Derive the partition's issues from `quality.findings`: open new ones, reopen returning ones, verify fixed ones, escalate."""
-    day = str(partition_date)
-    at = _now(now)
-    ensure_tables(gov_con)
-    report = SyncReport(partition_date=day)
-    groups = _failing_groups(gov_con, day)
-    gov_con.execute("begin transaction")
-    try:
-        seen: set[str] = set()
-        for g in groups:
-            agency = g["agency"] or (registry.datasets[g["dataset"]].agency if g["dataset"] in registry.datasets else "")
-            fp = fingerprint(g["dataset"], g["rule"], day, agency)
-            seen.add(fp)
-            samples = [lineage.finding_for_display(s) for s in g["samples"]]
-            tr = _trace_json(gov_con, ops_con, registry, g["samples"])
-            cur = gov_con.execute("select status from governance.quality_issues where fingerprint = ?", [fp]).fetchone()
-            values = [g["dimension"], g["severity"], g["tools"], g["findings_count"], g["records_failed"], json.dumps(samples, ensure_ascii=False), tr]
-            if cur is None:
-                gov_con.execute(
-                    """insert into governance.quality_issues
-                       (fingerprint, issue_id, partition_date, agency, dataset, rule, dimension, severity, tools, findings_count,
-                        records_failed, sample_rows, trace, status, first_seen_at, last_seen_at, open_since, reopen_count, updated_at)
-                       values (?, ?, ?::date, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'open', ?, ?, ?, 0, ?)""",
-                    [fp, issue_id_of(fp), day, agency, g["dataset"], g["rule"], *values, at, at, at, at],
-                )
-                _event(gov_con, fp, "opened", None, "open", at, note=f"{g['records_failed']} 条记录未通过")
-                report.opened.append(issue_id_of(fp))
-                continue
-            status = cur[0]
-            gov_con.execute(
-                """update governance.quality_issues set dimension = ?, severity = ?, tools = ?, findings_count = ?,
-                   records_failed = ?, sample_rows = ?, trace = ?, last_seen_at = ?, updated_at = ? where fingerprint = ?""",
-                [*values, at, at, fp],
-            )
-            if status in ("resolved", "verified"):
-                gov_con.execute(
-                    """update governance.quality_issues set status = 'reopened', open_since = ?, escalated_at = null,
-                       reopen_count = reopen_count + 1, verified_at = null where fingerprint = ?""",
-                    [at, fp],
-                )
-                _event(gov_con, fp, "reopened", status, "reopened", at, note=f"重新交付后仍有 {g['records_failed']} 条记录未通过")
-                report.reopened.append(issue_id_of(fp))
-            else:
-                report.updated.append(issue_id_of(fp))
-        checked = _checked_datasets(gov_con, day)
-        for fp, status, ds in gov_con.execute(
-            "select fingerprint, status, dataset from governance.quality_issues where partition_date = ?::date and status <> 'verified'",
-            [day],
-        ).fetchall():
-            if fp in seen or (checked is not None and ds not in checked):
-                continue
-            # The check passes on the current data of the partition (redelivered and re-checked): the fix is verified.
-            gov_con.execute(
-                "update governance.quality_issues set status = 'verified', verified_at = ?, updated_at = ? where fingerprint = ?",
-                [at, at, fp],
-            )
-            _event(gov_con, fp, "verified", status, "verified", at, note="复核通过：该规则在当前数据上不再失败")
-            report.verified.append(issue_id_of(fp))
-        report.escalated = _escalate(gov_con, registry, at)
-        gov_con.execute("commit")
-    except Exception:
-        gov_con.execute("rollback")
-        raise
-    log.info("质量问题同步 %s", report.summary())
-    return report
-
-
 def _trace_json(gov_con: duckdb.DuckDBPyConnection, ops_con: duckdb.DuckDBPyConnection | None, registry: Registry, samples: Sequence[Mapping[str, Any]]) -> str:
     try:
         t = lineage.trace(gov_con, ops_con, registry, "gov/quality/findings", finding=list(samples))
@@ -287,47 +223,144 @@ def _trace_json(gov_con: duckdb.DuckDBPyConnection, ops_con: duckdb.DuckDBPyConn
         return json.dumps({"error": f"溯源失败: {exc}"}, ensure_ascii=False)
 
 
-def escalate_overdue(gov_con: duckdb.DuckDBPyConnection, registry: Registry, now: dt.datetime | None = None) -> list[str]:
-    """Escalate issues still open/notified/reopened past their dataset's SLA hours; returns the escalated issue ids."""
-    ensure_tables(gov_con)
-    gov_con.execute("begin transaction")
-    try:
-        out = _escalate(gov_con, registry, _now(now))
-        gov_con.execute("commit")
-    except Exception:
-        gov_con.execute("rollback")
-        raise
-    return out
+# --------------------------------------------------------------------------- sync and escalation
 
 
-def _escalate(gov_con: duckdb.DuckDBPyConnection, registry: Registry, at: dt.datetime) -> list[str]:
+def sync_issues(
+    gov_con: duckdb.DuckDBPyConnection,
+    db: sa.Engine,
+    registry: Registry,
+    partition_date: str | dt.date,
+    *,
+    now: dt.datetime | None = None,
+    ops_con: duckdb.DuckDBPyConnection | None = None,
+) -> SyncReport:
+    """Derive the partition's issues from `quality.findings` (gov DB, only read): open new ones, reopen returning ones,
+    verify fixed ones, escalate overdue ones — all in one transaction of the operational DB `db`."""
+    day = _day(partition_date)
+    at = _now(now)
+    report = SyncReport(partition_date=day.isoformat())
+    # Everything the gov DB can tell is read first: the operational transaction below never waits on DuckDB.
+    groups = _failing_groups(gov_con, day.isoformat())
+    checked = _checked_datasets(gov_con, day.isoformat())
+    prepared = []
+    for g in groups:
+        agency = g["agency"] or (registry.datasets[g["dataset"]].agency if g["dataset"] in registry.datasets else "")
+        fp = fingerprint(g["dataset"], g["rule"], day, agency)
+        values = {
+            "dimension": g["dimension"],
+            "severity": g["severity"],
+            "tools": g["tools"],
+            "findings_count": int(g["findings_count"]),
+            "records_failed": int(g["records_failed"]),
+            "sample_rows": json.dumps([lineage.finding_for_display(s) for s in g["samples"]], ensure_ascii=False),
+            "affected_rows": json.dumps(g["affected_rows"], ensure_ascii=False),
+            "trace": _trace_json(gov_con, ops_con, registry, g["samples"]),
+        }
+        prepared.append((fp, agency, g, values))
+
+    with transaction(db) as conn:
+        _lock_register(conn)
+        seen: set[str] = set()
+        for fp, agency, g, values in prepared:
+            seen.add(fp)
+            cur = conn.execute(sa.select(issues_t.c.status).where(issues_t.c.fingerprint == fp).with_for_update()).first()
+            if cur is None:
+                conn.execute(
+                    sa.insert(issues_t).values(
+                        fingerprint=fp, issue_id=issue_id_of(fp), partition_date=day, agency=agency, dataset=g["dataset"],
+                        rule=g["rule"], **values, status="open", first_seen_at=at, last_seen_at=at, open_since=at,
+                        reopen_count=0, updated_at=at,
+                    )
+                )
+                _event(conn, fp, "opened", None, "open", at, note=f"{g['records_failed']} 条记录未通过")
+                report.opened.append(issue_id_of(fp))
+                continue
+            status = cur.status
+            _update(conn, fp, **values, last_seen_at=at, updated_at=at)
+            if status in ("resolved", "verified"):
+                _update(
+                    conn, fp, status="reopened", open_since=at, escalated_at=None,
+                    reopen_count=issues_t.c.reopen_count + 1, verified_at=None,
+                )
+                _event(conn, fp, "reopened", status, "reopened", at, note=f"重新交付后仍有 {g['records_failed']} 条记录未通过")
+                report.reopened.append(issue_id_of(fp))
+            else:
+                report.updated.append(issue_id_of(fp))
+        rows = conn.execute(
+            sa.select(issues_t.c.fingerprint, issues_t.c.status, issues_t.c.dataset)
+            .where(issues_t.c.partition_date == day, issues_t.c.status != "verified")
+            .order_by(issues_t.c.fingerprint)
+            .with_for_update()
+        ).all()
+        for fp, status, ds in rows:
+            if fp in seen or (checked is not None and ds not in checked):
+                continue
+            # The check passes on the current data of the partition (redelivered and re-checked): the fix is verified.
+            _update(conn, fp, status="verified", verified_at=at, updated_at=at)
+            _event(conn, fp, "verified", status, "verified", at, note="复核通过：该规则在当前数据上不再失败")
+            report.verified.append(issue_id_of(fp))
+        report.escalated = _escalate(conn, registry, at)
+    log.info("质量问题同步 %s", report.summary())
+    return report
+
+
+def escalate_overdue(db: sa.Engine, registry: Registry, now: dt.datetime | None = None) -> list[str]:
+    """Escalate issues still open/notified/reopened at or past their dataset's SLA hours; returns the escalated ids."""
+    with transaction(db) as conn:
+        _lock_register(conn)
+        return _escalate(conn, registry, _now(now))
+
+
+def _overdue_candidates(conn: sa.Connection, *, lock: bool) -> list[sa.Row]:
+    q = (
+        sa.select(issues_t.c.fingerprint, issues_t.c.dataset, issues_t.c.status, issues_t.c.open_since)
+        .where(issues_t.c.escalated_at.is_(None), issues_t.c.status.in_(OPEN_LIKE), issues_t.c.open_since.is_not(None))
+        .order_by(issues_t.c.fingerprint)
+    )
+    return conn.execute(q.with_for_update() if lock else q).all()
+
+
+def _sla(registry: Registry, dataset: str) -> dt.timedelta | None:
+    ds = registry.datasets.get(dataset)
+    return None if ds is None else dt.timedelta(hours=ds.delivery.sla_hours)
+
+
+def _escalate(conn: sa.Connection, registry: Registry, at: dt.datetime) -> list[str]:
     out = []
-    rows = gov_con.execute(
-        f"""select fingerprint, dataset, status, open_since from governance.quality_issues
-            where escalated_at is null and status in {OPEN_LIKE}"""
-    ).fetchall()
-    for fp, ds, status, since in rows:
-        ds_def = registry.datasets.get(ds)
-        if ds_def is None or since is None:
+    for fp, ds, status, since in _overdue_candidates(conn, lock=True):
+        sla = _sla(registry, ds)
+        if sla is None or at < since + sla:
             continue
-        hours = ds_def.delivery.sla_hours
-        if at - since > dt.timedelta(hours=hours):
-            gov_con.execute("update governance.quality_issues set escalated_at = ?, updated_at = ? where fingerprint = ?", [at, at, fp])
-            _event(gov_con, fp, "escalated", status, status, at, note=f"超过 {hours} 小时（数据集时限 SLA）仍未处理，已升级")
-            out.append(issue_id_of(fp))
+        _update(conn, fp, escalated_at=at, updated_at=at)
+        hours = registry.datasets[ds].delivery.sla_hours
+        _event(conn, fp, "escalated", status, status, at, note=f"超过 {hours} 小时（数据集时限 SLA）仍未处理，已升级")
+        out.append(issue_id_of(fp))
     return out
+
+
+def next_escalation_due(db: sa.Engine | sa.Connection, registry: Registry) -> dt.datetime | None:
+    """The earliest moment an open/notified/reopened, not yet escalated issue reaches its dataset's SLA (from then on
+    `escalate_overdue` escalates it), or None when no issue is waiting for escalation."""
+    with _reading(db) as conn:
+        rows = _overdue_candidates(conn, lock=False)
+    dues = [since + sla for _, ds, _, since in rows if (sla := _sla(registry, ds)) is not None]
+    return min(dues) if dues else None
 
 
 # --------------------------------------------------------------------------- people's actions
 
 
-def _resolve_id(gov_con: duckdb.DuckDBPyConnection, issue_id: str) -> tuple[str, str]:
-    ensure_tables(gov_con)
+def _find(conn: sa.Connection, issue_id: str, *, lock: bool = False) -> tuple[str, str]:
+    """(fingerprint, status) of an issue given its id (QI-…) or a fingerprint prefix; locked for update if asked."""
     key = issue_id.strip()
-    prefix = key[3:] if key.upper().startswith("QI-") else key
-    rows = gov_con.execute(
-        "select fingerprint, status from governance.quality_issues where issue_id = ? or fingerprint like ? || '%'", [key, prefix.lower()]
-    ).fetchall()
+    prefix = (key[3:] if key.upper().startswith("QI-") else key).lower()
+    if not prefix:
+        raise IssueError("请给出问题编号 (issue id required)")
+    q = sa.select(issues_t.c.fingerprint, issues_t.c.status).where(
+        sa.or_(issues_t.c.issue_id == key, issues_t.c.fingerprint.startswith(prefix, autoescape=True))
+    ).order_by(issues_t.c.fingerprint).limit(2)
+    rows = conn.execute(q.with_for_update() if lock else q).all()
     if not rows:
         raise IssueError(f"没有质量问题 {issue_id!r} (unknown issue)")
     if len(rows) > 1:
@@ -335,50 +368,46 @@ def _resolve_id(gov_con: duckdb.DuckDBPyConnection, issue_id: str) -> tuple[str,
     return rows[0][0], rows[0][1]
 
 
-def _transition(gov_con: duckdb.DuckDBPyConnection, issue_id: str, event: str, allowed: Sequence[str], to: str, sets: str, params: list[Any], at: dt.datetime, actor: str | None, note: str | None) -> Issue:
-    fp, status = _resolve_id(gov_con, issue_id)
-    if status not in allowed:
-        raise IssueError(
-            f"问题 {issue_id_of(fp)} 当前状态为 {STATUS_CN[status]}，不能执行 {event} (allowed from: {', '.join(allowed)})"
-        )
-    gov_con.execute("begin transaction")
-    try:
-        gov_con.execute(f"update governance.quality_issues set status = ?, {sets}, updated_at = ? where fingerprint = ?", [to, *params, at, fp])
-        _event(gov_con, fp, event, status, to, at, actor, note)
-        gov_con.execute("commit")
-    except Exception:
-        gov_con.execute("rollback")
-        raise
-    return get_issue(gov_con, fp)
+def _transition(db: sa.Engine, issue_id: str, event: str, allowed: Sequence[str], to: str, values: dict[str, Any], at: dt.datetime, actor: str | None, note: str | None) -> Issue:
+    with transaction(db) as conn:
+        fp, status = _find(conn, issue_id, lock=True)  # read and write the status in one transaction
+        if status not in allowed:
+            raise IssueError(
+                f"问题 {issue_id_of(fp)} 当前状态为 {STATUS_CN[status]}，不能执行 {event} (allowed from: {', '.join(allowed)})"
+            )
+        _update(conn, fp, status=to, **values, updated_at=at)
+        _event(conn, fp, event, status, to, at, actor, note)
+        return _get(conn, fp)
 
 
-def acknowledge(gov_con: duckdb.DuckDBPyConnection, issue_id: str, by: str, note: str | None = None, now: dt.datetime | None = None) -> Issue:
+def acknowledge(db: sa.Engine, issue_id: str, by: str, note: str | None = None, now: dt.datetime | None = None) -> Issue:
     """The agency acknowledges the issue (确认)."""
     if not by.strip():
         raise IssueError("确认人不能为空 (--by is required)")
     at = _now(now)
-    return _transition(gov_con, issue_id, "acknowledged", OPEN_LIKE, "acknowledged", "acknowledged_at = ?, acknowledged_by = ?", [at, by], at, by, note)
+    return _transition(db, issue_id, "acknowledged", OPEN_LIKE, "acknowledged", {"acknowledged_at": at, "acknowledged_by": by}, at, by, note)
 
 
-def resolve(gov_con: duckdb.DuckDBPyConnection, issue_id: str, note: str, by: str | None = None, now: dt.datetime | None = None) -> Issue:
+def resolve(db: sa.Engine, issue_id: str, note: str, by: str | None = None, now: dt.datetime | None = None) -> Issue:
     """The agency says it fixed the data and redelivered (已整改); the next sync verifies or reopens it."""
     if not note.strip():
         raise IssueError("请说明整改情况 (--note is required)")
     at = _now(now)
-    return _transition(gov_con, issue_id, "resolved", (*OPEN_LIKE, "acknowledged"), "resolved", "resolved_at = ?, resolution_note = ?", [at, note], at, by, note)
+    return _transition(db, issue_id, "resolved", (*OPEN_LIKE, "acknowledged"), "resolved", {"resolved_at": at, "resolution_note": note}, at, by, note)
 
 
-def mark_notified(gov_con: duckdb.DuckDBPyConnection, fp: str, channel: str, now: dt.datetime | None = None) -> bool:
-    """Record that the agency was notified on a channel; open/reopened issues become notified. Returns whether status changed."""
+def mark_notified(conn: sa.Connection, fp: str, channel: str, now: dt.datetime | None = None) -> bool:
+    """Record (in the caller's transaction) that the agency was notified on a channel; open/reopened issues become
+    notified. Returns whether the status changed."""
     at = _now(now)
-    row = gov_con.execute("select status from governance.quality_issues where fingerprint = ?", [fp]).fetchone()
+    row = conn.execute(sa.select(issues_t.c.status).where(issues_t.c.fingerprint == fp).with_for_update()).first()
     if row is None:
         raise IssueError(f"没有质量问题 {fp}")
-    if row[0] not in ("open", "reopened"):
-        _event(gov_con, fp, "notified", row[0], row[0], at, note=f"通道 {channel}")
+    if row.status not in ("open", "reopened"):
+        _event(conn, fp, "notified", row.status, row.status, at, note=f"通道 {channel}")
         return False
-    gov_con.execute("update governance.quality_issues set status = 'notified', notified_at = ?, updated_at = ? where fingerprint = ?", [at, at, fp])
-    _event(gov_con, fp, "notified", row[0], "notified", at, note=f"通道 {channel}")
+    _update(conn, fp, status="notified", notified_at=at, updated_at=at)
+    _event(conn, fp, "notified", row.status, "notified", at, note=f"通道 {channel}")
     return True
 
 
@@ -388,45 +417,55 @@ def mark_notified(gov_con: duckdb.DuckDBPyConnection, fp: str, channel: str, now
 def _issue(row: Mapping[str, Any]) -> Issue:
     d = dict(row)
     d["sample_rows"] = json.loads(d["sample_rows"] or "[]")
+    d["affected_rows"] = json.loads(d["affected_rows"] or "[]")
     d["trace"] = json.loads(d["trace"] or "{}")
+    d["findings_count"] = int(d["findings_count"] or 0)
+    d["records_failed"] = int(d["records_failed"] or 0)
     return Issue(**d)
 
 
-def get_issue(gov_con: duckdb.DuckDBPyConnection, issue_id: str) -> Issue:
-    fp, _ = _resolve_id(gov_con, issue_id)
-    rows = lineage.fetch_dicts(gov_con, "select * from governance.quality_issues where fingerprint = ?", [fp])
-    return _issue(rows[0])
+def _get(conn: sa.Connection, fp: str) -> Issue:
+    return _issue(conn.execute(sa.select(issues_t).where(issues_t.c.fingerprint == fp)).mappings().one())
+
+
+def get_issue(db: sa.Engine | sa.Connection, issue_id: str) -> Issue:
+    with _reading(db) as conn:
+        fp, _ = _find(conn, issue_id)
+        return _get(conn, fp)
 
 
 def list_issues(
-    gov_con: duckdb.DuckDBPyConnection,
+    db: sa.Engine | sa.Connection,
     *,
-    status: Sequence[str] | None = None,
+    status: Iterable[str] | None = None,
     agency: str | None = None,
     partition_date: str | dt.date | None = None,
     dataset: str | None = None,
 ) -> list[Issue]:
-    """Issues filtered by status, agency, partition and dataset; newest partition first."""
-    ensure_tables(gov_con)
-    where, params = [], []
+    """Issues filtered by status, agency, partition and dataset; newest partition first, then agency, dataset, rule."""
+    q = sa.select(issues_t)
     if status:
+        status = list(status)
         bad = [s for s in status if s not in STATUSES]
         if bad:
             raise IssueError(f"未知状态 {bad}; statuses: {', '.join(STATUSES)}")
-        where.append("status in (select unnest(?::varchar[]))")
-        params.append(list(status))
-    for col, v in (("agency", agency), ("dataset", dataset)):
-        if v:
-            where.append(f"{col} = ?")
-            params.append(v)
+        q = q.where(issues_t.c.status.in_(status))
+    if agency:
+        q = q.where(issues_t.c.agency == agency)
+    if dataset:
+        q = q.where(issues_t.c.dataset == dataset)
     if partition_date:
-        where.append("partition_date = ?::date")
-        params.append(str(partition_date))
-    sql = "select * from governance.quality_issues" + (" where " + " and ".join(where) if where else "")
-    sql += " order by partition_date desc, agency, dataset, rule"
-    return [_issue(r) for r in lineage.fetch_dicts(gov_con, sql, params)]
+        q = q.where(issues_t.c.partition_date == _day(partition_date))
+    with _reading(db) as conn:
+        out = [_issue(r) for r in conn.execute(q).mappings()]
+    # Sorted here: the same order on both engines (PostgreSQL's collation would differ from SQLite's for text).
+    out.sort(key=lambda i: (i.agency, i.dataset, i.rule))
+    out.sort(key=lambda i: i.partition_date, reverse=True)
+    return out
 
 
-def issue_events(gov_con: duckdb.DuckDBPyConnection, issue_id: str) -> list[dict[str, Any]]:
-    fp, _ = _resolve_id(gov_con, issue_id)
-    return lineage.fetch_dicts(gov_con, "select * from governance.issue_events where fingerprint = ? order by event_id", [fp])
+def issue_events(db: sa.Engine | sa.Connection, issue_id: str) -> list[dict[str, Any]]:
+    with _reading(db) as conn:
+        fp, _ = _find(conn, issue_id)
+        rows = conn.execute(sa.select(events_t).where(events_t.c.fingerprint == fp).order_by(events_t.c.event_id)).mappings()
+        return [dict(r) for r in rows]

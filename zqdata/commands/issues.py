@@ -1,4 +1,7 @@
-"""`zq issues list|show|ack|resolve|sync`: the quality-issue register (Art. 20) from the command line."""
+"""`zq issues list|show|ack|resolve|sync`: the quality-issue register (Art. 20) from the command line.
+
+The register is in the operational DB (`zqdata.opdb`); only `sync` reads the gov DuckDB (read only, for the findings).
+"""
 
 from __future__ import annotations
 
@@ -38,20 +41,32 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     sync = isub.add_parser("sync", help="从 quality.findings 同步问题并发送通知 sync issues of a partition (and notify)")
     sync.add_argument("--partition", type=dt.date.fromisoformat, required=True)
-    sync.add_argument("--notify", action="store_true", help="also send the notifications (SMTP / webhook)")
+    sync.add_argument("--notify", action="store_true", help="also send the notifications (e-mail via SMTP or the local Maildir outbox, webhook)")
     sync.set_defaults(func=_sync)
 
 
-def _gov(read_only: bool = False):
+def _db():
+    """The operational DB (``ZQ_OPDB_URL`` or the embedded SQLite file): never a DuckDB file."""
+    from zqdata import opdb
+
+    return opdb.get_engine()
+
+
+def _gov_read_only():
+    """The gov DuckDB, read only (for `sync`: the findings), waiting (bounded) while a run writes it; a clear error when
+    it is missing or still locked after the wait."""
     import duckdb
 
+    from zqdata.readonly import connect_read_only
     from zqdata.settings import get_settings
 
     path = get_settings().gov_db
-    if read_only and not path.exists():
+    if not path.exists():
         raise SystemExit(f"市政务大数据平台数据库不存在 gov DB not found: {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return duckdb.connect(str(path), read_only=read_only)
+    try:
+        return connect_read_only(path)
+    except duckdb.IOException as exc:
+        raise SystemExit(f"无法只读打开市政务大数据平台数据库（仍被运行中的作业写入，请稍后重试） gov DB busy: {exc}") from None
 
 
 def _line(i) -> str:
@@ -67,8 +82,7 @@ def _line(i) -> str:
 def _list(args: argparse.Namespace) -> int:
     from zqdata import issues
 
-    with _gov() as con:
-        rows = issues.list_issues(con, status=args.status, agency=args.agency, partition_date=args.partition, dataset=args.dataset)
+    rows = issues.list_issues(_db(), status=args.status, agency=args.agency, partition_date=args.partition, dataset=args.dataset)
     if args.json:
         print(json.dumps([_public(i) for i in rows], ensure_ascii=False, indent=2, default=str))
     else:
@@ -87,14 +101,14 @@ def _public(i) -> dict:
 def _show(args: argparse.Namespace) -> int:
     from zqdata import alerting, issues, lineage
 
-    with _gov() as con:
-        try:
-            i = issues.get_issue(con, args.issue_id)
-        except issues.IssueError as exc:
-            print(exc)
-            return 1
-        events = issues.issue_events(con, i.issue_id)
-        notes = alerting.notifications(con, i.issue_id)
+    db = _db()
+    try:
+        i = issues.get_issue(db, args.issue_id)
+    except issues.IssueError as exc:
+        print(exc)
+        return 1
+    events = issues.issue_events(db, i.issue_id)
+    notes = alerting.notifications(db, i.issue_id)
     if args.json:
         print(json.dumps({"issue": _public(i), "events": events, "notifications": notes}, ensure_ascii=False, indent=2, default=str))
         return 0
@@ -108,19 +122,18 @@ def _show(args: argparse.Namespace) -> int:
         print(f"  {e['event_at']}  {e['event']:<12} {e['from_status'] or '-'} → {e['to_status'] or '-'}  {e['actor'] or ''} {e['note'] or ''}")
     print("通知 notifications:")
     for n in notes:
-        print(f"  {n['channel']:<8} {n['status_event']:<14} {n['status']:<8} 尝试 {n['attempts']} 次 {n['last_error'] or ''}")
+        print(f"  {n['channel']:<8} {n['status_event']:<14} {n['status']:<8} {n['transport'] or '-':<8} 尝试 {n['attempts']} 次 {n['last_error'] or ''}")
     return 0
 
 
 def _ack(args: argparse.Namespace) -> int:
     from zqdata import issues
 
-    with _gov() as con:
-        try:
-            i = issues.acknowledge(con, args.issue_id, by=args.by, note=args.note)
-        except issues.IssueError as exc:
-            print(exc)
-            return 1
+    try:
+        i = issues.acknowledge(_db(), args.issue_id, by=args.by, note=args.note)
+    except issues.IssueError as exc:
+        print(exc)
+        return 1
     print(f"已确认 acknowledged: {i.issue_id} by {i.acknowledged_by}")
     return 0
 
@@ -128,12 +141,11 @@ def _ack(args: argparse.Namespace) -> int:
 def _resolve(args: argparse.Namespace) -> int:
     from zqdata import issues
 
-    with _gov() as con:
-        try:
-            i = issues.resolve(con, args.issue_id, note=args.note, by=args.by)
-        except issues.IssueError as exc:
-            print(exc)
-            return 1
+    try:
+        i = issues.resolve(_db(), args.issue_id, note=args.note, by=args.by)
+    except issues.IssueError as exc:
+        print(exc)
+        return 1
     print(f"已标记整改 resolved: {i.issue_id}（重新交付并复核通过后自动关闭 verified）")
     return 0
 
@@ -142,11 +154,13 @@ def _sync(args: argparse.Namespace) -> int:
     from zqdata import alerting, issues
     from zqdata.registry import registry
 
-    with _gov() as con:
-        rep = issues.sync_issues(con, registry(), args.partition)
-        print(rep.summary())
-        if args.notify:
-            n = alerting.notify_issues(con, registry())
-            print(n.summary())
-            return 1 if n.failed else 0
+    db = _db()
+    reg = registry()
+    with _gov_read_only() as con:  # findings are read; the register is written in the operational DB
+        rep = issues.sync_issues(con, db, reg, args.partition)
+    print(rep.summary())
+    if args.notify:
+        n = alerting.notify_issues(db, reg)  # no gov DB needed (and not held) while sending
+        print(n.summary())
+        return 1 if n.failed else 0
     return 0
