@@ -31,7 +31,7 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -250,6 +250,19 @@ def withdraw(store: ObjectStore, product: str, day: dt.date) -> bool:
         return False
     store.delete_prefix(key)
     return True
+
+
+def withdraw_partition(registry: Registry, day: dt.date, products: Iterable[str] | None = None,
+                       store: ObjectStore | None = None) -> list[str]:
+    """Withdraw partition ``day`` of the given products (default: every registered scenario product); returns
+    those that were published.
+
+    Called when the partition's source data changed: before its products are rebuilt, and when a redelivery fails the
+    quality gate (what was published came from a delivery the agency has since replaced).
+    """
+    store = store or published_store()
+    names = sorted(set(products) if products is not None else {s.product for s in registry.scenarios.values()})
+    return [p for p in names if withdraw(store, p, day)]
 
 
 def current_snapshot(store: ObjectStore, product: str, day: dt.date) -> Snapshot | None:

@@ -90,12 +90,19 @@ def build_scores_asset() -> dg.AssetsDefinition:
         from orchestration.sensors import trace_metadata
         from zqdata.quality.scores import compute_scores, evaluate_gate, scores_markdown
 
+        from zqdata.publish import withdraw_partition
+
         day = _day(context)
         with warehouse.gov() as con:
             scores = compute_scores(con, registry(), day)
             gate = evaluate_gate(con, registry(), day)
             # 逐级溯源: a failed gate shows where its error-severity findings came from (agency, delivery, rows)
             trace = {} if gate.passed else trace_metadata(con, None, registry(), partition_date=day, severity="error")
+        # The partition's deliveries changed and fail the gate: what was published came from data the agency has since
+        # replaced, so it is withdrawn; the products are published again when a delivery passes.
+        withdrawn = [] if gate.passed else withdraw_partition(registry(), day)
+        if withdrawn:
+            context.log.warning(f"质量门禁未通过，撤回本分区已发布产品 withdrawn: {', '.join(withdrawn)}")
         return dg.MaterializeResult(
             metadata={"scores": dg.MetadataValue.md(scores_markdown(scores)), "rows": scores.num_rows},
             check_results=[dg.AssetCheckResult(
@@ -108,6 +115,7 @@ def build_scores_asset() -> dg.AssetsDefinition:
                     "max_error_rate": gate.max_error_rate,
                     "error_rates": dg.MetadataValue.json({k: round(v, 6) for k, v in gate.error_rates.items()}),
                     "warnings": gate.warnings,
+                    "withdrawn_products": withdrawn,
                     **trace,
                 },
             )],

@@ -9,6 +9,7 @@ from typing import Any
 import dagster as dg
 from dagster_dbt import DbtCliResource
 
+from zqdata.publish import withdraw_partition
 from assets.dbt_common import build_partition, dbt_project, dbt_resource, partitioned_dbt_assets, scenario_vars
 from orchestration.pools import GOV_POOL, OPS_POOL, hold_pool
 from orchestration.resources import WarehouseResource
@@ -26,21 +27,14 @@ def ops_dbt_assets() -> dg.AssetsDefinition:
         vars_ = scenario_vars(registry(), day)
         # Nothing of this partition is served while it is rebuilt: its published snapshots are withdrawn first and
         # published again only after the rebuilt products pass their gates (ops/published).
-        withdraw_partition([key.path[-1] for key in context.selected_asset_keys], day)
+        withdrawn = withdraw_partition(registry(), day, [key.path[-1] for key in context.selected_asset_keys])
+        if withdrawn:
+            context.log.info(f"重建前撤回已发布快照 withdrawn while rebuilt: {', '.join(withdrawn)}")
         # column lineage + schema are read from the ops DB once dbt has exited (never through dbt's in-process adapter)
         events = build_partition(dbt, context, "ops", warehouse.gov_path(), warehouse.ops_path(), extra_vars=vars_)
         yield from with_product_traces(events, warehouse, context)
 
     return ops_dbt_products
-
-
-def withdraw_partition(products: list[str], day: dt.date) -> None:
-    """Withdraw the current published snapshot of each product's partition (consumers then get \"not published\")."""
-    from zqdata.publish import published_store, withdraw
-
-    store = published_store()
-    for product in products:
-        withdraw(store, product, day)
 
 
 def with_product_traces(events: Iterator[Any], warehouse: WarehouseResource,
