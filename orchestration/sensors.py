@@ -55,7 +55,7 @@ class AlertPlan:
 def _files_issues_itself(run: dg.DagsterRun | None, issues_key: dg.AssetKey, nightly_job: str) -> bool:
     if run is None:
         return False
-    if run.asset_selection is not None:
+    if run.asset_selection:  # a subset of assets (an in-process run of the whole job records an empty selection)
         return issues_key in run.asset_selection
     return run.job_name == nightly_job
 

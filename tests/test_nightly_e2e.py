@@ -397,3 +397,34 @@ def test_defect_surfacing_on_an_ops_product_traces_back_to_the_agency_file_and_r
         assert registry().agencies["samr"].name in trace
         assert registry_file in trace
         assert f"行 {row}" in trace or f"第 {row} 行" in trace or f"row {row}" in trace.lower(), trace[:3000]
+
+
+def test_a_product_gate_that_errors_leaves_the_partition_unpublished_and_the_run_failed(nightly_run, monkeypatch):
+    """A blocking gate that errors (not just fails) must not let its partition through: the products step withdrew the
+    earlier publication before rebuilding, nothing is published again, and the run fails. (Last in the module: it
+    leaves the module's partition unpublished.)"""
+    import assets.ops_platform.boundary as boundary_assets
+    from zqdata import publish
+
+    data_dir, instance, _, _ = nightly_run
+    _env(monkeypatch, data_dir)
+    store = publish.published_store()
+    first = publish.current_snapshot(store, "ops_sme_credit_profile", DAY)
+    assert first is not None and first.gate_results["no_personal_data_leak"] is True
+
+    real = boundary_assets.find_leaks
+
+    def broken_gate(*args, tables=None, **kwargs):
+        if tables is not None:  # the product leak gates pass `tables`; the boundary crossing does not
+            raise RuntimeError("泄露闸门内部错误 (simulated)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(boundary_assets, "find_leaks", broken_gate)
+    result, summary = _run(DAY, instance)
+    assert not result.success
+    failed = {e.step_key for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE}
+    assert any("no_personal_data_leak" in k for k in failed), failed
+    assert "publish_products" not in {e.step_key for e in result.all_events
+                                      if e.event_type == dg.DagsterEventType.STEP_SUCCESS}
+    assert publish.current_snapshot(store, "ops_sme_credit_profile", DAY) is None
+    assert summary.published == []

@@ -25,7 +25,7 @@ from typing import Any
 import duckdb
 import sqlalchemy as sa
 
-from zqdata import lineage
+from zqdata import lineage, opdb
 from zqdata.opdb import issue_events as events_t
 from zqdata.opdb import quality_issues as issues_t
 from zqdata.opdb import transaction
@@ -129,8 +129,7 @@ def _lock_register(conn: sa.Connection) -> None:
 
     Taken before any row lock, so a bulk writer never holds rows while waiting (no deadlock with `FOR UPDATE` users).
     """
-    if conn.dialect.name == "postgresql":
-        conn.exec_driver_sql(f"LOCK TABLE {issues_t.name} IN SHARE ROW EXCLUSIVE MODE")
+    opdb.lock_for_append(conn, issues_t)
 
 
 @contextlib.contextmanager

@@ -210,7 +210,8 @@ def transaction(engine: sa.Engine | None = None) -> Iterator[sa.Connection]:
 
 
 def lock_for_append(conn: sa.Connection, table: sa.Table) -> None:
-    """Serialize appenders of a chained table: PostgreSQL takes a table lock; SQLite's BEGIN IMMEDIATE already did."""
+    """Serialize the writers of `table` (chained appends, bulk updates) for the rest of the transaction, readers not
+    blocked: PostgreSQL takes a SHARE ROW EXCLUSIVE table lock; SQLite's BEGIN IMMEDIATE already did it."""
     if conn.dialect.name == "postgresql":
         conn.exec_driver_sql(f"LOCK TABLE {table.name} IN SHARE ROW EXCLUSIVE MODE")
 
