@@ -72,8 +72,7 @@ def _notify_text(result: dg.ExecuteInProcessResult) -> str:
         return ""
     meta = {k: getattr(v, "value", v) for k, v in mat.metadata.items()}
     where = "本地发件箱 Maildir " + str(meta.get("maildir")) if meta.get("email_transport") == "maildir" else "SMTP"
-    return (f"新消息 {meta.get('queued', 0)}，已发送 {meta.get('sent', 0)}，失败待重试 {meta.get('failed', 0)}；"
-            f"邮件 → {where}")
+    return f"已发送 {meta.get('sent', 0)} 条，失败待重试 {meta.get('failed', 0)} 条；邮件 → {where}"
 
 
 def _counts(db_path, platform: str, day: dt.date) -> list[tuple[str, str, int]]:
@@ -137,5 +136,5 @@ def format_summary(summary: DaySummary) -> str:
     if summary.notify:
         lines.append(f"通知 notifications: {summary.notify}")
     lines.append("下一步 next: `.venv/bin/zq issues list` 查看问题；`.venv/bin/zq issues show <QI-…>` 查看溯源与通知；"
-                 "`make ui` 在 Dagster UI 查看检查与血缘；Data Docs 在 <ZQ_DATA_DIR>/published/gx/")
+                 f"`make ui` 在 Dagster UI 查看检查与血缘；GX Data Docs: {get_settings().docs_dir / 'gx'}")
     return "\n".join(lines)
