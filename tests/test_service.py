@@ -33,7 +33,7 @@ BACKFILL = [(dt.date(2025, 6, 3) + dt.timedelta(days=i)).isoformat() for i in ra
 LOCATION = "zhaoqing_public_data"
 CONSUMER, CREDENTIAL, PRODUCT = "zq_rural_bank", "zq-demo-rural-bank-2025", "ops_sme_credit_profile"
 LOCK_ERROR = "Could not set lock"
-PACE_SECONDS = 4.0  # between rounds of CLI calls
+PACE_SECONDS = 10.0  # between rounds of CLI calls (each call is a Python process; the runs need the 2 cores)
 BOUND = 1500.0  # seconds: generous bound for the backfill on a shared 2-core machine; the test waits on conditions
 
 
@@ -72,7 +72,7 @@ class Service:
             # a new user's shell: the venv is not on PATH
             "PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": os.environ.get("HOME", "/root"), "LANG": "C.UTF-8",
             "DAGSTER_HOME": str(self.home), "ZQ_DATA_DIR": str(self.data), "ZQ_STORE_BACKEND": "local",
-            "ZQ_PSEUDONYM_KEY": "service-test-key-not-a-secret", "ZQ_SIM_ROWS_PER_DAY": "600",
+            "ZQ_PSEUDONYM_KEY": "service-test-key-not-a-secret", "ZQ_SIM_ROWS_PER_DAY": "400",
             "ZQ_SIM_DEFECT_RATE": "0.01", "ZQ_SIM_SEED": "11", "ZQ_QUALITY_MAX_ERROR_RATE": "0.5", "ZQ_ALERT_SENSOR_INTERVAL_SECONDS": "5",
             "ZQ_CONSUMER_CREDENTIAL": CREDENTIAL, "ZQ_DUCKDB_MEMORY_LIMIT": "512MB",
         }
@@ -237,6 +237,12 @@ def test_backfill_sensor_cli_and_consumers_at_the_same_time_without_lock_fights(
                             and r.status == dg.DagsterRunStatus.SUCCESS], "a notification run requested by the sensor",
                    bound=600)
     assert len({r.tags.get("dagster/run_key") for r in notify}) == len(notify)  # never the same work twice
+    from dagster._core.scheduler.instigation import InstigatorType, TickStatus
+
+    states = [s for s in instance.all_instigator_state(instigator_type=InstigatorType.SENSOR)
+              if s.name == "quality_issue_alert_sensor"]
+    ticks = [t for s in states for t in instance.get_ticks(s.instigator_origin_id, s.selector_id)]
+    assert ticks and not [t for t in ticks if t.status == TickStatus.FAILURE], [t.error for t in ticks if t.error][:2]
 
     # no lock fight anywhere: run logs, the service's own log, the CLI
     messages = [rec.message or "" for r in [*runs, *notify] for rec in instance.all_logs(r.run_id)]
