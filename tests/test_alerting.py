@@ -274,3 +274,51 @@ def test_a_duplicate_message_does_not_fail_the_transaction(opdb):
         assert alerting._insert_ignore(conn, notifications, **row) is False  # primary key
         conn.execute(sa.update(notifications).values(subject="still usable"))
     assert _outbox(opdb, "notification_id", "subject") == [("n1", "still usable")]
+
+
+@pytest.fixture
+def smtp_without_tls():
+    """A loopback SMTP server that offers AUTH without TLS and records every credential it is given."""
+    from aiosmtpd.controller import Controller
+    from aiosmtpd.smtp import AuthResult
+    from conftest import _free_port, _Mailbox
+
+    box, seen = _Mailbox(), []
+
+    def authenticator(server, session, envelope, mechanism, auth_data):
+        seen.append((getattr(auth_data, "login", b""), getattr(auth_data, "password", b"")))
+        return AuthResult(success=True)
+
+    ctl = Controller(box, hostname="127.0.0.1", port=_free_port(), authenticator=authenticator,
+                     auth_require_tls=False)
+    ctl.start()
+    yield ctl, box, seen
+    ctl.stop()
+
+
+def test_credentials_never_cross_a_connection_without_tls(env, gov, opdb, registry, smtp_without_tls):
+    ctl, box, seen = smtp_without_tls
+    env.setenv("ZQ_SMTP_PORT", str(ctl.port))
+    env.setenv("ZQ_SMTP_USER", "alerts")
+    env.setenv("ZQ_SMTP_PASSWORD", "s3cret-password")
+    env.delenv("ZQ_SMTP_TLS", raising=False)  # a login means starttls by default
+    issues.sync_issues(gov, opdb, registry, DAY, now=T0)
+    rep = alerting.notify_issues(opdb, registry, now=T0, sleep=lambda _: None)
+    assert seen == [] and box.messages == []  # no password, no message in clear text
+    errors = {e for (e,) in _outbox(opdb, "last_error", channel="email")}
+    assert rep.failed and all("STARTTLS" in (e or "") for e in errors), errors
+
+
+@pytest.mark.parametrize("host, ok", [("smtp.zwsj.zhaoqing.example", False), ("127.0.0.1", True), ("localhost", True)])
+def test_plain_smtp_with_a_login_is_refused_except_on_loopback(monkeypatch, host, ok):
+    monkeypatch.setenv("ZQ_SMTP_HOST", host)
+    monkeypatch.setenv("ZQ_SMTP_USER", "alerts")
+    monkeypatch.setenv("ZQ_SMTP_TLS", "none")
+    if ok:
+        assert alerting.AlertSettings.from_env().tls_mode == "none"
+    else:
+        with pytest.raises(ValueError, match="ZQ_SMTP_TLS=none"):
+            alerting.AlertSettings.from_env()
+    monkeypatch.setenv("ZQ_SMTP_TLS", "tls1.0")
+    with pytest.raises(ValueError, match="ZQ_SMTP_TLS"):
+        alerting.AlertSettings.from_env()

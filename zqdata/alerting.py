@@ -19,7 +19,9 @@ import json
 import logging
 import mailbox
 import os
+import ipaddress
 import smtplib
+import ssl
 import time
 import urllib.error
 import urllib.request
@@ -49,6 +51,17 @@ OUTBOX_STATUSES = ("pending", "sent", "failed")
 MAX_ROWS_LISTED = issue_register.MAX_ROWS_LISTED
 DEFAULT_FROM = "zq-data-platform@localhost"
 MESSAGE_ID_DOMAIN = "zq-data-platform.local"
+TLS_MODES = ("starttls", "ssl", "none")
+
+
+def _loopback(host: str) -> bool:
+    """True for localhost and loopback addresses (a test server on this machine)."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip()).is_loopback
+    except ValueError:
+        return False
 
 
 def default_maildir() -> Path:
@@ -66,12 +79,27 @@ class AlertSettings:
     smtp_user: str = ""
     smtp_password: str = ""
     smtp_from: str = ""
+    smtp_tls: str = ""  # starttls | ssl | none (ZQ_SMTP_TLS); empty: starttls when a user logs in, else none
     maildir: Path = field(default_factory=default_maildir)  # the local outbox used when no SMTP host is set
     retries: int = 3  # attempts per message per call (sensor tick)
     backoff_seconds: float = 1.0  # first wait; doubles each attempt
     backoff_max_seconds: float = 30.0
     timeout_seconds: float = 10.0
     escalation_agency: str = "data_bureau"  # the data management agency also gets escalations (if registered)
+
+    def __post_init__(self) -> None:
+        mode = self.tls_mode
+        if mode not in TLS_MODES:
+            raise ValueError(f"ZQ_SMTP_TLS 只能是 {'|'.join(TLS_MODES)}，实际为 {self.smtp_tls!r}")
+        if mode == "none" and self.smtp_user and self.smtp_host and not _loopback(self.smtp_host):
+            raise ValueError(
+                "ZQ_SMTP_TLS=none 时不能用 ZQ_SMTP_USER 登录：口令将以明文传输（仅允许本机回环地址的测试服务器）。"
+                " Credentials only over TLS: set ZQ_SMTP_TLS=starttls or ssl.")
+
+    @property
+    def tls_mode(self) -> str:
+        """How the SMTP connection is protected: ``ZQ_SMTP_TLS``, else starttls when a user logs in, else none."""
+        return (self.smtp_tls or ("starttls" if self.smtp_user else "none")).strip().lower()
 
     @property
     def email_transport(self) -> str:
@@ -98,6 +126,7 @@ class AlertSettings:
             smtp_user=env("ZQ_SMTP_USER", ""),
             smtp_password=env("ZQ_SMTP_PASSWORD", ""),
             smtp_from=env("ZQ_SMTP_FROM", ""),
+            smtp_tls=env("ZQ_SMTP_TLS", "").strip().lower(),
             maildir=default_maildir(),
             retries=max(1, int(env("ZQ_ALERT_RETRIES") or 3)),
             backoff_seconds=float(env("ZQ_ALERT_BACKOFF_SECONDS") or 1.0),
@@ -297,14 +326,28 @@ def email_message(settings: AlertSettings, n: dict[str, Any], at: dt.datetime | 
     return msg
 
 
+class SMTPTLSRequired(smtplib.SMTPException):
+    """The server does not offer the TLS the settings require: nothing is sent, no credential leaves this process."""
+
+
 def send_email(settings: AlertSettings, msg: EmailMessage) -> None:
-    """One message over SMTP (STARTTLS when the server offers it and credentials are set)."""
-    with smtplib.SMTP(settings.smtp_host, settings.smtp_port, timeout=settings.timeout_seconds) as smtp:
+    """One message over SMTP. ``ssl``: TLS from the first byte; ``starttls``: the server must offer STARTTLS before
+    anything else (credentials included) is sent; ``none``: plain (refused with a login, except on loopback)."""
+    mode = settings.tls_mode
+    tls = ssl.create_default_context()
+    if mode == "ssl":
+        smtp = smtplib.SMTP_SSL(settings.smtp_host, settings.smtp_port, timeout=settings.timeout_seconds, context=tls)
+    else:
+        smtp = smtplib.SMTP(settings.smtp_host, settings.smtp_port, timeout=settings.timeout_seconds)
+    with smtp:
         smtp.ehlo()
+        if mode == "starttls":
+            if not smtp.has_extn("starttls"):
+                raise SMTPTLSRequired(f"SMTP 服务器 {settings.smtp_host}:{settings.smtp_port} 不支持 STARTTLS，"
+                                      "拒绝以明文发送（ZQ_SMTP_TLS=starttls） server offers no STARTTLS")
+            smtp.starttls(context=tls)
+            smtp.ehlo()
         if settings.smtp_user:
-            if smtp.has_extn("starttls"):
-                smtp.starttls()
-                smtp.ehlo()
             smtp.login(settings.smtp_user, settings.smtp_password)
         smtp.send_message(msg)
 
