@@ -14,6 +14,9 @@ def defs() -> dg.Definitions:
     from orchestration.resources import default_resources
     from orchestration.schedules import nightly_schedule
     from orchestration.sensors import sensor_defs
+    from zqdata.settings import restrict_permissions
+
+    restrict_permissions()  # every process that loads the code location (code server, runs) creates private files
 
     return dg.Definitions.merge(
         source_defs(),

@@ -19,6 +19,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from zqdata.settings import restrict_permissions
+
+    restrict_permissions()  # data folder 0700, files 0600
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 

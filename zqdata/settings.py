@@ -56,3 +56,18 @@ def memory_size(value: str) -> str:
     if not re.fullmatch(r"\d+(\.\d+)?\s*(KB|MB|GB|TB|KiB|MiB|GiB|TiB)", value):
         raise ValueError(f"ZQ_DUCKDB_MEMORY_LIMIT must be a size such as 1GB or 1536MB, got {value!r}")
     return value
+
+
+PRIVATE_UMASK = 0o077  # files 0600, folders 0700: only the platform's own account reads the data
+
+
+def restrict_permissions() -> None:
+    """Make every file and folder this process creates private to its user (umask 077), and the data folder 0700.
+
+    Called where a platform process starts (the `zq` CLI, the code location's loader, which runs in the code server and
+    every run): the data folder holds personal data (landing files, gov DuckDB, the operational DB, outbox).
+    """
+    os.umask(PRIVATE_UMASK)
+    data_dir = get_settings().data_dir
+    if data_dir.is_dir() and data_dir.stat().st_uid == os.getuid():
+        data_dir.chmod(0o700)
