@@ -45,7 +45,7 @@ $(KEYFILE):
 	umask 077 && $(PYTHON) -c "import secrets; print(secrets.token_hex(32))" > $@
 
 test: setup test-services
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=15
 
 # What the tests start themselves needs its programs: PostgreSQL (the operational DB in production mode) from
 # Debian's package. Installed when missing and we may (root); the tests start their own server on loopback.

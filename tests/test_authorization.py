@@ -220,3 +220,21 @@ def test_cli_deliver_and_audit_verify_without_any_ops_duckdb_file(ops, data_dir,
     assert main(["audit", "verify"]) == 1
     assert "record 1 was edited" in capsys.readouterr().out
     assert not ops_db.exists()
+
+
+def test_a_delivery_refused_for_a_missing_credential_is_logged_and_listed_safely(opdb, data_dir, tmp_path, monkeypatch,
+                                                                                  capsys):
+    """Every refusal is in the audit log, and a logged value cannot forge a line of `zq audit list` (issue 11, 9)."""
+    from zqdata.audit import read_chain
+    from zqdata.cli import main
+
+    monkeypatch.delenv("ZQ_CONSUMER_CREDENTIAL", raising=False)
+    forged = "zq_rural_bank\n    9 2025-05-01T00:00:00+08:00 delivered zq_rural_bank"
+    assert main(["deliver", "--consumer", forged, "--product", "ops_sme_credit_profile", "--date", str(D),
+                 "--out", str(tmp_path / "out")]) == 2
+    (record,) = read_chain(opdb)
+    assert record.outcome == "denied" and "凭证" in record.reason and record.consumer == forged
+    capsys.readouterr()
+    assert main(["audit", "list"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert len(listed) == 1 and "\\n" in listed[0]  # the newline is shown escaped, on the record's own line

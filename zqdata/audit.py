@@ -104,3 +104,9 @@ def verify_chain(db: sa.Engine) -> list[str]:
             problems.append(f"序号 {rec.seq}：记录内容与哈希不符，记录被篡改 (record {rec.seq} was edited)")
         prev = rec.record_hash
     return problems
+
+
+def printable(value: str | None) -> str:
+    """A logged value for display: control characters (newlines, escapes) shown escaped, so a requester's input can
+    never forge or hide a line of the log's listing."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in (value or ""))

@@ -41,20 +41,24 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _deliver(args: argparse.Namespace) -> int:
     from zqdata import opdb
+    from zqdata.audit import append_delivery
     from zqdata.authorization import AccessDenied, deliver_product
     from zqdata.publish import published_store
     from zqdata.registry import registry
     from zqdata.settings import get_settings
 
     credential = os.environ.get(args.credential_env, "")
-    if not credential:
-        print(f"缺少凭证：请设置环境变量 {args.credential_env} (credential required in the environment)", file=sys.stderr)
-        return 2
     out = args.out or get_settings().docs_dir / "deliveries"
     try:  # served from the published snapshots and logged in the operational DB: no warehouse file is opened
         engine, store = opdb.get_engine(), published_store()
     except ValueError as exc:
         print(f"配置错误 (configuration error): {exc}", file=sys.stderr)
+        return 2
+    if not credential:  # a refusal like any other: in the audit log
+        reason = f"缺少凭证：请设置环境变量 {args.credential_env} (credential required in the environment)"
+        append_delivery(engine, consumer=args.consumer, scenario="", product=args.product, partition_date=args.date,
+                        outcome="denied", reason=reason, row_count=0, file_sha256="")
+        print(reason, file=sys.stderr)
         return 2
     try:
         receipt = deliver_product(engine, store, registry(), args.consumer, credential, args.product, args.date, out)
@@ -99,13 +103,14 @@ def _verify(args: argparse.Namespace) -> int:
 
 def _list(args: argparse.Namespace) -> int:
     from zqdata.audit import read_chain
+    from zqdata.audit import printable
 
     engine = _opdb()
     if engine is None:
         return 2
-    for r in read_chain(engine)[-args.limit:]:
-        print(f"{r.seq:>5} {r.delivered_at} {r.outcome:<9} {r.consumer:<22} {r.product:<26} {r.partition_date} "
-              f"rows={r.row_count} {r.snapshot or '-'} {r.reason}")
+    for r in read_chain(engine)[-args.limit:]:  # logged values come from requesters: control characters escaped
+        print(f"{r.seq:>5} {r.delivered_at} {r.outcome:<9} {printable(r.consumer):<22} {printable(r.product):<26} "
+              f"{r.partition_date} rows={r.row_count} {printable(r.snapshot) or '-'} {printable(r.reason)}")
     return 0
 
 
