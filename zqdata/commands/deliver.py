@@ -102,8 +102,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from zqdata.audit import read_chain
-    from zqdata.audit import printable
+    from zqdata.audit import printable, read_chain
 
     engine = _opdb()
     if engine is None:
