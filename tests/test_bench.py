@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow  # runs the nightly job and dbt once (about a minu
 
 DAY = dt.date(2025, 6, 1)
 ROWS = 2500
-KEY = "bench-test-key-not-a-secret"
+KEY = "bench-test-key-not-a-secret-0123456789"
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from zqdata.registry import Registry, load_registry
 
 D1 = dt.date(2025, 5, 1)
 D2 = dt.date(2025, 5, 2)
-SECRET = "test-key-boundary-7f3a"
+SECRET = "test-key-boundary-7f3a-0123456789abcdef"
 SQL_TYPES = {"string": "VARCHAR", "integer": "INTEGER", "decimal": "DECIMAL(18,2)", "date": "DATE",
              "timestamp": "TIMESTAMP"}
 
@@ -237,7 +237,7 @@ def test_pseudonyms_are_stable_across_days_and_change_with_the_key(dbs, registry
     by_day = {d: {r[0] for r in ops.execute("SELECT citizen_id FROM desensitized.resident_population "
                                             "WHERE _partition_date = ?", [d]).fetchall()} for d in (D1, D2)}
     assert by_day[D1] == by_day[D2] and len(by_day[D1]) == 2
-    cross_boundary(gov, ops, registry, D1, _key("another-key"))
+    cross_boundary(gov, ops, registry, D1, _key("another-key-for-the-rotation-test-0123456789"))
     rotated = {r[0] for r in ops.execute("SELECT citizen_id FROM desensitized.resident_population "
                                          "WHERE _partition_date = ?", [D1]).fetchall()}
     assert rotated.isdisjoint(by_day[D1])

@@ -38,7 +38,7 @@ def _field(name: str, **mask) -> DatasetField:
     return base.model_copy(update={"mask": MaskRule(**mask)})
 
 
-@pytest.mark.parametrize("secret", ["k", "a-32-byte-secret-for-the-tests!!", "长" * 40, b"\x00\xffbinary"])
+@pytest.mark.parametrize("secret", ["k" * 32, "a-32-byte-secret-for-the-tests!!", "长" * 40, b"\x00\xff" * 16])
 def test_sql_hmac_equals_python_hmac(secret):
     values = ["11010519491231002X", "", "张三", "CARD-0001", "x" * 200, None]
     got = _eval(_field("citizen_id", method="pseudonymize"), values, PseudonymKey.from_secret(secret))
@@ -92,8 +92,19 @@ def test_key_is_required_from_the_environment(monkeypatch):
     monkeypatch.delenv("ZQ_PSEUDONYM_KEY", raising=False)
     with pytest.raises(DesensitizationError, match="ZQ_PSEUDONYM_KEY"):
         key_from_env()
-    monkeypatch.setenv("ZQ_PSEUDONYM_KEY", "s3cret")
+    monkeypatch.setenv("ZQ_PSEUDONYM_KEY", "s3cret-s3cret-s3cret-s3cret-s3cret")
     assert "s3cret" not in repr(key_from_env())
+
+
+@pytest.mark.parametrize("secret", ["x", "s3cret", "31-bytes-is-one-byte-too-short!", b"\x01" * 31])
+def test_a_short_key_is_refused_with_a_clear_message(monkeypatch, secret):
+    """A 1-byte key was recovered from a pseudonym by brute force (issue 11, finding 6): at least 32 bytes."""
+    with pytest.raises(DesensitizationError, match="32"):
+        PseudonymKey.from_secret(secret)
+    if isinstance(secret, str):
+        monkeypatch.setenv("ZQ_PSEUDONYM_KEY", secret)
+        with pytest.raises(DesensitizationError, match="ZQ_PSEUDONYM_KEY"):
+            key_from_env()
 
 
 # -- classification → mask rules refused when the registry loads ----------------------------------------------

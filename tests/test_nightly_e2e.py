@@ -32,7 +32,7 @@ def _env(monkeypatch: pytest.MonkeyPatch, data_dir: Path, *, simulate: bool = Tr
     monkeypatch.setenv("ZQ_STORE_BACKEND", "local")
     for var in ("ZQ_LANDING_DIR", "ZQ_GOV_DB", "ZQ_OPS_DB"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("ZQ_PSEUDONYM_KEY", "e2e-test-key-not-a-secret")
+    monkeypatch.setenv("ZQ_PSEUDONYM_KEY", "e2e-test-key-not-a-secret-0123456789")
     monkeypatch.setenv("ZQ_SIMULATE", "1" if simulate else "0")
     monkeypatch.setenv("ZQ_SIM_ROWS_PER_DAY", str(ROWS_PER_DAY))
     monkeypatch.setenv("ZQ_SIM_DEFECT_RATE", str(defect_rate))
@@ -287,7 +287,7 @@ def test_definitions_validate_with_the_dagster_cli():
     exe = Path(sys.executable).parent / "dagster"
     proc = subprocess.run([str(exe), "definitions", "validate", "-w", "workspace.yaml"], cwd=repo_root(),
                           capture_output=True, text=True, timeout=300,
-                          env={**__import__("os").environ, "ZQ_PSEUDONYM_KEY": "validate-only"})
+                          env={**__import__("os").environ, "ZQ_PSEUDONYM_KEY": "validate-only-key-not-a-secret-0123456789"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
 
 

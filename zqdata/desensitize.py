@@ -25,6 +25,9 @@ class DesensitizationError(ValueError):
     """A field cannot be released: no rule, an unknown method, or a rule its classification forbids."""
 
 
+MIN_KEY_BYTES = 32  # HMAC-SHA256: a key shorter than the hash's output weakens it; a 1-byte key was brute-forced
+
+
 @dataclass(frozen=True)
 class PseudonymKey:
     """The HMAC key as its two RFC 2104 pads (the key itself is not kept); repr never shows it."""
@@ -40,6 +43,11 @@ class PseudonymKey:
         raw = secret.encode("utf-8") if isinstance(secret, str) else secret
         if not raw:
             raise DesensitizationError(f"假名化密钥为空 (empty pseudonymization key): set {KEY_ENV}")
+        if len(raw) < MIN_KEY_BYTES:
+            raise DesensitizationError(
+                f"假名化密钥 {KEY_ENV} 太短：{len(raw)} 字节，至少需要 {MIN_KEY_BYTES} 字节（短密钥可由假名反推）；"
+                f"可用 `python -c \"import secrets; print(secrets.token_hex(32))\"` 生成 "
+                f"(the pseudonymization key must be at least {MIN_KEY_BYTES} bytes)")
         if len(raw) > _BLOCK:
             raw = hashlib.sha256(raw).digest()
         raw = raw.ljust(_BLOCK, b"\0")
