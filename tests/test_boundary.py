@@ -280,7 +280,7 @@ def test_leak_gate_finds_phones_names_and_legal_rep_ids_in_any_table(dbs, regist
 def test_leak_gates_share_the_gov_value_set_until_the_gov_db_changes(tmp_path, registry):
     """The boundary's gate and the product gates reuse one all-history value set per gov file version; a new
     resident written to gov afterwards is still caught (the set is rebuilt)."""
-    from zqdata import boundary
+    from zqdata import leakgate as boundary
 
     gov_path, ops_path = tmp_path / "gov.duckdb", tmp_path / "ops.duckdb"
     build_gov(gov_path, registry, [D1])
