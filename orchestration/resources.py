@@ -96,6 +96,33 @@ class ObjectStoreResource(dg.ConfigurableResource):
         return storage.store_from_env()  # raises the clear error for a bad backend / missing settings
 
 
+STORE_STEP_RETRIES_ENV = "ZQ_STORE_STEP_RETRIES"  # step-level retries after the client's own (default 2)
+STORE_STEP_WAIT_ENV = "ZQ_STORE_STEP_WAIT_SECONDS"  # first step retry after this (default 15 s), then doubled
+
+
+@contextlib.contextmanager
+def store_step_retries(context: dg.OpExecutionContext) -> Iterator[None]:
+    """An object-store outage (after the client's timeouts and retries) retries the step with backoff, up to
+    ``ZQ_STORE_STEP_RETRIES`` times; then the step fails with the store's one-line message. Other errors fail at once.
+
+    The step's writes are one transaction, so a retried step starts from the state before it."""
+    import os
+
+    from zqdata.storage import ObjectStoreUnavailable
+
+    try:
+        yield
+    except ObjectStoreUnavailable as exc:
+        retries = int(os.environ.get(STORE_STEP_RETRIES_ENV) or 2)
+        attempt = context.retry_number
+        if attempt < retries:
+            wait = float(os.environ.get(STORE_STEP_WAIT_ENV) or 15) * 2 ** attempt
+            context.log.warning(f"对象存储不可用，{wait} 秒后重试第 {attempt + 1}/{retries} 次 "
+                                f"(object store unavailable, step retry in {wait}s): {exc}")
+            raise dg.RetryRequested(max_retries=retries, seconds_to_wait=wait) from exc
+        raise dg.Failure(description=str(exc)) from exc
+
+
 def default_resources() -> dict[str, object]:
     """The resources of the code location: the landing zone's store and the two warehouses, from the environment."""
     return {"store": ObjectStoreResource.from_env(), "warehouse": WarehouseResource()}

@@ -21,6 +21,55 @@ from zqdata.settings import TZ, get_settings
 _TMP_MARK = ".zq-tmp-"  # partial writes of the local backend; never listed
 
 
+class ObjectStoreUnavailable(OSError):
+    """The object store did not answer within its timeouts, after its retries (one line naming store and operation)."""
+
+
+@dataclass(frozen=True)
+class S3Timeouts:
+    """Bounded waits of every S3 request (the ``minio`` client's defaults allow ~30 min per request when a server
+    hangs): connect and read timeouts in seconds, and retries with exponential backoff (connection errors, read
+    timeouts, HTTP 500/502/503/504). From ``ZQ_S3_CONNECT_TIMEOUT`` (5), ``ZQ_S3_READ_TIMEOUT`` (60), ``ZQ_S3_RETRIES``
+    (3), ``ZQ_S3_BACKOFF`` (0.5: waits 0.5, 1, 2 s ...)."""
+
+    connect: float = 5.0
+    read: float = 60.0
+    retries: int = 3
+    backoff: float = 0.5
+
+    @classmethod
+    def from_env(cls) -> "S3Timeouts":
+        def number(name: str, default: float, kind=float):
+            raw = os.environ.get(name, "").strip()
+            if not raw:
+                return default
+            try:
+                value = kind(raw)
+            except ValueError:
+                raise ValueError(f"{name}={raw!r} 不是有效数值 (not a number)") from None
+            if value < 0 or (kind is float and value == 0):
+                raise ValueError(f"{name}={raw!r} 必须为正数 (must be positive)")
+            return value
+
+        return cls(connect=number("ZQ_S3_CONNECT_TIMEOUT", cls.connect), read=number("ZQ_S3_READ_TIMEOUT", cls.read),
+                   retries=number("ZQ_S3_RETRIES", cls.retries, int), backoff=number("ZQ_S3_BACKOFF", cls.backoff))
+
+    def http_client(self, cert_check: bool = True):
+        import certifi
+        import urllib3
+
+        return urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=self.connect, read=self.read),
+            maxsize=10,
+            cert_reqs="CERT_REQUIRED" if cert_check else "CERT_NONE",
+            ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
+            # every S3 call here is idempotent (whole-object PUT, GET, HEAD, LIST, DELETE): retry them all
+            retries=urllib3.Retry(total=self.retries, connect=self.retries, read=self.retries, status=self.retries,
+                                  backoff_factor=self.backoff, status_forcelist=[500, 502, 503, 504],
+                                  allowed_methods=None, raise_on_status=False),
+        )
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     key: str
@@ -128,6 +177,7 @@ class S3ObjectStore:
         bucket: str,
         secure: bool = False,
         region: str | None = None,
+        timeouts: S3Timeouts | None = None,
     ) -> None:
         from minio import Minio  # imported here so the local backend never needs it
 
@@ -137,58 +187,80 @@ class S3ObjectStore:
             secure = scheme == "https"
         self.endpoint = endpoint.rstrip("/")
         self.bucket = bucket
-        self.client = Minio(self.endpoint, access_key=access_key, secret_key=secret_key, secure=secure, region=region)
-        if not self.client.bucket_exists(bucket):
-            self.client.make_bucket(bucket, location=region)
+        self.timeouts = timeouts or S3Timeouts.from_env()
+        self.client = Minio(self.endpoint, access_key=access_key, secret_key=secret_key, secure=secure, region=region,
+                            http_client=self.timeouts.http_client())
+        with self._guard("bucket_exists/make_bucket", bucket):
+            if not self.client.bucket_exists(bucket):
+                self.client.make_bucket(bucket, location=region)
+
+    @contextlib.contextmanager
+    def _guard(self, operation: str, key: str) -> Iterator[None]:
+        """Transport failures (after the retries) as one clear ObjectStoreUnavailable naming the store and the call."""
+        import urllib3
+
+        try:
+            yield
+        except (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError) as exc:
+            reason = getattr(exc, "reason", None) or exc
+            raise ObjectStoreUnavailable(
+                f"对象存储不可用 object store unavailable: {operation} {key!r} on {self.endpoint}/{self.bucket} failed "
+                f"after {self.timeouts.retries} retries (connect {self.timeouts.connect:g}s, read "
+                f"{self.timeouts.read:g}s): {type(reason).__name__}: {str(reason).splitlines()[0][:200]}") from exc
 
     def __repr__(self) -> str:
         return f"S3ObjectStore({self.endpoint!r}, bucket={self.bucket!r})"
 
     def put_bytes(self, key: str, data: bytes) -> None:
         # A single PUT is atomic in S3: the object appears whole or not at all.
-        self.client.put_object(self.bucket, _check_key(key), io.BytesIO(data), len(data))
+        with self._guard("put_object", key):
+            self.client.put_object(self.bucket, _check_key(key), io.BytesIO(data), len(data))
 
     def get_bytes(self, key: str) -> bytes:
         from minio.error import S3Error
 
-        try:
-            resp = self.client.get_object(self.bucket, _check_key(key))
-        except S3Error as exc:
-            if exc.code in ("NoSuchKey", "NoSuchObject"):
-                raise FileNotFoundError(f"对象不存在 object not found: {key}") from exc
-            raise
-        try:
-            return resp.read()
-        finally:
-            resp.close()
-            resp.release_conn()
+        with self._guard("get_object", key):
+            try:
+                resp = self.client.get_object(self.bucket, _check_key(key))
+            except S3Error as exc:
+                if exc.code in ("NoSuchKey", "NoSuchObject"):
+                    raise FileNotFoundError(f"对象不存在 object not found: {key}") from exc
+                raise
+            try:
+                return resp.read()
+            finally:
+                resp.close()
+                resp.release_conn()
 
     def list(self, prefix: str) -> list[ObjectInfo]:
-        objs = self.client.list_objects(self.bucket, prefix=prefix or None, recursive=True)
-        out = [
-            ObjectInfo(o.object_name, int(o.size or 0), (o.last_modified or dt.datetime.now(TZ)).astimezone(TZ))
-            for o in objs
-            if not o.is_dir
-        ]
+        with self._guard("list_objects", prefix):
+            objs = self.client.list_objects(self.bucket, prefix=prefix or None, recursive=True)
+            out = [
+                ObjectInfo(o.object_name, int(o.size or 0), (o.last_modified or dt.datetime.now(TZ)).astimezone(TZ))
+                for o in objs
+                if not o.is_dir
+            ]
         return sorted(out, key=lambda o: o.key)
 
     def exists(self, key: str) -> bool:
         from minio.error import S3Error
 
-        try:
-            self.client.stat_object(self.bucket, _check_key(key))
-            return True
-        except S3Error as exc:
-            if exc.code in ("NoSuchKey", "NoSuchObject", "NotFound"):
-                return False
-            raise
+        with self._guard("stat_object", key):
+            try:
+                self.client.stat_object(self.bucket, _check_key(key))
+                return True
+            except S3Error as exc:
+                if exc.code in ("NoSuchKey", "NoSuchObject", "NotFound"):
+                    return False
+                raise
 
     def delete_prefix(self, prefix: str) -> int:
         from minio.deleteobjects import DeleteObject
 
         keys = [o.key for o in self.list(prefix)]
         if keys:
-            errors = list(self.client.remove_objects(self.bucket, [DeleteObject(k) for k in keys]))
+            with self._guard("remove_objects", prefix):
+                errors = list(self.client.remove_objects(self.bucket, [DeleteObject(k) for k in keys]))
             if errors:
                 raise OSError(f"删除对象失败 failed to delete objects: {errors[:3]}")
         return len(keys)
@@ -199,7 +271,8 @@ class S3ObjectStore:
             raise FileNotFoundError(f"对象不存在 object not found: {key}")
         with tempfile.TemporaryDirectory(prefix="zq-s3-") as tmp:
             path = Path(tmp) / key.rsplit("/", 1)[-1]
-            self.client.fget_object(self.bucket, key, str(path))
+            with self._guard("fget_object", key):
+                self.client.fget_object(self.bucket, key, str(path))
             yield path
 
 

@@ -9,7 +9,7 @@ import dagster as dg
 
 from orchestration.partitions import daily_partitions
 from orchestration.pools import GOV_POOL
-from orchestration.resources import ObjectStoreResource, WarehouseResource
+from orchestration.resources import ObjectStoreResource, WarehouseResource, store_step_retries
 from zqdata.ingest import IngestReport, ingest_delivery, row_accounting
 from zqdata.registry import Dataset, Registry, registry
 
@@ -75,7 +75,7 @@ def build_ods_asset(ds: Dataset, reg: Registry) -> dg.AssetsDefinition:
         context: dg.AssetExecutionContext, store: ObjectStoreResource, warehouse: WarehouseResource
     ) -> dg.MaterializeResult:
         day = dt.date.fromisoformat(context.partition_key)
-        with warehouse.gov() as con:
+        with store_step_retries(context), warehouse.gov() as con:
             report = ingest_delivery(con, store.get_store(), reg, ds.code, day)
             acc = row_accounting(con, ds.code, day)
         if report.status == "rejected":

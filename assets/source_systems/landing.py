@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import dagster as dg
 
 from orchestration.partitions import daily_partitions
-from orchestration.resources import ObjectStoreResource
+from orchestration.resources import ObjectStoreResource, store_step_retries
 from zqdata.landing import list_delivery_files, read_manifest
 from zqdata.registry import Registry, registry
 from zqdata.simulator import SimulatorSettings, simulate_day
@@ -75,15 +75,19 @@ def build_landing_assets(reg: Registry) -> dg.AssetsDefinition:
         """数源单位交付：启用模拟器时写入（替换）当日模拟交付，否则只观察各单位实际交付的内容。"""
         day = dt.date.fromisoformat(context.partition_key)
         settings = config.settings()
-        object_store = store.get_store()
-        if settings.enabled:
-            # Deterministic per (seed, day): re-running rewrites the same bytes, also for datasets not selected.
-            defects = simulate_day(object_store, reg, day, settings.rows_per_day, settings.seed, settings.defect_rate)
-            context.log.info(f"模拟交付 {day}: {settings.rows_per_day} 行, 注入缺陷 {len(defects)} 个")
-        for key in sorted(context.selected_asset_keys, key=lambda k: k.to_user_string()):
-            meta = delivery_metadata(object_store, reg, key.path[-1], day)
-            meta["simulated"] = settings.enabled
-            yield dg.MaterializeResult(asset_key=key, metadata=meta)
+        results = []
+        with store_step_retries(context):
+            object_store = store.get_store()
+            if settings.enabled:
+                # Deterministic per (seed, day): re-running rewrites the same bytes, also for datasets not selected.
+                defects = simulate_day(object_store, reg, day, settings.rows_per_day, settings.seed,
+                                       settings.defect_rate)
+                context.log.info(f"模拟交付 {day}: {settings.rows_per_day} 行, 注入缺陷 {len(defects)} 个")
+            for key in sorted(context.selected_asset_keys, key=lambda k: k.to_user_string()):
+                meta = delivery_metadata(object_store, reg, key.path[-1], day)
+                meta["simulated"] = settings.enabled
+                results.append(dg.MaterializeResult(asset_key=key, metadata=meta))
+        yield from results
 
     return source_agency_deliveries
 
