@@ -36,12 +36,16 @@ def run_nightly(day: dt.date, instance: dg.DagsterInstance | None = None) -> tup
     from assets.governance.issues import NOTIFY_JOB
     from orchestration.definitions import defs
     from orchestration.jobs import NIGHTLY_JOB
+    from orchestration.runs import process_tags, sweep_orphaned_runs
     from zqdata import issues, opdb
 
     location = defs()
     instance = instance or dg.DagsterInstance.get()
+    for run_id in sweep_orphaned_runs(instance):
+        print(f"已将进程不存在的运行 {run_id} 标记为失败并释放其并发池 (run of a dead process marked failed)", flush=True)
     result = location.resolve_job_def(NIGHTLY_JOB).execute_in_process(
-        partition_key=day.isoformat(), instance=instance, raise_on_error=False, run_config=_RUN_CONFIG)
+        partition_key=day.isoformat(), instance=instance, raise_on_error=False, run_config=_RUN_CONFIG,
+        tags=process_tags())
     summary = DaySummary(partition=day.isoformat(), success=result.success)
     for ev in result.get_asset_check_evaluations():
         name = f"{ev.asset_key.to_user_string()}:{ev.check_name}"
@@ -57,7 +61,7 @@ def run_nightly(day: dt.date, instance: dg.DagsterInstance | None = None) -> tup
     summary.published = sorted(m.asset_key.path[-1] for m in result.get_asset_materialization_events()
                                if m.asset_key.path[:2] == ["ops", "published"])
     notify = location.resolve_job_def(NOTIFY_JOB).execute_in_process(instance=instance, raise_on_error=False,
-                                                                       run_config=_RUN_CONFIG)
+                                                                       run_config=_RUN_CONFIG, tags=process_tags())
     summary.notify = _notify_text(notify)
     summary.issues = [i for i in issues.list_issues(opdb.get_engine(), partition_date=day) if i.status != "verified"]
     summary.stage_rows = stage_row_counts(day)
