@@ -8,6 +8,7 @@ Every delivered record ends up either in ``ods.<dataset>`` (values exactly as de
 from __future__ import annotations
 
 import codecs
+import contextlib
 import csv
 import datetime as dt
 import hashlib
@@ -31,6 +32,7 @@ from zqdata.landing import Manifest, ManifestFile, delivery_prefix, list_deliver
 from zqdata.registry import Dataset, Registry
 from zqdata.settings import TZ
 from zqdata.storage import ObjectInfo, ObjectStore
+from zqdata.txn import rollback_keeping_cause
 
 BATCH_ROWS = 200_000
 LINEAGE_COLUMNS: tuple[tuple[str, str], ...] = (
@@ -817,12 +819,13 @@ def ingest_delivery(
         report.findings = con.execute("select count(*) from _zq_findings").fetchone()[0]
         _register_rules(ctx)
         con.execute("commit")
-    except BaseException:
-        con.execute("rollback")
+    except BaseException as exc:
+        rollback_keeping_cause(con, exc)
         raise
     finally:
-        con.execute("drop table if exists _zq_rows")
-        con.execute("drop table if exists _zq_findings")
+        with contextlib.suppress(duckdb.Error):  # temp tables; a failure here must not hide the error above
+            con.execute("drop table if exists _zq_rows")
+            con.execute("drop table if exists _zq_findings")
     report.files = ctx.files
     return report
 

@@ -15,6 +15,7 @@ import duckdb
 import yaml
 
 from zqdata.registry import Dataset, DatasetField, Registry
+from zqdata.txn import rollback_keeping_cause
 from zqdata.settings import repo_root
 
 # The daily full snapshot other enterprise datasets must agree with (一致性).
@@ -44,8 +45,8 @@ def sync_reference_tables(con: duckdb.DuckDBPyConnection, registry: Registry) ->
         if fields:
             con.executemany("insert into ref.fields values (?, ?, ?, ?, ?, ?, ?, ?, ?)", fields)
         con.execute("commit")
-    except Exception:
-        con.execute("rollback")
+    except Exception as exc:
+        rollback_keeping_cause(con, exc)
         raise
     return len(codes)
 
