@@ -15,7 +15,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from orchestration.nightly import format_summary, run_nightly
+    from zqdata.preflight import preflight_problems
 
+    problems = preflight_problems()
+    if problems:
+        print("配置有误，未开始运行 (configuration problems, nothing was run):", flush=True)
+        for p in problems:
+            print(f"  - {p}", flush=True)
+        return 2
     ok = True
     for i in range(args.days):
         _, summary = run_nightly(args.date + dt.timedelta(days=i))
