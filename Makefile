@@ -33,9 +33,11 @@ $(DBT_MANIFEST): $(STAMP) $(shell find dbt_project -name '*.sql' -o -name '*.yml
 dbt-parse: $(DBT_MANIFEST)
 
 # The instance settings (run queue, one slot per warehouse pool) follow the repo's copy.
-$(DAGSTER_HOME)/dagster.yaml: orchestration/dagster.yaml
+# The instance's storages are created once, under a lock (orchestration/instance.py), before anything else opens it.
+$(DAGSTER_HOME)/dagster.yaml: orchestration/dagster.yaml $(STAMP)
 	mkdir -p $(DAGSTER_HOME)
 	cp orchestration/dagster.yaml $@
+	$(BIN)/python -m orchestration.instance
 
 nightly: setup $(KEYFILE)
 	$(WITH_KEY) $(BIN)/zq nightly --date $(DATE) --days $(DAYS)

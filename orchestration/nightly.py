@@ -36,11 +36,12 @@ def run_nightly(day: dt.date, instance: dg.DagsterInstance | None = None) -> tup
     from assets.governance.issues import NOTIFY_JOB
     from orchestration.definitions import defs
     from orchestration.jobs import NIGHTLY_JOB
+    from orchestration.instance import ensure_instance
     from orchestration.runs import process_tags, sweep_orphaned_runs
     from zqdata import issues, opdb
 
     location = defs()
-    instance = instance or dg.DagsterInstance.get()
+    instance = instance or ensure_instance()
     for run_id in sweep_orphaned_runs(instance):
         print(f"已将进程不存在的运行 {run_id} 标记为失败并释放其并发池 (run of a dead process marked failed)", flush=True)
     result = location.resolve_job_def(NIGHTLY_JOB).execute_in_process(
