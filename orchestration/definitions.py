@@ -10,6 +10,7 @@ def defs() -> dg.Definitions:
     from assets.governance import governance_defs
     from assets.ops_platform import ops_platform_defs
     from assets.source_systems import source_defs
+    from orchestration.history import build_history_sensor
     from orchestration.jobs import nightly_aggregation
     from orchestration.resources import default_resources
     from orchestration.schedules import nightly_schedule
@@ -24,5 +25,6 @@ def defs() -> dg.Definitions:
         governance_defs(),
         ops_platform_defs(),
         sensor_defs(),
-        dg.Definitions(jobs=[nightly_aggregation], schedules=[nightly_schedule], resources=default_resources()),
+        dg.Definitions(jobs=[nightly_aggregation], schedules=[nightly_schedule], sensors=[build_history_sensor()],
+                       resources=default_resources()),
     )

@@ -10,6 +10,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("nightly", help="运行每日汇聚作业 run the nightly job for a day (or several) and print a summary")
     p.add_argument("--date", type=dt.date.fromisoformat, required=True, help="first partition, YYYY-MM-DD")
     p.add_argument("--days", type=int, default=1, help="number of consecutive partitions (a backfill)")
+    p.add_argument("--no-history", action="store_true",
+                   help="不重算过期的后续日 do not recompute later days that read a day changed after them")
     p.set_defaults(func=_run)
 
 
@@ -28,4 +30,27 @@ def _run(args: argparse.Namespace) -> int:
         _, summary = run_nightly(args.date + dt.timedelta(days=i))
         print(format_summary(summary), flush=True)
         ok = ok and summary.success
+    if not args.no_history:
+        ok = recompute_stale_days() and ok
     return 0 if ok else 1
+
+
+def recompute_stale_days(instance=None, max_rounds: int = 400) -> bool:
+    """Recompute, earliest first, every later day that read a day changed after it (orchestration.history)."""
+    from orchestration.history import describe, stale_partitions
+    from orchestration.instance import ensure_instance
+    from orchestration.nightly import format_summary, run_nightly
+
+    instance, ok, done = instance or ensure_instance(), True, set()
+    for _ in range(max_rounds):
+        stale = [s for s in stale_partitions(instance) if s.partition not in done]
+        if not stale:
+            return ok
+        print("历史依赖变更，重算后续日 later days read a day that changed since:\n  " + "\n  ".join(describe(stale)),
+              flush=True)
+        first = stale[0].partition
+        _, summary = run_nightly(dt.date.fromisoformat(first), instance)
+        print(format_summary(summary), flush=True)
+        done.add(first)  # at most once per invocation, even if it failed
+        ok = ok and summary.success
+    return ok
