@@ -299,7 +299,7 @@ def cross(con: duckdb.DuckDBPyConnection, registry: Registry, day: dt.date, key)
     from zqdata.desensitize import release_select, released_fields
 
     rows: dict[str, int] = {}
-    base = {**key.params(), "zq_partition": day}
+    base = {"zq_partition": day}  # pseudonym keys per (field role, ops schema), as the boundary does
 
     def write(schema: str, table: str, sql: str, params: dict) -> None:
         con.execute(f"create schema if not exists ops_platform.{_q(schema)}")
@@ -310,11 +310,11 @@ def cross(con: duckdb.DuckDBPyConnection, registry: Registry, day: dt.date, key)
 
     released = [ds for ds in registry.datasets.values() if ds.release]
     for ds in released:
-        items = release_select(ds, released_fields(ds), day)
+        items, pads = release_select(ds, released_fields(ds), day, key, "desensitized")
         where, extra = release_consent_filter_sql(con, registry, ds, day)  # Art. 2: consenting subjects only
         write("desensitized", ds.code, f"select {', '.join(items)}, src._lineage_id, src._partition_date "
               f"from {gov_relation(con, registry, ds.code)} as src where src._partition_date = $zq_partition "
-              f"and {where}", {**base, **extra})
+              f"and {where}", {**base, **pads, **extra})
     for sc in registry.scenarios.values():
         try:
             check_scenario_active(sc, day)
@@ -322,13 +322,13 @@ def cross(con: duckdb.DuckDBPyConnection, registry: Registry, day: dt.date, key)
             continue
         for ds_code in sc.authorized_fields:
             ds = registry.datasets[ds_code]
-            items = release_select(ds, authorized_fields(registry, sc.code, ds_code), day)
+            items, pads = release_select(ds, authorized_fields(registry, sc.code, ds_code), day, key, f"scenario_{sc.code}")
             where, extra = "TRUE", {}
             if sc.consent_required:
                 where, extra = consent_filter_sql(con, registry, sc, ds, day)
             write(f"scenario_{sc.code}", ds_code, f"select {', '.join(items)}, src._lineage_id, src._partition_date "
                   f"from {gov_relation(con, registry, ds_code)} as src where src._partition_date = $zq_partition "
-                  f"and {where}", {**base, **extra})
+                  f"and {where}", {**base, **pads, **extra})
     return rows
 
 

@@ -5,6 +5,12 @@ keep_last, ``*`` between) | age_band (age at the partition date, e.g. ``30-39``)
 HMAC runs inside DuckDB (built-in ``sha256`` over BLOBs with the RFC 2104 pads) so 10M rows/day stay vectorized;
 ``pseudonymize`` below is the Python reference it is proven equal to. The key comes only from ``ZQ_PSEUDONYM_KEY``
 and is passed as a query parameter, never embedded in SQL text, a view, a table or a file.
+
+Domain separation (issue 11, finding 6): a field is never pseudonymized with the master key but with a key derived
+per (identifier role, scope): ``HMAC-SHA256(master, "zq-pseudonym/v1|" + role + "|" + scope)``. The scope is the ops
+schema written (``desensitized`` or ``scenario_<code>``); the role is ``<dataset>.<field>`` unless the registry gives
+the field a ``link_role``. So the same person has unrelated pseudonyms as a resident and as a legal representative,
+and in each scenario, unless the registry declares the link (the same ``link_role``, and then only within one scope).
 """
 
 from __future__ import annotations
@@ -26,6 +32,21 @@ class DesensitizationError(ValueError):
 
 
 MIN_KEY_BYTES = 32  # HMAC-SHA256: a key shorter than the hash's output weakens it; a 1-byte key was brute-forced
+DOMAIN_LABEL = "zq-pseudonym/v1"  # version of the derivation: a new scheme gets a new label, never a silent change
+KEY_ID_LABEL = "zq-key-id"
+DESENSITIZED_SCOPE = "desensitized"
+
+
+def scenario_scope(code: str) -> str:
+    """The pseudonym scope of a scenario's tables: their ops schema ``scenario_<code>``."""
+    return f"scenario_{code}"
+
+
+def domain_label(role: str, scope: str) -> bytes:
+    """The HKDF-style info string of one pseudonym domain; ``role`` has no ``|`` so the split is unambiguous."""
+    if not role or "|" in role or not scope:
+        raise DesensitizationError(f"假名化域无效 (invalid pseudonym domain): role={role!r}, scope={scope!r}")
+    return f"{DOMAIN_LABEL}|{role}|{scope}".encode("utf-8")
 
 
 @dataclass(frozen=True)
@@ -53,9 +74,22 @@ class PseudonymKey:
         raw = raw.ljust(_BLOCK, b"\0")
         return cls(ipad=bytes(b ^ 0x36 for b in raw), opad=bytes(b ^ 0x5C for b in raw))
 
-    def params(self) -> dict[str, bytes]:
-        """Named query parameters used by the pseudonymize expression."""
-        return {"zq_ipad": self.ipad, "zq_opad": self.opad}
+    def params(self, ipad: str = "zq_ipad", opad: str = "zq_opad") -> dict[str, bytes]:
+        """Named query parameters used by the pseudonymize expression (default names ``$zq_ipad`` / ``$zq_opad``)."""
+        return {ipad: self.ipad, opad: self.opad}
+
+    def _hmac(self, message: bytes) -> bytes:
+        """HMAC-SHA256(key, message) from the pads (RFC 2104), equal to ``hmac.new(key, message, sha256).digest()``."""
+        return hashlib.sha256(self.opad + hashlib.sha256(self.ipad + message).digest()).digest()
+
+    def for_domain(self, role: str, scope: str) -> "PseudonymKey":
+        """The key of one pseudonym domain: HMAC-SHA256(this key, "zq-pseudonym/v1|<role>|<scope>") (32 bytes)."""
+        return PseudonymKey.from_secret(self._hmac(domain_label(role, scope)))
+
+    def key_id(self) -> str:
+        """A public fingerprint of the master key (8 hex of HMAC(key, "zq-key-id")): tells which key made a partition's
+        pseudonyms, e.g. across a rotation, without revealing the key."""
+        return self._hmac(KEY_ID_LABEL.encode("utf-8")).hex()[:8]
 
 
 def key_from_env() -> PseudonymKey:
@@ -69,10 +103,28 @@ def key_from_env() -> PseudonymKey:
     return PseudonymKey.from_secret(secret)
 
 
-def pseudonymize(value: str, secret: bytes | str) -> str:
-    """Python reference: ``hmac.new(key, value, sha256).hexdigest()`` (the SQL expression must agree)."""
+def domain_secret(secret: bytes | str, role: str, scope: str) -> bytes:
+    """Python reference of a domain key: ``hmac.new(master, "zq-pseudonym/v1|<role>|<scope>", sha256).digest()``."""
     raw = secret.encode("utf-8") if isinstance(secret, str) else secret
+    return hmac.new(raw, domain_label(role, scope), hashlib.sha256).digest()
+
+
+def pseudonymize(value: str, secret: bytes | str, *, role: str | None = None, scope: str | None = None) -> str:
+    """Python reference: ``hmac.new(key, value, sha256).hexdigest()`` (the SQL expression must agree).
+
+    With ``role`` and ``scope`` the key is that domain's key derived from ``secret`` (what the boundary releases);
+    without them, ``secret`` itself (the bare HMAC primitive)."""
+    if (role is None) != (scope is None):
+        raise DesensitizationError("pseudonymize: give both role and scope, or neither")
+    raw = secret.encode("utf-8") if isinstance(secret, str) else secret
+    if role is not None:
+        raw = domain_secret(raw, role, scope)
     return hmac.new(raw, value.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+def pseudonym_role(dataset: Dataset, f: DatasetField) -> str:
+    """The identifier role of a pseudonymized field: its registry ``link_role``, else ``<dataset>.<field>``."""
+    return getattr(f, "link_role", None) or f"{dataset.code}.{f.name}"
 
 
 def quote_ident(name: str) -> str:
@@ -80,8 +132,12 @@ def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def mask_expression(dataset: Dataset, f: DatasetField, partition_date: dt.date, column_sql: str | None = None) -> str | None:
-    """The SQL expression releasing field ``f`` (aliased to its name), or None when it is suppressed."""
+def mask_expression(dataset: Dataset, f: DatasetField, partition_date: dt.date, column_sql: str | None = None,
+                    pads: tuple[str, str] = ("zq_ipad", "zq_opad")) -> str | None:
+    """The SQL expression releasing field ``f`` (aliased to its name), or None when it is suppressed.
+
+    A pseudonymize rule reads the key's pads from the named parameters ``pads`` (ipad, opad); ``release_select``
+    binds there the field's domain key."""
     col = column_sql or quote_ident(f.name)
     rule = getattr(f, "mask", None)
     method = getattr(rule, "method", None)
@@ -96,7 +152,8 @@ def mask_expression(dataset: Dataset, f: DatasetField, partition_date: dt.date, 
         expr = col
     elif method == "pseudonymize":
         # HMAC-SHA256(K, m) = H((K ^ opad) || H((K ^ ipad) || m)); pads are bound parameters.
-        expr = f"sha256($zq_opad || unhex(sha256($zq_ipad || encode(CAST({col} AS VARCHAR)))))"
+        ipad, opad = pads
+        expr = f"sha256(${opad} || unhex(sha256(${ipad} || encode(CAST({col} AS VARCHAR)))))"
     elif method == "mask":
         a, b = int(rule.keep_first or 0), int(rule.keep_last or 0)
         v = f"CAST({col} AS VARCHAR)"
@@ -129,16 +186,24 @@ def released_fields(dataset: Dataset) -> list[str]:
     return [f.name for f in dataset.fields if f.mask.method != "suppress"]
 
 
-def release_select(dataset: Dataset, fields: list[str], partition_date: dt.date, table_alias: str = "src") -> list[str]:
-    """SELECT items masking ``fields`` of ``dataset``; a suppressed field asked for by name is an error."""
-    items = []
-    for name in fields:
+def release_select(dataset: Dataset, fields: list[str], partition_date: dt.date, key: PseudonymKey, scope: str,
+                   table_alias: str = "src") -> tuple[list[str], dict[str, bytes]]:
+    """SELECT items masking ``fields`` of ``dataset`` for the ops schema ``scope``, and the query parameters they use.
+
+    Each pseudonymized field gets its own domain key (``key.for_domain(pseudonym_role(...), scope)``) bound as
+    ``$zq_ipad_<i>`` / ``$zq_opad_<i>``; a suppressed field asked for by name is an error."""
+    items: list[str] = []
+    params: dict[str, bytes] = {}
+    for i, name in enumerate(fields):
         f = dataset.field(name)
-        expr = mask_expression(dataset, f, partition_date, f"{table_alias}.{quote_ident(name)}")
+        pads = (f"zq_ipad_{i}", f"zq_opad_{i}")
+        expr = mask_expression(dataset, f, partition_date, f"{table_alias}.{quote_ident(name)}", pads)
         if expr is None:
             raise DesensitizationError(f"{dataset.code}.{name}: 该字段规则为 suppress，不得出域 (suppressed field cannot be released)")
+        if f.mask.method == "pseudonymize":
+            params.update(key.for_domain(pseudonym_role(dataset, f), scope).params(*pads))
         items.append(expr)
-    return items
+    return items, params
 
 
 # -- the classification table published in docs/security.md -------------------------------------------------------

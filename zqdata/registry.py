@@ -85,6 +85,9 @@ class DatasetField(_Strict):
     range: Range | None = None
     class_: Classification = Field(alias="class")
     mask: MaskRule
+    # Pseudonym linkage (issue 11, finding 6): pseudonymized fields sharing a link_role get equal pseudonyms within one
+    # ops schema; without it every field is its own role <dataset>.<field>. A link is a reviewed registry decision.
+    link_role: str | None = Field(default=None, pattern=r"^[a-z][a-z0-9_]*$")
 
 
 class Delivery(_Strict):
@@ -175,6 +178,26 @@ def mask_rule_problems(dataset: "Dataset", f: DatasetField) -> list[str]:
     return problems
 
 
+def _link_role_problems(datasets) -> list[str]:
+    """A link_role links pseudonyms: only on pseudonymized fields, of one format, and shared by at least two fields."""
+    problems: list[str] = []
+    roles: dict[str, list[tuple[str, DatasetField]]] = {}
+    for ds in datasets:
+        for f in ds.fields:
+            if f.link_role is None:
+                continue
+            if f.mask.method != "pseudonymize":
+                problems.append(f"{ds.code}.{f.name}: link_role 仅用于假名化字段 (link_role needs mask: pseudonymize)")
+            roles.setdefault(f.link_role, []).append((f"{ds.code}.{f.name}", f))
+    for role, fields in roles.items():
+        names = [n for n, _ in fields]
+        if len(fields) < 2:
+            problems.append(f"link_role {role!r} 只有一个字段 {names[0]}，未关联任何字段 (links nothing: one field only)")
+        if len({f.format for _, f in fields}) > 1:
+            problems.append(f"link_role {role!r}: 字段格式不一致 {names} (linked fields must share one format)")
+    return problems
+
+
 class Registry(_Strict):
     agencies: dict[str, Agency]
     datasets: dict[str, Dataset]
@@ -205,6 +228,7 @@ class Registry(_Strict):
                 if f.mask.method == "age_band" and (f.type != "date" or not f.mask.band_years):
                     problems.append(f"{ds.code}.{f.name}: age_band needs a date field and band_years")
                 problems.extend(mask_rule_problems(ds, f))
+        problems.extend(_link_role_problems(self.datasets.values()))
         for sc in self.scenarios.values():
             for ds_code, fields in sc.authorized_fields.items():
                 if ds_code not in self.datasets:
