@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -145,6 +146,9 @@ def pg_url() -> Iterator[str]:
         yield url
 
 
+_AUDIT_TEST_KEY = secrets.token_hex(32)
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def opdb(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """The operational DB engine on both backends, empty, and ``ZQ_OPDB_URL`` pointing at it (for the CLI)."""
@@ -161,4 +165,8 @@ def opdb(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.Mon
         for table in reversed(opdb_module.metadata.sorted_tables):
             conn.execute(sa.delete(table))
     monkeypatch.setenv(opdb_module.URL_ENV, url)
+    # The audit log's HMAC key (random per test session, never stored) and its anchor: where the data_dir fixture's
+    # default would put it, one per test, so a test never sees another test's anchor (the PostgreSQL server is shared).
+    monkeypatch.setenv("ZQ_AUDIT_KEY", _AUDIT_TEST_KEY)
+    monkeypatch.setenv("ZQ_AUDIT_ANCHOR", str(tmp_path / "data" / "gov" / "audit_anchor.json"))
     return engine

@@ -72,7 +72,8 @@ class Service:
             # a new user's shell: the venv is not on PATH
             "PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": os.environ.get("HOME", "/root"), "LANG": "C.UTF-8",
             "DAGSTER_HOME": str(self.home), "ZQ_DATA_DIR": str(self.data), "ZQ_STORE_BACKEND": "local",
-            "ZQ_PSEUDONYM_KEY": "service-test-key-not-a-secret-0123456789", "ZQ_SIM_ROWS_PER_DAY": "400",
+            "ZQ_PSEUDONYM_KEY": "service-test-key-not-a-secret-0123456789",
+            "ZQ_AUDIT_KEY": "service-test-audit-key-not-a-secret-0123456789", "ZQ_SIM_ROWS_PER_DAY": "400",
             "ZQ_SIM_DEFECT_RATE": "0.01", "ZQ_SIM_SEED": "11", "ZQ_QUALITY_MAX_ERROR_RATE": "0.5", "ZQ_ALERT_SENSOR_INTERVAL_SECONDS": "5",
             "ZQ_CONSUMER_CREDENTIAL": CREDENTIAL, "ZQ_DUCKDB_MEMORY_LIMIT": "512MB",
         }

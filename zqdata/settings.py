@@ -31,6 +31,9 @@ class Settings:
     store_backend: str  # "local" | "s3"
     landing_root: Path  # local backend: the landing zone's root folder
     duckdb_memory_limit: str = DEFAULT_DUCKDB_MEMORY_LIMIT  # ZQ_DUCKDB_MEMORY_LIMIT, e.g. "1GB", "1536MB"
+    # ZQ_AUDIT_ANCHOR: the delivery audit log's anchor (count, head hash), outside the operational DB and the ops side.
+    # Its HMAC key, ZQ_AUDIT_KEY, is a secret: read by zqdata.audit from the environment only, never kept here.
+    audit_anchor: Path | None = None
 
     @property
     def docs_dir(self) -> Path:
@@ -48,6 +51,7 @@ def get_settings() -> Settings:
         store_backend=os.environ.get("ZQ_STORE_BACKEND", "local"),
         landing_root=Path(os.environ.get("ZQ_LANDING_DIR", data_dir / "landing")),
         duckdb_memory_limit=memory_size(os.environ.get("ZQ_DUCKDB_MEMORY_LIMIT", "").strip() or DEFAULT_DUCKDB_MEMORY_LIMIT),
+        audit_anchor=Path(os.environ.get("ZQ_AUDIT_ANCHOR", "").strip() or data_dir / "gov" / "audit_anchor.json"),
     )
 
 

@@ -17,13 +17,31 @@ CREDENTIAL_ENV = "ZQ_CONSUMER_CREDENTIAL"
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("deliver", help="向登记的使用方交付已发布的场景产品 deliver a published product partition to a registered consumer")
-    p.add_argument("--consumer", required=True, help="consumer code (registry/consumers.yaml)")
-    p.add_argument("--product", required=True, help="product, e.g. ops_sme_credit_profile")
-    p.add_argument("--date", type=dt.date.fromisoformat, required=True, help="partition, YYYY-MM-DD")
+    # Checked by _deliver, not by argparse: a request with a missing or malformed argument is refused *and logged*.
+    p.add_argument("--consumer", help="consumer code (registry/consumers.yaml); required")
+    p.add_argument("--product", help="product, e.g. ops_sme_credit_profile; required")
+    p.add_argument("--date", help="partition, YYYY-MM-DD; required")
     p.add_argument("--out", type=Path, default=None, help="output folder (default <ZQ_DATA_DIR>/published/deliveries)")
     p.add_argument("--credential-env", default=CREDENTIAL_ENV,
                    help=f"environment variable holding the consumer credential (default {CREDENTIAL_ENV})")
     p.set_defaults(func=_deliver)
+    # What argparse itself still refuses (e.g. `--date` without a value) is logged too, with what the request named.
+    seen: list[str] = []
+    parse_known_args, usage_error = p.parse_known_args, p.error
+
+    def remembering_parse_known_args(args=None, namespace=None):
+        seen[:] = list(sys.argv[1:] if args is None else args)
+        namespace, extras = parse_known_args(args, namespace)
+        if extras:  # refused here rather than by the top-level parser, so that it is logged
+            p.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+    def logged_usage_error(message: str):
+        _log_refusal(argv_value(seen, "--consumer"), argv_value(seen, "--product"), None,
+                     f"参数错误 (rejected arguments): {message}")
+        usage_error(message)
+
+    p.parse_known_args, p.error = remembering_parse_known_args, logged_usage_error
 
     a = sub.add_parser("audit", help="交付审计日志 the delivery audit log (Art. 25)")
     asub = a.add_subparsers(dest="audit_command", required=True)
@@ -39,9 +57,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.set_defaults(func=_classification)
 
 
+def argv_value(argv: list[str], option: str) -> str:
+    """The value given to ``option`` (``--opt v`` or ``--opt=v``) in a command line argparse refused; "" if none."""
+    for i, arg in enumerate(argv):
+        if arg.startswith(option + "="):
+            return arg.split("=", 1)[1]
+        if arg == option and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            return argv[i + 1]
+    return ""
+
+
+def _log_refusal(consumer: str, product: str, partition: dt.date | None, reason: str) -> bool:
+    """Log a refused request before anything is served; False (and said on stderr) when it cannot be logged."""
+    from zqdata import audit, opdb
+
+    try:
+        audit.append_delivery(opdb.get_engine(), consumer=consumer or "", scenario="", product=product or "",
+                              partition_date=partition, outcome="denied", reason=reason, row_count=0, file_sha256="")
+    except (ValueError, audit.AuditError) as exc:
+        print(f"无法记录审计日志 (the refusal could not be logged): {exc}", file=sys.stderr)
+        return False
+    return True
+
+
 def _deliver(args: argparse.Namespace) -> int:
-    from zqdata import opdb
-    from zqdata.audit import append_delivery
+    from zqdata import audit, opdb
     from zqdata.authorization import AccessDenied, deliver_product
     from zqdata.publish import published_store
     from zqdata.registry import registry
@@ -51,20 +91,34 @@ def _deliver(args: argparse.Namespace) -> int:
     out = args.out or get_settings().docs_dir / "deliveries"
     try:  # served from the published snapshots and logged in the operational DB: no warehouse file is opened
         engine, store = opdb.get_engine(), published_store()
+        audit.key_from_env()  # nothing is served that could not be logged
     except ValueError as exc:
         print(f"配置错误 (configuration error): {exc}", file=sys.stderr)
         return 2
-    if not credential:  # a refusal like any other: in the audit log
-        reason = f"缺少凭证：请设置环境变量 {args.credential_env} (credential required in the environment)"
-        append_delivery(engine, consumer=args.consumer, scenario="", product=args.product, partition_date=args.date,
-                        outcome="denied", reason=reason, row_count=0, file_sha256="")
-        print(reason, file=sys.stderr)
+
+    def refuse(reason: str, partition: dt.date | None = None) -> int:  # a refusal like any other: in the audit log
+        _log_refusal(args.consumer, args.product, partition, reason)
+        print(f"拒绝交付 (delivery denied): {reason}", file=sys.stderr)
         return 2
+
+    missing = [f"--{name}" for name in ("consumer", "product", "date") if not getattr(args, name)]
+    if missing:
+        return refuse(f"缺少参数 {' '.join(missing)} (missing arguments)")
     try:
-        receipt = deliver_product(engine, store, registry(), args.consumer, credential, args.product, args.date, out)
+        partition = dt.date.fromisoformat(args.date)
+    except ValueError:
+        return refuse(f"日期无效 {args.date!r}，应为 YYYY-MM-DD (bad date)")
+    if not credential:
+        return refuse(f"缺少凭证：请设置环境变量 {args.credential_env} (credential required in the environment)",
+                      partition)
+    try:
+        receipt = deliver_product(engine, store, registry(), args.consumer, credential, args.product, partition, out)
     except AccessDenied as exc:
         print(str(exc), file=sys.stderr)
         return 3
+    except audit.AuditLogTampered as exc:
+        print(f"审计日志与锚点不符，停止交付 (audit log tampered: deliveries stop): {exc}", file=sys.stderr)
+        return 1
     print(f"已交付 delivered: {receipt.path}\n  rows={receipt.row_count} sha256={receipt.sha256}\n"
           f"  snapshot={receipt.snapshot}\n"
           f"  scenario={receipt.scenario} at={receipt.delivered_at.isoformat()} audit_hash={receipt.record_hash}")
@@ -82,22 +136,29 @@ def _opdb():
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from zqdata.audit import read_chain, verify_chain
+    from zqdata.audit import AuditKeyError, anchor_path, verify
 
     engine = _opdb()
     if engine is None:
         return 2
-    problems = verify_chain(engine)
-    chain = read_chain(engine)
-    if problems:
-        print(f"审计日志哈希链校验失败 (audit chain BROKEN), {len(problems)} problem(s):")
-        for p in problems:
+    try:
+        result = verify(engine)
+    except AuditKeyError as exc:
+        print(f"配置错误 (configuration error): {exc}", file=sys.stderr)
+        return 2
+    if result.problems:
+        print(f"审计日志校验失败 (audit log BROKEN), {len(result.problems)} problem(s):")
+        for p in result.problems:
             print(f"  - {p}")
         return 1
-    if not chain:
-        print("审计日志为空 (no audit log yet): OK")
+    if not result.records:
+        print("审计日志为空，无锚点 (no audit log yet, no anchor): OK")
         return 0
-    print(f"审计日志完整 (audit chain intact): {len(chain)} records, head {chain[-1].record_hash}")
+    print(f"审计日志完整 (audit chain intact): {result.records} records, head {result.head_hash}")
+    if result.anchor is not None:
+        print(f"  anchor {anchor_path()}: count {result.anchor.count}, updated {result.anchor.updated_at}")
+    for note in result.notes:
+        print(f"  note: {note}")
     return 0
 
 
