@@ -151,8 +151,12 @@ def trace_metadata(
     limit: int = 20,
 ) -> dict[str, dg.MetadataValue]:
     """逐级溯源 metadata for an `AssetCheckResult`: the trace of the partition's findings (optionally one dataset / rules /
-    severity) or of given lineage ids, as Markdown and JSON. Empty when there is nothing to trace."""
+    severity) or of given lineage ids, as Markdown and JSON. Empty when there is nothing to trace.
+
+    Record values and finding details in it are masked by field classification (`zqdata.display`, via the trace).
+    """
     from zqdata import lineage
+    from zqdata.display import scrub_text
 
     findings: list[dict[str, Any]] = []
     if not lineage_ids:
@@ -178,7 +182,7 @@ def trace_metadata(
     try:
         t = lineage.trace(gov_con, ops_con, registry, asset_key, lineage_ids=lineage_ids, finding=findings or None, max_rows=limit)
     except lineage.TraceError as exc:
-        return {"trace_error": dg.MetadataValue.text(f"溯源失败: {exc}")}
+        return {"trace_error": dg.MetadataValue.text(f"溯源失败: {scrub_text(str(exc))}")}
     return {
         "逐级溯源 trace": dg.MetadataValue.md(t.to_markdown()),
         "trace_json": dg.MetadataValue.json(t.to_dict()),

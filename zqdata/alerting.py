@@ -35,8 +35,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
+from zqdata import display, lineage
 from zqdata import issues as issue_register
-from zqdata import lineage
 from zqdata.issues import Issue
 from zqdata.opdb import notification_attempts as attempts_t
 from zqdata.opdb import notifications as notifications_t
@@ -167,6 +167,10 @@ def build_message(registry: Registry, issue: Issue, status_event: str) -> tuple[
     `affected_rows` were taken from quality.findings at sync time), no database access."""
     ds = registry.datasets.get(issue.dataset)
     ag = registry.agencies.get(issue.agency)
+    # Masked again by field classification when the message is built: a register row filed before masking went by
+    # classification (or by any other writer) never carries a personal value into a mail or webhook.
+    samples = [display.finding(registry, s) for s in issue.sample_rows]
+    trace = display.trace_dict(registry, issue.trace) if issue.trace else {}
     ds_name = ds.name if ds else issue.dataset
     ag_name = ag.name if ag else issue.agency
     day = issue.partition_date.isoformat()
@@ -197,16 +201,16 @@ def build_message(registry: Registry, issue: Issue, status_event: str) -> tuple[
         more = f" 等共 {n} 行" if n > len(rns) else ""
         where = f"第 {lineage.row_ranges(rns)} 行{more}" if rns else "交付级问题（整个文件/分区）"
         lines.append(f"  - {f['file'] or '（未交付）'}：{where}")
-    if issue.sample_rows:
+    if samples:
         lines.append("问题示例（个人信息已遮蔽）：")
-        for s in issue.sample_rows:
+        for s in samples:
             rn = s.get("row_number")
             lines.append(f"  - 行 {rn if rn is not None else '-'} 字段 {s.get('field') or '-'}：{s.get('detail') or ''}")
     lines.append("")
-    if issue.trace and "levels" in issue.trace:
-        lines.append(lineage.Trace.from_dict(issue.trace).to_text())
-    elif issue.trace.get("error"):
-        lines.append(f"逐级溯源：{issue.trace['error']}")
+    if trace and "levels" in trace:
+        lines.append(lineage.Trace.from_dict(trace).to_text())
+    elif trace.get("error"):
+        lines.append(f"逐级溯源：{display.scrub_text(str(trace['error']))}")
     lines += [
         "",
         "处理要求：",
@@ -236,7 +240,7 @@ def build_message(registry: Registry, issue: Issue, status_event: str) -> tuple[
         "records_failed": issue.records_failed,
         "delivery_files": files,
         "redeliver_to": redeliver,
-        "trace": issue.trace,
+        "trace": trace,
         "text": body,
     }
     return subject, body, payload

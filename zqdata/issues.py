@@ -25,7 +25,7 @@ from typing import Any
 import duckdb
 import sqlalchemy as sa
 
-from zqdata import lineage, opdb
+from zqdata import display, lineage, opdb
 from zqdata.opdb import issue_events as events_t
 from zqdata.opdb import quality_issues as issues_t
 from zqdata.opdb import transaction
@@ -214,12 +214,23 @@ def _checked_datasets(gov_con: duckdb.DuckDBPyConnection, partition_date: str) -
 
 
 def _trace_json(gov_con: duckdb.DuckDBPyConnection, ops_con: duckdb.DuckDBPyConnection | None, registry: Registry, samples: Sequence[Mapping[str, Any]]) -> str:
+    return _trace_and_samples(gov_con, ops_con, registry, samples)[0]
+
+
+def _trace_and_samples(
+    gov_con: duckdb.DuckDBPyConnection, ops_con: duckdb.DuckDBPyConnection | None, registry: Registry,
+    samples: Sequence[Mapping[str, Any]],
+) -> tuple[str, list[dict[str, Any]]]:
+    """(trace JSON, sample findings for display). The samples are the trace's findings: their details were masked by
+    field classification with the rows' raw values at hand; without a trace, by classification alone."""
     try:
         t = lineage.trace(gov_con, ops_con, registry, "gov/quality/findings", finding=list(samples))
-        return t.to_json()
+        return t.to_json(), t.findings[: len(samples)]
     except (lineage.TraceError, KeyError, duckdb.Error) as exc:  # a trace failure must not lose the issue itself
-        log.warning("溯源失败 trace failed: %s", exc)
-        return json.dumps({"error": f"溯源失败: {exc}"}, ensure_ascii=False)
+        err = display.scrub_text(str(exc))  # an engine error may quote a value: free text, pattern scrub
+        log.warning("溯源失败 trace failed: %s", err)
+        return (json.dumps({"error": f"溯源失败: {err}"}, ensure_ascii=False),
+                [lineage.finding_for_display(s, registry) for s in samples])
 
 
 # --------------------------------------------------------------------------- sync and escalation
@@ -252,10 +263,11 @@ def sync_issues(
             "tools": g["tools"],
             "findings_count": int(g["findings_count"]),
             "records_failed": int(g["records_failed"]),
-            "sample_rows": json.dumps([lineage.finding_for_display(s) for s in g["samples"]], ensure_ascii=False),
             "affected_rows": json.dumps(g["affected_rows"], ensure_ascii=False),
-            "trace": _trace_json(gov_con, ops_con, registry, g["samples"]),
         }
+        trace_json, samples = _trace_and_samples(gov_con, ops_con, registry, g["samples"])
+        values["sample_rows"] = json.dumps(samples, ensure_ascii=False)
+        values["trace"] = trace_json
         prepared.append((fp, agency, g, values))
 
     with transaction(db) as conn:

@@ -11,16 +11,14 @@ import datetime as dt
 import functools
 import json
 import re
-import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import duckdb
-import pyarrow as pa
 
-from zqdata.desensitize import DesensitizationError, mask_expression, quote_ident
+from zqdata import display
 from zqdata.quality.dimensions import cn_name
 from zqdata.registry import Dataset, Registry
 from zqdata.settings import TZ, repo_root
@@ -140,78 +138,18 @@ def parse_lineage_id(lineage_id: str) -> tuple[str, str, str, int]:
 
 # --------------------------------------------------------------------------- display masking
 
-
-HIDDEN = {"pseudonymize": "〔假名化，不显示〕", "suppress": "〔已屏蔽〕"}
-
-
-_DISPLAY = threading.local()
-
-
-def _display_connection() -> duckdb.DuckDBPyConnection:
-    """One in-memory DuckDB per thread for display masking (a trace masks a few rows; connecting each time cost
-    10 ms × every failed check of a night)."""
-    con = getattr(_DISPLAY, "con", None)
-    if con is None:
-        con = _DISPLAY.con = duckdb.connect()
-    return con
+# Masking for display lives in zqdata.display (by classification, whatever a value looks like); re-exported here.
+HIDDEN = display.HIDDEN
+scrub_text = display.scrub_text
 
 
 def mask_rows(ds: Dataset, rows: Sequence[Mapping[str, Any]], as_of: dt.date) -> list[dict[str, str]]:
-    """Field values of a few rows as they may be shown in a trace or alert: the registry's mask rules, applied with
-    `zqdata.desensitize.mask_expression` (the boundary's own SQL) in a throwaway in-memory DuckDB.
-
-    Pseudonymized and suppressed fields are hidden (no key is needed to display a trace); the agency finds the row by
-    delivery file + row number.
+    """Field values of a few rows as they may be shown in a trace or alert: `zqdata.display.mask_value` per field (the
+    registry's classification and mask rule, whatever the value looks like; equal to the boundary's SQL on well-formed
+    values). Pseudonymized and suppressed fields are hidden (no key is needed to display a trace); the agency finds the
+    row by delivery file + row number.
     """
-    if not rows:
-        return []
-    names = [f.name for f in ds.fields]
-    exprs: dict[str, str] = {}
-    for f in ds.fields:
-        if f.mask.method in HIDDEN:
-            continue
-        try:
-            e = mask_expression(ds, f, as_of, f"src.{quote_ident(f.name)}")
-        except DesensitizationError:
-            continue  # a rule the boundary would refuse: never shown
-        if e is not None:
-            exprs[f.name] = e
-    src = pa.table({"_i": pa.array(range(len(rows)), pa.int32()),
-                    **{n: pa.array([None if r.get(n) is None else str(r.get(n)) for r in rows], pa.string())
-                       for n in names}})
-    con = _display_connection().cursor()  # in-memory, display only; nothing persisted
-    try:
-        con.register("_zq_display_rows", src)
-        select = ", ".join(["_i", *exprs.values()]) if exprs else "_i"
-        masked = {r[0]: dict(zip(exprs, r[1:]))
-                  for r in con.execute(f"select {select} from _zq_display_rows as src order by _i").fetchall()}
-    finally:
-        con.close()
-    out = []
-    for i, r in enumerate(rows):
-        shown = {}
-        for f in ds.fields:
-            if f.name not in r:
-                continue
-            if r.get(f.name) is None:
-                shown[f.name] = ""
-            elif f.name in exprs:
-                v = masked[i].get(f.name)
-                shown[f.name] = "" if v is None else str(v)
-            else:
-                shown[f.name] = HIDDEN.get(f.mask.method, "〔已屏蔽〕")
-        out.append(shown)
-    return out
-
-
-_ID_LIKE = re.compile(r"(?<![0-9A-Za-z])(\d{6})\d{8}(\d{3}[0-9Xx])(?![0-9A-Za-z])")
-_MOBILE_LIKE = re.compile(r"(?<!\d)(1[3-9]\d)\d{4}(\d{4})(?!\d)")
-
-
-def scrub_text(text: str) -> str:
-    """Mask citizen-ID-like and mobile-like numbers inside free text (finding details) before showing or sending it."""
-    text = _ID_LIKE.sub(lambda m: m[1] + "********" + m[2][-1:].rjust(4, "*"), text or "")
-    return _MOBILE_LIKE.sub(lambda m: m[1] + "****" + m[2], text)
+    return [display.mask_row(ds, r, as_of) for r in rows]
 
 
 # --------------------------------------------------------------------------- asset levels (static map)
@@ -436,6 +374,15 @@ def _where(row_filter: Mapping[str, Any]) -> tuple[str, list[Any]]:
 
 def source_rows(gov_con: duckdb.DuckDBPyConnection, registry: Registry, lineage_ids: Iterable[str]) -> list[SourceRow]:
     """The gov-side rows of the lineage ids (ODS, else quarantine), personal fields masked for display."""
+    return _source_rows(gov_con, registry, lineage_ids)[0]
+
+
+def _source_rows(
+    gov_con: duckdb.DuckDBPyConnection, registry: Registry, lineage_ids: Iterable[str]
+) -> tuple[list[SourceRow], dict[str, Mapping[str, Any]]]:
+    """(masked source rows, raw values by lineage id): the raw values never leave this module — they let a finding's
+    detail be masked wherever it repeats a personal value of its row (`zqdata.display.mask_text`)."""
+    raw_by_id: dict[str, Mapping[str, Any]] = {}
     by_ds: dict[str, list[str]] = {}
     for lid in dict.fromkeys(lineage_ids):
         ds, *_ = parse_lineage_id(lid)
@@ -447,6 +394,7 @@ def source_rows(gov_con: duckdb.DuckDBPyConnection, registry: Registry, lineage_
         ds = registry.datasets[ds_code]
         found: dict[str, SourceRow] = {}
         raw_values: dict[str, Mapping[str, Any]] = {}
+        reason_field: dict[str, Any] = {}
         # The day and the row number are part of the lineage id. Rows are stored in delivery order, so the range of
         # row numbers (like the day) lets DuckDB skip every other row group: a day of 7 M swipes 0.4 s → 0.01 s.
         parsed = [parse_lineage_id(i) for i in ids]
@@ -464,7 +412,8 @@ def source_rows(gov_con: duckdb.DuckDBPyConnection, registry: Registry, lineage_
                 if r["_lineage_id"] in found:
                     continue
                 row = _source_row(ds, r, "quarantined")
-                row.quarantine_reason = scrub_text(str(r.get("reason") or ""))
+                row.quarantine_reason = str(r.get("reason") or "")  # masked below, with the row's raw values
+                reason_field[r["_lineage_id"]] = r.get("field")
                 found[r["_lineage_id"]] = row
                 raw_values[r["_lineage_id"]] = _json_obj(r.get("raw_record"))
         by_day: dict[str, list[str]] = {}
@@ -474,13 +423,17 @@ def source_rows(gov_con: duckdb.DuckDBPyConnection, registry: Registry, lineage_
             as_of = dt.date.fromisoformat(day[:10]) if day else dt.datetime.now(TZ).date()
             for lid, vals in zip(lids, mask_rows(ds, [raw_values[x] for x in lids], as_of)):
                 found[lid].values = vals
+                if found[lid].quarantine_reason:
+                    found[lid].quarantine_reason = display.mask_text(
+                        ds, reason_field.get(lid), found[lid].quarantine_reason, as_of, raw_row=raw_values[lid])
+        raw_by_id.update(raw_values)
         for lid in ids:
             if lid in found:
                 out.append(found[lid])
             else:
                 _, day, file, rn = parse_lineage_id(lid)
                 out.append(SourceRow(lid, ds_code, ds.agency, f"{ds.agency}/{ds_code}/{day}/{file}", rn, day, "not_found"))
-    return out
+    return out, raw_by_id
 
 
 def _json_obj(s: Any) -> dict[str, Any]:
@@ -564,7 +517,7 @@ def trace(
             raise TraceError(f"按行条件溯源只支持运营侧对象 (row filters apply to ops products/datasets), got {key}")
     truncated = len(ids) > max_rows
     ids = ids[:max_rows]
-    rows = source_rows(gov_con, registry, ids)
+    rows, raw_by_id = _source_rows(gov_con, registry, ids)
     # Delivery-level findings (no row): still name the delivery file and agency.
     datasets = list(dict.fromkeys([r.dataset for r in rows] + [f["dataset"] for f in findings if f.get("dataset")]))
     if not datasets:
@@ -587,7 +540,8 @@ def trace(
         levels=levels,
         sources=sources,
         rows=rows,
-        findings=[finding_for_display(f) for f in findings[:max_rows]],
+        findings=[finding_for_display(f, registry, raw_by_id.get(f.get("lineage_id") or ""))
+                  for f in findings[:max_rows]],
         truncated=truncated or len(findings) > max_rows,
     )
 
@@ -636,11 +590,16 @@ def _sources(
     return out
 
 
-def finding_for_display(f: Mapping[str, Any]) -> dict[str, Any]:
+def finding_for_display(
+    f: Mapping[str, Any], registry: Registry | None = None, raw_row: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """A finding as it may be shown or sent: its detail masked by the finding's field classification
+    (`zqdata.display.finding`; without a registry, the pattern scrub only). ``raw_row``: the row's raw values, so a
+    personal value the detail repeats anywhere is masked too."""
     keep = ("partition_date", "agency", "dataset", "tool", "rule", "dimension", "severity", "delivery_file", "row_number", "lineage_id", "field", "detail")
     d = {k: f.get(k) for k in keep if k in f}
     if d.get("detail"):
-        d["detail"] = scrub_text(str(d["detail"]))
+        d["detail"] = display.finding(registry, d, raw_row)["detail"]
     return _jsonable(d)
 
 

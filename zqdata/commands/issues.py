@@ -93,9 +93,17 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _public(i) -> dict:
+    """The issue as printed: sample details and the stored trace masked again by field classification."""
     from dataclasses import asdict
 
-    return asdict(i)
+    from zqdata import display
+    from zqdata.registry import registry
+
+    reg = registry()
+    d = asdict(i)
+    d["sample_rows"] = [display.finding(reg, s) for s in i.sample_rows]
+    d["trace"] = display.trace_dict(reg, i.trace) if i.trace else {}
+    return d
 
 
 def _show(args: argparse.Namespace) -> int:
@@ -116,7 +124,7 @@ def _show(args: argparse.Namespace) -> int:
     print(f"确认 ack: {i.acknowledged_by or '-'} {i.acknowledged_at or ''}   整改说明 note: {i.resolution_note or '-'}")
     print()
     if i.trace.get("levels"):
-        print(lineage.Trace.from_dict(i.trace).to_text())
+        print(lineage.Trace.from_dict(_public(i)["trace"]).to_text())
     print("\n事件 events:")
     for e in events:
         print(f"  {e['event_at']}  {e['event']:<12} {e['from_status'] or '-'} → {e['to_status'] or '-'}  {e['actor'] or ''} {e['note'] or ''}")

@@ -66,6 +66,8 @@ def collect_dbt_findings(con: duckdb.DuckDBPyConnection, manifest: Mapping[str, 
             continue
         kind = str(meta["rule"]).split(":", 1)[0]
         text = RULE_TEXT.get(kind, kind)
+        # The detail is "<rule text>：<field> = <value>": the raw value stays in the gov DB, and every display of the
+        # finding masks it by the field's classification (zqdata.display.mask_text parses exactly this shape).
         field_sql = "field" if "field" in columns else "null"
         value_sql = "value" if "value" in columns else "null"
         selects.append(

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import duckdb
 import pyarrow as pa
 
+from zqdata.display import mask_text
 from zqdata.quality.dimensions import DIMENSION_KEYS, cn_name
 from zqdata.registry import Registry
 
@@ -215,13 +216,15 @@ def evaluate_gate(con: duckdb.DuckDBPyConnection, registry: Registry, partition_
         "select count(*) from quality.findings where partition_date = ? and severity = 'warn'", [partition_date]
     ).fetchone()[0]
     dataset_level = con.execute(
-        """select dataset, tool, rule, dimension, count(*) as n, min(detail) as detail
+        """select dataset, tool, rule, dimension, count(*) as n, min(detail) as detail, arg_min(field, detail) as field
            from quality.findings
            where partition_date = ? and severity = 'error' and row_number is null and lineage_id is null
            group by all order by dataset, rule""", [partition_date]).fetchall()
-    for dataset, tool, rule, dimension, n, detail in dataset_level:
+    for dataset, tool, rule, dimension, n, detail, fld in dataset_level:
         result.passed = False
         name = registry.datasets[dataset].name if dataset in registry.datasets else dataset
+        # shown in the gate check's description and metadata: masked by the field's classification (zqdata.display)
+        detail = mask_text(registry.datasets.get(dataset), fld, detail, partition_date, row_level=False)
         result.failures.append(f"{name}（{dataset}）错误级数据集规则未通过：{rule}（{tool}，{cn_name(dimension)}）{n} 项：{detail}")
     rates = con.execute(
         f"""with delivered as (
