@@ -1,8 +1,7 @@
 """An earlier day redelivered → the later days that read it are recomputed (issue 17, finding 3; the fault suite).
 
-Day 1 and day 2 run; the data bureau then redelivers day 1's consent records with every grant withdrawn. `zq nightly
---date <day 1>` reruns day 1 and, because day 2's boundary read day 1's consent, day 2 too: an enterprise whose only
-grant was on day 1 leaves day 2's scenario data, as it would had day 2 been computed after the redelivery.
+Day 1 and day 2 run; the social insurance agency then redelivers day 1 with other contributions. `zq nightly --date
+<day 1>` reruns day 1 and, because day 2's credit profile read day 1's social insurance, day 2 too.
 """
 
 from __future__ import annotations
@@ -13,29 +12,45 @@ import dagster as dg
 import duckdb
 import pytest
 
-from test_nightly_e2e import DAY, _env, _redeliver_with, _run
+from test_nightly_e2e import DAY, _env, _run
 
 pytestmark = pytest.mark.slow
 DAY2 = DAY + dt.timedelta(days=1)
 
 
-def _scenario_enterprises(ops_db, day) -> set[str]:
+MARK = "12345.67"  # the redelivered contribution of every day-1 social-insurance row
+
+
+def _profile_contributions(ops_db, day) -> list[str]:
     with duckdb.connect(str(ops_db), read_only=True) as con:
-        return {c for (c,) in con.execute(
-            "select credit_code from scenario_sme_credit_profile.enterprise_registry where _partition_date = ?",
-            [day]).fetchall()}
+        return [f"{v:.2f}" if v is not None else None for (v,) in con.execute(
+            "select contribution_yuan from products.ops_sme_credit_profile where _partition_date = ?", [day]).fetchall()]
 
 
-def _consent_subjects(store, day, status: str) -> set[str]:
+def _redeliver_social_insurance(store, day) -> None:
+    """hrss redelivers day 1 with every contribution changed (a new file and manifest, the file's own encoding)."""
     import csv
     import io
 
-    text = store.get_bytes(f"data_bureau/subject_consent/{day}/part-0001.csv").decode("utf-8-sig")
-    return {r["subject_id"].strip() for r in csv.DictReader(io.StringIO(text))
-            if r["scenario_code"].strip() == "sme_credit_profile" and status in r["status"]}
+    from zqdata import landing
+
+    manifest = landing.read_manifest(store, "hrss", "social_insurance", day)
+    prefix = landing.delivery_prefix("hrss", "social_insurance", day)
+    files = []
+    for f in manifest.files:
+        rows = list(csv.DictReader(io.StringIO(store.get_bytes(prefix + f.name).decode(f.encoding))))
+        for r in rows:
+            r["contribution_yuan"] = MARK
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        files.append((f.name, out.getvalue().encode(f.encoding), f.format, f.encoding, len(rows)))
+    landing.write_delivery(store, "hrss", "social_insurance", day, files, manifest.extracted_at, manifest.delivered_at)
 
 
 def test_a_redelivered_earlier_day_recomputes_the_later_days_that_read_it(tmp_path, monkeypatch):
+    """Day 2's credit profile takes each enterprise's latest social-insurance period up to day 2 — for some, day 1's."""
     from orchestration.history import stale_partitions
     from zqdata.commands.nightly import recompute_stale_days
     from zqdata.storage import LocalObjectStore
@@ -47,22 +62,20 @@ def test_a_redelivered_earlier_day_recomputes_the_later_days_that_read_it(tmp_pa
         for day in (DAY, DAY2):
             result, summary = _run(day, instance)
             assert result.success, summary.checks_failed
-        store = LocalObjectStore(data_dir / "landing")
-        only_day1 = _consent_subjects(store, DAY, "granted") - _consent_subjects(store, DAY2, "")
-        before = _scenario_enterprises(ops_db, DAY2)
-        assert before & only_day1, "the demo data should have enterprises whose only grant was on day 1"
         assert stale_partitions(instance) == []
+        before = _profile_contributions(ops_db, DAY2)
+        assert before and MARK not in before
 
         _env(monkeypatch, data_dir, simulate=False)  # from now on only real (re)deliveries
-        _redeliver_with(store, "data_bureau", "subject_consent", DAY, b"granted", b"revoked")
+        _redeliver_social_insurance(LocalObjectStore(data_dir / "landing"), DAY)
         result, summary = _run(DAY, instance)
         assert result.success, summary.checks_failed
-        stale = stale_partitions(instance)
-        assert [s.partition for s in stale] == [DAY2.isoformat()]
-        assert _scenario_enterprises(ops_db, DAY2) == before  # still stale: nothing recomputed it yet
+        assert MARK in _profile_contributions(ops_db, DAY)
+        stale = [s.partition for s in stale_partitions(instance)]
+        assert stale == [DAY2.isoformat()]
+        assert _profile_contributions(ops_db, DAY2) == before  # stale: nothing recomputed it yet
 
         assert recompute_stale_days(instance)
         assert stale_partitions(instance) == []
-        after = _scenario_enterprises(ops_db, DAY2)
-        assert not (after & only_day1)
-        assert after == before - only_day1
+        after = _profile_contributions(ops_db, DAY2)
+        assert MARK in after, "day 2's profiles of enterprises whose latest period is day 1's now show the redelivery"
