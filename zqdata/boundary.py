@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import duckdb
@@ -40,6 +41,88 @@ class BoundaryReport:
     scenario_rows: dict[str, dict[str, int]] = field(default_factory=dict)  # scenario -> dataset -> rows
     consent_excluded: dict[str, dict[str, int]] = field(default_factory=dict)  # rows dropped for lack of consent
     blocked: dict[str, str] = field(default_factory=dict)  # scenario -> reason (nothing written)
+    # Retroactive purge (revocation, expiry) and the gate run before COMMIT (issue 11):
+    reference_day: dt.date | None = None  # the day whose consent and scenario state applies to every partition
+    ended: dict[str, str] = field(default_factory=dict)  # scenario revoked/expired -> reason (its tables emptied)
+    purged: dict[str, int] = field(default_factory=dict)  # ops table -> rows deleted from earlier partitions
+    purged_lineage: dict[str, list[str]] = field(default_factory=dict)  # product -> lineage ids of purged input rows
+    product_days: dict[str, list[dt.date]] = field(default_factory=dict)  # product -> partitions whose rows changed
+    gate: GateResult | None = None  # exclusions + leak gate, evaluated inside the ops transaction
+
+
+@dataclass
+class GateResult:
+    """The Art. 2 gates of one crossing, run on the uncommitted ops data: exclusion problems per dataset and leaks."""
+
+    exclusions: dict[str, list[str]] = field(default_factory=dict)
+    leaks: list = field(default_factory=list)  # zqdata.leakgate.Leak
+
+    @property
+    def passed(self) -> bool:
+        return not self.leaks and not any(self.exclusions.values())
+
+    def problems(self) -> list[str]:
+        out = [p for problems in self.exclusions.values() for p in problems]
+        out += [f"leak {lk.table}.{lk.column}: {lk.rows} {lk.kind} (e.g. {lk.sample})" for lk in self.leaks]
+        return out
+
+
+class BoundaryGateFailed(BoundaryError):
+    """The crossing found an Art. 2 problem or a leak before COMMIT: rolled back, the ops DB is as it was."""
+
+    def __init__(self, report: "BoundaryReport") -> None:
+        problems = report.gate.problems() if report.gate else []
+        super().__init__("出域门禁未通过，本次出域已回滚 (boundary gate failed: rolled back, nothing committed; "
+                         f"exclusion problems / personal data leak): {'; '.join(problems[:10])}")
+        self.report = report
+
+
+Gate = Callable[[duckdb.DuckDBPyConnection, duckdb.DuckDBPyConnection, Registry, dt.date], GateResult]
+
+
+def run_gates(gov_con: duckdb.DuckDBPyConnection, ops_con: duckdb.DuckDBPyConnection, registry: Registry,
+              partition_date: dt.date) -> GateResult:
+    """``check_exclusions`` for every released dataset and ``find_leaks`` over the ops DB (as the connection sees it)."""
+    exclusions = {ds.code: check_exclusions(ops_con, registry, ds.code, partition_date)
+                  for ds in registry.datasets.values() if ds.release}
+    return GateResult(exclusions=exclusions, leaks=find_leaks(gov_con, ops_con, partition_date, registry))
+
+
+# -- which scenarios count: in force on the partition day, and not ended as of the reference day ------------------
+
+def scenario_ended(scenario: Scenario, reference_day: dt.date) -> bool:
+    """Revoked, or its term over by ``reference_day``: everything on ops made for it goes (retroactive)."""
+    return scenario.status != "active" or scenario.valid_to < reference_day
+
+
+def scenarios_in_force(registry: Registry, day: dt.date, reference_day: dt.date | None = None) -> list[Scenario]:
+    """Scenarios in force on ``day`` and not ended as of ``reference_day`` (default ``day``)."""
+    ref = max(day, reference_day or day)
+    return [s for s in registry.scenarios.values()
+            if not scenario_ended(s, ref) and s.valid_from <= day <= s.valid_to]
+
+
+def scenarios_live(registry: Registry, reference_day: dt.date) -> list[Scenario]:
+    """Scenarios started and not ended as of ``reference_day``: what the ops platform may still hold data for."""
+    return [s for s in registry.scenarios.values()
+            if not scenario_ended(s, reference_day) and s.valid_from <= reference_day]
+
+
+def fields_used(dataset: Dataset, scenarios: list[Scenario]) -> list[str]:
+    """The fields of ``dataset`` authorized by any of ``scenarios``, in registry order (data minimisation)."""
+    used = {name for s in scenarios for name in s.authorized_fields.get(dataset.code, [])}
+    return [f.name for f in dataset.fields if f.name in used]
+
+
+def consent_reference_day(gov_con: duckdb.DuckDBPyConnection, registry: Registry, partition_date: dt.date) -> dt.date:
+    """The day whose consent and scenario state applies to every partition: the run's day, or the newest day of consent
+    records the gov platform holds when later (a backfill of an old day still honours a later revocation)."""
+    if CONSENT_DATASET not in registry.datasets:
+        return partition_date
+    relation = gov_relation(gov_con, registry, CONSENT_DATASET)
+    (latest,) = gov_con.execute(f"SELECT max(_partition_date) FROM {relation}").fetchone()
+    latest = dt.date.fromisoformat(str(latest)[:10]) if latest is not None else None
+    return max(partition_date, latest) if latest else partition_date
 
 
 def _relation_columns(con: duckdb.DuckDBPyConnection, schema: str, table: str) -> dict[str, str]:
@@ -76,33 +159,54 @@ def _params(sql: str, params: dict) -> dict:
 
 
 def consent_filter_sql(gov_con: duckdb.DuckDBPyConnection, registry: Registry, scenario: Scenario, dataset: Dataset,
-                       partition_date: dt.date) -> tuple[str, dict]:
-    """A WHERE clause keeping only subjects whose latest consent for ``scenario`` at the end of the day is granted."""
+                       partition_date: dt.date, reference_day: dt.date | None = None) -> tuple[str, dict]:
+    """A WHERE clause keeping only subjects whose latest consent for ``scenario`` at the end of the day is granted
+    (and, with a later ``reference_day``, still granted then: a revocation is retroactive)."""
     if dataset.consent is None or dataset.consent.subject_type != scenario.consent_required:
         raise BoundaryError(
             f"场景 {scenario.code} 要求 {scenario.consent_required} 授权，但数据集 {dataset.code} 无对应主体字段 "
             f"(scenario needs {scenario.consent_required} consent; dataset {dataset.code} has no such subject field)"
         )
-    return _granted_for_any_sql(gov_con, registry, [scenario.code], dataset, partition_date)
+    return _granted_for_any_sql(gov_con, registry, [scenario.code], dataset, partition_date, reference_day)
 
 
 def release_consent_filter_sql(gov_con: duckdb.DuckDBPyConnection, registry: Registry, dataset: Dataset,
-                               partition_date: dt.date) -> tuple[str, dict]:
-    """Art. 2 for desensitized.<dataset>: personal information and trade secrets cross only for subjects who authorized
-    at least one scenario in force that day (each scenario's own tables then keep only its own consents); a dataset
-    without a consent subject crosses whole."""
-    if dataset.consent is None:
+                               partition_date: dt.date, reference_day: dt.date | None = None) -> tuple[str, dict]:
+    """Art. 2 and data minimisation for desensitized.<dataset>: rows cross only when a scenario in force that day uses
+    the dataset, and only of subjects who authorized such a scenario (each scenario's own tables then keep only its
+    own consents); all rows when one of those scenarios needs no consent (or the dataset has no consent subject)."""
+    users = [s for s in scenarios_in_force(registry, partition_date, reference_day)
+             if dataset.code in s.authorized_fields]
+    if not users:
+        return "FALSE", {}  # no use in force: nothing of this dataset leaves the domain
+    if dataset.consent is None or any(not s.consent_required for s in users):
         return "TRUE", {}
-    scenarios = [s.code for s in registry.scenarios.values()
-                 if s.status == "active" and s.valid_from <= partition_date <= s.valid_to]
-    if not scenarios:
-        return "FALSE", {}  # nobody could have authorized a use: nothing of these subjects leaves the domain
-    return _granted_for_any_sql(gov_con, registry, scenarios, dataset, partition_date)
+    codes = [s.code for s in users if s.consent_required == dataset.consent.subject_type]
+    if not codes:
+        return "FALSE", {}
+    return _granted_for_any_sql(gov_con, registry, codes, dataset, partition_date, reference_day)
 
 
 def _granted_for_any_sql(gov_con: duckdb.DuckDBPyConnection, registry: Registry, scenarios: list[str],
-                         dataset: Dataset, partition_date: dt.date) -> tuple[str, dict]:
-    """Subjects whose latest consent record (as of the end of the day) for any of ``scenarios`` is a grant."""
+                         dataset: Dataset, partition_date: dt.date,
+                         reference_day: dt.date | None = None) -> tuple[str, dict]:
+    """Subjects whose latest consent record (as of the end of the day) for any of ``scenarios`` is a grant, and with a
+    later ``reference_day`` whose latest record as of that day still is (a later revocation applies to earlier days)."""
+    subject = f"src.{quote_ident(dataset.consent.subject_field)}"
+    inner, params = granted_subjects_sql(gov_con, registry, scenarios, dataset.consent.subject_type, partition_date)
+    sql = f"{subject} IN ({inner})"
+    if reference_day is not None and reference_day > partition_date:
+        later, more = granted_subjects_sql(gov_con, registry, scenarios, dataset.consent.subject_type, reference_day,
+                                           suffix="_ref")
+        sql, params = f"{sql} AND {subject} IN ({later})", {**params, **more}
+    return sql, params
+
+
+def granted_subjects_sql(gov_con: duckdb.DuckDBPyConnection, registry: Registry, scenarios: list[str],
+                         subject_type: str, as_of: dt.date, suffix: str = "") -> tuple[str, dict]:
+    """``SELECT subject_id``: subjects whose latest consent record for any of ``scenarios`` as of the end of ``as_of``
+    (Asia/Shanghai) is a grant; parameter names end in ``suffix``."""
+    partition_date = as_of
     relation = gov_relation(gov_con, registry, CONSENT_DATASET)
     cols = _check_columns(gov_con, relation, ["subject_type", "subject_id", "scenario_code", "status", "effective_at",
                                               "_partition_date"])
@@ -114,26 +218,30 @@ def _granted_for_any_sql(gov_con: duckdb.DuckDBPyConnection, registry: Registry,
         effective, end = "c.effective_at", end_naive  # naive timestamps are Beijing time (registry)
     else:
         effective, end = "TRY_CAST(c.effective_at AS TIMESTAMP)", end_naive
-    subject = f"src.{quote_ident(dataset.consent.subject_field)}"
+    s = suffix
     # Latest record per subject as of the end of the day; on a tie a revocation wins.
-    sql = f"""{subject} IN (
+    sql = f"""
         SELECT subject_id FROM (
             SELECT trim(c.subject_id) AS subject_id, lower(trim(c.status)) AS status,
                    row_number() OVER (PARTITION BY trim(c.subject_id), trim(c.scenario_code)
                                       ORDER BY {effective} DESC, (lower(trim(c.status)) = 'revoked') DESC,
                                                c._partition_date DESC) AS rn
             FROM {relation} AS c
-            WHERE trim(c.scenario_code) IN (SELECT unnest($zq_scenarios::VARCHAR[]))
-              AND lower(trim(c.subject_type)) = $zq_subject_type
-              AND c._partition_date <= $zq_partition AND {effective} < $zq_consent_end
-        ) WHERE rn = 1 AND status = 'granted')"""
-    return sql, {"zq_scenarios": scenarios, "zq_subject_type": dataset.consent.subject_type,
-                 "zq_consent_end": end}
+            WHERE trim(c.scenario_code) IN (SELECT unnest($zq_scenarios{s}::VARCHAR[]))
+              AND lower(trim(c.subject_type)) = $zq_subject_type{s}
+              AND c._partition_date <= $zq_consent_day{s} AND {effective} < $zq_consent_end{s}
+        ) WHERE rn = 1 AND status = 'granted' AND subject_id IS NOT NULL"""
+    return sql, {f"zq_scenarios{s}": scenarios, f"zq_subject_type{s}": subject_type,
+                 f"zq_consent_end{s}": end, f"zq_consent_day{s}": partition_date}
 
 
 def _write_partition(gov_con: duckdb.DuckDBPyConnection, ops_con: duckdb.DuckDBPyConnection, schema: str, table: str,
-                     sql: str, params: dict, partition_date: dt.date) -> int:
-    """Replace one partition of ``schema.table`` in the ops DB with the rows of a gov-side query, streamed as Arrow."""
+                     sql: str, params: dict, partition_date: dt.date, keep_columns: list[str] | None = None) -> int:
+    """Replace one partition of ``schema.table`` in the ops DB with the rows of a gov-side query, streamed as Arrow.
+
+    The table gets the query's columns it lacks; with ``keep_columns`` it loses every other column (data
+    minimisation: a field no scenario uses any more leaves every partition). Columns are altered before any row is
+    deleted in the transaction (DuckDB refuses to commit an ALTER after a DELETE of the same table)."""
     target = f"{quote_ident(schema)}.{quote_ident(table)}"
     reader = gov_con.execute(sql, _params(sql, params)).to_arrow_reader(BATCH_ROWS)
     ops_con.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(schema)}")
@@ -146,6 +254,15 @@ def _write_partition(gov_con: duckdb.DuckDBPyConnection, ops_con: duckdb.DuckDBP
     # transaction silently keeps 0 rows (found by the 200k-row check in tests/test_boundary.py).
     ddl = ", ".join(f"{quote_ident(name)} {ctype}" for name, ctype, *_ in columns)
     ops_con.execute(f"CREATE TABLE IF NOT EXISTS {target} ({ddl})")
+    existing = _relation_columns(ops_con, schema, table)
+    for name, ctype, *_ in columns:
+        if name not in existing:
+            ops_con.execute(f"ALTER TABLE {target} ADD COLUMN {quote_ident(name)} {ctype}")
+    if keep_columns is not None:
+        wanted = set(keep_columns) | set(LINEAGE_COLUMNS) | {name for name, *_ in columns}
+        for name in existing:
+            if name not in wanted:
+                ops_con.execute(f"ALTER TABLE {target} DROP COLUMN {quote_ident(name)}")
     ops_con.execute(f"DELETE FROM {target} WHERE _partition_date = ?", [partition_date])
     ops_con.register("_zq_boundary_batches", reader)
     try:
@@ -160,55 +277,121 @@ def _count(gov_con: duckdb.DuckDBPyConnection, relation: str, partition_date: dt
 
 
 def cross_boundary(gov_con: duckdb.DuckDBPyConnection, ops_con: duckdb.DuckDBPyConnection, registry: Registry,
-                   partition_date: dt.date | str, key: PseudonymKey, strict: bool = True) -> BoundaryReport:
+                   partition_date: dt.date | str, key: PseudonymKey, strict: bool = True,
+                   gate: Gate | None = run_gates) -> BoundaryReport:
     """Cross one partition gov → ops in ONE ops transaction (a failure leaves the previous state).
+
+    Only the fields and datasets used by a scenario in force that day cross (data minimisation). Revocations and
+    ended scenarios apply to every partition (``zqdata.revocation``): their rows leave every ops table, products
+    included, in the same transaction. Then ``gate`` (default: exclusions + leak gate) runs on the uncommitted data;
+    when it fails everything is rolled back and BoundaryGateFailed is raised (write–audit–publish).
 
     A revoked or expired scenario gets nothing written; with ``strict`` an AuthorizationError naming it is raised
     after the rest has been committed (``exc.report`` holds the report); otherwise it is only listed in ``report.blocked``.
     """
+    from zqdata import revocation
+
     d = dt.date.fromisoformat(partition_date) if isinstance(partition_date, str) else partition_date
     report = BoundaryReport(partition_date=d)
-    base = {**key.params(), "zq_partition": d}
+    base = {"zq_partition": d}  # the pseudonym keys are per (field role, ops schema): from release_select
     # Resolve every input before writing anything, so a missing model fails without a partial crossing.
     released = [ds for ds in registry.datasets.values() if ds.release]
     for ds in released:
         report.sources[ds.code] = gov_relation(gov_con, registry, ds.code)
         _check_columns(gov_con, report.sources[ds.code], ds.field_names + LINEAGE_COLUMNS)
 
+    ref = report.reference_day = consent_reference_day(gov_con, registry, d)
+    in_force, live = scenarios_in_force(registry, d, ref), scenarios_live(registry, ref)
+    purged_by_scenario: dict[str, list[pa.Table]] = {}
+    keep_cache: dict = {}  # subject sets to keep, computed once per (scenarios, pseudonym domain)
+
+    def purged(table: str, rows: pa.Table, scenario: str | None = None) -> None:
+        if rows.num_rows:
+            report.purged[table] = report.purged.get(table, 0) + rows.num_rows
+            if scenario is not None:
+                purged_by_scenario.setdefault(scenario, []).append(rows)
+
     ops_con.execute("BEGIN TRANSACTION")
     try:
         for ds in released:
             relation = report.sources[ds.code]
-            items = release_select(ds, released_fields(ds), d)
-            where, consent_params = release_consent_filter_sql(gov_con, registry, ds, d)
-            sql = (f"SELECT {', '.join(items)}, src._lineage_id, src._partition_date "
+            users = [s for s in in_force if ds.code in s.authorized_fields]
+            live_users = [s for s in live if ds.code in s.authorized_fields]
+            fields = fields_used(ds, users)  # data minimisation: what the scenarios in force use, nothing else
+            items, pseudonym_params = release_select(ds, fields, d, key, "desensitized")
+            where, consent_params = release_consent_filter_sql(gov_con, registry, ds, d, ref)
+            sql = (f"SELECT {', '.join([*items, 'src._lineage_id', 'src._partition_date'])} "
                    f"FROM {relation} AS src WHERE src._partition_date = $zq_partition AND {where}")
             report.released[ds.code] = _write_partition(gov_con, ops_con, "desensitized", ds.code, sql,
-                                                        {**base, **consent_params}, d)
+                                                        {**base, **pseudonym_params, **consent_params}, d,
+                                                        keep_columns=fields_used(ds, users + live_users))
+            if not live_users:  # no scenario may use this dataset any more: nothing of it stays on ops
+                purged(f"desensitized.{ds.code}", revocation.empty_table(ops_con, "desensitized", ds.code))
+            elif ds.consent is not None and all(s.consent_required == ds.consent.subject_type for s in live_users):
+                keep = revocation.keep_subjects(gov_con, registry, ds, [s.code for s in live_users], ref, key,
+                                                "desensitized", keep_cache)
+                purged(f"desensitized.{ds.code}",
+                       revocation.purge_subjects(ops_con, "desensitized", ds.code, ds.consent.subject_field, keep))
 
         for scenario in registry.scenarios.values():
             try:
                 check_scenario_active(scenario, d)
+                check_scenario_active(scenario, ref)  # a backfill writes nothing for a scenario that has ended since
             except AuthorizationError as exc:
                 report.blocked[scenario.code] = str(exc)
-                continue
+                if scenario_ended(scenario, ref):  # revoked or expired: retroactive, all its data leaves ops
+                    report.ended[scenario.code] = str(exc)
+                    for table in revocation.scenario_tables(ops_con, scenario.code):
+                        purged(f"scenario_{scenario.code}.{table}",
+                               revocation.empty_table(ops_con, f"scenario_{scenario.code}", table))
+                    days = revocation.purge_product(ops_con, scenario.product, None)
+                    if days:
+                        report.purged[f"products.{scenario.product}"] = len(days)
+                        report.product_days[scenario.product] = sorted(set(days))
+                    continue
+            blocked = scenario.code in report.blocked
             rows, dropped = {}, {}
             for ds_code in scenario.authorized_fields:
                 ds = registry.datasets[ds_code]
                 if not ds.release:
                     raise AuthorizationError(f"场景 {scenario.code} 不得使用不发布的数据集 {ds_code} (dataset never released)")
                 relation = report.sources[ds_code]
-                items = release_select(ds, authorized_fields(registry, scenario.code, ds_code), d)
-                where, consent_params = "TRUE", {}
-                if scenario.consent_required:
-                    where, consent_params = consent_filter_sql(gov_con, registry, scenario, ds, d)
-                sql = (f"SELECT {', '.join(items)}, src._lineage_id, src._partition_date FROM {relation} AS src "
-                       f"WHERE src._partition_date = $zq_partition AND {where}")
-                rows[ds_code] = _write_partition(gov_con, ops_con, f"scenario_{scenario.code}", ds_code, sql,
-                                                 {**base, **consent_params}, d)
-                dropped[ds_code] = _count(gov_con, relation, d) - rows[ds_code]
-            report.scenario_rows[scenario.code] = rows
-            report.consent_excluded[scenario.code] = dropped
+                if not blocked:
+                    items, pseudonym_params = release_select(ds, authorized_fields(registry, scenario.code, ds_code), d,
+                                                             key, f"scenario_{scenario.code}")
+                    where, consent_params = "TRUE", {}
+                    if scenario.consent_required:
+                        where, consent_params = consent_filter_sql(gov_con, registry, scenario, ds, d, ref)
+                    sql = (f"SELECT {', '.join(items)}, src._lineage_id, src._partition_date FROM {relation} AS src "
+                           f"WHERE src._partition_date = $zq_partition AND {where}")
+                    rows[ds_code] = _write_partition(gov_con, ops_con, f"scenario_{scenario.code}", ds_code, sql,
+                                                     {**base, **pseudonym_params, **consent_params}, d,
+                                                     keep_columns=authorized_fields(registry, scenario.code, ds_code))
+                    dropped[ds_code] = _count(gov_con, relation, d) - rows[ds_code]
+                if scenario.consent_required and ds.consent is not None and scenario.valid_from <= ref:
+                    # a revocation applies to every partition already on ops, not only to the next one
+                    keep = revocation.keep_subjects(gov_con, registry, ds, [scenario.code], ref, key,
+                                                    f"scenario_{scenario.code}", keep_cache)
+                    purged(f"scenario_{scenario.code}.{ds_code}",
+                           revocation.purge_subjects(ops_con, f"scenario_{scenario.code}", ds_code,
+                                                     ds.consent.subject_field, keep), scenario.code)
+            if not blocked:
+                report.scenario_rows[scenario.code] = rows
+                report.consent_excluded[scenario.code] = dropped
+
+        for code, tables in purged_by_scenario.items():  # products built from a purged row lose that row
+            product = registry.scenarios[code].product
+            rows = pa.concat_tables(tables)
+            days = revocation.purge_product(ops_con, product, rows)
+            if days:
+                report.purged[f"products.{product}"] = len(days)
+            report.purged_lineage[product] = rows.column("_lineage_id").to_pylist()
+            report.product_days[product] = sorted(set(days) | set(rows.column("_partition_date").to_pylist()))
+
+        if gate is not None:  # write–audit–publish: audited before COMMIT, rolled back when it fails
+            report.gate = gate(gov_con, ops_con, registry, d)
+            if not report.gate.passed:
+                raise BoundaryGateFailed(report)
         ops_con.execute("COMMIT")
     except Exception:
         ops_con.execute("ROLLBACK")
@@ -228,8 +411,10 @@ def check_exclusions(ops_con: duckdb.DuckDBPyConnection, registry: Registry, dat
                      partition_date: dt.date) -> list[str]:
     """Problems with the ops tables of ``dataset`` under Art. 2 (empty when respected).
 
-    desensitized.<dataset> holds exactly the released fields; no suppressed/confidential field anywhere in ops;
-    scenario tables hold only authorized fields; pseudonyms are 64-hex, masked values contain ``*``, age bands are bands.
+    desensitized.<dataset> holds only fields some scenario still in force uses, the partition's values only of fields
+    used by a scenario in force that day, and no row that day when none uses the dataset (data minimisation); no
+    suppressed/confidential field anywhere in ops; scenario tables hold only authorized fields; pseudonyms are 64-hex,
+    masked values contain ``*``, age bands are bands.
     """
     ds = registry.datasets[dataset]
     problems: list[str] = []
@@ -246,10 +431,7 @@ def check_exclusions(ops_con: duckdb.DuckDBPyConnection, registry: Registry, dat
         if leaked:
             problems.append(f"{schema}.{dataset} 含有不得出域的字段 {leaked} (suppressed/confidential fields present)")
         if schema == "desensitized":
-            expected = set(released_fields(ds)) | set(LINEAGE_COLUMNS)
-            if cols != expected:
-                problems.append(f"desensitized.{dataset} 字段与发布规则不符 (columns differ from the released fields): "
-                                f"extra {sorted(cols - expected)}, missing {sorted(expected - cols)}")
+            problems.extend(_minimisation_problems(ops_con, registry, ds, cols, partition_date))
         elif schema.startswith("scenario_"):
             code = schema.removeprefix("scenario_")
             allowed = set(registry.scenarios[code].authorized_fields.get(dataset, [])) if code in registry.scenarios else set()
@@ -257,6 +439,35 @@ def check_exclusions(ops_con: duckdb.DuckDBPyConnection, registry: Registry, dat
             if extra:
                 problems.append(f"{schema}.{dataset} 含有未授权字段 {extra} (unauthorized fields)")
         problems.extend(_shape_problems(ops_con, ds, schema, cols, partition_date))
+    return problems
+
+
+def _minimisation_problems(ops_con: duckdb.DuckDBPyConnection, registry: Registry, ds: Dataset, cols: set[str],
+                           partition_date: dt.date) -> list[str]:
+    """desensitized.<dataset> against data minimisation: only fields used by a scenario not ended, values on the day
+    only for fields used by a scenario in force that day, no row at all when none uses the dataset."""
+    problems = []
+    target = f"desensitized.{quote_ident(ds.code)}"
+    current = [s for s in registry.scenarios.values() if s.status == "active" and s.valid_to >= partition_date]
+    allowed = set(fields_used(ds, current)) & set(released_fields(ds))
+    extra = sorted(cols - allowed - set(LINEAGE_COLUMNS))
+    if extra:
+        problems.append(f"desensitized.{ds.code} 含有无在用场景使用的字段 {extra} "
+                        f"(fields no scenario in force uses: data minimisation)")
+    users = [s for s in scenarios_in_force(registry, partition_date) if ds.code in s.authorized_fields]
+    (rows,) = ops_con.execute(f"SELECT count(*) FROM {target} WHERE _partition_date = ?", [partition_date]).fetchone()
+    if not users and rows:
+        problems.append(f"desensitized.{ds.code} 在 {partition_date} 有 {rows} 行，但当日无在用场景使用该数据集 "
+                        f"(rows crossed although no scenario in force uses the dataset)")
+    unused = sorted((cols & allowed) - set(fields_used(ds, users)))
+    if unused and rows:
+        counts = ops_con.execute(
+            f"SELECT {', '.join(f'count({quote_ident(c)})' for c in unused)} FROM {target} WHERE _partition_date = ?",
+            [partition_date]).fetchone()
+        filled = [c for c, n in zip(unused, counts) if n]
+        if filled:
+            problems.append(f"desensitized.{ds.code} 在 {partition_date} 含有当日无在用场景使用的字段值 {filled} "
+                            f"(values of fields no scenario in force that day uses)")
     return problems
 
 

@@ -71,6 +71,11 @@ class Snapshot:
     gate_results: dict[str, bool] = field(hash=False)
     run_id: str
     published_at: dt.datetime
+    # A snapshot derived from another without some rows (a consent revoked after it was published): the key of the
+    # snapshot it was derived from, why, and how many rows it lost. Empty for a snapshot published from the product.
+    derived_from: str = ""
+    reason: str = ""
+    removed_rows: int = 0
 
     @property
     def prefix(self) -> str:
@@ -201,12 +206,15 @@ def _json_bytes(doc: dict) -> bytes:
 
 
 def _manifest_bytes(s: Snapshot) -> bytes:
-    return _json_bytes({
+    doc = {
         "product": s.product, "scenario": s.scenario, "partition_date": s.partition_date.isoformat(),
         "key": s.key, "row_count": s.row_count, "sha256": s.sha256, "columns": list(s.columns),
         "gate_results": s.gate_results, "run_id": s.run_id,
         "published_at": s.published_at.astimezone(TZ).isoformat(timespec="seconds"),
-    })
+    }
+    if s.derived_from:
+        doc.update(derived_from=s.derived_from, reason=s.reason, removed_rows=s.removed_rows)
+    return _json_bytes(doc)
 
 
 def _snapshot_from_manifest(raw: bytes, manifest_key: str) -> Snapshot:
@@ -217,7 +225,9 @@ def _snapshot_from_manifest(raw: bytes, manifest_key: str) -> Snapshot:
                         key=manifest_key.rsplit("/", 1)[0] + "/" + DATA_NAME, sha256=doc["sha256"],
                         row_count=int(doc["row_count"]), columns=tuple(doc["columns"]),
                         gate_results={str(k): v for k, v in doc["gate_results"].items()}, run_id=str(doc["run_id"]),
-                        published_at=dt.datetime.fromisoformat(doc["published_at"]).astimezone(TZ))
+                        published_at=dt.datetime.fromisoformat(doc["published_at"]).astimezone(TZ),
+                        derived_from=str(doc.get("derived_from", "")), reason=str(doc.get("reason", "")),
+                        removed_rows=int(doc.get("removed_rows", 0)))
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise SnapshotCorrupt(f"发布清单损坏 {manifest_key} (corrupt manifest): {exc}") from None
 
@@ -236,6 +246,80 @@ def _existing_manifest(store: ObjectStore, manifest_key: str, fresh: Snapshot) -
     except (FileNotFoundError, SnapshotCorrupt):
         return None, b""
     return (snapshot, raw) if _facts(snapshot) == _facts(fresh) else (None, b"")
+
+
+def derive_without(store: ObjectStore, product: str, day: dt.date, lineage_ids: Iterable[str], reason: str,
+                   run_id: str, now: dt.datetime | None = None) -> Snapshot:
+    """Replace the current snapshot of ``product``/``day`` by one derived from it without the rows whose
+    ``_source_lineage_ids`` hold any of ``lineage_ids`` (e.g. rows of a subject whose consent was revoked).
+
+    No gate is re-run and none is needed for what is removed: the new data is a subset of rows that passed the gates
+    recorded in the old manifest, which the new manifest repeats together with ``derived_from`` (the old snapshot's
+    key), ``reason`` and ``removed_rows``. Returns the current snapshot unchanged when no row matches. PublishRefused
+    when nothing is published for the day or the snapshot has no ``_source_lineage_ids`` (withdraw it instead).
+    """
+    import duckdb  # publishing needs DuckDB; serving does not
+    import pyarrow as pa
+
+    day = _day(day)
+    old = current_snapshot(store, product, day)
+    if old is None:
+        raise PublishRefused(f"产品 {product} 的 {day} 分区未发布 (nothing published to derive from)")
+    if "_source_lineage_ids" not in old.columns:
+        raise PublishRefused(f"快照 {old.key} 无 _source_lineage_ids，无法逐行删除 (no row lineage: withdraw it)")
+    data = read_snapshot(store, old)
+    now = (now or dt.datetime.now(TZ)).astimezone(TZ).replace(microsecond=0)
+    con = duckdb.connect()
+    try:
+        with tempfile.TemporaryDirectory(prefix="zq-derive-") as tmp:
+            src, out = Path(tmp) / "old.parquet", Path(tmp) / DATA_NAME
+            src.write_bytes(data)
+            con.register("_zq_removed", pa.table({"id": pa.array(sorted(set(lineage_ids)), pa.string())}))
+            con.execute("SET preserve_insertion_order = true")
+            quoted = lambda p: "'" + str(p).replace("'", "''") + "'"  # noqa: E731
+            con.execute(f"CREATE TEMP TABLE t AS SELECT *, row_number() OVER () AS _zq_rn FROM read_parquet({quoted(src)})")
+            (removed,) = con.execute("SELECT count(DISTINCT _zq_rn) FROM (SELECT _zq_rn, unnest(_source_lineage_ids) AS "
+                                     "id FROM t) u WHERE id IN (SELECT id FROM _zq_removed)").fetchone()
+            if not removed:
+                return old
+            con.execute("DELETE FROM t WHERE _zq_rn IN (SELECT _zq_rn FROM (SELECT _zq_rn, unnest(_source_lineage_ids) "
+                        "AS id FROM t) u WHERE id IN (SELECT id FROM _zq_removed))")
+            con.execute(f"COPY (SELECT * EXCLUDE (_zq_rn) FROM t ORDER BY ALL) TO {quoted(out)} (FORMAT parquet)")
+            (row_count,) = con.execute(f"SELECT count(*) FROM read_parquet({quoted(out)})").fetchone()
+            new_data = out.read_bytes()
+    finally:
+        con.close()
+    sha = hashlib.sha256(new_data).hexdigest()
+    prefix = f"{partition_prefix(product, day)}/{sha[:16]}"
+    data_key, manifest_key = f"{prefix}/{DATA_NAME}", f"{prefix}/{MANIFEST_NAME}"
+    if not (store.exists(data_key) and hashlib.sha256(store.get_bytes(data_key)).hexdigest() == sha):
+        store.put_bytes(data_key, new_data)
+    snapshot = Snapshot(product=product, scenario=old.scenario, partition_date=day, key=data_key, sha256=sha,
+                        row_count=int(row_count), columns=old.columns, gate_results=dict(old.gate_results),
+                        run_id=str(run_id), published_at=now, derived_from=old.key, reason=reason,
+                        removed_rows=int(removed))
+    existing, manifest = _existing_manifest(store, manifest_key, snapshot)
+    if existing is None:  # a snapshot folder is never rewritten: the same rows published before keep their manifest
+        manifest = _manifest_bytes(snapshot)
+        store.put_bytes(manifest_key, manifest)
+    else:
+        snapshot = existing
+    store.put_bytes(current_key(product, day), _json_bytes({
+        "snapshot": prefix, "sha256": sha, "manifest_sha256": hashlib.sha256(manifest).hexdigest()}))  # last
+    return snapshot
+
+
+def published_days(store: ObjectStore, product: str) -> list[dt.date]:
+    """The partition days of ``product`` that have a ``CURRENT`` pointer (what is served now)."""
+    days = set()
+    for info in store.list(f"{ROOT}/{check_product_name(product)}/"):
+        parts = info.key.split("/")
+        if len(parts) == 4 and parts[3] == CURRENT_NAME:
+            try:
+                days.add(dt.date.fromisoformat(parts[2]))
+            except ValueError:
+                continue
+    return sorted(days)
 
 
 # -- serving -------------------------------------------------------------------------------------------------------

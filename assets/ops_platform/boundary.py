@@ -12,7 +12,7 @@ from orchestration.partitions import daily_partitions
 from orchestration.pools import GOV_POOL, OPS_POOL, hold_pool
 from orchestration.resources import WarehouseResource
 from zqdata.authorization import AuthorizationError, check_product_authorized
-from zqdata.boundary import check_exclusions, cross_boundary, find_leaks
+from zqdata.boundary import BoundaryGateFailed, GateResult, check_exclusions, cross_boundary, find_leaks
 from zqdata.desensitize import KEY_ENV, PseudonymKey
 from zqdata.registry import Registry, registry
 
@@ -72,25 +72,48 @@ def build_boundary_crossing(reg: Registry) -> dg.AssetsDefinition:
     def boundary_crossing(context: dg.AssetExecutionContext, warehouse: WarehouseResource,
                           pseudonym: PseudonymKeyResource) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
         """市政务大数据平台 → 运营服务平台的唯一出域操作：脱敏、场景授权字段、数据主体授权过滤。"""
+        from zqdata.publish import published_store
+        from zqdata.revocation import apply_purge_to_published
+
         d = dt.date.fromisoformat(context.partition_key)
+
+        def gate(gov_con, ops_con, registry_, day) -> GateResult:
+            # run by cross_boundary on the uncommitted crossing, before COMMIT (write–audit–publish)
+            return GateResult(exclusions={ds.code: check_exclusions(ops_con, registry_, ds.code, day) for ds in released},
+                              leaks=find_leaks(gov_con, ops_con, day, registry_))
+
+        failure: BoundaryGateFailed | None = None
         with hold_pool(context, GOV_POOL), warehouse.gov(read_only=True) as gov, warehouse.ops() as ops:
-            report = cross_boundary(gov, ops, reg, d, pseudonym.pseudonym_key(), strict=False)
-            leaks = find_leaks(gov, ops, d, reg)
-            exclusions = {ds.code: check_exclusions(ops, reg, ds.code, d) for ds in released}
+            try:
+                report = cross_boundary(gov, ops, reg, d, pseudonym.pseudonym_key(), strict=False, gate=gate)
+            except BoundaryGateFailed as exc:  # rolled back: the ops DB is as it was before this run
+                report, failure = exc.report, exc
+        leaks, exclusions = report.gate.leaks, report.gate.exclusions
         for code, reason in report.blocked.items():
             context.log.error(f"场景 {code} 本分区未写入 (scenario blocked, nothing written): {reason}")
+        if failure is None:
+            # the purge is committed: the published snapshots follow (derived without the purged rows, or withdrawn)
+            published = apply_purge_to_published(published_store(), reg, report, context.run.run_id)
+            if report.purged or report.ended or any(published.values()):
+                context.log.warning(
+                    f"撤回授权/场景终止，已从全部分区清除 (consent revoked / scenario ended, purged from every "
+                    f"partition): rows {report.purged}; ended {sorted(report.ended)}; snapshots {published}")
+            for ds in released:
+                per_scenario = {s: rows[ds.code] for s, rows in report.scenario_rows.items() if ds.code in rows}
+                yield dg.MaterializeResult(asset_key=desensitized_key(ds.code), metadata={
+                    "dagster/row_count": report.released[ds.code],
+                    "gov_source": report.sources[ds.code],
+                    "scenario_rows": per_scenario,
+                    "consent_excluded": {s: n[ds.code] for s, n in report.consent_excluded.items() if ds.code in n},
+                    "blocked_scenarios": {s: r for s, r in report.blocked.items()
+                                          if ds.code in reg.scenarios[s].authorized_fields},
+                    "purged_rows": dg.MetadataValue.json(
+                        {t: n for t, n in report.purged.items() if t.split(".", 1)[-1] == ds.code}),
+                    "ended_scenarios": sorted(s for s in report.ended if ds.code in reg.scenarios[s].authorized_fields),
+                    "reference_day": str(report.reference_day),
+                })
         for ds in released:
-            per_scenario = {s: rows[ds.code] for s, rows in report.scenario_rows.items() if ds.code in rows}
-            yield dg.MaterializeResult(asset_key=desensitized_key(ds.code), metadata={
-                "dagster/row_count": report.released[ds.code],
-                "gov_source": report.sources[ds.code],
-                "scenario_rows": per_scenario,
-                "consent_excluded": {s: n[ds.code] for s, n in report.consent_excluded.items() if ds.code in n},
-                "blocked_scenarios": {s: r for s, r in report.blocked.items()
-                                      if ds.code in reg.scenarios[s].authorized_fields},
-            })
-        for ds in released:
-            problems = exclusions[ds.code]
+            problems = exclusions.get(ds.code, [])
             yield dg.AssetCheckResult(asset_key=desensitized_key(ds.code), check_name="exclusions_respected",
                                       passed=not problems, metadata={"problems": problems})
             mine = [lk for lk in leaks if lk.table.split(".", 1)[1] == ds.code]
@@ -99,6 +122,8 @@ def build_boundary_crossing(reg: Registry) -> dg.AssetsDefinition:
                                           "leaks": [f"{lk.table}.{lk.column}: {lk.rows} {lk.kind} (e.g. {lk.sample})"
                                                     for lk in mine],
                                           "leaks_elsewhere_in_ops": len(leaks) - len(mine)})
+        if failure is not None:  # the failed checks are recorded above; no materialization claims new data
+            raise dg.Failure(description=str(failure), metadata={"problems": report.gate.problems()[:50]})
 
     return boundary_crossing
 

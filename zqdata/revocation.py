@@ -1,0 +1,162 @@
+"""Consent revocation and scenario expiry are retroactive (issue 11, finding 7).
+
+Run by the boundary crossing inside its ops transaction (``zqdata.boundary.cross_boundary``), before its gates and
+COMMIT: each table is cleaned by ONE set-based DELETE, never one statement per subject.
+
+- ``scenario_<code>.<dataset>`` keeps, in every partition, only subjects whose latest consent for the scenario (as of
+  the reference day: the run's day, or the newest consent day held on gov) is a grant;
+- ``desensitized.<dataset>`` keeps only subjects who still authorize a scenario in force that uses the dataset;
+- a scenario revoked or expired has every one of its tables and its product table emptied;
+- product rows built from a purged row (``_source_lineage_ids``) are deleted, and after COMMIT the published snapshots
+  of the affected days are replaced by snapshots derived from them without those rows (manifest: ``reason``,
+  ``derived_from``), or withdrawn when the rows cannot be told apart (``apply_purge_to_published``).
+
+The subject on the ops side is the subject field after its mask rule in that table's pseudonym domain (credit codes
+are kept as is; citizen IDs are pseudonyms): the crossing holds the gov connection and the key, so it computes the set
+of subjects to keep, masked, on the gov side; only that masked set reaches the ops connection.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import TYPE_CHECKING
+
+import duckdb
+import pyarrow as pa
+
+from zqdata.desensitize import PseudonymKey, quote_ident, release_select
+from zqdata.registry import Dataset, Registry
+
+if TYPE_CHECKING:
+    from zqdata.boundary import BoundaryReport
+    from zqdata.storage import ObjectStore
+
+REVOKED_REASON = "consent revoked"
+_RETURNING = "RETURNING _lineage_id, _partition_date"
+
+
+def _empty_returning() -> pa.Table:
+    return pa.table({"_lineage_id": pa.array([], pa.string()), "_partition_date": pa.array([], pa.date32())})
+
+
+def table_exists(ops_con: duckdb.DuckDBPyConnection, schema: str, table: str) -> bool:
+    return bool(ops_con.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = ? "
+                                "AND table_name = ?", [schema, table]).fetchone()[0])
+
+
+def keep_subjects(gov_con: duckdb.DuckDBPyConnection, registry: Registry, dataset: Dataset, scenarios: list[str],
+                  reference_day: dt.date, key: PseudonymKey, scope: str, cache: dict | None = None) -> pa.Table:
+    """The subjects of ``dataset`` whose latest consent for any of ``scenarios`` as of ``reference_day`` is a grant, as
+    they appear in the ops schema ``scope`` (one column named after the subject field, masked on the gov side). ``cache`` reuses a set computed for another
+    dataset of the same scenarios whose subject looks the same on ops (kept as is, or the same pseudonym domain)."""
+    from zqdata.boundary import BoundaryError, _params, granted_subjects_sql
+    from zqdata.desensitize import pseudonym_role
+
+    name = dataset.consent.subject_field
+    method = dataset.field(name).mask.method
+    if method not in ("keep", "pseudonymize"):
+        raise BoundaryError(f"{dataset.code}.{name}: 授权主体字段的脱敏规则 {method} 无法逐主体撤回 "
+                            f"(a consent subject field must be kept or pseudonymized to purge revoked subjects)")
+    domain = pseudonym_role(dataset, dataset.field(name)) if method == "pseudonymize" else "keep"
+    cache_key = (tuple(sorted(scenarios)), dataset.consent.subject_type, reference_day, scope, domain)
+    if cache is not None and cache_key in cache:
+        return cache[cache_key].rename_columns([name])
+    inner, params = granted_subjects_sql(gov_con, registry, scenarios, dataset.consent.subject_type, reference_day)
+    items, pads = release_select(dataset, [name], reference_day, key, scope, table_alias="k")
+    sql = f"SELECT DISTINCT {items[0]} FROM (SELECT subject_id AS {quote_ident(name)} FROM ({inner})) AS k"
+    keep = gov_con.execute(sql, _params(sql, {**params, **pads})).fetch_arrow_table()
+    if cache is not None:
+        cache[cache_key] = keep
+    return keep
+
+
+def purge_subjects(ops_con: duckdb.DuckDBPyConnection, schema: str, table: str, subject_field: str,
+                   keep: pa.Table) -> pa.Table:
+    """Delete, from every partition of ``schema.table``, the rows whose subject is not in ``keep``; returns their
+    ``_lineage_id`` and ``_partition_date`` (one set-based DELETE)."""
+    if not table_exists(ops_con, schema, table):
+        return _empty_returning()
+    col = quote_ident(subject_field)
+    ops_con.register("_zq_keep_subjects", keep)
+    try:
+        return ops_con.execute(
+            f"DELETE FROM {quote_ident(schema)}.{quote_ident(table)} WHERE NOT EXISTS (SELECT 1 FROM _zq_keep_subjects "
+            f"AS k WHERE CAST(k.{col} AS VARCHAR) = CAST({quote_ident(table)}.{col} AS VARCHAR)) {_RETURNING}"
+        ).fetch_arrow_table()
+    finally:
+        ops_con.unregister("_zq_keep_subjects")
+
+
+def empty_table(ops_con: duckdb.DuckDBPyConnection, schema: str, table: str) -> pa.Table:
+    """Delete every row of ``schema.table`` (when it exists); returns the deleted rows' lineage ids and partitions."""
+    if not table_exists(ops_con, schema, table):
+        return _empty_returning()
+    return ops_con.execute(f"DELETE FROM {quote_ident(schema)}.{quote_ident(table)} {_RETURNING}").fetch_arrow_table()
+
+
+def scenario_tables(ops_con: duckdb.DuckDBPyConnection, code: str) -> list[str]:
+    return [t for (t,) in ops_con.execute("SELECT table_name FROM information_schema.tables WHERE table_schema = ? "
+                                          "ORDER BY 1", [f"scenario_{code}"]).fetchall()]
+
+
+def purge_product(ops_con: duckdb.DuckDBPyConnection, product: str, purged: pa.Table | None) -> list[dt.date]:
+    """Delete the rows of ``products.<product>`` built from a purged input row (``_source_lineage_ids``), or all its
+    rows when ``purged`` is None; a product table without lineage ids loses the partitions of the purged rows. Returns
+    the partition day of every deleted row (one set-based DELETE)."""
+    if not table_exists(ops_con, "products", product):
+        return []
+    target = f"products.{quote_ident(product)}"
+    if purged is None:
+        rows = ops_con.execute(f"DELETE FROM {target} RETURNING _partition_date").fetchall()
+        return [r[0] for r in rows]
+    if purged.num_rows == 0:
+        return []
+    cols = {c for (c,) in ops_con.execute("SELECT column_name FROM information_schema.columns WHERE table_schema = "
+                                          "'products' AND table_name = ?", [product]).fetchall()}
+    ops_con.register("_zq_purged_rows", purged)
+    try:
+        if "_source_lineage_ids" in cols:
+            sql = (f"DELETE FROM {target} WHERE rowid IN (SELECT rid FROM (SELECT rowid AS rid, "
+                   f"unnest(_source_lineage_ids) AS id FROM {target}) AS u "
+                   f"WHERE u.id IN (SELECT _lineage_id FROM _zq_purged_rows)) RETURNING _partition_date")
+        else:  # no row-level lineage: the days that used a purged row go whole (rebuilt by their next run)
+            sql = (f"DELETE FROM {target} WHERE CAST(_partition_date AS DATE) IN "
+                   f"(SELECT DISTINCT CAST(_partition_date AS DATE) FROM _zq_purged_rows) RETURNING _partition_date")
+        return [r[0] for r in ops_con.execute(sql).fetchall()]
+    finally:
+        ops_con.unregister("_zq_purged_rows")
+
+
+def apply_purge_to_published(store: ObjectStore, registry: Registry, report: BoundaryReport, run_id: str,
+                             now: dt.datetime | None = None) -> dict[str, list[str]]:
+    """After the crossing committed: the published snapshots follow the purge.
+
+    The product of an ended scenario has every partition withdrawn. A snapshot of a day whose product rows were
+    purged is replaced by one derived from it without the rows built from a purged input row (``reason: consent
+    revoked`` in its manifest), or withdrawn when it carries no ``_source_lineage_ids``. Returns what was done:
+    ``{"withdrawn": ["<product>/<day>", ...], "republished": [...]}``.
+    """
+    from zqdata import publish
+
+    done: dict[str, list[str]] = {"withdrawn": [], "republished": []}
+    ended_products = {registry.scenarios[c].product for c in report.ended if c in registry.scenarios}
+    for product in sorted(ended_products):
+        for day in publish.published_days(store, product):
+            if publish.withdraw(store, product, day):
+                done["withdrawn"].append(f"{product}/{day}")
+    for product, days in sorted(report.product_days.items()):
+        if product in ended_products:
+            continue
+        ids = report.purged_lineage.get(product, [])
+        for day in sorted(set(days)):
+            snap = publish.current_snapshot(store, product, day)
+            if snap is None:
+                continue
+            if "_source_lineage_ids" not in snap.columns:
+                publish.withdraw(store, product, day)
+                done["withdrawn"].append(f"{product}/{day}")
+                continue
+            new = publish.derive_without(store, product, day, ids, reason=REVOKED_REASON, run_id=run_id, now=now)
+            if new.key != snap.key:
+                done["republished"].append(f"{product}/{day}")
+    return done
