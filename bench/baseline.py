@@ -294,9 +294,10 @@ def scores(con: duckdb.DuckDBPyConnection, day: dt.date) -> int:
 
 def cross(con: duckdb.DuckDBPyConnection, registry: Registry, day: dt.date, key) -> dict[str, int]:
     """gov → ops in one statement per table: the registry's mask rules (`zqdata.desensitize`), consent filter."""
-    from zqdata.authorization import AuthorizationError, authorized_fields, check_scenario_active
-    from zqdata.boundary import consent_filter_sql, gov_relation, release_consent_filter_sql
-    from zqdata.desensitize import release_select, released_fields
+    from zqdata.authorization import authorized_fields
+    from zqdata.boundary import (consent_filter_sql, consent_reference_day, fields_used, gov_relation,
+                                 release_consent_filter_sql, scenarios_in_force)
+    from zqdata.desensitize import release_select
 
     rows: dict[str, int] = {}
     base = {"zq_partition": day}  # pseudonym keys per (field role, ops schema), as the boundary does
@@ -309,17 +310,17 @@ def cross(con: duckdb.DuckDBPyConnection, registry: Registry, day: dt.date, key)
         rows[f"{schema}.{table}"] = con.execute(f"select count(*) from {target}").fetchone()[0]
 
     released = [ds for ds in registry.datasets.values() if ds.release]
+    ref = consent_reference_day(con, registry, day)
+    in_force = scenarios_in_force(registry, day, ref)
     for ds in released:
-        items, pads = release_select(ds, released_fields(ds), day, key, "desensitized")
-        where, extra = release_consent_filter_sql(con, registry, ds, day)  # Art. 2: consenting subjects only
-        write("desensitized", ds.code, f"select {', '.join(items)}, src._lineage_id, src._partition_date "
+        # data minimisation as the boundary does it: the fields the scenarios in force use, their consenting subjects
+        items, pads = release_select(ds, fields_used(ds, [s for s in in_force if ds.code in s.authorized_fields]),
+                                     day, key, "desensitized")
+        where, extra = release_consent_filter_sql(con, registry, ds, day, ref)
+        write("desensitized", ds.code, f"select {', '.join([*items, 'src._lineage_id', 'src._partition_date'])} "
               f"from {gov_relation(con, registry, ds.code)} as src where src._partition_date = $zq_partition "
               f"and {where}", {**base, **pads, **extra})
-    for sc in registry.scenarios.values():
-        try:
-            check_scenario_active(sc, day)
-        except AuthorizationError:
-            continue
+    for sc in in_force:
         for ds_code in sc.authorized_fields:
             ds = registry.datasets[ds_code]
             items, pads = release_select(ds, authorized_fields(registry, sc.code, ds_code), day, key, f"scenario_{sc.code}")
