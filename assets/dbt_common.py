@@ -7,6 +7,7 @@ The manifest is prepared once, never at import: when missing or stale at definit
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import datetime as dt
 import functools
 import importlib.metadata
@@ -18,7 +19,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from dagster_dbt import (
 )
 
 from zqdata import column_lineage as cl
+from zqdata import dbt_guard
 from zqdata.registry import Registry
 from zqdata.settings import get_settings, repo_root
 
@@ -113,13 +115,81 @@ def dbt_executable() -> str:
     return str(beside) if beside.exists() else "dbt"
 
 
+# ---------------------------------------------------------------- sealed dbt subprocesses (docs/security.md)
+
+_SEALED: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("zq_sealed_dbt", default=None)
+
+
+class SealedDbtCliInvocation(DbtCliInvocation):
+    """dagster-dbt's invocation; inside `sealed_cli` the subprocess gets the sealed environment instead of the copy
+    of os.environ `DbtCliResource.cli()` builds (dagster-dbt 0.29 has no env parameter: this is where it is used)."""
+
+    @classmethod
+    def run(cls, args: Sequence[str], env: dict[str, str], *rest: Any, **kwargs: Any) -> DbtCliInvocation:
+        state = _SEALED.get()
+        if state is not None:
+            env = dbt_guard.sealed_env(env, state["profile"])
+            state["applied"] = True
+        return super().run(args, env, *rest, **kwargs)
+
+
+def _install_sealed_invocation() -> None:
+    import dagster_dbt.core.resource as resource_module
+
+    if not issubclass(resource_module.DbtCliInvocation, SealedDbtCliInvocation):
+        resource_module.DbtCliInvocation = SealedDbtCliInvocation
+
+
+_install_sealed_invocation()
+
+
+def sealed_cli(dbt: DbtCliResource, args: Sequence[str], profile: Mapping[str, str], **kwargs: Any) -> DbtCliInvocation:
+    """`dbt.cli(args, **kwargs)` whose subprocess environment holds only the process necessities and `profile`
+    (dbt_guard.profile_env): no pseudonymization key, no other platform's file, no S3/SMTP/operational-DB secret.
+    Fails closed: a dbt started without the seal is stopped and the step fails."""
+    state: dict[str, Any] = {"profile": dict(profile), "applied": False}
+    token = _SEALED.set(state)
+    try:
+        invocation = dbt.cli(list(args), **kwargs)
+    finally:
+        _SEALED.reset(token)
+    if not state["applied"]:
+        with contextlib.suppress(Exception):
+            invocation.process.kill()
+        raise dg.Failure(description="dbt 子进程未能在封闭环境中启动，已终止 (dbt was not started in the sealed "
+                                     "environment: dagster-dbt changed how it starts dbt)")
+    return invocation
+
+
+def release_in_process_dbt() -> None:
+    """Close the DuckDB instance an in-process dbt (`dbtRunner`: tests, manual use) keeps open after it returns.
+
+    dbt-duckdb caches its connection for the process; the profile opens the file locked (another configuration than
+    a plain `duckdb.connect`), and DuckDB refuses a second configuration of an open file in one process."""
+    from dbt.adapters.duckdb.connections import DuckDBConnectionManager
+
+    env, DuckDBConnectionManager._ENV = DuckDBConnectionManager._ENV, None
+    if env is not None:
+        env.close()
+
+
+def sealed_subprocess_env(target: str, gov_db: Path, ops_db: Path, partition_date: str | None = None) -> dict[str, str]:
+    """The sealed environment of a dbt subprocess started directly (dbt parse): process necessities + the target's
+    profile variables only."""
+    db = gov_db if target == "gov" else ops_db
+    profile = dbt_guard.profile_env(target, db, get_settings().duckdb_memory_limit, partition_date)
+    return dbt_guard.sealed_env(os.environ, profile)
+
+
 def prepare_manifest() -> Path:
     """Run `dbt parse` to write target/manifest.json (what `python -m assets.dbt_common` does).
 
     dbt writes into a folder of its own; the manifest then replaces the old one atomically, so a process reading it
-    (a code server, a sensor, a run) never sees half a file.
+    (a code server, a sensor, a run) never sees half a file. dbt parses in the sealed environment of the gov target:
+    a value read by env_var() while parsing is stored in the manifest and the partial-parse state.
     """
     set_dbt_env()
+    s = get_settings()
     target = DBT_PROJECT_DIR / "target"
     target.mkdir(parents=True, exist_ok=True)
     scratch = target / f".parse-{uuid.uuid4().hex[:8]}"
@@ -127,7 +197,7 @@ def prepare_manifest() -> Path:
         subprocess.run(
             [dbt_executable(), "parse", "--project-dir", str(DBT_PROJECT_DIR), "--profiles-dir", str(DBT_PROJECT_DIR),
              "--target", "gov", "--target-path", str(scratch), "--quiet"],
-            check=True,
+            check=True, env=sealed_subprocess_env("gov", s.gov_db, s.ops_db),
         )
         os.replace(scratch / "manifest.json", target / "manifest.json")
     finally:
@@ -336,9 +406,15 @@ RUN_DIRS_KEPT = 14  # per dbt asset: the newest run folders (compiled SQL, run_r
 
 
 def build_partition(dbt: DbtCliResource, context: dg.AssetExecutionContext, target: str, gov_db: Path, ops_db: Path,
-                    extra_vars: Mapping[str, Any] | None = None) -> Iterator[Any]:
+                    extra_vars: Mapping[str, Any] | None = None,
+                    preflight: Callable[[Mapping[str, Any]], list[str]] | None = None) -> Iterator[Any]:
     """`dbt build --target <target>` of the run's partition; its events, with column lineage, once dbt has exited.
 
+    - dbt runs sealed (docs/security.md, "Sealed dbt steps"): its environment holds only the process necessities and
+      what profiles.yml reads for THIS target (its DuckDB file, the memory limit, the partition), and the DuckDB
+      connection is locked by profiles.yml (no external access, configuration locked).
+    - `preflight`: when given, dbt first parses the project into the run's own folder (same sealed environment) and
+      the build does not start unless `preflight(manifest)` returns no problem (ops: registered products only).
     - The partition reaches dbt as ZQ_PARTITION_DATE in the subprocess environment (macros/partition.sql), not as
       --vars: a new night then changes nothing dbt parses.
     - dbt's partial-parse state is kept per target between runs (target/partial_parse/<target>.msgpack) and put in the
@@ -353,29 +429,37 @@ def build_partition(dbt: DbtCliResource, context: dg.AssetExecutionContext, targ
     args = ["build", "--target", target]
     if extra_vars:
         args += ["--vars", json.dumps(extra_vars, ensure_ascii=False, sort_keys=True)]
-    env = {**dbt_env(gov_db, ops_db), "ZQ_PARTITION_DATE": dt.date.fromisoformat(context.partition_key).isoformat()}
-    with scoped_environ(env):  # dagster-dbt copies os.environ when it starts the subprocess, inside cli()
-        invocation = dbt.cli(args, context=context, target_path=run_dir)
+    partition = dt.date.fromisoformat(context.partition_key).isoformat()
+    profile = dbt_guard.profile_env(target, gov_db if target == "gov" else ops_db, get_settings().duckdb_memory_limit,
+                                    partition)
     try:
+        if preflight is not None:
+            problems = preflight(parse_manifest(target, run_dir, profile, extra_vars))
+            if problems:
+                raise dg.Failure(description="dbt 构建前检查未通过，未运行 dbt (refused before dbt ran):\n"
+                                             + "\n".join(problems), metadata={"problems": problems})
+        invocation = sealed_cli(dbt, args, profile, context=context, target_path=run_dir)
         yield from stream_with_column_lineage(invocation, gov_db if target == "gov" else ops_db, context)
     finally:
         keep_partial_parse(run_dir, cache)
         prune_run_dirs(target_dir, op_name, keep=RUN_DIRS_KEPT)
 
 
-@contextlib.contextmanager
-def scoped_environ(values: Mapping[str, str]) -> Iterator[None]:
-    """os.environ with `values` set inside the block, restored after it."""
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+def parse_manifest(target: str, run_dir: Path, profile: Mapping[str, str],
+                   extra_vars: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """`dbt parse --target <target>` into `run_dir` in the sealed environment; the manifest it wrote.
+
+    The build that follows in the same folder reuses this parse (partial_parse.msgpack), so it costs one parse."""
+    cmd = [dbt_executable(), "parse", "--project-dir", str(DBT_PROJECT_DIR), "--profiles-dir", str(DBT_PROJECT_DIR),
+           "--target", target, "--target-path", str(run_dir), "--log-path", str(run_dir), "--quiet"]
+    if extra_vars:
+        cmd += ["--vars", json.dumps(extra_vars, ensure_ascii=False, sort_keys=True)]
+    done = subprocess.run(cmd, env=dbt_guard.sealed_env(os.environ, profile), cwd=DBT_PROJECT_DIR,
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise dg.Failure(description=f"dbt parse 失败 (dbt parse failed, exit {done.returncode}):\n"
+                                     + (done.stdout + done.stderr)[-4000:])
+    return json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
 
 
 def seed_partial_parse(cache: Path, run_dir: Path) -> bool:

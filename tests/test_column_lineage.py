@@ -16,6 +16,7 @@ from assets.dbt_common import (
     add_column_lineage,
     dbt_vars,
     relation_asset_keys,
+    release_in_process_dbt,
     to_column_lineage,
 )
 from zqdata import column_lineage as cl
@@ -53,6 +54,7 @@ def _dbt_build(tmp: Path, target: str, select: list[str], scenarios: bool = Fals
     res = dbtRunner().invoke(["build", "--target", target, "--select", *select, "--vars", vars_,
                               "--project-dir", str(DBT_PROJECT_DIR), "--profiles-dir", str(DBT_PROJECT_DIR),
                               "--target-path", str(tmp / "target"), "--log-path", str(tmp / "logs")])
+    release_in_process_dbt()  # the profile opens DuckDB locked: close it before the test opens the file
     assert res.success, res.exception
     return json.loads((tmp / "target" / "manifest.json").read_text())
 

@@ -11,7 +11,8 @@ import duckdb
 import pytest
 from dbt.cli.main import dbtRunner
 
-from assets.dbt_common import DBT_PROJECT_DIR, dbt_vars, keep_partial_parse, prune_run_dirs, seed_partial_parse
+from assets.dbt_common import (DBT_PROJECT_DIR, dbt_vars, keep_partial_parse, prune_run_dirs, release_in_process_dbt,
+                               seed_partial_parse)
 from zqdata import standards
 from zqdata.quality.dbt_findings import collect_dbt_findings
 from zqdata.reference import intermediate_model, render_dbt_models, staging_model, sync_reference_tables
@@ -141,6 +142,7 @@ def _write_ods(con: duckdb.DuckDBPyConnection, day: str, rows: list[tuple[str, d
 def _dbt(args: list[str], tmp: Path) -> object:
     res = dbtRunner().invoke([*args, "--project-dir", str(DBT_PROJECT_DIR), "--profiles-dir", str(DBT_PROJECT_DIR),
                               "--target-path", str(tmp / "target"), "--log-path", str(tmp / "logs")])
+    release_in_process_dbt()  # the profile opens DuckDB locked: close it before the test opens the file
     return res
 
 

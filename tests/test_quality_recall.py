@@ -13,7 +13,7 @@ import duckdb
 import pytest
 from dbt.cli.main import dbtRunner
 
-from assets.dbt_common import DBT_PROJECT_DIR, dbt_vars
+from assets.dbt_common import DBT_PROJECT_DIR, dbt_vars, release_in_process_dbt
 from zqdata.ingest import ingest_delivery
 from zqdata.quality.scores import collect_findings, compute_scores, evaluate_gate
 from zqdata.reference import sync_reference_tables
@@ -40,6 +40,7 @@ def _build_gov(tmp: Path, day: dt.date, reg) -> dict:
         "--project-dir", str(DBT_PROJECT_DIR), "--profiles-dir", str(DBT_PROJECT_DIR),
         "--target-path", str(tmp / "target"), "--log-path", str(tmp / "logs"), "--quiet",
     ])
+    release_in_process_dbt()  # the profile opens DuckDB locked: close it before the test opens the file
     # dbt's relational tests may fail with error severity on defective days; the build itself must have run.
     assert res.result is not None, res.exception
     return json.loads((tmp / "target" / "manifest.json").read_text(encoding="utf-8"))

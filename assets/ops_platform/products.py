@@ -4,15 +4,18 @@ import datetime as dt
 import functools
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
 from dagster_dbt import DbtCliResource
 
 from zqdata.publish import withdraw_partition
-from assets.dbt_common import build_partition, dbt_project, dbt_resource, partitioned_dbt_assets, scenario_vars
+from assets.dbt_common import (DBT_PROJECT_DIR, build_partition, dbt_project, dbt_resource, partitioned_dbt_assets,
+                               scenario_vars)
 from orchestration.pools import GOV_POOL, OPS_POOL, hold_pool
 from orchestration.resources import WarehouseResource
+from zqdata.dbt_guard import ops_manifest_problems, product_read_problems
 from zqdata.registry import registry
 
 
@@ -31,10 +34,65 @@ def ops_dbt_assets() -> dg.AssetsDefinition:
         if withdrawn:
             context.log.info(f"重建前撤回已发布快照 withdrawn while rebuilt: {', '.join(withdrawn)}")
         # column lineage + schema are read from the ops DB once dbt has exited (never through dbt's in-process adapter)
-        events = build_partition(dbt, context, "ops", warehouse.gov_path(), warehouse.ops_path(), extra_vars=vars_)
+        # sealed: dbt sees only the ops DB (no gov path, no key); only registered products may be built at all
+        events = build_partition(dbt, context, "ops", warehouse.gov_path(), warehouse.ops_path(), extra_vars=vars_,
+                                 preflight=ops_preflight)
         yield from with_product_traces(events, warehouse, context)
 
     return ops_dbt_products
+
+
+OPS_DBT_OP = "ops_dbt_products"
+SCENARIO_READ_CHECK = "reads_only_own_scenario"
+
+
+def registered_products() -> set[str]:
+    """The products registered by a scenario (registry/scenarios.yaml `product:`): the only models ops may build."""
+    return {s.product for s in registry().scenarios.values()}
+
+
+def ops_preflight(manifest: dict[str, Any]) -> list[str]:
+    """Checked on the run's own parse before `dbt build --target ops` starts (build_partition `preflight`)."""
+    return ops_manifest_problems(manifest, registered_products())
+
+
+def run_folder(run_id: str, op_name: str = OPS_DBT_OP) -> Path | None:
+    """The dbt target folder of this run's ops build (build_partition names it `<op>-<run id[:8]>-<random>`)."""
+    runs = sorted((p for p in (DBT_PROJECT_DIR / "target").glob(f"{op_name}-{run_id[:8]}-*")
+                   if (p / "manifest.json").is_file()), key=lambda p: p.stat().st_mtime, reverse=True)
+    return runs[0] if runs else None
+
+
+def scenario_read_result(product: str, run_dir: Path | None) -> dg.AssetCheckResult:
+    """`reads_only_own_scenario` of one product from the manifest its dbt build wrote (compiled SQL of the model and
+    its tests, hooks, sources), parsed by DuckDB: only scenario_<its scenario>.* may be read."""
+    if run_dir is None:
+        return dg.AssetCheckResult(passed=False, metadata={
+            "problems": ["本次运行的 dbt 目标目录不存在，无法核验 (the run's dbt target folder is missing)"]})
+    try:
+        scenario = registry().scenario_for_product(product).code
+    except KeyError:
+        return dg.AssetCheckResult(passed=False, metadata={
+            "problems": [f"产品 {product} 不属于任何登记场景 (not a registered scenario product)"]})
+    manifest = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
+    problems = product_read_problems(manifest, product, scenario)
+    return dg.AssetCheckResult(passed=not problems, metadata={
+        "problems": problems, "scenario": scenario, "dbt_run_folder": run_dir.name})
+
+
+def scenario_read_checks(products: list[str]) -> list[dg.AssetChecksDefinition]:
+    """One blocking `reads_only_own_scenario` check per product (a REQUIRED_GATE of publishing)."""
+
+    def build(product: str) -> dg.AssetChecksDefinition:
+        @dg.asset_check(asset=dg.AssetKey(["ops", "products", product]), name=SCENARIO_READ_CHECK, blocking=True,
+                        description="一场景一授权：产品只读取本场景的数据表 scenario_<场景>.*（编译后 SQL 经 DuckDB 解析）"
+                                    " (the product reads only its own scenario's tables)")
+        def reads_only_own_scenario(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+            return scenario_read_result(product, run_folder(context.run.run_id))
+
+        return reads_only_own_scenario
+
+    return [build(p) for p in products]
 
 
 def with_product_traces(events: Iterator[Any], warehouse: WarehouseResource,
@@ -81,4 +139,5 @@ def _product_trace(node: dict[str, Any], warehouse: WarehouseResource, context: 
 
 def ops_dbt_defs() -> dg.Definitions:
     """The ops product assets with the `dbt` resource (`warehouse` comes from orchestration.resources)."""
-    return dg.Definitions(assets=[ops_dbt_assets()], resources={"dbt": dbt_resource()})
+    return dg.Definitions(assets=[ops_dbt_assets()], asset_checks=scenario_read_checks(sorted(registered_products())),
+                          resources={"dbt": dbt_resource()})

@@ -17,7 +17,7 @@ from orchestration.pools import OPS_POOL
 from orchestration.resources import WarehouseResource
 from zqdata.registry import registry
 
-REQUIRED_GATES = ("no_personal_data_leak", "authorization_in_force")
+REQUIRED_GATES = ("no_personal_data_leak", "authorization_in_force", "reads_only_own_scenario")
 
 
 def published_key(product: str) -> dg.AssetKey:
