@@ -200,6 +200,25 @@ def test_the_real_project_passes_the_preflight(project) -> None:
         assert result.passed, result.metadata
 
 
+@pytest.mark.parametrize("jinja", [
+    "{% set rows = run_query('select citizen_id from desensitized.resident_population') %}",
+    "{% call statement('x', fetch_result=True) %}select 1{% endcall %}",
+    "{% set r = adapter.execute('select 1', fetch=True) %}",
+    "{% set f = context['run_' ~ 'query'] %}",
+])
+def test_d_a_product_querying_while_dbt_compiles_is_refused_before_dbt_runs(project, jinja) -> None:
+    """run_query & co. could read any ops table at compile time and paste the values into the compiled SQL as
+    literals, where the compiled-SQL check cannot see them: refused before dbt runs, in a model or a macro it calls."""
+    _write(project, "ops_transit_ridership", jinja + "\nselect 1 as x, date '2025-05-01' as _partition_date")
+    problems, ok, _ = _ops_build(project, "path:models/ops", preflight=True)
+    assert ok is None and any("编译时查询数据库" in p and "ops_transit_ridership" in p for p in problems), problems
+    (project.dir / "macros" / "innocent.sql").write_text(
+        "{% macro innocent() %}" + jinja + "{{ return('1') }}{% endmacro %}", encoding="utf-8")
+    _write(project, "ops_transit_ridership", "select {{ innocent() }} as x, date '2025-05-01' as _partition_date")
+    problems, ok, _ = _ops_build(project, "path:models/ops", preflight=True)
+    assert ok is None and any("macro.zhaoqing.innocent" in p for p in problems), problems
+
+
 # ---------------------------------------------------------------- (e) a product reads only its own scenario
 
 @pytest.mark.parametrize("source,outside", [

@@ -15,6 +15,7 @@ ops platform, and which tables a scenario product may read. Plain functions; the
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import PurePosixPath
 from typing import Any
@@ -77,6 +78,39 @@ def node_hooks(node: Mapping[str, Any]) -> list[str]:
     return [h.get("sql", "") if isinstance(h, Mapping) else str(h) for h in hooks]
 
 
+# Jinja that runs a query while dbt compiles (its result could be pasted into the compiled SQL as literals, where the
+# compiled-SQL check below cannot see which table it came from), or that reaches such a call indirectly.
+COMPILE_TIME_QUERY = re.compile(
+    r"\b(run_query|statement|load_result|execute_macro|context|builtins|graph)\b|\badapter\s*\.|\battr\s*\("
+    r"|\bmodules\s*\.\s*(?!re\b|datetime\b)|\.\s*__|\[\s*['\"]__")  # modules.re / .datetime only; no dunder attributes
+
+
+def compile_time_query_problems(manifest: Mapping[str, Any], uids: Iterable[str]) -> list[str]:
+    """Ops models and their tests, and every project macro they reach, must not query the database while dbt compiles:
+    a product's data flows only through the SQL it runs, which `product_read_problems` checks."""
+    nodes, macros = manifest.get("nodes", {}), manifest.get("macros", {})
+    project = manifest.get("metadata", {}).get("project_name") or "zhaoqing"
+    problems: list[str] = []
+    seen: set[str] = set()
+    todo = list(uids)
+    while todo:
+        uid = todo.pop()
+        if uid in seen:
+            continue
+        seen.add(uid)
+        node = nodes.get(uid) or macros.get(uid)
+        if node is None:
+            continue
+        code = node.get("raw_code") if uid in nodes else node.get("macro_sql")
+        if uid in nodes or node.get("package_name") == project:  # dbt's own macros are trusted; project code is not
+            match = COMPILE_TIME_QUERY.search(code or "")
+            if match:
+                problems.append(f"{uid} 在编译时查询数据库或调用受限的 Jinja（{match.group(0)!r}），运营平台不允许 "
+                                f"(queries while compiling are not allowed on the ops platform)")
+            todo.extend((node.get("depends_on") or {}).get("macros") or [])
+    return sorted(problems)
+
+
 def ops_manifest_problems(manifest: Mapping[str, Any], products: Iterable[str]) -> list[str]:
     """Why the ops dbt build must not start (empty: it may). Chinese with English, one line per problem."""
     registered = set(products)
@@ -108,6 +142,9 @@ def ops_manifest_problems(manifest: Mapping[str, Any], products: Iterable[str]) 
                                 f"(product tests store failures only in {TEST_SCHEMA})")
             if node_hooks(n):
                 problems.append(f"产品测试 {n.get('name')} 配置了钩子 (hooks are not allowed on ops tests)")
+    tests = [uid for uid, n in nodes.items() if n.get("resource_type") == "test"
+             and set((n.get("depends_on") or {}).get("nodes") or []) & ops_models]
+    problems += compile_time_query_problems(manifest, [*sorted(ops_models), *sorted(tests)])
     return problems
 
 
