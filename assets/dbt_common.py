@@ -133,11 +133,37 @@ class SealedDbtCliInvocation(DbtCliInvocation):
         return super().run(args, env, *rest, **kwargs)
 
 
+def _die_with_parent() -> None:
+    """In the dbt child between fork and exec: SIGKILL it when the step process that started it dies (Linux
+    PR_SET_PDEATHSIG), so a killed run never leaves dbt writing a warehouse file on its own."""
+    import ctypes
+    import signal
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+
+
+class _SubprocessDyingWithParent:
+    """The `subprocess` module as dagster-dbt's invocation sees it: Popen children die with their parent."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(subprocess, name)
+
+    @staticmethod
+    def Popen(*args: Any, **kwargs: Any) -> subprocess.Popen:  # noqa: N802 - the module's name
+        if sys.platform.startswith("linux") and "preexec_fn" not in kwargs:
+            kwargs["preexec_fn"] = _die_with_parent
+        return subprocess.Popen(*args, **kwargs)
+
+
 def _install_sealed_invocation() -> None:
+    import dagster_dbt.core.dbt_cli_invocation as invocation_module
     import dagster_dbt.core.resource as resource_module
 
     if not issubclass(resource_module.DbtCliInvocation, SealedDbtCliInvocation):
         resource_module.DbtCliInvocation = SealedDbtCliInvocation
+    if not isinstance(invocation_module.subprocess, _SubprocessDyingWithParent):
+        invocation_module.subprocess = _SubprocessDyingWithParent()
 
 
 _install_sealed_invocation()
