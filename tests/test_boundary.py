@@ -10,7 +10,7 @@ import pytest
 
 from zqdata.authorization import AuthorizationError
 from zqdata.boundary import check_exclusions, cross_boundary, find_leaks
-from zqdata.desensitize import PseudonymKey, pseudonymize, released_fields
+from zqdata.desensitize import PseudonymKey, domain_secret, pseudonymize, released_fields
 from zqdata.registry import Registry, load_registry
 
 D1 = dt.date(2025, 5, 1)
@@ -72,6 +72,13 @@ def _rows(ds_code: str, d: dt.date) -> list[dict]:
                     dict(consent_id="C4", subject_type="person", subject_id=ID_A, scenario_code="transit_ridership",
                          status="granted", effective_at=ts),
                     dict(consent_id="C5", subject_type="person", subject_id=ID_B, scenario_code="sme_credit_profile",
+                         status="granted", effective_at=ts),
+                    # consents to the test scenarios of `personal_uses` (scenarios that read personal fields)
+                    dict(consent_id="C6", subject_type="person", subject_id=ID_A, scenario_code="resident_statistics",
+                         status="granted", effective_at=ts),
+                    dict(consent_id="C7", subject_type="person", subject_id=ID_B, scenario_code="resident_statistics",
+                         status="granted", effective_at=ts),
+                    dict(consent_id="C10", subject_type="enterprise", subject_id=ENT_A, scenario_code="legal_rep_check",
                          status="granted", effective_at=ts)]
         return []
     raise KeyError(ds_code)
@@ -101,6 +108,20 @@ def registry() -> Registry:
     return load_registry()
 
 
+def personal_uses(registry: Registry) -> Registry:
+    """The registry plus two scenarios reading personal fields: every released field of the residents (with their
+    consent) and the legal representative's ID (with the enterprise's). The demo registry has no such scenario, so
+    (data minimisation, issue 11) residents and legal representatives would not cross at all."""
+    sme = registry.scenarios["sme_credit_profile"]
+    residents = sme.model_copy(update={
+        "code": "resident_statistics", "product": "ops_resident_statistics", "consent_required": "person",
+        "authorized_fields": {"resident_population": released_fields(registry.datasets["resident_population"])}})
+    reps = sme.model_copy(update={"code": "legal_rep_check", "product": "ops_legal_rep_check",
+                                  "authorized_fields": {"enterprise_registry": ["credit_code", "legal_rep_id"]}})
+    return registry.model_copy(update={"scenarios": {**registry.scenarios, residents.code: residents,
+                                                     reps.code: reps}})
+
+
 @pytest.fixture
 def dbs(tmp_path: Path, registry: Registry, monkeypatch):
     monkeypatch.setenv("ZQ_DATA_DIR", str(tmp_path))
@@ -117,8 +138,14 @@ def _key(secret: str = SECRET) -> PseudonymKey:
     return PseudonymKey.from_secret(secret)
 
 
+def _pseudo(value: str, field: str, scope: str = "desensitized") -> str:
+    """The pseudonym the boundary releases for ``value`` in ``field`` (``<dataset>.<field>``) of ops schema ``scope``."""
+    return pseudonymize(value, SECRET, role=field, scope=scope)
+
+
 def test_desensitized_tables_hold_only_released_fields_masked(dbs, registry):
     gov, ops = dbs
+    registry = personal_uses(registry)
     report = cross_boundary(gov, ops, registry, D1, _key())
     rp = registry.datasets["resident_population"]
     cols = [r[0] for r in ops.execute("DESCRIBE desensitized.resident_population").fetchall()]
@@ -126,7 +153,7 @@ def test_desensitized_tables_hold_only_released_fields_masked(dbs, registry):
     assert not {"name", "address", "case_flag"} & set(cols)
     row = ops.execute("SELECT citizen_id, phone, birth_date FROM desensitized.resident_population "
                       "WHERE phone LIKE '138%'").fetchone()
-    assert row == (pseudonymize(ID_A, SECRET), "138****8000", "30-39")
+    assert row == (_pseudo(ID_A, "resident_population.citizen_id"), "138****8000", "30-39")
     assert report.released["resident_population"] == 2
     assert "subject_consent" not in report.released  # release: false never crosses
     assert ops.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'subject_consent'").fetchone()[0] == 0
@@ -137,6 +164,7 @@ def test_desensitized_tables_hold_only_released_fields_masked(dbs, registry):
 def test_subjects_without_any_authorization_never_reach_the_operations_platform(dbs, registry):
     """Art. 2: personal information of a resident who authorized nothing stays in the gov domain, even desensitized."""
     gov, ops = dbs
+    registry = personal_uses(registry)
     unconsented = citizen_id("44122419800202135")
     gov.execute("INSERT INTO intermediate.int_resident_population BY NAME SELECT * REPLACE (? AS citizen_id, "
                 "'x#99' AS _lineage_id) FROM intermediate.int_resident_population WHERE citizen_id = ? "
@@ -144,8 +172,8 @@ def test_subjects_without_any_authorization_never_reach_the_operations_platform(
     report = cross_boundary(gov, ops, registry, D1, _key())
     released = {r[0] for r in ops.execute("SELECT citizen_id FROM desensitized.resident_population").fetchall()}
     assert report.released["resident_population"] == 2
-    assert pseudonymize(unconsented, SECRET) not in released
-    assert released == {pseudonymize(ID_A, SECRET), pseudonymize(ID_B, SECRET)}
+    assert _pseudo(unconsented, "resident_population.citizen_id") not in released
+    assert released == {_pseudo(ID_A, "resident_population.citizen_id"), _pseudo(ID_B, "resident_population.citizen_id")}
 
 
 def test_scenario_tables_hold_only_authorized_fields_of_consenting_subjects(dbs, registry):
@@ -160,7 +188,7 @@ def test_scenario_tables_hold_only_authorized_fields_of_consenting_subjects(dbs,
     assert report.consent_excluded["sme_credit_profile"]["enterprise_registry"] == 1
     # the transit scenario needs no consent; its card ids are pseudonyms
     cards = {r[0] for r in ops.execute("SELECT card_id FROM scenario_transit_ridership.bus_card_swipes").fetchall()}
-    assert cards == {pseudonymize(f"CARD{i}", SECRET) for i in range(3)}
+    assert cards == {_pseudo(f"CARD{i}", "bus_card_swipes.card_id", "scenario_transit_ridership") for i in range(3)}
 
 
 def test_revoking_consent_removes_the_subject_from_the_next_product(dbs, registry):
@@ -175,7 +203,7 @@ def test_revoking_consent_removes_the_subject_from_the_next_product(dbs, registr
     day1 = {r[0] for r in ops.execute("SELECT credit_code FROM scenario_sme_credit_profile.enterprise_registry "
                                       "WHERE _partition_date = ?", [D1]).fetchall()}
     assert day2 == {ENT_A}
-    assert day1 == {ENT_A, ENT_B}  # the earlier product is not rewritten by a later revocation
+    assert day1 == {ENT_A}  # retroactive (issue 11): the revocation removes ENT_B from every earlier partition too
 
 
 def test_consent_effective_after_the_day_does_not_count_yet(dbs, registry):
@@ -201,9 +229,10 @@ def test_expired_authorization_blocks_its_scenario_and_writes_nothing_for_it(dbs
     # the rest of the crossing for that day went through
     assert ops.execute("SELECT count(*) FROM scenario_transit_ridership.bus_card_swipes WHERE _partition_date = ?",
                        [D2]).fetchone()[0] == 6
-    # only ENT_C authorized a scenario still in force on D2 (ENT_A/B's consents were for the expired one)
-    assert ops.execute("SELECT count(*) FROM desensitized.enterprise_registry WHERE _partition_date = ?",
-                       [D2]).fetchone()[0] == 1
+    # no scenario in force on D2 uses the enterprise registry (data minimisation), and the expired scenario's
+    # data left every partition (retroactive expiry, issue 11)
+    assert ops.execute("SELECT count(*) FROM desensitized.enterprise_registry").fetchone()[0] == 0
+    assert ops.execute("SELECT count(*) FROM scenario_sme_credit_profile.enterprise_registry").fetchone()[0] == 0
 
 
 def test_revoked_scenario_is_blocked(dbs, registry):
@@ -232,6 +261,7 @@ def test_rerun_replaces_the_partition_and_a_failure_keeps_the_previous_state(dbs
 
 def test_pseudonyms_are_stable_across_days_and_change_with_the_key(dbs, registry):
     gov, ops = dbs
+    registry = personal_uses(registry)
     cross_boundary(gov, ops, registry, D1, _key())
     cross_boundary(gov, ops, registry, D2, _key())
     by_day = {d: {r[0] for r in ops.execute("SELECT citizen_id FROM desensitized.resident_population "
@@ -251,16 +281,22 @@ def test_key_is_written_to_no_file_under_the_data_dir(dbs, registry, tmp_path):
     ops.execute("CHECKPOINT")
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert any(p.name == "ops.duckdb" for p in files)
+    # nor any derived domain key, raw or hex (they are bound as parameters like the master key's pads)
+    domain_keys = [domain_secret(SECRET, role, scope) for role in ("resident_population.citizen_id",
+                                                                   "bus_card_swipes.card_id")
+                   for scope in ("desensitized", "scenario_transit_ridership")]
+    secrets = [SECRET.encode()] + domain_keys + [k.hex().encode() for k in domain_keys]
     for p in files:
-        assert SECRET.encode() not in p.read_bytes(), p
+        data = p.read_bytes()
+        assert not any(s in data for s in secrets), p
 
 
 def test_leak_gate_passes_after_the_crossing_and_fails_on_one_planted_id(dbs, registry):
     gov, ops = dbs
     cross_boundary(gov, ops, registry, D1, _key())
     assert find_leaks(gov, ops, D1, registry) == []
-    ops.execute("UPDATE desensitized.bus_card_swipes SET route_id = ? WHERE swipe_id = "
-                "(SELECT min(swipe_id) FROM desensitized.bus_card_swipes)", [f"note {ID_B} x"])
+    ops.execute("UPDATE desensitized.bus_card_swipes SET route_id = ? WHERE _lineage_id = "
+                "(SELECT min(_lineage_id) FROM desensitized.bus_card_swipes)", [f"note {ID_B} x"])
     leaks = find_leaks(gov, ops, D1, registry)
     assert [(l.table, l.column, l.kind, l.rows) for l in leaks] == [("desensitized.bus_card_swipes", "route_id",
                                                                        "citizen_id", 1)]
@@ -279,14 +315,15 @@ def test_leak_gate_finds_phones_names_and_legal_rep_ids_in_any_table(dbs, regist
 
 def test_leak_gates_share_the_gov_value_set_until_the_gov_db_changes(tmp_path, registry):
     """The boundary's gate and the product gates reuse one all-history value set per gov file version; a new
-    resident written to gov afterwards is still caught (the set is rebuilt)."""
+    resident written to gov afterwards is still caught (the set is rebuilt). A name, since only names depend on the
+    gov value set alone (an ID or mobile is caught by its shape whether gov holds it or not)."""
     from zqdata import leakgate as boundary
 
     gov_path, ops_path = tmp_path / "gov.duckdb", tmp_path / "ops.duckdb"
     build_gov(gov_path, registry, [D1])
     with duckdb.connect(str(ops_path)) as ops:
         ops.execute("CREATE SCHEMA products; CREATE TABLE products.p (note VARCHAR)")
-        ops.execute("INSERT INTO products.p VALUES ('13700001111')")
+        ops.execute("INSERT INTO products.p VALUES ('联系人欧阳振华')")
         with duckdb.connect(str(gov_path), read_only=True) as gov:
             assert find_leaks(gov, ops, D1, registry) == []
             first = boundary._VALUE_SET_CACHE.copy()
@@ -294,12 +331,12 @@ def test_leak_gates_share_the_gov_value_set_until_the_gov_db_changes(tmp_path, r
         with duckdb.connect(str(gov_path), read_only=True) as gov:  # the next gate, a new connection, same data
             assert find_leaks(gov, ops, D1, registry) == []
             assert boundary._VALUE_SET_CACHE.keys() == first.keys()
-        with duckdb.connect(str(gov_path)) as gov:  # gov changes: a resident with that mobile is delivered
-            gov.execute("INSERT INTO ods.resident_population (phone, _lineage_id, _partition_date) VALUES (?, ?, ?)",
-                        ["13700001111", f"resident_population/{D1}/part-0002#1", D1])
+        with duckdb.connect(str(gov_path)) as gov:  # gov changes: a resident of that name is delivered
+            gov.execute("INSERT INTO ods.resident_population (name, _lineage_id, _partition_date) VALUES (?, ?, ?)",
+                        ["欧阳振华", f"resident_population/{D1}/part-0002#1", D1])
         with duckdb.connect(str(gov_path), read_only=True) as gov:
             leaks = find_leaks(gov, ops, D1, registry)
-    assert [(l.table, l.kind) for l in leaks] == [("products.p", "mobile")]
+    assert [(l.table, l.kind) for l in leaks] == [("products.p", "name")]
 
 
 # -- Dagster wiring ----------------------------------------------------------------------------------------------
@@ -337,8 +374,9 @@ def test_boundary_asset_materializes_with_passing_blocking_checks(tmp_path, regi
     evals = result.get_asset_check_evaluations()
     assert len(evals) == 2 * len(released) and all(e.passed for e in evals)
     card = duckdb.connect(str(tmp_path / "warehouse" / "ops.duckdb"), read_only=True).execute(
-        "SELECT card_id FROM desensitized.bus_card_swipes WHERE swipe_id = ?", [pseudonymize("S05010", SECRET)]).fetchone()
-    assert card == (pseudonymize("CARD0", SECRET),)  # the key reached the op from the environment
+        "SELECT card_id FROM desensitized.bus_card_swipes WHERE _lineage_id = ?",
+        [f"bus_card_swipes/{D1}/part-0001#1"]).fetchone()  # swipe S05010 of CARD0 (swipe_id no longer crosses)
+    assert card == (_pseudo("CARD0", "bus_card_swipes.card_id"),)  # the key reached the op from the environment
     for f in (p for p in tmp_path.rglob("*") if p.is_file()):
         assert SECRET.encode() not in f.read_bytes(), f
     defs = dg.Definitions.merge(boundary_defs(), dg.Definitions(resources={"warehouse": _resources(tmp_path)["warehouse"]}))
@@ -387,3 +425,82 @@ def test_a_partition_larger_than_a_row_group_crosses_whole(dbs, registry):
     report = cross_boundary(gov, ops, registry, D1, _key())
     assert report.released["bus_card_swipes"] == n + 6
     assert ops.execute("SELECT count(*) FROM scenario_transit_ridership.bus_card_swipes").fetchone()[0] == n + 6
+
+
+# -- pseudonym domains (issue 11, finding 6): one key per (identifier role, ops schema) -----------------------------
+
+
+def _column(ops: duckdb.DuckDBPyConnection, table: str, column: str, d: dt.date = D1) -> set[str]:
+    return {r[0] for r in ops.execute(f"SELECT {column} FROM {table} WHERE _partition_date = ?", [d]).fetchall()}
+
+
+def _legal_rep_is_resident_a(gov: duckdb.DuckDBPyConnection) -> None:
+    """The legal representative of every enterprise is resident ID_A (who authorized a use, so both cross)."""
+    gov.execute("UPDATE intermediate.int_enterprise_registry SET legal_rep_id = ?", [ID_A])
+
+
+def test_a_resident_and_the_same_person_as_legal_rep_get_unlinkable_pseudonyms(dbs, registry):
+    """The same raw ID as resident_population.citizen_id and enterprise_registry.legal_rep_id: different pseudonyms,
+    so the ops platform cannot join residents to the enterprises they represent (no scenario authorizes it)."""
+    gov, ops = dbs
+    _legal_rep_is_resident_a(gov)
+    cross_boundary(gov, ops, personal_uses(registry), D1, _key())  # scenarios that read both fields
+    residents = _column(ops, "desensitized.resident_population", "citizen_id")
+    reps = _column(ops, "desensitized.enterprise_registry", "legal_rep_id")
+    assert len(residents) == 2 and len(reps) == 1
+    assert residents.isdisjoint(reps)
+    assert reps == {pseudonymize(ID_A, SECRET, role="enterprise_registry.legal_rep_id", scope="desensitized")}
+    assert pseudonymize(ID_A, SECRET, role="resident_population.citizen_id", scope="desensitized") in residents
+
+
+def test_the_same_card_gets_a_different_pseudonym_in_each_scenario(dbs, registry):
+    """Two scenarios authorized on bus_card_swipes.card_id, and desensitized: three unlinkable pseudonyms per card."""
+    gov, ops = dbs
+    transit = registry.scenarios["transit_ridership"]
+    other = transit.model_copy(update={"code": "transit_survey", "product": "ops_transit_survey"})
+    reg = registry.model_copy(update={"scenarios": {**registry.scenarios, other.code: other}})
+    cross_boundary(gov, ops, reg, D1, _key())
+    tables = ["desensitized.bus_card_swipes", "scenario_transit_ridership.bus_card_swipes",
+              "scenario_transit_survey.bus_card_swipes"]
+    cards = {t: _column(ops, t, "card_id") for t in tables}
+    assert all(len(v) == 3 for v in cards.values())
+    assert cards[tables[0]].isdisjoint(cards[tables[1]])
+    assert cards[tables[0]].isdisjoint(cards[tables[2]])
+    assert cards[tables[1]].isdisjoint(cards[tables[2]])
+    assert cards[tables[2]] == {pseudonymize(f"CARD{i}", SECRET, role="bus_card_swipes.card_id",
+                                             scope="scenario_transit_survey") for i in range(3)}
+    # within one scenario the pseudonym stays stable across days (the transit product counts distinct riders)
+    cross_boundary(gov, ops, reg, D2, _key())
+    assert _column(ops, tables[2], "card_id", D2) == cards[tables[2]]
+
+
+def test_a_link_role_declared_in_the_registry_links_two_fields_and_only_within_one_schema(tmp_path, monkeypatch):
+    """`link_role: person` on citizen_id and legal_rep_id is the registry's explicit decision: equal pseudonyms in
+    desensitized, still different from every scenario's."""
+    import shutil
+
+    import yaml
+
+    from zqdata.settings import repo_root
+
+    reg_dir = tmp_path / "registry"
+    shutil.copytree(repo_root() / "registry", reg_dir)
+    for ds_code, name in [("resident_population", "citizen_id"), ("enterprise_registry", "legal_rep_id")]:
+        path = reg_dir / "datasets" / f"{ds_code}.yaml"
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        next(f for f in doc["fields"] if f["name"] == name)["link_role"] = "person"
+        path.write_text(yaml.safe_dump(doc, allow_unicode=True), encoding="utf-8")
+    reg = personal_uses(load_registry(reg_dir))  # scenarios that read both fields
+    assert reg.datasets["enterprise_registry"].field("legal_rep_id").link_role == "person"
+    monkeypatch.setenv("ZQ_DATA_DIR", str(tmp_path))
+    (tmp_path / "warehouse").mkdir()
+    build_gov(tmp_path / "warehouse" / "gov.duckdb", reg, [D1])
+    with duckdb.connect(str(tmp_path / "warehouse" / "gov.duckdb")) as gov, \
+            duckdb.connect(str(tmp_path / "warehouse" / "ops.duckdb")) as ops:
+        _legal_rep_is_resident_a(gov)
+        cross_boundary(gov, ops, reg, D1, _key())
+        reps = _column(ops, "desensitized.enterprise_registry", "legal_rep_id")
+        residents = _column(ops, "desensitized.resident_population", "citizen_id")
+    linked = pseudonymize(ID_A, SECRET, role="person", scope="desensitized")
+    assert reps == {linked} and linked in residents
+    assert linked != pseudonymize(ID_A, SECRET, role="person", scope="scenario_sme_credit_profile")
