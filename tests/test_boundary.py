@@ -377,6 +377,10 @@ def test_boundary_asset_materializes_with_passing_blocking_checks(tmp_path, regi
         "SELECT card_id FROM desensitized.bus_card_swipes WHERE _lineage_id = ?",
         [f"bus_card_swipes/{D1}/part-0001#1"]).fetchone()  # swipe S05010 of CARD0 (swipe_id no longer crosses)
     assert card == (_pseudo("CARD0", "bus_card_swipes.card_id"),)  # the key reached the op from the environment
+    from zqdata.desensitize import PseudonymKey
+
+    key_ids = {m.materialization.metadata["pseudonym_key_id"].value for m in result.get_asset_materialization_events()}
+    assert key_ids == {PseudonymKey.from_secret(SECRET).key_id()}  # which key made these pseudonyms, for rotations
     for f in (p for p in tmp_path.rglob("*") if p.is_file()):
         assert SECRET.encode() not in f.read_bytes(), f
     defs = dg.Definitions.merge(boundary_defs(), dg.Definitions(resources={"warehouse": _resources(tmp_path)["warehouse"]}))

@@ -302,3 +302,21 @@ def test_cli_trace_and_issues_output_never_show_personal_values(gov_path, op_db,
     assert "116****3767" in outputs[f"trace gov/quality/findings --partition {DAY} --dataset resident_population"]
     bus = outputs[f"trace gov/quality/findings --partition {DAY} --dataset bus_card_swipes"]
     assert ROUTE in bus and AMOUNT in bus
+
+
+def test_gx_results_and_data_docs_carry_no_record_values(tmp_path):
+    """GX validations keep counts and percentages only: an unexpected value of a code-table field never reaches the
+    validation result or the rendered Data Docs."""
+    import great_expectations as gx
+    import great_expectations.expectations as ex
+    import pandas as pd
+
+    from zqdata.quality.gx_runner import GX_RESULT_FORMAT
+
+    ctx = gx.get_context(mode="ephemeral")
+    batch = (ctx.data_sources.add_pandas("t").add_dataframe_asset("a").add_batch_definition_whole_dataframe("b")
+             .get_batch(batch_parameters={"dataframe": pd.DataFrame({"gender": ["1", "2", "13912345678"]})}))
+    suite = gx.ExpectationSuite(name="s", expectations=[ex.ExpectColumnValuesToBeInSet(column="gender", value_set=["1", "2"])])
+    result = batch.validate(suite, result_format=GX_RESULT_FORMAT)
+    assert not result.success and result.results[0].result["unexpected_count"] == 1
+    assert "13912345678" not in str(result.to_json_dict())

@@ -83,9 +83,10 @@ def build_boundary_crossing(reg: Registry) -> dg.AssetsDefinition:
                               leaks=find_leaks(gov_con, ops_con, day, registry_))
 
         failure: BoundaryGateFailed | None = None
+        key = pseudonym.pseudonym_key()
         with hold_pool(context, GOV_POOL), warehouse.gov(read_only=True) as gov, warehouse.ops() as ops:
             try:
-                report = cross_boundary(gov, ops, reg, d, pseudonym.pseudonym_key(), strict=False, gate=gate)
+                report = cross_boundary(gov, ops, reg, d, key, strict=False, gate=gate)
             except BoundaryGateFailed as exc:  # rolled back: the ops DB is as it was before this run
                 report, failure = exc.report, exc
         leaks, exclusions = report.gate.leaks, report.gate.exclusions
@@ -111,6 +112,9 @@ def build_boundary_crossing(reg: Registry) -> dg.AssetsDefinition:
                         {t: n for t, n in report.purged.items() if t.split(".", 1)[-1] == ds.code}),
                     "ended_scenarios": sorted(s for s in report.ended if ds.code in reg.scenarios[s].authorized_fields),
                     "reference_day": str(report.reference_day),
+                    # which master key made this partition's pseudonyms (a public fingerprint): after a rotation,
+                    # partitions of the old key are the ones to re-run or withdraw (docs/security.md)
+                    "pseudonym_key_id": key.key_id(),
                 })
         for ds in released:
             problems = exclusions.get(ds.code, [])
