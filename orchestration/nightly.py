@@ -21,6 +21,7 @@ class DaySummary:
     checks_failed: list[str] = field(default_factory=list)
     gate_passed: bool | None = None  # the quality gate on gov/quality/scores; None: not evaluated
     gate_failures: list[str] = field(default_factory=list)
+    held_back: dict[str, str] = field(default_factory=dict)  # datasets the gate held back (not crossed) -> why
     issues: list[Any] = field(default_factory=list)  # the partition's unverified issues (zqdata.issues.Issue)
     notify: str = ""  # what the notification run did
     published: list[str] = field(default_factory=list)  # products published for the partition
@@ -55,6 +56,8 @@ def run_nightly(day: dt.date, instance: dg.DagsterInstance | None = None) -> tup
             failures = ev.metadata.get("failures")
             summary.gate_failures = [] if ev.passed or failures is None else [
                 line[2:] for line in str(getattr(failures, "value", failures)).splitlines() if line.startswith("- ")]
+            held = ev.metadata.get("held_back")
+            summary.held_back = dict(getattr(held, "value", held) or {}) if not ev.passed else {}
         if ev.passed:
             summary.checks_passed += 1
         else:
@@ -64,7 +67,7 @@ def run_nightly(day: dt.date, instance: dg.DagsterInstance | None = None) -> tup
     notify = location.resolve_job_def(NOTIFY_JOB).execute_in_process(instance=instance, raise_on_error=False,
                                                                        run_config=_RUN_CONFIG, tags=process_tags())
     summary.notify = _notify_text(notify)
-    summary.issues = [i for i in issues.list_issues(opdb.get_engine(), partition_date=day) if i.status != "verified"]
+    summary.issues = [i for i in issues.list_issues(opdb.get_engine(), partition_date=day) if i.status not in issues.CLOSED]
     summary.stage_rows = stage_row_counts(day)
     return result, summary
 
@@ -123,8 +126,18 @@ def format_summary(summary: DaySummary) -> str:
     lines += [f"{p:<22} {t:<55} {n:>10,}" for p, t, n in summary.stage_rows]
     lines.append(f"检查 checks: {summary.checks_passed} passed, {len(summary.checks_failed)} failed")
     lines += [f"  未通过 failed: {name}" for name in summary.checks_failed]
-    gate = {True: "通过 passed（允许出域）", False: "未通过 FAILED（本分区不出域、不发布）", None: "未运行 not evaluated"}
+    gate = {True: "通过 passed（允许出域）", False: "未通过 FAILED（逐数据集决定 decided per dataset）",
+            None: "未运行 not evaluated"}
     lines.append(f"质量门禁 quality gate: {gate[summary.gate_passed]}")
+    if summary.gate_passed is False:
+        def named(code: str) -> str:
+            return f"{reg.datasets[code].name}（{code}）" if code in reg.datasets else code
+
+        held = sorted(summary.held_back)
+        lines.append("  留置 held back（本分区不出域，读取它们的产品不发布 not crossed, products reading them not "
+                     "published）: " + ("、".join(named(c) for c in held) if held else "未知 unknown"))
+        others = [c for c in reg.datasets if c not in summary.held_back]
+        lines.append("  通过门禁 passed: " + ("、".join(others) if others else "无 none"))
     lines += [f"  - {f}" for f in summary.gate_failures]
     lines.append("已发布产品 published: " + ("、".join(summary.published) if summary.published else "无 none"))
     by_agency: dict[str, dict[str, list]] = {}

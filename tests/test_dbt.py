@@ -392,3 +392,95 @@ def test_dbt_resource_knows_the_dbt_version_without_asking_the_cli() -> None:
     reported = re.search(r"(\d+\.\d+\.\d+)", subprocess.check_output([dbt_executable(), "--version"], text=True))
     assert str(res._cli_version) == reported.group(1)
     assert res._initialize_dbt_core_adapter(["build"]) is None  # no in-process adapter on the DuckDB files
+
+
+# ---------------------------------------------------------------- redelivery replaces the partition (issue 12, finding 5)
+
+DAY2 = "2025-05-02"
+
+
+def _partition_counts(db: Path, tables: list[str]) -> dict[tuple[str, str], int]:
+    with duckdb.connect(str(db)) as con:
+        return {(t, str(d)): n for t in tables
+                for d, n in con.execute(f"select _partition_date, count(*) from {t} group by 1").fetchall()}
+
+
+def test_empty_redelivery_empties_the_partition_of_staging_and_intermediate(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every model replaces exactly its run's partition (project-wide incremental strategy `zq_replace_partition`):
+    a redelivery with fewer rows, or none, leaves exactly the new rows downstream and no dbt finding of a row that no
+    longer exists; other days untouched."""
+    monkeypatch.setenv("ZQ_GOV_DB", str(tmp_path / "gov.duckdb"))
+    monkeypatch.setenv("ZQ_OPS_DB", str(tmp_path / "ops.duckdb"))
+    monkeypatch.delenv("ZQ_PARTITION_DATE", raising=False)
+    db = tmp_path / "gov.duckdb"
+    bad = {"card_type": "99"}  # code_table, error: a finding, and the row is kept out of intermediate
+    day1 = [("bus_card_swipes", {"swipe_id": "S0"}), ("bus_card_swipes", {"swipe_id": "S1"}),
+            ("bus_card_swipes", {"swipe_id": "S2", **bad})]
+    day2 = [("bus_card_swipes", {"swipe_id": "S0", "swipe_time": f"{DAY2}T08:00:00+08:00"}),
+            ("bus_card_swipes", {"swipe_id": "S1", "swipe_time": f"{DAY2}T08:00:00+08:00", **bad})]
+    with duckdb.connect(str(db)) as con:
+        _write_ods(con, DAY, day1)
+        _write_ods(con, DAY2, day2)
+        sync_reference_tables(con, REG)
+    models = ["staging.stg_transport__bus_card_swipes", "intermediate.int_bus_card_swipes"]
+    select = ["--select", "stg_transport__bus_card_swipes", "int_bus_card_swipes"]
+
+    def dbt(command: str, day: str) -> None:
+        res = _dbt([command, "--target", "gov", *select, "--vars", json.dumps(dbt_vars(REG, day))], tmp_path)
+        assert res.success, res.exception  # row-level rules warn in dbt: the planted row does not fail the build
+        if command == "build":
+            manifest = json.loads((tmp_path / "target" / "manifest.json").read_text())
+            with duckdb.connect(str(db)) as con:
+                collect_dbt_findings(con, manifest, day)
+
+    def findings() -> dict[str, list[str]]:
+        with duckdb.connect(str(db)) as con:
+            rows = con.execute("select partition_date, lineage_id from quality.findings where tool = 'dbt'"
+                               " order by all").fetchall()
+        return {d: [lid for p, lid in rows if str(p) == d] for d in (DAY, DAY2)}
+
+    for day in (DAY2, DAY):  # DAY last: the tests' stored failures hold DAY's failing rows
+        dbt("build", day)
+    assert _partition_counts(db, models) == {
+        (models[0], DAY): 3, (models[1], DAY): 2, (models[0], DAY2): 2, (models[1], DAY2): 1}
+    assert findings() == {DAY: [f"bus_card_swipes/{DAY}/part-0001.csv#3"],
+                          DAY2: [f"bus_card_swipes/{DAY2}/part-0001.csv#2"]}
+    with duckdb.connect(str(db)) as con:  # the agency redelivers DAY with no rows: ingestion empties the ODS partition
+        con.execute("delete from ods.bus_card_swipes where _partition_date = ?", [DAY])
+    dbt("run", DAY)  # models only: the tests' stored failures still hold the earlier rows of DAY
+    with duckdb.connect(str(db)) as con:
+        collect_dbt_findings(con, json.loads((tmp_path / "target" / "manifest.json").read_text()), DAY)
+    assert _partition_counts(db, models) == {(models[0], DAY2): 2, (models[1], DAY2): 1}
+    assert findings() == {DAY: [], DAY2: [f"bus_card_swipes/{DAY2}/part-0001.csv#2"]}
+    with duckdb.connect(str(db)) as con:  # a smaller redelivery: exactly its rows, none of the earlier ones
+        _write_ods(con, DAY, day1[:1])
+    dbt("build", DAY)
+    assert _partition_counts(db, models) == {
+        (models[0], DAY): 1, (models[1], DAY): 1, (models[0], DAY2): 2, (models[1], DAY2): 1}
+    assert findings() == {DAY: [], DAY2: [f"bus_card_swipes/{DAY2}/part-0001.csv#2"]}
+
+
+def test_empty_redelivery_empties_the_product_partition(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ops products use the same strategy (no hook, no compile-time query: the materialization calls it)."""
+    monkeypatch.setenv("ZQ_GOV_DB", str(tmp_path / "gov.duckdb"))
+    monkeypatch.setenv("ZQ_OPS_DB", str(tmp_path / "ops.duckdb"))
+    monkeypatch.delenv("ZQ_PARTITION_DATE", raising=False)
+    k = REG.scenarios["transit_ridership"].k_anonymity
+    _ops_db(tmp_path / "ops.duckdb", {("R1", 8): k + 1})
+    with duckdb.connect(str(tmp_path / "ops.duckdb")) as con:  # the same riders on the next day
+        con.execute("insert into scenario_transit_ridership.bus_card_swipes select card_id, card_type, route_id,"
+                    " swipe_time + interval 1 day, fare_yuan, _lineage_id || '-2', _partition_date + 1"
+                    " from scenario_transit_ridership.bus_card_swipes")
+    product = ["products.ops_transit_ridership"]
+    for day in (DAY, DAY2):
+        vars_ = json.dumps(dbt_vars(REG, day, scenarios=True))
+        res = _dbt(["run", "--target", "ops", "--select", "ops_transit_ridership", "--vars", vars_], tmp_path)
+        assert res.success, res.exception
+    assert _partition_counts(tmp_path / "ops.duckdb", product) == {(product[0], DAY): 1, (product[0], DAY2): 1}
+    with duckdb.connect(str(tmp_path / "ops.duckdb")) as con:
+        con.execute("delete from scenario_transit_ridership.bus_card_swipes where _partition_date = ?", [DAY])
+    vars_ = json.dumps(dbt_vars(REG, DAY, scenarios=True))
+    res = _dbt(["run", "--target", "ops", "--select", "ops_transit_ridership", "--vars", vars_], tmp_path)
+    assert res.success, res.exception
+    assert _partition_counts(tmp_path / "ops.duckdb", product) == {(product[0], DAY2): 1}

@@ -123,6 +123,108 @@ def test_no_verification_for_datasets_not_rechecked(gov, opdb, registry):
     assert _by_rule(opdb, "accuracy.citizen_id_check").status == "open"
 
 
+# --------------------------------------------------------------------------- closing on evidence (issue 12, finding 5)
+
+RP_FILE = f"psb/resident_population/{DAY}/part-0001.jsonl"
+PSB_RULE = "accuracy.citizen_id_check"
+
+
+def _catalog(gov, *rules: tuple[str, str, str]) -> None:
+    """quality.rule_catalog as the pipeline writes it: the rules evaluated for the partition, passing or not."""
+    gov.execute("create table if not exists quality.rule_catalog (partition_date date, dataset varchar, tool varchar,"
+                " rule varchar, dimension varchar, severity varchar)")
+    gov.execute("delete from quality.rule_catalog where partition_date = ?", [DAY])
+    for dataset, tool, rule in rules:
+        gov.execute("insert into quality.rule_catalog values (?, ?, ?, ?, 'accuracy', 'error')", [DAY, dataset, tool, rule])
+
+
+ALL_RULES = (("resident_population", "dbt", PSB_RULE), ("enterprise_registry", "dbt", "accuracy.uscc_check"))
+
+
+def _redeliver_psb(gov, kind: str, rows: tuple[int, ...] = (1, 2, 3)) -> None:
+    """What ingestion leaves for psb's redelivery of the partition: the ODS rows, quarantine and meta.deliveries.
+
+    accepted: the file is accepted with `rows`; quarantined: the whole file is quarantined (column set), its rows are in
+    quarantine and none in the ODS; rejected: the delivery is refused (future partition), no row anywhere; empty: an
+    accepted file without records."""
+    gov.execute("delete from quarantine.rows where _dataset = 'resident_population'")
+    gov.execute("delete from meta.deliveries where dataset = 'resident_population'")
+    if kind == "quarantined":
+        gov.execute("insert into quarantine.rows select _lineage_id, _agency, _dataset, _delivery_file, _row_number,"
+                    " _batch_id, _ingested_at, _partition_date, '{}', '字段集合与登记不一致', 'contract.columns',"
+                    " 'understandability', null from ods.resident_population")
+    gov.execute("delete from ods.resident_population where not list_contains(?, _row_number) or ? <> 'accepted'",
+                [list(rows), kind])
+    delivered = {"accepted": len(rows), "quarantined": 3, "rejected": 0, "empty": 0}[kind]
+    status = {"accepted": "ok", "quarantined": "quarantined", "rejected": "rejected", "empty": "warn"}[kind]
+    gov.execute("insert into meta.deliveries (agency, dataset, partition_date, delivery_file, status, rows_delivered,"
+                " rows_accepted, rows_quarantined) values ('psb', 'resident_population', ?, ?, ?, ?, ?, ?)",
+                [DAY, RP_FILE, status, delivered, delivered if kind == "accepted" else 0,
+                 delivered if kind == "quarantined" else 0])
+
+
+@pytest.mark.parametrize("kind", ["quarantined", "rejected", "empty"])
+def test_a_rejected_or_empty_redelivery_verifies_nothing(gov, opdb, registry, kind):
+    """The finding is absent because no row reached the rule, not because the rule passed: the issue stays."""
+    issues.sync_issues(gov, opdb, registry, DAY, now=T0)
+    psb = _by_rule(opdb, PSB_RULE)
+    issues.resolve(opdb, psb.issue_id, note="已重新交付", now=T0)
+    _redeliver_psb(gov, kind)
+    _catalog(gov, *ALL_RULES)  # ingestion and dbt catalogue their rules even when no row reached them
+    set_findings(gov, DAY, [f for f in default_findings() if f[0] != "psb"])
+    rep = issues.sync_issues(gov, opdb, registry, DAY, now=T0 + dt.timedelta(hours=1))
+    assert rep.verified == [] and rep.superseded == [] and rep.unverified == [psb.issue_id]
+    assert issues.get_issue(opdb, psb.issue_id).status == "resolved"
+    assert [e["event"] for e in issues.issue_events(opdb, psb.issue_id)] == ["opened", "resolved"]
+
+
+def test_a_rule_not_evaluated_on_the_partition_verifies_nothing(gov, opdb, registry):
+    issues.sync_issues(gov, opdb, registry, DAY, now=T0)
+    _catalog(gov, ("enterprise_registry", "dbt", "accuracy.uscc_check"))  # the citizen-id rule did not run
+    set_findings(gov, DAY, [])
+    rep = issues.sync_issues(gov, opdb, registry, DAY, now=T0 + dt.timedelta(hours=1))
+    assert rep.verified == [_by_rule(opdb, "accuracy.uscc_check").issue_id]
+    assert rep.unverified == [_by_rule(opdb, PSB_RULE).issue_id] and _by_rule(opdb, PSB_RULE).status == "open"
+
+
+def test_a_rule_evaluated_on_the_redelivered_rows_and_passing_verifies(gov, opdb, registry):
+    issues.sync_issues(gov, opdb, registry, DAY, now=T0)
+    psb = _by_rule(opdb, PSB_RULE)
+    _redeliver_psb(gov, "accepted")  # the same rows, corrected
+    _catalog(gov, *ALL_RULES)
+    set_findings(gov, DAY, [f for f in default_findings() if f[0] != "psb"])
+    rep = issues.sync_issues(gov, opdb, registry, DAY, now=T0 + dt.timedelta(hours=1))
+    assert rep.verified == [psb.issue_id] and rep.superseded == rep.unverified == []
+    closed = issues.get_issue(opdb, psb.issue_id)
+    assert (closed.status, closed.verified_at) == ("verified", T0 + dt.timedelta(hours=1))
+    assert "已执行且通过" in issues.issue_events(opdb, psb.issue_id)[-1]["note"]
+
+
+def test_rows_the_redelivery_dropped_close_the_issue_as_superseded(gov, opdb, registry):
+    """Rows 2 and 3 failed; the redelivery has row 1 only and the rule passes on it: nothing was fixed, the rows are
+    gone — superseded, not verified. The rows coming back with the defect reopen the issue."""
+    issues.sync_issues(gov, opdb, registry, DAY, now=T0)
+    psb = _by_rule(opdb, PSB_RULE)
+    _redeliver_psb(gov, "accepted", rows=(1,))
+    _catalog(gov, *ALL_RULES)
+    set_findings(gov, DAY, [f for f in default_findings() if f[0] != "psb"])
+    rep = issues.sync_issues(gov, opdb, registry, DAY, now=T0 + dt.timedelta(hours=1))
+    assert rep.superseded == [psb.issue_id] and rep.verified == rep.unverified == []
+    closed = issues.get_issue(opdb, psb.issue_id)
+    assert (closed.status, closed.verified_at) == ("superseded", None)
+    assert issues.list_issues(opdb, status=["superseded"]) == [closed]
+    assert "superseded" in issues.STATUS_CN["superseded"] and "superseded" in issues.CLOSED
+    event = issues.issue_events(opdb, psb.issue_id)[-1]
+    assert (event["event"], event["from_status"], event["to_status"]) == ("superseded", "open", "superseded")
+    assert "已不存在" in event["note"]
+    # a later sync does not touch it; the rows and their defect coming back reopen it
+    assert issues.sync_issues(gov, opdb, registry, DAY, now=T0 + dt.timedelta(hours=2)).superseded == []
+    _redeliver_psb(gov, "accepted")
+    set_findings(gov, DAY, default_findings())
+    rep = issues.sync_issues(gov, opdb, registry, DAY, now=T0 + dt.timedelta(hours=3))
+    assert rep.reopened == [psb.issue_id] and issues.get_issue(opdb, psb.issue_id).status == "reopened"
+
+
 def test_escalation_after_sla_hours_once(gov, opdb, registry):
     issues.sync_issues(gov, opdb, registry, DAY, now=T0)
     psb = _by_rule(opdb, "accuracy.citizen_id_check")

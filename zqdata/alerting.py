@@ -217,7 +217,8 @@ def build_message(registry: Registry, issue: Issue, status_event: str) -> tuple[
         "  1. 核实上述记录，在源系统中修正数据；",
         f"  2. 将修正后的该分区完整数据连同 _manifest.json 重新交付至 {redeliver}；",
         f"  3. 收到本通知后确认：zq issues ack {issue.issue_id} --by <经办人>；完成整改后：zq issues resolve {issue.issue_id} --note \"<整改说明>\"。",
-        "平台将在重新交付后自动复核：通过即关闭（verified），仍不通过则重新打开（reopened）。",
+        "平台将在重新交付后自动复核：该规则在重新交付的记录上执行并通过即关闭（verified）；原问题记录在重新交付中已不存在则关闭为"
+        "（superseded）；仍不通过则重新打开（reopened）；重新交付被拒收或为空时不予复核，问题保持未关闭。",
         f"处理时限：数据集约定交付时限 {ds.delivery.sla_hours if ds else '-'} 小时，逾期将升级至数据管理机构。",
     ]
     body = "\n".join(lines)

@@ -6,6 +6,13 @@ warehouse's single-writer lock. Lifecycle: open → notified → acknowledged �
 (the check passes on the redelivered data), or reopened when the findings come back. `sync_issues` derives all of this
 from `quality.findings` of the gov DB, which it only reads.
 
+Closing is evidence-based (issue 12, finding 5): an issue is `verified` only when its rule was evaluated on the new
+delivery and passed — the rule is in `quality.rule_catalog` for the partition, and the rule's checks saw rows of the
+new delivery (the ODS for dbt/GX; the files accepted at ingestion for contract and delivery rules), among them rows
+the issue was about. A rejected, missing or empty redelivery verifies nothing: the issue keeps its status. When the
+rows the issue was about no longer exist at all (the redelivery dropped them) and the rule passed on the rows that are
+there, the issue closes as `superseded`, a state of its own. Findings coming back reopen verified and superseded issues.
+
 Concurrency: every status change reads the status and writes the new one in the same transaction (SQLite: the write
 lock is taken at BEGIN; PostgreSQL: `SELECT … FOR UPDATE`). The bulk writers (`sync_issues`, `escalate_overdue`) also
 lock the register table on PostgreSQL first, so they never deadlock with each other or with a delivery being recorded.
@@ -34,14 +41,16 @@ from zqdata.settings import TZ
 
 log = logging.getLogger(__name__)
 
-STATUSES = ("open", "notified", "acknowledged", "resolved", "verified", "reopened")
+STATUSES = ("open", "notified", "acknowledged", "resolved", "verified", "superseded", "reopened")
 OPEN_LIKE = ("open", "notified", "reopened")  # waiting for the agency; these escalate past the SLA
+CLOSED = ("verified", "superseded")  # closed by a sync; the findings coming back reopen them
 STATUS_CN = {
     "open": "待通知 open",
     "notified": "已通知 notified",
     "acknowledged": "已确认 acknowledged",
     "resolved": "已整改待复核 resolved",
     "verified": "已复核关闭 verified",
+    "superseded": "记录已不存在关闭 superseded",
     "reopened": "重新打开 reopened",
 }
 SAMPLE_ROWS = 5
@@ -90,12 +99,15 @@ class SyncReport:
     reopened: list[str] = field(default_factory=list)
     updated: list[str] = field(default_factory=list)
     verified: list[str] = field(default_factory=list)
+    superseded: list[str] = field(default_factory=list)  # its rows no longer exist; the rule passed on the rest
+    unverified: list[str] = field(default_factory=list)  # no finding, but the rule was not evaluated on new rows
     escalated: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         return (
             f"分区 {self.partition_date}: 新增 {len(self.opened)}，重新打开 {len(self.reopened)}，仍未修复 {len(self.updated)}，"
-            f"复核关闭 {len(self.verified)}，升级 {len(self.escalated)}"
+            f"复核关闭 {len(self.verified)}，记录已不存在关闭 {len(self.superseded)}，未能复核 {len(self.unverified)}，"
+            f"升级 {len(self.escalated)}"
         )
 
 
@@ -213,6 +225,104 @@ def _checked_datasets(gov_con: duckdb.DuckDBPyConnection, partition_date: str) -
     return {r[0] for r in rows} if rows else None
 
 
+# Which delivered rows a rule's checks see: dbt and GX read the ODS (through staging); the contract ('pandera') and
+# delivery rules check the files ingestion accepted (their rows are in the ODS or, failing a row rule, in quarantine).
+ODS_TOOLS = frozenset({"dbt", "gx"})
+# meta.deliveries statuses of files whose rows no row rule checked: not delivered, rejected, quarantined as a whole
+UNCHECKED_FILE_STATUSES = frozenset({"missing", "rejected", "quarantined", "duplicate", "error"})
+
+
+@dataclass
+class _Evidence:
+    """What the gov DB records about the partition's evaluation (read before the register is written)."""
+
+    rules: set[tuple[str, str]] | None  # (dataset, rule) of quality.rule_catalog; None when no catalog is kept
+    deliveries: dict[str, list[tuple[str | None, str | None, int]]] | None  # dataset -> [(file, status, rows)]
+    ods_rows: dict[str, int]  # dataset -> rows of the partition in the ODS
+
+
+def _evidence(gov_con: duckdb.DuckDBPyConnection, day: str, datasets: Iterable[str]) -> _Evidence:
+    rules = None
+    if lineage.table_exists(gov_con, "quality", "rule_catalog"):
+        rules = {(d, r) for d, r in gov_con.execute(
+            "select distinct dataset, rule from quality.rule_catalog where partition_date = ?::date", [day]).fetchall()}
+    deliveries = None
+    if lineage.table_exists(gov_con, "meta", "deliveries"):
+        deliveries = {}
+        for ds, file, status, rows in gov_con.execute(
+            "select dataset, delivery_file, status, coalesce(rows_delivered, 0) from meta.deliveries"
+            " where partition_date = ?::date", [day]
+        ).fetchall():
+            deliveries.setdefault(ds, []).append((file, status, int(rows)))
+    ods_rows = {}
+    for ds in set(datasets):
+        if lineage.table_exists(gov_con, "ods", ds):
+            ods_rows[ds] = gov_con.execute(
+                f"select count(*) from ods.{_ident(ds)} where _partition_date = ?::date", [day]).fetchone()[0]
+    return _Evidence(rules, deliveries, ods_rows)
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _rows_present(gov_con: duckdb.DuckDBPyConnection, day: str, dataset: str, affected: Sequence[Mapping[str, Any]],
+                  *, ods: bool, quarantine: bool, files: set[str] | None = None) -> int:
+    """How many of the rows an issue was about (its `affected_rows`: delivery file and row numbers) are in the
+    partition's ODS and/or quarantine now, counting only `files` when given. Row numbers beyond the first
+    MAX_ROWS_LISTED kept in the register count as "any row after the last one listed"."""
+    conds, params = [], []
+    for f in affected:
+        rows = [int(r) for r in f.get("rows") or []]
+        if not rows or (files is not None and f.get("file") not in files):
+            continue
+        more = int(f.get("row_count") or 0) > len(rows)
+        conds.append("(_delivery_file = ? and (list_contains(?, _row_number) or (? and _row_number > ?)))")
+        params += [f.get("file"), rows, more, max(rows)]
+    if not conds:
+        return 0
+    where = " or ".join(conds)
+    tables = []
+    if ods and lineage.table_exists(gov_con, "ods", dataset):
+        tables.append((f"ods.{_ident(dataset)}", "_partition_date = ?::date", [day]))
+    if quarantine and lineage.table_exists(gov_con, "quarantine", "rows"):
+        tables.append(("quarantine.rows", "_partition_date = ?::date and _dataset = ?", [day, dataset]))
+    return sum(gov_con.execute(f"select count(*) from {t} where {w} and ({where})", [*p, *params]).fetchone()[0]
+               for t, w, p in tables)
+
+
+def _closing(gov_con: duckdb.DuckDBPyConnection, ev: _Evidence, day: str, issue: Mapping[str, Any]) -> tuple[str, str]:
+    """("verified" | "superseded" | "unverified", the reason in Chinese) for an issue whose findings are absent now."""
+    ds, rule = issue["dataset"], issue["rule"]
+    if ev.rules is not None and (ds, rule) not in ev.rules:
+        return "unverified", "未能复核：该规则未在本次交付上执行"
+    tools = {t for t in (issue["tools"] or "").split(",") if t}
+    reads_ods = not tools or bool(tools & ODS_TOOLS)  # unknown tool: the strictest evidence
+    files = ev.deliveries.get(ds, []) if ev.deliveries is not None else None
+    if reads_ods:
+        checked_rows, checked_files = ev.ods_rows.get(ds, 0), None
+    elif files is None:  # no delivery accounting kept: the ODS is what is known to have been checked
+        checked_rows, checked_files = ev.ods_rows.get(ds, 0), None
+    else:
+        accepted = [(f, n) for f, st, n in files if st not in UNCHECKED_FILE_STATUSES]
+        checked_rows, checked_files = sum(n for _, n in accepted), {f for f, _ in accepted if f}
+    affected = json.loads(issue["affected_rows"] or "[]")
+    if not any(f.get("rows") for f in affected):  # a delivery- or dataset-level issue: no rows of its own
+        if reads_ods or files is None:
+            ok = checked_rows > 0
+        else:  # the delivery was read: not missing, not rejected as a whole
+            ok = any(st not in ("missing", "rejected") for _, st, _ in files)
+        return ("verified", "复核通过：该规则在重新交付的数据上已执行且通过") if ok else (
+            "unverified", "未能复核：重新交付被拒收、未交付或没有可检查的记录")
+    if checked_rows == 0:
+        return "unverified", "未能复核：重新交付被拒收、为空或未交付，该规则没有检查任何记录"
+    if _rows_present(gov_con, day, ds, affected, ods=True, quarantine=not reads_ods, files=checked_files):
+        return "verified", f"复核通过：该规则在重新交付的 {checked_rows} 条记录上已执行且通过，包括原问题记录"
+    if _rows_present(gov_con, day, ds, affected, ods=True, quarantine=True):
+        return "unverified", "未能复核：原问题记录仍在，但未经该规则检查（整文件或因其他规则被隔离）"
+    return "superseded", f"原问题记录在重新交付中已不存在；该规则在新交付的 {checked_rows} 条记录上已执行且通过"
+
+
 def _trace_json(gov_con: duckdb.DuckDBPyConnection, ops_con: duckdb.DuckDBPyConnection | None, registry: Registry, samples: Sequence[Mapping[str, Any]]) -> str:
     return _trace_and_samples(gov_con, ops_con, registry, samples)[0]
 
@@ -246,13 +356,26 @@ def sync_issues(
     ops_con: duckdb.DuckDBPyConnection | None = None,
 ) -> SyncReport:
     """Derive the partition's issues from `quality.findings` (gov DB, only read): open new ones, reopen returning ones,
-    verify fixed ones, escalate overdue ones — all in one transaction of the operational DB `db`."""
+    close fixed ones (verified or superseded, on evidence: module docstring), escalate overdue ones — all in one
+    transaction of the operational DB `db`."""
     day = _day(partition_date)
     at = _now(now)
     report = SyncReport(partition_date=day.isoformat())
     # Everything the gov DB can tell is read first: the operational transaction below never waits on DuckDB.
     groups = _failing_groups(gov_con, day.isoformat())
     checked = _checked_datasets(gov_con, day.isoformat())
+    failing = {fingerprint(g["dataset"], g["rule"], day, g["agency"]
+                           or (registry.datasets[g["dataset"]].agency if g["dataset"] in registry.datasets else ""))
+               for g in groups}
+    with _reading(db) as conn:  # the partition's issues without findings now: how each may close (gov DB evidence)
+        candidates = [dict(r) for r in conn.execute(
+            sa.select(issues_t.c.fingerprint, issues_t.c.dataset, issues_t.c.rule, issues_t.c.tools,
+                      issues_t.c.affected_rows)
+            .where(issues_t.c.partition_date == day, issues_t.c.status.not_in(CLOSED))
+        ).mappings() if r["fingerprint"] not in failing]
+    evidence = _evidence(gov_con, day.isoformat(), [c["dataset"] for c in candidates])
+    closing = {c["fingerprint"]: _closing(gov_con, evidence, day.isoformat(), c) for c in candidates
+               if checked is None or c["dataset"] in checked}
     prepared = []
     for g in groups:
         agency = g["agency"] or (registry.datasets[g["dataset"]].agency if g["dataset"] in registry.datasets else "")
@@ -289,7 +412,7 @@ def sync_issues(
                 continue
             status = cur.status
             _update(conn, fp, **values, last_seen_at=at, updated_at=at)
-            if status in ("resolved", "verified"):
+            if status in ("resolved", *CLOSED):
                 _update(
                     conn, fp, status="reopened", open_since=at, escalated_at=None,
                     reopen_count=issues_t.c.reopen_count + 1, verified_at=None,
@@ -300,17 +423,21 @@ def sync_issues(
                 report.updated.append(issue_id_of(fp))
         rows = conn.execute(
             sa.select(issues_t.c.fingerprint, issues_t.c.status, issues_t.c.dataset)
-            .where(issues_t.c.partition_date == day, issues_t.c.status != "verified")
+            .where(issues_t.c.partition_date == day, issues_t.c.status.not_in(CLOSED))
             .order_by(issues_t.c.fingerprint)
             .with_for_update()
         ).all()
         for fp, status, ds in rows:
             if fp in seen or (checked is not None and ds not in checked):
                 continue
-            # The check passes on the current data of the partition (redelivered and re-checked): the fix is verified.
-            _update(conn, fp, status="verified", verified_at=at, updated_at=at)
-            _event(conn, fp, "verified", status, "verified", at, note="复核通过：该规则在当前数据上不再失败")
-            report.verified.append(issue_id_of(fp))
+            # No finding now. Closed only on evidence that the rule was evaluated on the redelivered rows and passed.
+            outcome, note = closing.get(fp, ("unverified", "未能复核：问题在读取复核证据后才登记"))
+            if outcome == "unverified":
+                report.unverified.append(issue_id_of(fp))
+                continue
+            _update(conn, fp, status=outcome, updated_at=at, **({"verified_at": at} if outcome == "verified" else {}))
+            _event(conn, fp, outcome, status, outcome, at, note=note)
+            (report.verified if outcome == "verified" else report.superseded).append(issue_id_of(fp))
         report.escalated = _escalate(conn, registry, at)
     log.info("质量问题同步 %s", report.summary())
     return report

@@ -91,7 +91,7 @@ issue_events = sa.Table(
     sa.Column("event_id", sa.Integer, sa.Identity(), primary_key=True),
     sa.Column("fingerprint", sa.String(64), nullable=False, index=True),
     sa.Column("issue_id", sa.String(20), nullable=False),
-    sa.Column("event", sa.String(32), nullable=False),  # opened|notified|acknowledged|resolved|verified|reopened|escalated
+    sa.Column("event", sa.String(32), nullable=False),  # opened|notified|acknowledged|resolved|verified|superseded|reopened|escalated
     sa.Column("from_status", sa.String(16)),
     sa.Column("to_status", sa.String(16)),
     sa.Column("actor", sa.String(256)),

@@ -86,7 +86,7 @@ def build_issues_asset() -> dg.AssetsDefinition:
             report = issues.sync_issues(gov, db, reg, day)
         queued = alerting.enqueue(db, reg, alerting.AlertSettings.from_env())
         current = issues.list_issues(db, partition_date=day)
-        unverified = [i for i in current if i.status != "verified"]
+        unverified = [i for i in current if i.status not in issues.CLOSED]
         context.log.info(f"{report.summary()}；新通知 {len(queued)} 条")
         return dg.MaterializeResult(metadata={
             "open_issues_by_agency": issues_table(unverified),

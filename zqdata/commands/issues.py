@@ -15,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     isub = p.add_subparsers(dest="issues_command", required=True)
 
     ls = isub.add_parser("list", help="列出问题 list issues")
-    ls.add_argument("--status", action="append", help="open|notified|acknowledged|resolved|verified|reopened (repeatable)")
+    ls.add_argument("--status", action="append", help="open|notified|acknowledged|resolved|verified|superseded|reopened (repeatable)")
     ls.add_argument("--agency", help="数源机构代码 agency code")
     ls.add_argument("--dataset", help="数据集代码 dataset code")
     ls.add_argument("--partition", type=dt.date.fromisoformat, help="分区 YYYY-MM-DD")
@@ -121,6 +121,7 @@ def _show(args: argparse.Namespace) -> int:
         print(json.dumps({"issue": _public(i), "events": events, "notifications": notes}, ensure_ascii=False, indent=2, default=str))
         return 0
     print(_line(i))
+    print(f"状态 status: {issues.STATUS_CN.get(i.status, i.status)}")
     print(f"确认 ack: {i.acknowledged_by or '-'} {i.acknowledged_at or ''}   整改说明 note: {i.resolution_note or '-'}")
     print()
     if i.trace.get("levels"):
@@ -154,7 +155,8 @@ def _resolve(args: argparse.Namespace) -> int:
     except issues.IssueError as exc:
         print(exc)
         return 1
-    print(f"已标记整改 resolved: {i.issue_id}（重新交付并复核通过后自动关闭 verified）")
+    print(f"已标记整改 resolved: {i.issue_id}（重新交付并经该规则复核通过后自动关闭 verified；"
+          "原问题记录已不在重新交付中则关闭 superseded）")
     return 0
 
 

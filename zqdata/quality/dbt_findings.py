@@ -39,8 +39,30 @@ def dbt_test_meta(node: Mapping[str, Any]) -> dict[str, Any]:
     return dict((node.get("config") or {}).get("meta") or node.get("meta") or {})
 
 
+def _drop_rows_no_longer_delivered(con: duckdb.DuckDBPyConnection, day: dt.date) -> None:
+    """Keep only dbt findings of rows the partition's ODS holds now. A test that did not run in the latest build (its
+    model failed, or only `dbt run` was used) keeps its stored failures table from an earlier build of the same
+    partition; after a redelivery those rows may no longer exist, and their findings must not (issue 12, finding 5)."""
+    datasets = [d for (d,) in con.execute(
+        "select distinct dataset from quality.findings where tool = 'dbt' and partition_date = ? and dataset is not null",
+        [day]).fetchall()]
+    for dataset in datasets:
+        if not con.execute("select count(*) from information_schema.tables where table_schema = 'ods' and table_name = ?",
+                           [dataset]).fetchone()[0]:
+            continue  # no ODS to compare with (not a gov DB of the ingestion layout)
+        ods = '"ods"."' + dataset.replace('"', '""') + '"'
+        con.execute(
+            f"""delete from quality.findings f
+                where f.tool = 'dbt' and f.partition_date = ? and f.dataset = ? and f.lineage_id is not null
+                  and not exists (select 1 from {ods} o where o._partition_date = ? and o._lineage_id = f.lineage_id)""",
+            [day, dataset, day])
+
+
 def collect_dbt_findings(con: duckdb.DuckDBPyConnection, manifest: Mapping[str, Any], partition_date: str | dt.date) -> int:
-    """Replace the partition's dbt findings with the stored failures of every tagged test; returns the rows written."""
+    """Replace the partition's dbt findings with the stored failures of every tagged test; returns the rows written.
+
+    Every earlier dbt finding of the partition goes (a redelivery with fewer rows, or none, leaves no finding of a row
+    that no longer exists), and a stored failure of a row the partition's ODS no longer holds is not recorded."""
     day = dt.date.fromisoformat(str(partition_date))
     con.execute("create schema if not exists quality")
     con.execute(_FINDINGS_DDL)
@@ -88,6 +110,7 @@ def collect_dbt_findings(con: duckdb.DuckDBPyConnection, manifest: Mapping[str, 
                 " delivery_file, row_number, lineage_id, field, detail) " + " union all ".join(selects),
                 params,
             )
+            _drop_rows_no_longer_delivered(con, day)
             written = con.execute("select count(*) from quality.findings").fetchone()[0] - before
         con.execute("commit")
     except Exception:
