@@ -14,9 +14,11 @@ import datetime as dt
 import hashlib
 import io
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import duckdb
 import numpy as np
@@ -178,13 +180,24 @@ def ensure_gov_tables(con: duckdb.DuckDBPyConnection, dataset: Dataset) -> None:
 # --------------------------------------------------------------------------------------------- readers
 
 
+class BadRecord(NamedTuple):
+    """A record that cannot enter the ODS as read: quarantined on its own with ``reason`` under ``rule``."""
+
+    number: int  # 1-based record number in the file
+    text: str  # the record's text as read (undecodable bytes escaped as \xNN); raw_record when ``record`` is None
+    reason: str
+    rule: str = "delivery.malformed_record"
+    field: str | None = None  # the field the problem is in, when known
+    record: dict[str, str | None] | None = None  # the delivered columns (undecodable bytes escaped as \xNN)
+
+
 @dataclass
 class Chunk:
     """A bounded batch of records: text columns as delivered, 1-based record numbers, and unparseable records."""
 
     table: pa.Table
     row_numbers: np.ndarray
-    bad: list[tuple[int, str, str]] = field(default_factory=list)  # (record number, raw text, reason)
+    bad: list[BadRecord] = field(default_factory=list)
 
 
 def _sha256_of(path: Path) -> str:
@@ -195,11 +208,71 @@ def _sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def _decodes_as(path: Path, encoding: str) -> bool:
-    """Whether the whole file decodes strictly in ``encoding`` (streamed, bounded memory)."""
+# ----------------------------------------------------------------------------- encodings at the boundary (issue 12)
+# The landing contract: CSV in UTF-8 or GBK, optionally with a UTF-8 BOM; JSON Lines and Parquet text in UTF-8. A BOM is
+# stripped and never decides the encoding by itself (GBK exported with a BOM is common); the content decides, UTF-8
+# tried first (it validates itself; GB18030 accepts most byte pairs). An undecodable byte sequence quarantines the
+# record holding it, naming the field and byte offset; nothing undecodable reaches a DuckDB table (an invalid UTF-8
+# value in a VARCHAR column makes DuckDB fail every later query over it, or invalidates the database).
+
+_GBK_NAMES = {"gbk", "gb2312", "gb18030", "cp936", "936"}
+ENCODING_LABEL = {"utf-8": "UTF-8", "gbk": "GBK"}
+# CSV: an undecodable byte sequence becomes this token in the UTF-8 text handed to pyarrow (two Unicode noncharacters,
+# "for internal use", around the bytes in hex), so the reader finds it per field, vectorized, after parsing.
+_MARK_OPEN, _MARK_CLOSE = "\ufdd0", "\ufdd1"
+_MARK_RE = re.compile("\ufdd0([0-9A-F]+)\ufdd1")
+_ESCAPED_RE = re.compile("[\udc00-\udcff]+")
+
+
+def _escape_bytes(exc: UnicodeError) -> tuple[str, int]:
+    """Codec error handler: each undecodable byte as U+DC00+byte (like surrogateescape, also for bytes below 0x80)."""
+    if not isinstance(exc, UnicodeDecodeError):
+        raise exc
+    return "".join(chr(0xDC00 + b) for b in exc.object[exc.start : exc.end]), exc.end
+
+
+codecs.register_error("zqdata.escape", _escape_bytes)
+
+
+def encoding_family(encoding: str | None) -> str:
+    """'utf-8' or 'gbk' for a declared/detected encoding name (utf8, UTF-8, utf-8-sig, GB18030, cp936 ...)."""
+    e = (encoding or "utf-8").lower().replace("_", "-")
+    return "gbk" if e in _GBK_NAMES or e.replace("-", "") in _GBK_NAMES else "utf-8"
+
+
+def _codec(family: str) -> str:
+    return "gb18030" if family == "gbk" else "utf-8"  # GB18030 is the superset decoder of GBK
+
+
+def _line_blocks(path: Path, chunk_bytes: int, skip: int = 0) -> Iterator[bytes]:
+    """Whole-line byte chunks of a file (from byte ``skip``). A newline byte never occurs inside a UTF-8 or GBK/GB18030
+    character, so each chunk decodes on its own."""
+    with open(path, "rb") as fh:
+        fh.seek(skip)
+        rest = b""
+        for block in iter(lambda: fh.read(chunk_bytes), b""):
+            block = rest + block
+            cut = block.rfind(b"\n")
+            if cut < 0:
+                rest = block
+                continue
+            yield block[: cut + 1]
+            rest = block[cut + 1 :]
+        if rest:
+            yield rest
+
+
+def _json_lines(path: Path, chunk_bytes: int) -> Iterator[bytes]:
+    """Whole-line byte chunks of a JSON Lines file."""
+    return _line_blocks(path, chunk_bytes)
+
+
+def _decodes_as(path: Path, encoding: str, skip: int = 0) -> bool:
+    """Whether the whole file (from byte ``skip``) decodes strictly in ``encoding`` (streamed, bounded memory)."""
     dec = codecs.getincrementaldecoder(encoding)(errors="strict")
     try:
         with open(path, "rb") as fh:
+            fh.seek(skip)
             for block in iter(lambda: fh.read(1 << 24), b""):
                 dec.decode(block)
         dec.decode(b"", final=True)
@@ -208,17 +281,215 @@ def _decodes_as(path: Path, encoding: str) -> bool:
         return False
 
 
-def detect_csv_encoding(path: Path) -> str | None:
-    """'utf-8-sig' (BOM), 'utf-8', 'gbk', or None when the file decodes in neither."""
+def _bad_lines(path: Path, codec: str, skip: int) -> tuple[int, int]:
+    """(lines holding an undecodable byte sequence, lines read) in ``codec``; stops once most lines are bad."""
+    bad = lines = 0
+    for block in _line_blocks(path, 16 << 20, skip):
+        pieces = block.split(b"\n")
+        if block.endswith(b"\n"):
+            pieces.pop()
+        try:
+            block.decode(codec)
+            lines += len(pieces)
+            continue
+        except UnicodeDecodeError:
+            pass
+        for piece in pieces:  # only blocks with an error are looked at line by line
+            lines += 1
+            try:
+                piece.decode(codec)
+            except UnicodeDecodeError:
+                bad += 1
+                if bad > 1000 and 2 * bad > lines:
+                    return bad, lines
+    return bad, lines
+
+
+@dataclass
+class CsvEncoding:
+    """What a CSV file is encoded in, as found (the content decides; the BOM is noted and stripped)."""
+
+    encoding: str | None  # 'utf-8' | 'utf-8-sig' (BOM + UTF-8) | 'gbk' | None: most lines decode in neither
+    bom: bool = False
+    bad_lines: int = 0  # lines holding an undecodable byte sequence in ``encoding`` (their records are quarantined)
+    lines: int = 0
+
+    @property
+    def family(self) -> str:
+        return encoding_family(self.encoding)
+
+
+def detect_csv_encoding(path: Path, declared: str = "utf-8") -> CsvEncoding:
+    """The file's encoding: the content after an optional UTF-8 BOM decides, UTF-8 first, then GBK.
+
+    When neither decodes every line, the one leaving fewer undecodable lines is taken (a tie: the declared one) and
+    those lines' records are quarantined one by one; when most lines decode in neither, the encoding is None.
+    """
     with open(path, "rb") as fh:
-        head = fh.read(3)
-    if head == codecs.BOM_UTF8:
-        return "utf-8-sig" if _decodes_as(path, "utf-8-sig") else None
-    if _decodes_as(path, "utf-8"):
-        return "utf-8"
-    if _decodes_as(path, "gb18030"):  # GB18030 is the superset decoder of GBK
-        return "gbk"
-    return None
+        bom = fh.read(3) == codecs.BOM_UTF8
+    skip = 3 if bom else 0
+    if _decodes_as(path, "utf-8", skip):
+        return CsvEncoding("utf-8-sig" if bom else "utf-8", bom)
+    if _decodes_as(path, "gb18030", skip):
+        return CsvEncoding("gbk", bom)
+    declared = encoding_family(declared)
+    counts = {fam: _bad_lines(path, _codec(fam), skip) for fam in ("utf-8", "gbk")}
+    best = min(counts, key=lambda fam: (counts[fam][0] / max(counts[fam][1], 1), fam != declared))
+    bad, lines = counts[best]
+    if 2 * bad > lines:
+        return CsvEncoding(None, bom, bad, lines)
+    return CsvEncoding("utf-8-sig" if bom and best == "utf-8" else best, bom, bad, lines)
+
+
+def _valid_utf8(data: bytes | pa.Buffer) -> bool:
+    """Whether a byte buffer is valid UTF-8 (Arrow's vectorized check, no Python string built)."""
+    buf = data if isinstance(data, pa.Buffer) else pa.py_buffer(data)
+    offsets = pa.py_buffer(np.array([0, buf.size], dtype=np.int64))
+    try:
+        pa.Array.from_buffers(pa.large_string(), 1, [None, offsets, buf]).validate(full=True)
+        return True
+    except pa.ArrowInvalid:
+        return False
+
+
+def invalid_utf8_rows(arr: pa.Array | pa.ChunkedArray) -> list[tuple[int, int, bytes]]:
+    """(row, byte offset in the value, the offending byte sequence) of each value of a string/binary column that is
+    not valid UTF-8; [] for other types.
+
+    Vectorized: one UTF-8 validation over the column's value buffer and a character-boundary check at every value's
+    start and end in numpy; Python touches only the offending values. (A valid buffer whose values all start and end on
+    character boundaries holds only valid values.)
+    """
+    if isinstance(arr, pa.ChunkedArray):
+        out: list[tuple[int, int, bytes]] = []
+        base = 0
+        for chunk in arr.chunks:
+            out += [(base + i, off, seq) for i, off, seq in invalid_utf8_rows(chunk)]
+            base += len(chunk)
+        return out
+    t = arr.type
+    if pa.types.is_dictionary(t):
+        if not (pa.types.is_string(t.value_type) or pa.types.is_large_string(t.value_type)
+                or pa.types.is_binary(t.value_type) or pa.types.is_large_binary(t.value_type)):  # fmt: skip
+            return []
+        bad_values = {i: (off, seq) for i, off, seq in invalid_utf8_rows(arr.dictionary)}
+        if not bad_values:
+            return []
+        idx = arr.indices.to_numpy(zero_copy_only=False)
+        valid = arr.is_valid().to_numpy(zero_copy_only=False)
+        return [(int(r), *bad_values[int(idx[r])]) for r in np.flatnonzero(valid & np.isin(idx, list(bad_values)))]
+    if pa.types.is_string_view(t) or pa.types.is_binary_view(t):
+        arr = pc.cast(arr, pa.large_binary())
+        t = arr.type
+    if pa.types.is_string(t) or pa.types.is_binary(t):
+        off_type = np.int32
+    elif pa.types.is_large_string(t) or pa.types.is_large_binary(t):
+        off_type = np.int64
+    else:
+        return []
+    n = len(arr)
+    if n == 0:
+        return []
+    bufs = arr.buffers()
+    offsets = np.frombuffer(bufs[1], dtype=off_type, count=arr.offset + n + 1)[arr.offset :].astype(np.int64)
+    lo, hi = int(offsets[0]), int(offsets[-1])
+    if hi == lo:
+        return []
+    data = np.frombuffer(bufs[2], dtype=np.uint8, count=hi)
+    starts, ends = offsets[:-1], offsets[1:]
+    present = ends > starts
+    if arr.null_count:
+        present &= arr.is_valid().to_numpy(zero_copy_only=False)
+    suspect = np.zeros(n, dtype=bool)
+    suspect[present] = (data[starts[present]] & 0xC0) == 0x80  # starts with a continuation byte
+    inner = present & (ends < hi)
+    suspect[inner] |= (data[ends[inner]] & 0xC0) == 0x80  # the next byte continues this value's last character
+    if not _valid_utf8(bufs[2].slice(lo, hi - lo)):
+        view = memoryview(data)
+        pos = lo
+        while pos < hi:
+            try:
+                codecs.utf_8_decode(view[pos:hi], "strict", True)
+                break
+            except UnicodeDecodeError as exc:
+                row = int(np.searchsorted(offsets, pos + exc.start, side="right")) - 1
+                suspect[row] = True
+                pos = max(int(ends[row]), pos + exc.start + 1)
+    out = []
+    for row in np.flatnonzero(suspect & present):
+        value = data[starts[row] : ends[row]].tobytes()
+        try:
+            value.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            out.append((int(row), exc.start, value[exc.start : exc.end]))
+    return out
+
+
+def _escaped(value: bytes | None) -> str | None:
+    return None if value is None else value.decode("utf-8", errors="backslashreplace")
+
+
+def _undecodable_reason(offset: int, seq: bytes, family: str, label: str | None = None, where: str = "字段值") -> str:
+    """Chinese reason (English in parentheses) for an undecodable byte sequence: field, bytes, byte offset (from 0)."""
+    enc = ENCODING_LABEL[family]
+    scope = {"字段值": "the field value", "行": "the line", "记录": "the record"}[where]
+    return (
+        f"{'字段' + label if label else '记录'}含无法按 {enc} 解码的字节序列 0x{seq.hex().upper()}"
+        f"（{where}内字节偏移 {offset}）(undecodable {enc} byte sequence at byte offset {offset} of {scope})"
+    )
+
+
+def _label(labels: dict[str, str] | None, name: str) -> str:
+    return (labels or {}).get(name) or f"({name})"
+
+
+def _transcode(block: bytes, codec: str) -> bytes:
+    """A whole-line block as UTF-8, each undecodable byte sequence replaced by the marker token (see _MARK_OPEN)."""
+    try:
+        text = block.decode(codec)
+        return block if codec == "utf-8" else text.encode("utf-8")
+    except UnicodeDecodeError:
+        text = block.decode(codec, errors="zqdata.escape")
+        return _ESCAPED_RE.sub(
+            lambda m: _MARK_OPEN + bytes(ord(c) - 0xDC00 for c in m.group()).hex().upper() + _MARK_CLOSE, text
+        ).encode("utf-8")
+
+
+class _TranscodedFile(io.RawIOBase):
+    """A file's bytes from ``skip`` on, read as UTF-8 with undecodable sequences marked (streamed, bounded memory)."""
+
+    def __init__(self, path: Path, codec: str, skip: int) -> None:
+        super().__init__()
+        self._blocks = _line_blocks(path, 16 << 20, skip)
+        self._codec = codec
+        self._buf = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:  # type: ignore[no-untyped-def]
+        while not len(self._buf):
+            block = next(self._blocks, None)
+            if block is None:
+                return 0
+            self._buf = memoryview(_transcode(block, self._codec))
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
+
+
+def _unmark(text: str) -> str:
+    """Marked text for display: each undecodable byte as \\xNN (like Python's backslashreplace)."""
+    return _MARK_RE.sub(lambda m: "".join(f"\\x{b:02x}" for b in bytes.fromhex(m.group(1))), text)
+
+
+def _first_mark(text: str, codec: str) -> tuple[int, bytes] | None:
+    """(byte offset in the original encoding, the undecodable bytes) of the first marker token in ``text``."""
+    m = _MARK_RE.search(text)
+    if m is None:
+        return None
+    return len(text[: m.start()].encode(codec)), bytes.fromhex(m.group(1))
 
 
 def _as_text(table: pa.Table) -> pa.Table:
@@ -236,28 +507,62 @@ def _as_text(table: pa.Table) -> pa.Table:
     return pa.table(cols, names=table.column_names)
 
 
-def read_csv_chunks(path: Path, encoding: str, batch_rows: int) -> Iterator[Chunk]:
-    """CSV records in bounded batches (pyarrow streaming reader); rows with a wrong field count are reported, not lost."""
-    if encoding == "replace":
-        # Undecodable file: keep what can be shown (bytes escaped) so every record is still quarantined, never dropped.
-        source = pa.BufferReader(path.read_bytes().decode("utf-8", errors="backslashreplace").encode("utf-8"))
+def _is_bytes_like(t: pa.DataType) -> bool:
+    return any(
+        check(t) for check in (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary, pa.types.is_large_binary,
+                               pa.types.is_string_view, pa.types.is_binary_view)
+    )  # fmt: skip
+
+
+def _escaped_pylist(col: pa.ChunkedArray) -> list[str | None]:
+    """A (small) column's values as text for raw_record, undecodable bytes escaped as \\xNN."""
+    if pa.types.is_dictionary(col.type):
+        col = pc.cast(col, col.type.value_type)
+    if _is_bytes_like(col.type):
+        return [_escaped(v) for v in pc.cast(col, pa.large_binary()).to_pylist()]
+    return _as_text(pa.table({"c": col}))["c"].to_pylist()
+
+
+def read_csv_chunks(
+    path: Path, encoding: str, batch_rows: int, sniff: CsvEncoding | None = None, labels: dict[str, str] | None = None
+) -> Iterator[Chunk]:
+    """CSV records in bounded batches (pyarrow streaming reader); rows with a wrong field count are reported, not lost.
+
+    ``encoding``: 'utf-8', 'utf-8-sig', 'gbk', or 'replace' (undecodable file: every record is still read, bytes
+    escaped, for the whole-file quarantine). ``sniff`` (detect_csv_encoding) tells whether some lines hold undecodable
+    bytes: then the text goes to pyarrow with those sequences marked, and each record holding one is reported as a
+    BadRecord naming the field and byte offset instead of failing the file.
+    """
+    family = "utf-8" if encoding == "replace" else encoding_family(encoding)
+    codec = _codec(family)
+    if sniff is None:
+        with open(path, "rb") as fh:
+            bom = fh.read(3) == codecs.BOM_UTF8
+    else:
+        bom = sniff.bom
+    marked = encoding == "replace" or (sniff is not None and sniff.bad_lines > 0) or (bom and family == "gbk")
+    source: object
+    if marked:  # a GBK file's BOM is skipped here; pyarrow itself skips a UTF-8 BOM
+        source = _TranscodedFile(path, codec, 3 if bom else 0)
         enc = "utf8"
     else:
         source = pa.OSFile(str(path))
-        enc = {"utf-8": "utf8", "utf-8-sig": "utf8", "gbk": "gb18030"}[encoding]
+        enc = "utf8" if family == "utf-8" else "gb18030"
     with open(path, "rb") as fh:
+        fh.seek(3 if bom else 0)
         head = fh.read(1 << 20)
-    head_text = head.decode("utf-8" if enc == "utf8" else "gb18030", errors="replace").lstrip("\ufeff")
-    header = next(csv.reader(io.StringIO(head_text)), [])
+    header = next(csv.reader(io.StringIO(_transcode(head[: head.rfind(b"\n") + 1] or head, codec).decode("utf-8"))), [])
     if not header:
         raise FileUnreadable("CSV 文件没有表头行")
-    bad: list[tuple[int, str, str]] = []
+    bad: list[BadRecord] = []
 
     def on_invalid(row: pacsv.InvalidRow) -> str:
         number = (row.number - 1) if row.number else -1  # physical line → record (header is line 1)
-        bad.append(
-            (number, row.text, f"记录字段数为 {row.actual_columns}，表头为 {row.expected_columns} 列（行被截断或分隔符错误）")
-        )
+        reason = f"记录字段数为 {row.actual_columns}，表头为 {row.expected_columns} 列（行被截断或分隔符错误）"
+        hit = _first_mark(row.text, codec) if marked else None
+        if hit is not None:
+            reason += "；" + _undecodable_reason(hit[0], hit[1], family, where="记录")
+        bad.append(BadRecord(number, _unmark(row.text) if marked else row.text, reason))
         return "skip"
 
     # Block size bounds memory; rows per batch follow from it (~100-250k rows of these datasets per 32 MB).
@@ -281,31 +586,94 @@ def read_csv_chunks(path: Path, encoding: str, batch_rows: int) -> Iterator[Chun
                 pos = pos + np.searchsorted(shifted, pos, side="right")
             emitted += batch.num_rows
             new_bad, reported = bad[reported:], len(bad)
-            yield Chunk(_as_text(pa.Table.from_batches([batch])), pos, new_bad)
+            table = _as_text(pa.Table.from_batches([batch]))
+            if marked and table.num_rows:
+                table, pos, undecodable = _split_marked(table, pos, codec, family, labels)
+                new_bad += undecodable
+            yield Chunk(table, pos, new_bad)
     except (pa.ArrowInvalid, UnicodeDecodeError) as exc:
         raise FileUnreadable(f"CSV 文件无法继续解析（文件损坏或被截断）：{exc}") from exc
     if reported < len(bad):
         yield Chunk(pa.table({c: pa.array([], pa.string()) for c in header}), np.array([], dtype=np.int64), bad[reported:])
 
 
-def _json_lines(path: Path, chunk_bytes: int) -> Iterator[bytes]:
-    """Whole-line byte chunks of a JSON Lines file."""
-    with open(path, "rb") as fh:
-        rest = b""
-        for block in iter(lambda: fh.read(chunk_bytes), b""):
-            block = rest + block
-            cut = block.rfind(b"\n")
-            if cut < 0:
-                rest = block
-                continue
-            yield block[: cut + 1]
-            rest = block[cut + 1 :]
-        if rest:
-            yield rest
+def _split_marked(
+    table: pa.Table, pos: np.ndarray, codec: str, family: str, labels: dict[str, str] | None
+) -> tuple[pa.Table, np.ndarray, list[BadRecord]]:
+    """Take the records holding a marked (undecodable) byte sequence out of a CSV batch, as BadRecords."""
+    hits = np.zeros(table.num_rows, dtype=bool)
+    for col in table.columns:  # vectorized per column; Python only for the hit records
+        hits |= pc.match_substring(col, _MARK_OPEN).fill_null(False).to_numpy()
+    rows = np.flatnonzero(hits)
+    if not len(rows):
+        return table, pos, []
+    out: list[BadRecord] = []
+    taken: list[int] = []
+    for row, rec in zip(rows, table.take(pa.array(rows)).to_pylist(), strict=True):
+        cells = [(c, _first_mark(v, codec)) for c, v in rec.items() if v and _MARK_OPEN in v]
+        cells = [(c, h) for c, h in cells if h is not None]
+        if not cells:
+            continue  # a genuine U+FDD0 in the data, not a marker token
+        record = {c: None if v is None else _unmark(v) for c, v in rec.items()}
+        reason = "；".join(_undecodable_reason(off, seq, family, _label(labels, c)) for c, (off, seq) in cells)
+        out.append(BadRecord(int(pos[row]), json.dumps(record, ensure_ascii=False), reason,
+                             "delivery.encoding_undecodable", cells[0][0], record))  # fmt: skip
+        taken.append(int(row))
+    if not taken:
+        return table, pos, []
+    keep = np.ones(table.num_rows, dtype=bool)
+    keep[taken] = False
+    return table.filter(pa.array(keep)), pos[keep], out
 
 
-def read_jsonl_chunks(path: Path, batch_rows: int, fields: list[str]) -> Iterator[Chunk]:
-    """JSON Lines records in bounded batches; fast path pyarrow, per-line fallback only for a chunk with a bad line."""
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+
+
+def _jsonl_undecodable(number: int, raw: bytes, offset: int, seq: bytes, labels: dict[str, str] | None) -> BadRecord:
+    """A JSON line holding invalid UTF-8: the field is the first key whose value holds the bad bytes, if it parses."""
+    field_name = None
+    try:
+        obj = json.loads(raw.decode("utf-8", errors="zqdata.escape"))
+        if isinstance(obj, dict):
+            field_name = next(
+                (k for k, v in obj.items()
+                 if _ESCAPED_RE.search(v if isinstance(v, str) else json.dumps(v, ensure_ascii=False))), None,
+            )  # fmt: skip
+            if field_name is not None and _ESCAPED_RE.search(field_name):
+                field_name = None
+    except ValueError:
+        pass
+    label = _label(labels, field_name) if field_name else None
+    reason = _undecodable_reason(offset, seq, "utf-8", label, where="行")
+    return BadRecord(number, _escaped(raw) or "", reason, "delivery.encoding_undecodable", field_name)
+
+
+def _lone_surrogate(number: int, text: str, rec: dict, labels: dict[str, str] | None) -> BadRecord | None:
+    """A JSON line whose \\uD800-\\uDFFF escape decodes to no character (it would be invalid UTF-8 in DuckDB)."""
+    for k, v in rec.items():
+        m = _SURROGATE_RE.search(k) or (_SURROGATE_RE.search(v) if isinstance(v, str) else None)
+        if m is None:
+            continue
+        esc = re.search("\\\\u" + f"{ord(m.group()):04x}", text, re.IGNORECASE)
+        where = f"，行内字节偏移 {len(text[: esc.start()].encode('utf-8', 'surrogatepass'))}" if esc else ""
+        field_name = None if _SURROGATE_RE.search(k) else k
+        label = f"字段{_label(labels, k)}" if field_name else "键名"
+        reason = (
+            f"{label}含无效的 Unicode 转义 \\u{ord(m.group()):04x}（孤立的代理项，不是字符{where}）"
+            "(lone surrogate escape: not a character)"
+        )
+        return BadRecord(number, text, reason, "delivery.encoding_undecodable", field_name)
+    return None
+
+
+def read_jsonl_chunks(
+    path: Path, batch_rows: int, fields: list[str], labels: dict[str, str] | None = None
+) -> Iterator[Chunk]:
+    """JSON Lines records in bounded batches; fast path pyarrow, per-line fallback only for a chunk with a bad line.
+
+    pyarrow's JSON reader accepts invalid UTF-8 as is: each block is validated first (vectorized), and a line holding
+    an invalid byte sequence is reported as a BadRecord (field and byte offset) instead of being parsed.
+    """
     # Registered fields are read as text (no timestamp inference); a non-string JSON value there takes the slow path.
     options = pajson.ParseOptions(
         explicit_schema=pa.schema([(f, pa.string()) for f in fields]), unexpected_field_behavior="infer"
@@ -316,17 +684,32 @@ def read_jsonl_chunks(path: Path, batch_rows: int, fields: list[str]) -> Iterato
         start = number
         number += len(lines)
         nums = np.arange(start + 1, number + 1, dtype=np.int64)
+        if not _valid_utf8(block):
+            found = invalid_utf8_rows(pa.array(lines, pa.binary()))
+            drop = np.zeros(len(lines), dtype=bool)
+            undecodable = []
+            for i, off, seq in found:
+                drop[i] = True
+                undecodable.append(_jsonl_undecodable(int(nums[i]), lines[i], off, seq, labels))
+            if undecodable:
+                yield Chunk(pa.table({}), np.array([], dtype=np.int64), undecodable)
+                lines = [ln for ln, d in zip(lines, drop, strict=True) if not d]
+                nums = nums[~drop]
+            if not lines:
+                continue
+        data = b"\n".join(lines) + b"\n"
         try:
             table = pajson.read_json(
-                pa.BufferReader(b"\n".join(lines) + b"\n"),
+                pa.BufferReader(data),
                 read_options=pajson.ReadOptions(block_size=64 << 20),
                 parse_options=options,
             )
             # explicit_schema adds absent registered keys as null columns; keep only keys that occur in the block
             # (a byte search, so a key present with null values still counts as a delivered column).
-            keys = [f for f in fields if json.dumps(f).encode() in block]
+            keys = [f for f in fields if json.dumps(f).encode() in data]
             table = table.select([c for c in table.column_names if c not in fields or c in keys])
-            if table.num_rows == len(lines):
+            # (a \\uDC80-style escape must not come out as invalid UTF-8 either: then the slow path decides per line)
+            if table.num_rows == len(lines) and not any(invalid_utf8_rows(c) for c in table.columns):
                 for off in range(0, table.num_rows, batch_rows):
                     yield Chunk(_as_text(table.slice(off, batch_rows)), nums[off : off + batch_rows])
                 continue
@@ -335,25 +718,34 @@ def read_jsonl_chunks(path: Path, batch_rows: int, fields: list[str]) -> Iterato
         # Slow path for this block only: per-line parsing finds which records are broken (or mixed-typed).
         records: list[dict] = []
         good: list[int] = []
-        bad: list[tuple[int, str, str]] = []
-        for i, raw in enumerate(lines):
+        bad: list[BadRecord] = []
+        for num, raw in zip(nums.tolist(), lines, strict=True):
             text = raw.decode("utf-8", errors="backslashreplace")
             try:
                 obj = json.loads(text)
                 if not isinstance(obj, dict):
                     raise ValueError("not an object")
             except ValueError:
-                bad.append((start + i + 1, text, "JSON 行无法解析（记录不完整，文件可能被截断）"))
+                bad.append(BadRecord(num, text, "JSON 行无法解析（记录不完整，文件可能被截断）"))
                 continue
-            records.append({k: (v if isinstance(v, str) or v is None else json.dumps(v, ensure_ascii=False)) for k, v in obj.items()})
-            good.append(start + i + 1)
+            rec = {k: (v if isinstance(v, str) or v is None else json.dumps(v, ensure_ascii=False)) for k, v in obj.items()}
+            lone = _lone_surrogate(num, text, rec, labels)
+            if lone is not None:
+                bad.append(lone)
+                continue
+            records.append(rec)
+            good.append(num)
         keys = list(dict.fromkeys(k for r in records for k in r))
         table = pa.table({k: pa.array([r.get(k) for r in records], pa.string()) for k in keys})
         yield Chunk(table, np.array(good, dtype=np.int64), bad)
 
 
-def read_parquet_chunks(path: Path, batch_rows: int) -> Iterator[Chunk]:
-    """Parquet records in bounded batches, every column cast to text."""
+def read_parquet_chunks(path: Path, batch_rows: int, labels: dict[str, str] | None = None) -> Iterator[Chunk]:
+    """Parquet records in bounded batches, every column cast to text.
+
+    pyarrow reads a string column's bytes without checking them: each text/binary column is validated per batch
+    (vectorized), and a row holding invalid UTF-8 is reported as a BadRecord naming the column and byte offset.
+    """
     try:
         pf = pq.ParquetFile(str(path))
     except (pa.ArrowInvalid, OSError) as exc:
@@ -363,8 +755,26 @@ def read_parquet_chunks(path: Path, batch_rows: int) -> Iterator[Chunk]:
         for batch in pf.iter_batches(batch_size=batch_rows):
             nums = np.arange(number + 1, number + batch.num_rows + 1, dtype=np.int64)
             number += batch.num_rows
-            yield Chunk(_as_text(pa.Table.from_batches([batch])), nums)
-    except (pa.ArrowInvalid, OSError) as exc:
+            table = pa.Table.from_batches([batch])
+            cells: dict[int, list[tuple[str, int, bytes]]] = {}
+            for name, col in zip(table.column_names, table.columns, strict=True):
+                for row, off, seq in invalid_utf8_rows(col):
+                    cells.setdefault(row, []).append((name, off, seq))
+            bad: list[BadRecord] = []
+            if cells:
+                rows = sorted(cells)
+                subset = table.take(pa.array(rows))
+                values = {name: _escaped_pylist(subset[name]) for name in subset.column_names}
+                for k, row in enumerate(rows):
+                    record = {name: values[name][k] for name in subset.column_names}
+                    reason = "；".join(_undecodable_reason(off, seq, "utf-8", _label(labels, c)) for c, off, seq in cells[row])
+                    bad.append(BadRecord(int(nums[row]), json.dumps(record, ensure_ascii=False), reason,
+                                         "delivery.encoding_undecodable", cells[row][0][0], record))  # fmt: skip
+                keep = np.ones(len(nums), dtype=bool)
+                keep[rows] = False
+                table, nums = table.filter(pa.array(keep)), nums[keep]
+            yield Chunk(_as_text(table), nums, bad)
+    except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as exc:
         raise FileUnreadable(f"Parquet 文件读取中断（文件损坏或被截断），已读 {number} 条：{exc}") from exc
 
 
@@ -492,19 +902,22 @@ def _load_chunk(ctx: _Ctx, chunk: Chunk, key: str, name: str, file_reason: str |
         bad_rows = pa.table(
             {
                 **{f: pa.nulls(len(chunk.bad), pa.string()) for f in fields},
-                "_row_number": pa.array([b[0] for b in chunk.bad], pa.int32()),
-                "_raw": pa.array([json.dumps({"_raw_text": b[1]}, ensure_ascii=False) for b in chunk.bad], pa.string()),
-                "_reason": pa.array([b[2] for b in chunk.bad], pa.string()),
-                "_rule": pa.array(["delivery.malformed_record"] * len(chunk.bad), pa.string()),
-                "_dimension": pa.array([DELIVERY_RULES["delivery.malformed_record"][0]] * len(chunk.bad), pa.string()),
-                "_field": pa.nulls(len(chunk.bad), pa.string()),
+                "_row_number": pa.array([b.number for b in chunk.bad], pa.int32()),
+                "_raw": pa.array(
+                    [json.dumps(b.record if b.record is not None else {"_raw_text": b.text}, ensure_ascii=False)
+                     for b in chunk.bad], pa.string(),
+                ),  # fmt: skip
+                "_reason": pa.array([b.reason for b in chunk.bad], pa.string()),
+                "_rule": pa.array([b.rule for b in chunk.bad], pa.string()),
+                "_dimension": pa.array([DELIVERY_RULES[b.rule][0] for b in chunk.bad], pa.string()),
+                "_field": pa.array([b.field for b in chunk.bad], pa.string()),
             }
         )
         staged = pa.concat_tables([staged, bad_rows])
         if file_reason is None:
-            for number, _text, reason in chunk.bad:
-                _finding(ctx, "delivery.malformed_record", f"第 {number} 条记录：{reason}", key)
-                ctx.findings[-1].update(row_number=number, lineage_id=f"{prefix}{number}")
+            for b in chunk.bad:  # record-level findings (row_number set): counted per record, not per file
+                _finding(ctx, b.rule, f"第 {b.number} 条记录：{b.reason}", key, b.field)
+                ctx.findings[-1].update(row_number=b.number, lineage_id=f"{prefix}{b.number}")
     ctx.con.register("_zq_s", staged)
     ctx.con.execute("insert into _zq_rows select * from _zq_s")
     ctx.con.unregister("_zq_s")
@@ -520,7 +933,8 @@ def _flush_file(ctx: _Ctx, key: str, name: str, bid: str, file_reason: tuple[str
         reason, rule, dimension = file_reason
         ctx.con.execute(
             f"insert into quarantine.rows select {lineage_sql}, coalesce(_raw, {raw_default}), "
-            "case when _rule = 'delivery.malformed_record' then ? || '；' || _reason else ? end, ?, ?, NULL "
+            "case when _rule in ('delivery.malformed_record', 'delivery.encoding_undecodable') then ? || '；' || _reason "
+            "else ? end, ?, ?, NULL "
             "from _zq_rows",
             [*params, reason, reason, rule, dimension],
         )
@@ -603,26 +1017,42 @@ def _ingest_file(
                 detail = f"{DUPLICATE_REASON}：文件内容与 {first} 相同（sha256 {sha[:12]}…），保留首次交付，本文件记录全部隔离"
                 problem("delivery.duplicate_file", detail, "duplicate")
                 file_reason = (detail, "delivery.duplicate_file", DELIVERY_RULES["delivery.duplicate_file"][0])
+            sniff: CsvEncoding | None = None
             if fmt == "csv":
-                detected = detect_csv_encoding(path)
+                sniff = detect_csv_encoding(path, declared)
+                detected = sniff.encoding
                 if detected is None:
-                    detail = f"文件编码无法识别：{name} 既不是有效的 UTF-8 也不是 GBK 编码，整个文件隔离"
+                    detail = (
+                        f"文件编码无法识别：{name} 的 {sniff.lines} 行中有 {sniff.bad_lines} 行既不是有效的 UTF-8 也不是 GBK 编码，"
+                        "整个文件隔离 (undecodable: most lines are neither UTF-8 nor GBK)"
+                    )
                     problem("delivery.encoding_undecodable", detail, "quarantined" if file_reason is None else None)
                     file_reason = file_reason or (detail, "delivery.encoding_undecodable", "standardization")
-                elif detected.replace("-sig", "") != declared.replace("-sig", "") and not _decodes_as(
-                    path, "ascii"
-                ):  # a pure-ASCII file is the same bytes in UTF-8 and GBK: not a mismatch
-                    problem("delivery.encoding_mismatch", f"文件实际编码为 {detected}，清单/登记声明为 {declared}")
+                else:
+                    # a pure-ASCII file is the same bytes in UTF-8 and GBK: not a mismatch
+                    mismatch = sniff.family != encoding_family(declared) and not _decodes_as(path, "ascii")
+                    if sniff.bom and sniff.family == "gbk":
+                        # The contract allows a BOM; the content decides. A UTF-8 signature on GBK content is said,
+                        # not held against the file: the BOM is stripped and the records decoded as GBK.
+                        problem("delivery.encoding_mismatch", (
+                            f"文件以 UTF-8 BOM（EF BB BF）开头，但内容为 GBK 编码"
+                            f"{'，与清单/登记声明的 ' + declared + ' 不一致' if mismatch else '（与声明一致）'}："
+                            "已去除 BOM，按 GBK 解码入库 (UTF-8 BOM on GBK content: BOM stripped, decoded as GBK)"
+                        ))  # fmt: skip
+                    elif mismatch:
+                        problem("delivery.encoding_mismatch", f"文件实际编码为 {detected}，清单/登记声明为 {declared}")
+            labels = {f.name: f"「{f.cn_name}」({f.name})" for f in ctx.ds.fields}
             try:
                 if fmt == "csv":
-                    chunks = read_csv_chunks(path, detected or "replace", batch_rows)
+                    chunks = read_csv_chunks(path, detected or "replace", batch_rows, sniff, labels)
                 elif fmt == "jsonl":
-                    chunks = read_jsonl_chunks(path, batch_rows, ctx.ds.field_names)
+                    chunks = read_jsonl_chunks(path, batch_rows, ctx.ds.field_names, labels)
                 else:
-                    chunks = read_parquet_chunks(path, batch_rows)
+                    chunks = read_parquet_chunks(path, batch_rows, labels)
                 seen_columns: list[str] = []
                 last_bad = 0
                 count = 0
+                undecodable = 0
                 for chunk in chunks:
                     for c in chunk.table.column_names:
                         if c not in seen_columns:
@@ -631,8 +1061,8 @@ def _ingest_file(
                     if file_reason is None and fmt != "jsonl" and count == 0:
                         file_reason = _column_reason(ctx, seen_columns, obj.key, rep)
                     count += chunk.table.num_rows + len(chunk.bad)
-                    if chunk.bad:
-                        last_bad = max(last_bad, max(b[0] for b in chunk.bad))
+                    last_bad = max([last_bad, *(b.number for b in chunk.bad if b.rule == "delivery.malformed_record")])
+                    undecodable += sum(b.rule == "delivery.encoding_undecodable" for b in chunk.bad)
                     _load_chunk(ctx, chunk, obj.key, name, file_reason[0] if file_reason else None)
                 if file_reason is None and fmt == "jsonl" and count:
                     file_reason = _column_reason(ctx, seen_columns, obj.key, rep)
@@ -640,6 +1070,12 @@ def _ingest_file(
                     problem("delivery.empty_file", f"文件 {name} 没有数据记录（仅有表头或空行）")
                 if last_bad and last_bad == count:
                     problem("delivery.truncated_file", f"文件 {name} 最后一条记录（第 {last_bad} 条）不完整，文件可能被截断")
+                if undecodable and file_reason is None:
+                    # said in meta.deliveries; the findings are per record (a file-level one would hold the gate)
+                    rep.errors.append(
+                        f"{undecodable} 条记录含无法解码的字节序列，已逐条隔离 ({undecodable} records with undecodable bytes quarantined)"
+                    )
+                    rep.status = "warn" if rep.status == "ok" else rep.status
             except FileUnreadable as exc:
                 problem("delivery.unreadable_file", f"{name}：{exc}", "error")
         delivered, accepted, quarantined = _flush_file(ctx, obj.key, name, bid, file_reason)
