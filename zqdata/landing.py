@@ -114,6 +114,48 @@ def read_manifest(store: ObjectStore, agency: str, dataset: str, day: dt.date) -
         raise ValueError(f"清单文件无法解析 manifest {key} is invalid: {exc}") from exc
 
 
+def try_read_manifest(store: ObjectStore, agency: str, dataset: str, day: dt.date) -> tuple[Manifest | None, str | None]:
+    """``(manifest, problem)``: the manifest or None when absent, and the reason when it is present but unreadable.
+
+    For callers that must go on with a bad manifest (the landing step reports it; ingestion quarantines/records it)."""
+    try:
+        return read_manifest(store, agency, dataset, day), None
+    except ValueError as exc:
+        return None, str(exc).splitlines()[0]
+
+
+def arrival_time(objects: list[ObjectInfo]) -> dt.datetime | None:
+    """When a delivery arrived according to the object store: the latest LastModified (file mtime / S3 LastModified)
+    of its objects, data files and manifest. Unlike the manifest's ``delivered_at`` the agency does not write it."""
+    return max((o.last_modified for o in objects), default=None)
+
+
+def delivery_arrival(store: ObjectStore, agency: str, dataset: str, day: dt.date) -> dt.datetime | None:
+    """The arrival time of a day's delivery (see ``arrival_time``); None when the folder is empty or absent."""
+    return arrival_time(store.list(delivery_prefix(agency, dataset, day)))
+
+
+def set_simulated_arrival(store: ObjectStore, agency: str, dataset: str, day: dt.date, when: dt.datetime) -> bool:
+    """Simulation only: give a simulated delivery's files the arrival time the simulator chose (its manifest's
+    ``delivered_at``), as if the agency had delivered then. Possible for the local store only (file mtime); S3 sets
+    LastModified itself. Returns whether the times were set."""
+    import os
+
+    from zqdata.storage import LocalObjectStore
+
+    if not isinstance(store, LocalObjectStore):
+        return False
+    stamp = when.timestamp()
+    for obj in store.list(delivery_prefix(agency, dataset, day)):
+        os.utime(store.root / obj.key, (stamp, stamp))
+    return True
+
+
+def future_delivery_days(store: ObjectStore, agency: str, dataset: str, today: dt.date) -> list[dt.date]:
+    """Delivery folders dated after ``today`` (Asia/Shanghai): data that cannot exist yet, never a partition to ingest."""
+    return [d for d in list_delivery_days(store, agency, dataset) if d > today]
+
+
 def list_delivery_files(store: ObjectStore, agency: str, dataset: str, day: dt.date) -> list[ObjectInfo]:
     """The data files of a day's delivery (everything in the folder except the manifest), sorted by key."""
     prefix = delivery_prefix(agency, dataset, day)
@@ -174,9 +216,15 @@ def render_landing_docs(registry: "Registry") -> str:
         "",
         "## 文件格式 File formats",
         "",
-        "- CSV：首行为表头，列名与下表字段名一致（顺序不限）；编码 UTF-8 或 GBK（可带 BOM）；RFC 4180 引号规则。",
-        "- JSON Lines：每行一个 JSON 对象，键为字段名；值按原样保存为文本。",
-        "- Parquet：列名为字段名；任何类型的列均按文本保存。",
+        "- CSV：首行为表头，列名与下表字段名一致（顺序不限）；编码 UTF-8 或 GBK（清单 `encoding` 声明），可带 UTF-8 BOM"
+        "（EF BB BF）；RFC 4180 引号规则。BOM 入库时去除，不单独决定编码：以内容为准（先按 UTF-8，再按 GBK 解码）；"
+        "实际编码与声明不符（包括 GBK 内容带 UTF-8 BOM）照常入库，记录警告。"
+        "A BOM is stripped; the content decides the encoding; a mismatch with the declaration is a warning.",
+        "- JSON Lines：UTF-8 编码，每行一个 JSON 对象，键为字段名；值按原样保存为文本。",
+        "- Parquet：列名为字段名；任何类型的列均按文本保存；文本、二进制列须为有效 UTF-8。",
+        "- 无法解码的字节 undecodable bytes：任何格式中，某条记录含无法按文件编码解码的字节序列（JSON 中含 `\\uD800`–`\\uDFFF` "
+        "孤立代理项转义亦同）时，仅隔离该记录，原因注明字段与字节偏移，其余记录照常入库。"
+        "A record holding an undecodable byte sequence is quarantined on its own (reason: field and byte offset).",
         "- 缺列、多列、改名列：整个文件隔离（交付级问题）。Missing, extra or renamed columns quarantine the whole file.",
         "",
         "## 交付级检查 Delivery-level checks (ingestion)",
@@ -186,7 +234,8 @@ def render_landing_docs(registry: "Registry") -> str:
         "| 清单缺失 manifest missing | 记录错误，文件照常入库并核对 |",
         "| 清单记录数与实际不符 record_count mismatch | 记录错误 |",
         "| 清单 sha256 与实际不符 checksum mismatch | 记录错误 |",
-        "| 空文件、截断文件、无法解码 empty / truncated / undecodable | 该文件记录错误，可读出的行进入隔离区 |",
+        "| 空文件、截断文件、无法解码 empty / truncated / undecodable | 该文件记录错误，可读出的行进入隔离区"
+        "（无法解码指多数行既非 UTF-8 也非 GBK；个别记录无法解码时仅隔离该记录） |",
         "| 同一文件重复交付 same content twice | 保留首次，重复文件的行以“重复交付”隔离 |",
         "| 交付日期在未来 future partition | 拒绝 |",
         "| 应交未交 expected but absent | meta.deliveries 状态 `missing` |",

@@ -6,9 +6,37 @@ an empty key after the whole gov side ran or a bad memory limit in the first dbt
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import tempfile
 from pathlib import Path
+
+
+def last_partition_day(now: dt.datetime | None = None) -> dt.date:
+    """The latest daily partition: yesterday in Asia/Shanghai. A day becomes a partition once it is over (Dagster's
+    ``DailyPartitionsDefinition`` in orchestration.partitions ends there too; a test keeps the two in step)."""
+    from zqdata.settings import TZ
+
+    return (now or dt.datetime.now(TZ)).astimezone(TZ).date() - dt.timedelta(days=1)
+
+
+def partition_range_problem(first: dt.date, days: int = 1, now: dt.datetime | None = None) -> str | None:
+    """One line when ``first`` .. ``first + days - 1`` is not inside the partitions [PARTITION_START, yesterday]
+    (Asia/Shanghai), else None. Checked before anything runs, instead of a DagsterUnknownPartitionError mid-run."""
+    from zqdata.settings import PARTITION_START
+
+    if days < 1:
+        return f"--days 必须至少为 1，实为 {days}，未开始运行 (--days must be at least 1, nothing was run)"
+    start, last = dt.date.fromisoformat(PARTITION_START), last_partition_day(now)
+    end = first + dt.timedelta(days=days - 1)
+    if start <= first and end <= last:
+        return None
+    asked = first.isoformat() if days == 1 else f"{first.isoformat()} 至 {end.isoformat()}（--days {days}）"
+    why_cn, why_en = (("早于首个分区", "is before the first partition") if first < start
+                      else ("晚于最后一个分区（当天尚未结束或在未来）", "runs past the last partition (yesterday)"))
+    return (f"日期超出分区范围：{asked} {why_cn}，可运行的分区为 {start.isoformat()} 至 {last.isoformat()}"
+            f"（北京时间），未开始运行 (date {why_en}; partitions are {start.isoformat()}..{last.isoformat()}, "
+            f"nothing was run)")
 
 
 def preflight_problems() -> list[str]:

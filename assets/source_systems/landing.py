@@ -11,8 +11,16 @@ import dagster as dg
 
 from orchestration.partitions import daily_partitions
 from orchestration.resources import ObjectStoreResource, store_step_retries
-from zqdata.landing import list_delivery_files, read_manifest
+from zqdata.landing import (
+    MANIFEST_NAME,
+    arrival_time,
+    delivery_prefix,
+    future_delivery_days,
+    set_simulated_arrival,
+    try_read_manifest,
+)
 from zqdata.registry import Registry, registry
+from zqdata.settings import TZ
 from zqdata.simulator import SimulatorSettings, simulate_day
 from zqdata.storage import ObjectStore
 
@@ -21,18 +29,44 @@ def landing_key(dataset: str) -> dg.AssetKey:
     return dg.AssetKey(["landing", dataset])
 
 
-def delivery_metadata(store: ObjectStore, reg: Registry, dataset: str, day: dt.date) -> dict[str, object]:
-    """What the agency delivered for the day: files, records per the manifest, whether the manifest is present."""
+def delivery_metadata(store: ObjectStore, reg: Registry, dataset: str, day: dt.date,
+                      today: dt.date | None = None) -> dict[str, object]:
+    """What the agency delivered for the day: files, records per the manifest, whether the manifest is present and
+    readable, when the delivery arrived in the store beside what its manifest claims, and folders dated in the future.
+
+    Never raises for the agency's own mistakes: a malformed manifest is named in ``manifest_problem`` (ingestion then
+    records it as ``delivery.manifest_invalid`` and checks the files without it), so one agency cannot fail the
+    landing step of every other agency."""
     agency = reg.datasets[dataset].agency
-    files = [o.key.rsplit("/", 1)[1] for o in list_delivery_files(store, agency, dataset, day)]
-    manifest = read_manifest(store, agency, dataset, day)
+    today = today or dt.datetime.now(TZ).date()
+    objects = store.list(delivery_prefix(agency, dataset, day))
+    files = [o.key.rsplit("/", 1)[1] for o in objects if o.key.rsplit("/", 1)[1] != MANIFEST_NAME]
+    manifest, problem = try_read_manifest(store, agency, dataset, day)
+    arrived = arrival_time(objects)
+    future = [delivery_prefix(agency, dataset, d) for d in future_delivery_days(store, agency, dataset, today)]
     return {
         "agency": f"{reg.agencies[agency].name} ({agency})",
         "files": files,
         "records": sum(f.record_count for f in manifest.files) if manifest else 0,
-        "manifest_present": manifest is not None,
+        "manifest_present": manifest is not None or problem is not None,
+        "manifest_valid": problem is None,
+        "manifest_problem": problem or "",
+        # the store's arrival time (what timeliness uses) beside the manifest's own claim
+        "arrived_at": arrived.isoformat() if arrived else "",
         "delivered_at": manifest.delivered_at.isoformat() if manifest and manifest.delivered_at else "",
+        "future_folders": future,
     }
+
+
+def _date_simulated_arrivals(store: ObjectStore, reg: Registry, day: dt.date) -> None:
+    """Timeliness uses the store's arrival time: a simulated delivery written now for a past day would be late by
+    months. In the local store the simulated files get the arrival time the simulator chose (manifest delivered_at)."""
+    for ds in reg.datasets.values():
+        manifest, _ = try_read_manifest(store, ds.agency, ds.code, day)
+        if manifest is None or manifest.delivered_at is None:
+            continue
+        if not set_simulated_arrival(store, ds.agency, ds.code, day, manifest.delivered_at):
+            return  # not a local store: S3 keeps its own LastModified
 
 
 class LandingConfig(dg.Config):
@@ -83,9 +117,16 @@ def build_landing_assets(reg: Registry) -> dg.AssetsDefinition:
                 defects = simulate_day(object_store, reg, day, settings.rows_per_day, settings.seed,
                                        settings.defect_rate)
                 context.log.info(f"模拟交付 {day}: {settings.rows_per_day} 行, 注入缺陷 {len(defects)} 个")
+                _date_simulated_arrivals(object_store, reg, day)
+            today = dt.datetime.now(TZ).date()
             for key in sorted(context.selected_asset_keys, key=lambda k: k.to_user_string()):
-                meta = delivery_metadata(object_store, reg, key.path[-1], day)
+                meta = delivery_metadata(object_store, reg, key.path[-1], day, today)
                 meta["simulated"] = settings.enabled
+                if meta["manifest_problem"]:
+                    context.log.warning(f"{key.path[-1]}: {meta['manifest_problem']}（入库时记录并核对 recorded at ingestion）")
+                if meta["future_folders"]:
+                    context.log.warning(f"{key.path[-1]}: 交付目录日期晚于今天 future-dated delivery folders: "
+                                        f"{', '.join(meta['future_folders'])}")
                 results.append(dg.MaterializeResult(asset_key=key, metadata=meta))
         yield from results
 

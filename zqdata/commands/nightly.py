@@ -16,8 +16,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    import sys
+
+    from zqdata.preflight import partition_range_problem, preflight_problems
+
+    # Before any import of the job or work: a day outside the partitions is a usage error (exit 2, one line).
+    out_of_range = partition_range_problem(args.date, args.days)
+    if out_of_range:
+        print(f"zq nightly: {out_of_range}", file=sys.stderr, flush=True)
+        return 2
     from orchestration.nightly import format_summary, run_nightly
-    from zqdata.preflight import preflight_problems
 
     problems = preflight_problems()
     if problems:
