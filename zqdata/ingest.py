@@ -30,7 +30,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from zqdata import contracts
-from zqdata.landing import Manifest, ManifestFile, delivery_prefix, list_delivery_files, read_manifest
+from zqdata.landing import Manifest, ManifestFile, arrival_time, delivery_prefix, list_delivery_files, read_manifest
 from zqdata.registry import Dataset, Registry
 from zqdata.settings import TZ
 from zqdata.storage import ObjectInfo, ObjectStore
@@ -66,7 +66,8 @@ DELIVERY_COLUMNS: tuple[tuple[str, str], ...] = (
     ("rows_accepted", "BIGINT"),
     ("rows_quarantined", "BIGINT"),
     ("extracted_at", "TIMESTAMPTZ"),
-    ("delivered_at", "TIMESTAMPTZ"),
+    ("delivered_at", "TIMESTAMPTZ"),  # the manifest's claim
+    ("arrived_at", "TIMESTAMPTZ"),  # the object store's time (latest LastModified of the folder): what timeliness uses
     ("batch_id", "VARCHAR"),
     ("status", "VARCHAR"),  # ok | warn | quarantined | duplicate | error | missing | rejected
     ("error", "VARCHAR"),
@@ -174,6 +175,7 @@ def ensure_gov_tables(con: duckdb.DuckDBPyConnection, dataset: Dataset) -> None:
         "rule VARCHAR, dimension VARCHAR, field VARCHAR)"
     )
     con.execute(f"create table if not exists meta.deliveries ({', '.join(f'{n} {t}' for n, t in DELIVERY_COLUMNS)})")
+    con.execute("alter table meta.deliveries add column if not exists arrived_at TIMESTAMPTZ")  # older gov files
     ensure_quality_tables(con)
 
 
@@ -1246,6 +1248,9 @@ def ingest_delivery(
                     )  # fmt: skip
                     ctx.files.append(rep)
             report.status = "ok" if all(f.status == "ok" for f in ctx.files) else "warn"
+        arrived = arrival_time(store.list(prefix))  # one listing of the folder: the facts the agency cannot forge
+        for row in ctx.deliveries:
+            row["arrived_at"] = arrived
         _insert_rows(con, "meta.deliveries", list(DELIVERY_COLUMNS), ctx.deliveries)
         if ctx.findings:
             con.register("_zq_df", pd.DataFrame(ctx.findings, columns=list(FINDING_COLUMNS)).astype({"row_number": "Int32"}))

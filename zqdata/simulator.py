@@ -28,7 +28,7 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
 from zqdata import standards
-from zqdata.landing import MANIFEST_NAME, Manifest, ManifestFile, delivery_prefix, sha256_hex
+from zqdata.landing import MANIFEST_NAME, Manifest, ManifestFile, delivery_prefix, set_simulated_arrival, sha256_hex
 from zqdata.quality.dimensions import DIMENSION_KEYS
 from zqdata.registry import Dataset, Registry
 from zqdata.settings import TZ, get_settings
@@ -809,6 +809,9 @@ def _write_dataset(store: ObjectStore, ctx: DayContext, ds: Dataset, n: int, pla
                         delivered_at=delivered, files=entries)
     # Streamed like landing.write_delivery (data files first, manifest last) so only one part is in memory at a time.
     store.put_bytes(prefix + MANIFEST_NAME, manifest.model_dump_json(indent=1).encode("utf-8"))
+    # Timeliness reads the store's arrival time: in a local store the files get the arrival the simulator chose
+    # (written now for a past day they would otherwise look months late); S3 keeps its own LastModified.
+    set_simulated_arrival(store, agency, ds.code, ctx.day, delivered)
     return truth
 
 

@@ -16,7 +16,6 @@ from zqdata.landing import (
     arrival_time,
     delivery_prefix,
     future_delivery_days,
-    set_simulated_arrival,
     try_read_manifest,
 )
 from zqdata.registry import Registry, registry
@@ -56,17 +55,6 @@ def delivery_metadata(store: ObjectStore, reg: Registry, dataset: str, day: dt.d
         "delivered_at": manifest.delivered_at.isoformat() if manifest and manifest.delivered_at else "",
         "future_folders": future,
     }
-
-
-def _date_simulated_arrivals(store: ObjectStore, reg: Registry, day: dt.date) -> None:
-    """Timeliness uses the store's arrival time: a simulated delivery written now for a past day would be late by
-    months. In the local store the simulated files get the arrival time the simulator chose (manifest delivered_at)."""
-    for ds in reg.datasets.values():
-        manifest, _ = try_read_manifest(store, ds.agency, ds.code, day)
-        if manifest is None or manifest.delivered_at is None:
-            continue
-        if not set_simulated_arrival(store, ds.agency, ds.code, day, manifest.delivered_at):
-            return  # not a local store: S3 keeps its own LastModified
 
 
 class LandingConfig(dg.Config):
@@ -117,7 +105,6 @@ def build_landing_assets(reg: Registry) -> dg.AssetsDefinition:
                 defects = simulate_day(object_store, reg, day, settings.rows_per_day, settings.seed,
                                        settings.defect_rate)
                 context.log.info(f"模拟交付 {day}: {settings.rows_per_day} 行, 注入缺陷 {len(defects)} 个")
-                _date_simulated_arrivals(object_store, reg, day)
             today = dt.datetime.now(TZ).date()
             for key in sorted(context.selected_asset_keys, key=lambda k: k.to_user_string()):
                 meta = delivery_metadata(object_store, reg, key.path[-1], day, today)
