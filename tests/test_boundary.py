@@ -339,6 +339,50 @@ def test_leak_gates_share_the_gov_value_set_until_the_gov_db_changes(tmp_path, r
     assert [(l.table, l.kind) for l in leaks] == [("products.p", "name")]
 
 
+def test_a_held_back_dataset_does_not_cross_and_its_partition_leaves_ops(dbs, registry):
+    """Issue 12 (7): the quality gate held water back for D1: its D1 partition leaves every ops table (desensitized and
+    scenario), the other datasets cross as usual, other days of water stay, and ops records what was held back."""
+    from zqdata.boundary import held_back_on_ops
+
+    gov, ops = dbs
+    cross_boundary(gov, ops, registry, D1, _key())
+    cross_boundary(gov, ops, registry, D2, _key())
+    water = "SELECT count(*) FROM {} WHERE _partition_date = ?"
+    assert ops.execute(water.format("scenario_sme_credit_profile.water_usage"), [D1]).fetchone()[0] == 2
+    reason = "delivery.record_count_mismatch（完整性）"
+    report = cross_boundary(gov, ops, registry, D1, _key(), held_back={"water_usage": reason})
+    assert report.held_back == {"water_usage": reason} and report.released["water_usage"] == 0
+    assert report.scenario_rows["sme_credit_profile"]["water_usage"] == 0
+    assert report.consent_excluded["sme_credit_profile"]["water_usage"] == 0  # held back, not excluded for consent
+    for table in ("desensitized.water_usage", "scenario_sme_credit_profile.water_usage"):
+        assert ops.execute(water.format(table), [D1]).fetchone()[0] == 0, table
+        assert ops.execute(water.format(table), [D2]).fetchone()[0] > 0, table  # other days are not touched
+    # the datasets that passed crossed, the held-back dataset's scenario included
+    assert report.released["bus_card_swipes"] == 6
+    assert ops.execute(water.format("scenario_transit_ridership.bus_card_swipes"), [D1]).fetchone()[0] == 6
+    assert ops.execute(water.format("scenario_sme_credit_profile.enterprise_registry"), [D1]).fetchone()[0] == 2
+    assert held_back_on_ops(ops, D1) == {"water_usage": reason} and held_back_on_ops(ops, D2) == {}
+    for ds in registry.datasets:
+        assert check_exclusions(ops, registry, ds, D1) == []
+    # the agency redelivers and the gate passes: the partition crosses again and is no longer recorded as held back
+    cross_boundary(gov, ops, registry, D1, _key())
+    assert ops.execute(water.format("scenario_sme_credit_profile.water_usage"), [D1]).fetchone()[0] == 2
+    assert held_back_on_ops(ops, D1) == {}
+
+
+def test_held_back_on_ops_is_empty_before_any_crossing_held_anything_back(dbs, registry):
+    from zqdata.boundary import held_back_on_ops
+    from zqdata.publish import products_reading
+
+    gov, ops = dbs
+    assert held_back_on_ops(ops, D1) == {}
+    cross_boundary(gov, ops, registry, D1, _key())
+    assert held_back_on_ops(ops, D1) == {}
+    assert products_reading(registry, {"water_usage"}) == ["ops_sme_credit_profile"]
+    assert products_reading(registry, {"bus_card_swipes"}) == ["ops_transit_ridership"]
+    assert products_reading(registry, set()) == []
+
+
 # -- Dagster wiring ----------------------------------------------------------------------------------------------
 
 
@@ -385,6 +429,42 @@ def test_boundary_asset_materializes_with_passing_blocking_checks(tmp_path, regi
         assert SECRET.encode() not in f.read_bytes(), f
     defs = dg.Definitions.merge(boundary_defs(), dg.Definitions(resources={"warehouse": _resources(tmp_path)["warehouse"]}))
     dg.Definitions.validate_loadable(defs)
+
+
+def test_boundary_asset_enforces_the_quality_gate_per_dataset(tmp_path, registry, monkeypatch):
+    """The crossing evaluates the quality gate itself from the gov findings (enforce, don't trust): the dataset it holds
+    back does not cross (materialized with 0 rows and the reason), the others do, and the Art. 2 checks pass."""
+    import dagster as dg
+
+    from assets.ops_platform.boundary import build_boundary_crossing
+    from zqdata.quality.scores import ensure_quality_tables
+    from zqdata.quality.timeliness import write_findings
+
+    monkeypatch.setenv("ZQ_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("ZQ_PSEUDONYM_KEY", SECRET)
+    monkeypatch.delenv("ZQ_QUALITY_MAX_ERROR_RATE", raising=False)
+    (tmp_path / "warehouse").mkdir()
+    build_gov(tmp_path / "warehouse" / "gov.duckdb", registry, [D1])
+    with duckdb.connect(str(tmp_path / "warehouse" / "gov.duckdb")) as gov:
+        ensure_quality_tables(gov)
+        write_findings(gov, [{"partition_date": D1, "agency": "water", "dataset": "water_usage", "tool": "delivery",
+                              "rule": "delivery.record_count_mismatch", "dimension": "completeness", "severity": "error",
+                              "delivery_file": f"water/water_usage/{D1}/part-0001.csv", "row_number": None,
+                              "lineage_id": None, "field": None, "detail": "清单记录数 5 与实际记录数 3 不一致"}])
+    result = dg.materialize([build_boundary_crossing(registry)], resources=_resources(tmp_path), partition_key=str(D1))
+    assert result.success
+    assert all(e.passed for e in result.get_asset_check_evaluations())
+    meta = {m.asset_key.path[-1]: m.materialization.metadata for m in result.get_asset_materialization_events()}
+    assert "delivery.record_count_mismatch" in meta["water_usage"]["held_back"].value
+    assert meta["water_usage"]["dagster/row_count"].value == 0
+    assert meta["bus_card_swipes"]["held_back"].value == "" and meta["bus_card_swipes"]["dagster/row_count"].value == 6
+    with duckdb.connect(str(tmp_path / "warehouse" / "ops.duckdb"), read_only=True) as ops:
+        # nothing of water reached this ops DB; its tables exist, empty (the products that read them still compile)
+        assert ops.execute("SELECT count(*) FROM desensitized.water_usage").fetchone()[0] == 0
+        assert ops.execute("SELECT count(*) FROM scenario_sme_credit_profile.water_usage").fetchone()[0] == 0
+        assert ops.execute("SELECT count(*) FROM scenario_sme_credit_profile.enterprise_registry").fetchone()[0] == 2
+        assert ops.execute("SELECT count(*) FROM scenario_transit_ridership.bus_card_swipes").fetchone()[0] == 6
+        assert ops.execute("SELECT dataset FROM boundary.held_back").fetchall() == [("water_usage",)]
 
 
 def test_product_leak_gate_blocks_a_product_holding_a_raw_id(tmp_path, registry, monkeypatch):

@@ -215,10 +215,26 @@ def test_second_day_keeps_history_and_first_day_untouched(nightly_run, monkeypat
         assert "Partial parsing enabled" in text and "Unable to do partial parsing" not in text, log
 
 
-def test_blocking_gate_and_issue_lifecycle_through_real_redeliveries(tmp_path, monkeypatch):
-    """Issue 3: a delivery whose manifest disagrees with its content fails the blocking gate, and no ops asset of that
-    day is built or published. The nightly job files the issue itself (operational DB); the agency redelivers a corrected
-    file and the rerun verifies it; a bad redelivery after that reopens it."""
+def _ops_rows(data_dir: Path, table: str, day: dt.date) -> int:
+    """Rows of ``table`` for ``day`` in the ops DB; 0 when the table does not exist (nothing ever crossed into it)."""
+    schema, name = table.split(".")
+    with duckdb.connect(str(data_dir / "warehouse" / "ops_platform.duckdb"), read_only=True) as con:
+        if not con.execute("select count(*) from information_schema.tables where table_schema = ? and table_name = ?",
+                           [schema, name]).fetchone()[0]:
+            return 0
+        return con.execute(f'select count(*) from "{schema}"."{name}" where _partition_date = ?', [day]).fetchone()[0]
+
+
+def _materialized(result) -> set[str]:
+    return {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+
+
+def test_per_dataset_gate_and_issue_lifecycle_through_real_redeliveries(tmp_path, monkeypatch):
+    """Issues 3 and 12: a water delivery whose manifest disagrees with its content fails the quality gate for water only:
+    water is held back (its partition is not on the ops platform, the SME credit profile that reads it is not
+    published), while bus swipes and the other datasets cross and the transit product is published. The nightly job
+    files the issue itself (operational DB); the agency redelivers a corrected file and the rerun verifies it and
+    publishes the SME profile; a bad redelivery after that reopens it and withdraws the SME profile only."""
     from zqdata import issues, opdb, publish
     from zqdata.registry import registry
     from zqdata.simulator import simulate_day
@@ -239,23 +255,38 @@ def test_blocking_gate_and_issue_lifecycle_through_real_redeliveries(tmp_path, m
         return {i.rule: i.status for i in issues.list_issues(db, partition_date=DAY.isoformat())
                 if i.dataset == "water_usage"}
 
+    def served(product: str):
+        return publish.current_snapshot(publish.published_store(), product, DAY)
+
     with dg.instance_for_test() as instance:
         deliver(defective=True)
         result, summary = _run(DAY, instance)
         gate = [e for e in result.get_asset_check_evaluations() if e.check_name == "quality_gate"]
         assert gate and not gate[0].passed and summary.gate_passed is False
-        materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+        assert gate[0].severity == dg.AssetCheckSeverity.ERROR  # visible as an error in the UI, but not blocking
+        assert set(summary.held_back) == {"water_usage"}, summary.held_back
+        # the night still succeeds: the other agencies' data crossed and their product was published
+        assert result.success, summary.checks_failed
+        materialized = _materialized(result)
         assert any(k.startswith("gov/ods/") for k in materialized)
         assert "gov/quality/issues" in materialized  # the issues are filed even (especially) when the gate fails
-        assert not any(k.startswith("ops/") for k in materialized), sorted(materialized)
-        for key in ("ops/desensitized/water_usage", "ops/products/ops_sme_credit_profile"):
-            assert instance.get_latest_materialization_event(dg.AssetKey(key.split("/"))) is None
-        assert publish.current_snapshot(publish.published_store(), "ops_sme_credit_profile", DAY) is None
+        assert {"ops/desensitized/bus_card_swipes", "ops/published/ops_transit_ridership"} <= materialized
+        assert "ops/published/ops_sme_credit_profile" not in materialized
+        assert summary.published == ["ops_transit_ridership"]
+        water = instance.get_latest_materialization_event(dg.AssetKey(["ops", "desensitized", "water_usage"]))
+        assert "record_count" in water.asset_materialization.metadata["held_back"].value
+        assert _ops_rows(data_dir, "desensitized.water_usage", DAY) == 0
+        assert _ops_rows(data_dir, "scenario_sme_credit_profile.water_usage", DAY) == 0
+        assert _ops_rows(data_dir, "desensitized.bus_card_swipes", DAY) > 0
+        assert _ops_rows(data_dir, "scenario_sme_credit_profile.enterprise_registry", DAY) > 0  # passed: crossed
+        assert served("ops_sme_credit_profile") is None
+        assert served("ops_transit_ridership") is not None
         opened = water_issues()
         rule = next(r for r in opened if "count" in r)
         assert opened[rule] in ("open", "notified")
-        text = format_summary_text(summary)  # the summary says the gate failed, and for which agency and dimension
+        text = format_summary_text(summary)  # the summary says the gate failed, for which agency, and what was held back
         assert "质量门禁 quality gate: 未通过 FAILED" in text and f"{registry().agencies['water'].name} (water)" in text
+        assert "留置 held back" in text and f"{registry().datasets['water_usage'].name}（water_usage）" in text
 
         # the agency fixes its extract and says so
         issue = next(i for i in issues.list_issues(db, partition_date=DAY.isoformat()) if i.rule == rule)
@@ -263,17 +294,64 @@ def test_blocking_gate_and_issue_lifecycle_through_real_redeliveries(tmp_path, m
         deliver(defective=False)
         result, summary = _run(DAY, instance)
         assert [e.passed for e in result.get_asset_check_evaluations() if e.check_name == "quality_gate"] == [True]
+        assert summary.held_back == {}
         assert water_issues()[rule] == "verified"
-        assert instance.get_latest_materialization_event(dg.AssetKey(["ops", "desensitized", "water_usage"]))
-        assert publish.current_snapshot(publish.published_store(), "ops_sme_credit_profile", DAY) is not None
+        assert _ops_rows(data_dir, "desensitized.water_usage", DAY) > 0
+        assert _ops_rows(data_dir, "scenario_sme_credit_profile.water_usage", DAY) > 0
+        assert served("ops_sme_credit_profile") is not None and served("ops_transit_ridership") is not None
 
         deliver(defective=True)  # the same fault comes back
-        _run(DAY, instance)
+        result, summary = _run(DAY, instance)
         again = issues.get_issue(db, issue.issue_id)
         assert again.reopen_count == 1 and again.status == "notified"  # reopened, and the agency told again
         assert [e["event"] for e in issues.issue_events(db, issue.issue_id)][-2:] == ["reopened", "notified"]
-        # the redelivery the agency replaced its data with fails the gate: the earlier publication is withdrawn
-        assert publish.current_snapshot(publish.published_store(), "ops_sme_credit_profile", DAY) is None
+        # the redelivery the agency replaced its data with fails the gate: the earlier publication of the product that
+        # reads water is withdrawn and water's partition leaves the ops platform; the transit product stays served
+        assert served("ops_sme_credit_profile") is None
+        assert served("ops_transit_ridership") is not None
+        assert _ops_rows(data_dir, "desensitized.water_usage", DAY) == 0
+        assert _ops_rows(data_dir, "scenario_sme_credit_profile.water_usage", DAY) == 0
+
+
+def test_a_night_with_one_agencys_garbage_delivery_still_publishes_the_other_agencies_data(tmp_path, monkeypatch):
+    """Issue 12: the water company delivers a garbage file (not its registered columns: every record quarantined).
+    Its scores count every delivered record as failed (not 1.0), the gate holds back water only, and the night crosses
+    and publishes the rest: the transit product is published, the SME profile (which reads water) is not."""
+    from zqdata import landing, publish
+    from zqdata.registry import registry
+    from zqdata.simulator import simulate_day
+    from zqdata.storage import LocalObjectStore
+
+    data_dir = tmp_path / "data"
+    _env(monkeypatch, data_dir, simulate=False)
+    for code in registry().agencies:
+        monkeypatch.delenv(f"ZQ_WEBHOOK_{code.upper()}", raising=False)
+    store = LocalObjectStore(data_dir / "landing")
+    simulate_day(store, registry(), DAY, ROWS_PER_DAY, seed=7, defect_rate=0.0)
+    manifest = landing.read_manifest(store, "water", "water_usage", DAY)
+    garbage = ("垃圾,乱码\n" + "".join(f"???{i},@@@\n" for i in range(120))).encode("utf-8")
+    landing.write_delivery(store, "water", "water_usage", DAY, [(manifest.files[0].name, garbage, "csv", "utf-8", 120)],
+                           manifest.extracted_at, manifest.delivered_at)
+
+    with dg.instance_for_test() as instance:
+        result, summary = _run(DAY, instance)
+        assert summary.gate_passed is False and set(summary.held_back) == {"water_usage"}, summary.held_back
+        assert result.success, summary.checks_failed
+        with duckdb.connect(str(data_dir / "warehouse" / "gov_platform.duckdb"), read_only=True) as con:
+            scores = {dim: (checked, failed, rate) for dim, checked, failed, rate in con.execute(
+                "select dimension, records_checked, records_failed, pass_rate from quality.scores "
+                "where partition_date = ? and dataset = 'water_usage'", [DAY]).fetchall()}
+            decisions = dict(con.execute("select dataset, passed from quality.gate_decisions where partition_date = ?",
+                                         [DAY]).fetchall())
+        assert scores["understandability"] == (120, 120, 0.0), scores
+        assert decisions == {code: code != "water_usage" for code in registry().datasets}
+        assert summary.published == ["ops_transit_ridership"]
+        assert _ops_rows(data_dir, "desensitized.bus_card_swipes", DAY) > 0
+        assert _ops_rows(data_dir, "scenario_transit_ridership.bus_card_swipes", DAY) > 0
+        assert _ops_rows(data_dir, "desensitized.water_usage", DAY) == 0
+        store_ = publish.published_store()
+        assert publish.current_snapshot(store_, "ops_transit_ridership", DAY) is not None
+        assert publish.current_snapshot(store_, "ops_sme_credit_profile", DAY) is None
 
 
 def format_summary_text(summary) -> str:

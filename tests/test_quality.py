@@ -30,7 +30,8 @@ def con(tmp_path, monkeypatch):
     c.execute("create schema meta")
     # The columns of meta.deliveries this part reads (the ingestion engineer owns the full layout).
     c.execute("""create table meta.deliveries (partition_date DATE, agency VARCHAR, dataset VARCHAR,
-                 delivery_file VARCHAR, delivered_at TIMESTAMPTZ, status VARCHAR, rows_delivered BIGINT)""")
+                 delivery_file VARCHAR, delivered_at TIMESTAMPTZ, status VARCHAR, rows_delivered BIGINT,
+                 manifest_record_count BIGINT)""")
     ensure_quality_tables(c)
     yield c
     c.close()
@@ -39,12 +40,12 @@ def con(tmp_path, monkeypatch):
 def deliver_all(con, reg, day=DAY, late: str | None = None, skip: str | None = None, rows: int = 100):
     for ds in reg.datasets.values():
         if ds.code == skip:
-            con.execute("insert into meta.deliveries values (?, ?, ?, null, null, 'missing', 0)", [day, ds.agency, ds.code])
+            con.execute("insert into meta.deliveries values (?, ?, ?, null, null, 'missing', 0, null)", [day, ds.agency, ds.code])
             continue
         deadline = delivery_deadline(day, ds.delivery.sla_hours)
         at = deadline + (dt.timedelta(hours=3) if ds.code == late else -dt.timedelta(hours=1))
         key = f"{ds.agency}/{ds.code}/{day}/part-0001.csv"
-        con.execute("insert into meta.deliveries values (?, ?, ?, ?, ?, 'ok', ?)", [day, ds.agency, ds.code, key, at, rows])
+        con.execute("insert into meta.deliveries values (?, ?, ?, ?, ?, 'ok', ?, ?)", [day, ds.agency, ds.code, key, at, rows, rows])
 
 
 def finding(con, reg, dataset, rule, dimension, severity, row=None, day=DAY, tool="dbt"):
@@ -54,6 +55,30 @@ def finding(con, reg, dataset, rule, dimension, severity, row=None, day=DAY, too
                           "dimension": dimension, "severity": severity, "delivery_file": key, "row_number": row,
                           "lineage_id": f"{dataset}/{day}/part-0001.csv#{row}" if row else None, "field": None,
                           "detail": "test"}])
+
+
+def quarantine_file(con, reg, dataset, n, rule, dimension, status, name="part-0002.csv", day=DAY, declared=None,
+                    rows_delivered=None):
+    """A whole file set aside by ingestion: its meta.deliveries row, its dataset-level finding and (when read) its
+    records in quarantine.rows, as zqdata.ingest writes them (a file-level reason puts every record in quarantine)."""
+    agency = reg.datasets[dataset].agency
+    key = f"{agency}/{dataset}/{day}/{name}"
+    delivered = n if rows_delivered is None else rows_delivered
+    con.execute("insert into meta.deliveries values (?, ?, ?, ?, ?, ?, ?, ?)",
+                [day, agency, dataset, key, dt.datetime.combine(day, dt.time(23), TZ), status, delivered,
+                 n if declared is None else declared])
+    write_findings(con, [{"partition_date": day, "agency": agency, "dataset": dataset, "tool": "delivery", "rule": rule,
+                          "dimension": dimension, "severity": "error", "delivery_file": key, "row_number": None,
+                          "lineage_id": None, "field": None, "detail": "test"}])
+    con.execute("create schema if not exists quarantine")
+    con.execute("""create table if not exists quarantine.rows (_lineage_id VARCHAR, _agency VARCHAR, _dataset VARCHAR,
+                   _delivery_file VARCHAR, _row_number INTEGER, _batch_id VARCHAR, _ingested_at TIMESTAMPTZ,
+                   _partition_date DATE, raw_record VARCHAR, reason VARCHAR, rule VARCHAR, dimension VARCHAR,
+                   field VARCHAR)""")
+    for row in range(1, delivered + 1):
+        con.execute("insert into quarantine.rows values (?, ?, ?, ?, ?, 'b', now(), ?, '{}', 'r', ?, ?, null)",
+                    [f"{dataset}/{day}/{name}#{row}", agency, dataset, key, row, day, rule, dimension])
+    return key
 
 
 # --- dimensions -------------------------------------------------------------------------------------------------
@@ -137,6 +162,45 @@ def test_scores_replace_the_partition_and_keep_other_days(con, reg):
     assert n == [(DAY, 6 * len(reg.datasets)), (other, 6 * len(reg.datasets))]
 
 
+def test_a_wholly_quarantined_file_counts_every_record_as_failed(con, reg):
+    """Issue 12 (6): 120/120 records quarantined by a file-level reason (column set) used to score 1.0 everywhere and be
+    left out of the gate's error rates; every delivered record counts, in the dimension of the quarantine reason."""
+    deliver_all(con, reg, skip="water_usage")
+    quarantine_file(con, reg, "water_usage", 120, "contract.column_set", "understandability", "quarantined",
+                    name="part-0001.csv")
+    scores = {(r["dataset"], r["dimension"]): r for r in compute_scores(con, reg, DAY).to_pylist()}
+    s = scores[("water_usage", "understandability")]
+    assert (s["records_checked"], s["records_failed"]) == (120, 120)
+    assert s["pass_rate"] == 0.0
+    assert scores[("water_usage", "accuracy")]["records_checked"] == 120
+    gate = evaluate_gate(con, reg, DAY)
+    assert gate.error_rates["water_usage"] == 1.0
+    assert "120/120" in gate.description()
+
+
+def test_a_duplicate_file_lowers_consistency(con, reg):
+    deliver_all(con, reg, rows=100)
+    quarantine_file(con, reg, "water_usage", 100, "delivery.duplicate_file", "consistency", "duplicate")
+    scores = {(r["dataset"], r["dimension"]): r for r in compute_scores(con, reg, DAY).to_pylist()}
+    s = scores[("water_usage", "consistency")]
+    assert (s["records_checked"], s["records_failed"]) == (200, 100)
+    assert s["pass_rate"] == pytest.approx(0.5)
+    assert scores[("water_usage", "accuracy")]["pass_rate"] == 1.0  # the duplicate counts against consistency only
+    assert evaluate_gate(con, reg, DAY).error_rates["water_usage"] == pytest.approx(0.5)
+
+
+def test_an_unreadable_file_counts_its_declared_records_in_its_rules_dimension(con, reg):
+    """A file that could not be read at all (0 records read, the manifest declares 80) counts 80 failed records in the
+    dimension of its delivery rule, and in the gate's error rate."""
+    deliver_all(con, reg, rows=100)
+    quarantine_file(con, reg, "water_usage", 80, "delivery.unreadable_file", "completeness", "error", rows_delivered=0)
+    scores = {(r["dataset"], r["dimension"]): r for r in compute_scores(con, reg, DAY).to_pylist()}
+    s = scores[("water_usage", "completeness")]
+    assert (s["records_checked"], s["records_failed"]) == (180, 80)
+    assert scores[("water_usage", "accuracy")]["records_failed"] == 0
+    assert evaluate_gate(con, reg, DAY).error_rates["water_usage"] == pytest.approx(80 / 180)
+
+
 # --- gate --------------------------------------------------------------------------------------------------------
 
 def test_gate_fails_on_error_dataset_level_rule(con, reg):
@@ -164,6 +228,41 @@ def test_gate_error_row_rate_against_tolerance(con, reg, monkeypatch):
     monkeypatch.setenv("ZQ_QUALITY_MAX_ERROR_RATE", "0.02")
     gate = evaluate_gate(con, reg, DAY)
     assert not gate.passed and "water_usage" in gate.description() and "超过容忍度" in gate.description()
+
+
+def test_gate_decides_per_dataset_and_records_the_decisions(con, reg):
+    """Issue 12 (7): one dataset's failure holds back that dataset only; the others pass (bus swipes at 0.3 % error
+    rows, water at 1.7 % in the incident; here the enterprise registry fails a dataset-level rule)."""
+    from zqdata.quality.scores import gate_decisions, record_gate_decisions
+
+    deliver_all(con, reg, rows=1000)
+    for row in range(1, 4):
+        finding(con, reg, "bus_card_swipes", "range", "accuracy", "error", row=row)
+    for row in range(1, 18):
+        finding(con, reg, "water_usage", "range", "accuracy", "error", row=row)
+    finding(con, reg, "enterprise_registry", "delivery.record_count_mismatch", "completeness", "error", tool="delivery")
+    gate = evaluate_gate(con, reg, DAY)
+    assert not gate.passed
+    assert set(gate.held_back) == {"enterprise_registry"}
+    assert "delivery.record_count_mismatch" in gate.held_back["enterprise_registry"]
+    assert gate.passed_datasets == sorted(set(reg.datasets) - {"enterprise_registry"})
+    assert "enterprise_registry" in gate.description() and "留置" in gate.description()
+    record_gate_decisions(con, reg, gate)
+    record_gate_decisions(con, reg, gate)  # a rerun replaces the partition's decisions
+    decisions = gate_decisions(con, DAY)
+    assert decisions is not None and set(decisions) == set(reg.datasets)
+    assert {d for d, ok in decisions.items() if not ok} == {"enterprise_registry"}
+    assert gate_decisions(con, DAY + dt.timedelta(days=1)) is None  # nothing decided for that day
+
+
+def test_gate_holds_back_the_dataset_over_the_tolerance_only(con, reg, monkeypatch):
+    deliver_all(con, reg, rows=100)
+    monkeypatch.setenv("ZQ_QUALITY_MAX_ERROR_RATE", "0.02")
+    for row in range(1, 4):
+        finding(con, reg, "water_usage", "range", "accuracy", "error", row=row)
+    finding(con, reg, "bus_card_swipes", "range", "accuracy", "error", row=1)
+    gate = evaluate_gate(con, reg, DAY)
+    assert set(gate.held_back) == {"water_usage"} and "bus_card_swipes" in gate.passed_datasets
 
 
 # --- GX ----------------------------------------------------------------------------------------------------------
@@ -274,7 +373,9 @@ def test_governance_definitions_load_with_partitioned_upstreams(reg):
     dg.Definitions.validate_loadable(defs)
     graph = defs.resolve_asset_graph()
     gate = dg.AssetCheckKey(dg.AssetKey(["gov", "quality", "scores"]), "quality_gate")
-    assert gate in graph.asset_check_keys and graph.get_check_spec(gate).blocking
+    # not blocking (issue 12): a held-back dataset must not stop the others; the boundary and publish steps enforce the
+    # gate per dataset
+    assert gate in graph.asset_check_keys and not graph.get_check_spec(gate).blocking
 
 
 def test_gate_check_fails_the_dagster_run_check_on_manifest_mismatch(con, reg, tmp_path):
@@ -293,6 +394,12 @@ def test_gate_check_fails_the_dagster_run_check_on_manifest_mismatch(con, reg, t
     gate = [e for e in evaluations if e.check_name == "quality_gate"]
     assert len(gate) == 1 and not gate[0].passed
     assert "delivery.record_count_mismatch" in gate[0].description and "未通过" in gate[0].description
+    assert gate[0].severity == dg.AssetCheckSeverity.ERROR
+    assert gate[0].metadata["held_back"].value == {"enterprise_registry": gate[0].metadata["held_back"].value[
+        "enterprise_registry"]}
+    with duckdb.connect(str(tmp_path / "gov.duckdb"), read_only=True) as c:
+        held = c.execute("select dataset from quality.gate_decisions where not passed").fetchall()
+    assert held == [("enterprise_registry",)]
     assert (tmp_path / "published" / "gx").exists()
 
 
@@ -339,3 +446,28 @@ def test_gx_check_reports_the_findings_assets_validation_in_the_same_run(con, re
     assert len(check) == 1 and not check[0].passed
     assert "findings" in check[0].metadata["validated_by"].value
     assert "gx.water_usage.district_code.code_table_share" in check[0].description
+
+
+def test_gx_meter_reading_is_judged_against_the_meters_own_history(con, reg):
+    """Issue 12: a reading ×100 of the same meter's median over the previous days fails the plausibility expectation
+    (accuracy); the ratio is computed in DuckDB when the batch is loaded. Without history nothing is judged."""
+    from expectations.suites import history_ratio_column
+
+    model = staging_model(reg, "water_usage")
+    ratio = history_ratio_column("cubic_meters")
+    rule = "gx.water_usage.cubic_meters.history_plausible"
+    first = DAY + dt.timedelta(days=3)
+    make_staging(con, reg, "water_usage", day=first)
+    con.execute(f'update staging."{model}" set cubic_meters = \'1300\' where meter_id = \'K000003\'')
+    v = validate_dataset(con, reg, "water_usage", first)  # no history yet: not judged
+    assert rule in {o.rule for o in v.outcomes} and rule not in {o.rule for o in v.failed}
+    for i in range(3):  # three ordinary days before it
+        make_staging(con, reg, "water_usage", day=DAY + dt.timedelta(days=i))
+    frame, _, _ = load_batch(con, reg, "water_usage", first)
+    got = dict(zip(frame["meter_id"], frame[ratio]))
+    assert got["K000003"] == pytest.approx(100.0) and got["K000004"] == pytest.approx(1.0)
+    failed = {o.rule: o for o in validate_dataset(con, reg, "water_usage", first).failed}
+    assert set(failed) == {rule} and failed[rule].dimension == "accuracy" and failed[rule].unexpected_count == 1
+    con.execute(f'update staging."{model}" set cubic_meters = \'14\' where meter_id = \'K000003\''
+                ' and _partition_date = ?', [first])  # 1.4× its own median: plausible
+    assert validate_dataset(con, reg, "water_usage", first).success

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import duckdb
@@ -48,6 +48,8 @@ class BoundaryReport:
     purged_lineage: dict[str, list[str]] = field(default_factory=dict)  # product -> lineage ids of purged input rows
     product_days: dict[str, list[dt.date]] = field(default_factory=dict)  # product -> partitions whose rows changed
     gate: GateResult | None = None  # exclusions + leak gate, evaluated inside the ops transaction
+    # Quality gate per dataset (issue 12): dataset -> why it was held back; its partition left every ops table.
+    held_back: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -272,19 +274,50 @@ def _write_partition(gov_con: duckdb.DuckDBPyConnection, ops_con: duckdb.DuckDBP
     return ops_con.execute(f"SELECT count(*) FROM {target} WHERE _partition_date = ?", [partition_date]).fetchone()[0]
 
 
+HELD_BACK_TABLE = "boundary.held_back"  # ops: (partition_date, dataset, reason) of the last crossing of each partition
+
+
+def _record_held_back(ops_con: duckdb.DuckDBPyConnection, partition_date: dt.date, held: Mapping[str, str]) -> None:
+    """Replace the partition's rows of boundary.held_back (created only once something is held back)."""
+    if not held and not _relation_columns(ops_con, "boundary", "held_back"):
+        return
+    ops_con.execute("CREATE SCHEMA IF NOT EXISTS boundary")
+    ops_con.execute(f"CREATE TABLE IF NOT EXISTS {HELD_BACK_TABLE} (partition_date DATE, dataset VARCHAR, reason VARCHAR)")
+    ops_con.execute(f"DELETE FROM {HELD_BACK_TABLE} WHERE partition_date = ?", [partition_date])
+    if held:
+        ops_con.executemany(f"INSERT INTO {HELD_BACK_TABLE} VALUES (?, ?, ?)",
+                            [(partition_date, code, reason) for code, reason in sorted(held.items())])
+
+
+def held_back_on_ops(ops_con: duckdb.DuckDBPyConnection, partition_date: dt.date | str) -> dict[str, str]:
+    """The datasets the last crossing of the partition held back (dataset -> why): nothing of them is on ops for that
+    day, and no product reading them may be published for it. Empty when nothing was held back."""
+    d = dt.date.fromisoformat(partition_date) if isinstance(partition_date, str) else partition_date
+    if not _relation_columns(ops_con, "boundary", "held_back"):
+        return {}
+    return dict(ops_con.execute(f"SELECT dataset, reason FROM {HELD_BACK_TABLE} WHERE partition_date = ? ORDER BY 1",
+                                [d]).fetchall())
+
+
 def _count(gov_con: duckdb.DuckDBPyConnection, relation: str, partition_date: dt.date) -> int:
     return gov_con.execute(f"SELECT count(*) FROM {relation} WHERE _partition_date = ?", [partition_date]).fetchone()[0]
 
 
 def cross_boundary(gov_con: duckdb.DuckDBPyConnection, ops_con: duckdb.DuckDBPyConnection, registry: Registry,
                    partition_date: dt.date | str, key: PseudonymKey, strict: bool = True,
-                   gate: Gate | None = run_gates) -> BoundaryReport:
+                   gate: Gate | None = run_gates,
+                   held_back: Mapping[str, str] | Iterable[str] | None = None) -> BoundaryReport:
     """Cross one partition gov → ops in ONE ops transaction (a failure leaves the previous state).
 
     Only the fields and datasets used by a scenario in force that day cross (data minimisation). Revocations and
     ended scenarios apply to every partition (``zqdata.revocation``): their rows leave every ops table, products
     included, in the same transaction. Then ``gate`` (default: exclusions + leak gate) runs on the uncommitted data;
     when it fails everything is rolled back and BoundaryGateFailed is raised (write–audit–publish).
+
+    ``held_back`` (dataset -> reason, or dataset codes): datasets the quality gate held back for the partition. Nothing
+    of them crosses; their partition is removed from ``desensitized.<dataset>`` and every ``scenario_*.<dataset>`` (the
+    partition is not served), the other datasets cross as usual, and ``boundary.held_back`` records them for the
+    products and publish steps (a product reading a held-back dataset is not published for the partition).
 
     A revoked or expired scenario gets nothing written; with ``strict`` an AuthorizationError naming it is raised
     after the rest has been committed (``exc.report`` holds the report); otherwise it is only listed in ``report.blocked``.
@@ -293,6 +326,8 @@ def cross_boundary(gov_con: duckdb.DuckDBPyConnection, ops_con: duckdb.DuckDBPyC
 
     d = dt.date.fromisoformat(partition_date) if isinstance(partition_date, str) else partition_date
     report = BoundaryReport(partition_date=d)
+    held = dict(held_back) if isinstance(held_back, Mapping) else {c: "质量门禁留置 (held back)" for c in held_back or ()}
+    report.held_back = {c: str(r) for c, r in held.items() if c in registry.datasets and registry.datasets[c].release}
     base = {"zq_partition": d}  # the pseudonym keys are per (field role, ops schema): from release_select
     # Resolve every input before writing anything, so a missing model fails without a partial crossing.
     released = [ds for ds in registry.datasets.values() if ds.release]
@@ -320,6 +355,8 @@ def cross_boundary(gov_con: duckdb.DuckDBPyConnection, ops_con: duckdb.DuckDBPyC
             fields = fields_used(ds, users)  # data minimisation: what the scenarios in force use, nothing else
             items, pseudonym_params = release_select(ds, fields, d, key, "desensitized")
             where, consent_params = release_consent_filter_sql(gov_con, registry, ds, d, ref)
+            if ds.code in report.held_back:  # held back by the quality gate: the partition is emptied, not served
+                where, consent_params = "FALSE", {}  # (the table keeps its columns: the products still compile)
             sql = (f"SELECT {', '.join([*items, 'src._lineage_id', 'src._partition_date'])} "
                    f"FROM {relation} AS src WHERE src._partition_date = $zq_partition AND {where}")
             report.released[ds.code] = _write_partition(gov_con, ops_con, "desensitized", ds.code, sql,
@@ -360,14 +397,16 @@ def cross_boundary(gov_con: duckdb.DuckDBPyConnection, ops_con: duckdb.DuckDBPyC
                     items, pseudonym_params = release_select(ds, authorized_fields(registry, scenario.code, ds_code), d,
                                                              key, f"scenario_{scenario.code}")
                     where, consent_params = "TRUE", {}
-                    if scenario.consent_required:
+                    if ds_code in report.held_back:  # emptied for the partition (the product is not published)
+                        where = "FALSE"
+                    elif scenario.consent_required:
                         where, consent_params = consent_filter_sql(gov_con, registry, scenario, ds, d, ref)
                     sql = (f"SELECT {', '.join(items)}, src._lineage_id, src._partition_date FROM {relation} AS src "
                            f"WHERE src._partition_date = $zq_partition AND {where}")
                     rows[ds_code] = _write_partition(gov_con, ops_con, f"scenario_{scenario.code}", ds_code, sql,
                                                      {**base, **pseudonym_params, **consent_params}, d,
                                                      keep_columns=authorized_fields(registry, scenario.code, ds_code))
-                    dropped[ds_code] = _count(gov_con, relation, d) - rows[ds_code]
+                    dropped[ds_code] = 0 if ds_code in report.held_back else _count(gov_con, relation, d) - rows[ds_code]
                 if scenario.consent_required and ds.consent is not None and scenario.valid_from <= ref:
                     # a revocation applies to every partition already on ops, not only to the next one
                     keep = revocation.keep_subjects(gov_con, registry, ds, [scenario.code], ref, key,
@@ -388,6 +427,7 @@ def cross_boundary(gov_con: duckdb.DuckDBPyConnection, ops_con: duckdb.DuckDBPyC
             report.purged_lineage[product] = rows.column("_lineage_id").to_pylist()
             report.product_days[product] = sorted(set(days) | set(rows.column("_partition_date").to_pylist()))
 
+        _record_held_back(ops_con, d, report.held_back)
         if gate is not None:  # write–audit–publish: audited before COMMIT, rolled back when it fails
             report.gate = gate(gov_con, ops_con, registry, d)
             if not report.gate.passed:

@@ -349,6 +349,13 @@ def withdraw_partition(registry: Registry, day: dt.date, products: Iterable[str]
     return [p for p in names if withdraw(store, p, day)]
 
 
+def products_reading(registry: Registry, datasets: Iterable[str]) -> list[str]:
+    """The scenario products that read any of ``datasets`` (their scenario is authorized fields of it), sorted: what
+    may not be published for a partition in which the quality gate held those datasets back."""
+    held = set(datasets)
+    return sorted({s.product for s in registry.scenarios.values() if held & set(s.authorized_fields)})
+
+
 def current_snapshot(store: ObjectStore, product: str, day: dt.date) -> Snapshot | None:
     """The snapshot served for partition ``day`` of ``product``; None when none is published (or it was withdrawn).
 

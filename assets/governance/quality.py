@@ -1,4 +1,4 @@
-"""Thin Dagster wrappers around ``zqdata.quality``: findings and scores assets, the blocking gate, GX checks."""
+"""Thin Dagster wrappers around ``zqdata.quality``: findings and scores assets, the per-dataset gate, GX checks."""
 
 import datetime as dt
 import json
@@ -77,32 +77,42 @@ def build_scores_asset() -> dg.AssetsDefinition:
         deps=[FINDINGS_KEY],
         pool=GOV_POOL,
         kinds={"duckdb"},
+        # Not blocking (issue 12): a failed blocking check would skip the whole crossing, so one agency's bad delivery
+        # would hold back every dataset. The gate decides per dataset; the check fails (ERROR) when any dataset is held
+        # back, and the boundary crossing and the publish step enforce the decision per dataset themselves.
         check_specs=[dg.AssetCheckSpec(
-            GATE_CHECK, asset=SCORES_KEY, blocking=True,
-            description="质量门禁：错误级数据集规则失败或错误记录率超过 ZQ_QUALITY_MAX_ERROR_RATE 时阻断出域；警告不阻断。",
+            GATE_CHECK, asset=SCORES_KEY, blocking=False,
+            description="质量门禁（逐数据集）：错误级数据集规则失败或错误记录率超过 ZQ_QUALITY_MAX_ERROR_RATE 的数据集本分区留置"
+                        "（不出域，读取它的产品不发布），其余数据集照常出域；警告不阻断。",
         )],
         description=(
             "数据质量评分（Art. 20 六个维度）：按分区日 × 数源机构 × 数据集 × 维度统计检查记录数、问题记录数、"
-            "规则数、未通过规则数和通过率（quality.scores，逐日保留）。出域到运营服务平台依赖本资产的质量门禁。"
+            "规则数、未通过规则数和通过率（quality.scores，逐日保留），及逐数据集的门禁决定（quality.gate_decisions）。"
+            "出域到运营服务平台依赖本资产的质量门禁。"
         ),
     )
     def quality_scores(context: dg.AssetExecutionContext, warehouse: WarehouseResource) -> dg.MaterializeResult:
         from orchestration.sensors import trace_metadata
-        from zqdata.quality.scores import compute_scores, evaluate_gate, scores_markdown
-
-        from zqdata.publish import withdraw_partition
+        from zqdata.publish import products_reading, withdraw_partition
+        from zqdata.quality.scores import compute_scores, evaluate_gate, record_gate_decisions, scores_markdown
 
         day = _day(context)
         with warehouse.gov() as con:
             scores = compute_scores(con, registry(), day)
             gate = evaluate_gate(con, registry(), day)
+            record_gate_decisions(con, registry(), gate)
             # 逐级溯源: a failed gate shows where its error-severity findings came from (agency, delivery, rows)
             trace = {} if gate.passed else trace_metadata(con, None, registry(), partition_date=day, severity="error")
-        # The partition's deliveries changed and fail the gate: what was published came from data the agency has since
-        # replaced, so it is withdrawn; the products are published again when a delivery passes.
-        withdrawn = [] if gate.passed else withdraw_partition(registry(), day)
+        # A held-back dataset's deliveries changed and fail the gate: what was published from it came from data the
+        # agency has since replaced, so the products reading it are withdrawn (the others stay); they are published
+        # again when a delivery passes.
+        affected = products_reading(registry(), gate.held_back)
+        withdrawn = withdraw_partition(registry(), day, affected) if affected else []
+        if gate.held_back:
+            context.log.warning(f"质量门禁留置数据集 held back: {', '.join(sorted(gate.held_back))}；"
+                                f"照常出域 passed: {', '.join(gate.passed_datasets)}")
         if withdrawn:
-            context.log.warning(f"质量门禁未通过，撤回本分区已发布产品 withdrawn: {', '.join(withdrawn)}")
+            context.log.warning(f"撤回读取留置数据集的已发布产品 withdrawn: {', '.join(withdrawn)}")
         return dg.MaterializeResult(
             metadata={"scores": dg.MetadataValue.md(scores_markdown(scores)), "rows": scores.num_rows},
             check_results=[dg.AssetCheckResult(
@@ -115,6 +125,9 @@ def build_scores_asset() -> dg.AssetsDefinition:
                     "max_error_rate": gate.max_error_rate,
                     "error_rates": dg.MetadataValue.json({k: round(v, 6) for k, v in gate.error_rates.items()}),
                     "warnings": gate.warnings,
+                    "held_back": dg.MetadataValue.json(gate.held_back),
+                    "passed_datasets": gate.passed_datasets,
+                    "products_not_published": sorted(affected),
                     "withdrawn_products": withdrawn,
                     **trace,
                 },

@@ -16,7 +16,7 @@ from zqdata.boundary import BoundaryGateFailed, GateResult, check_exclusions, cr
 from zqdata.desensitize import KEY_ENV, PseudonymKey
 from zqdata.registry import Registry, registry
 
-SCORES_KEY = dg.AssetKey(["gov", "quality", "scores"])  # the quality gate (blocking check) lives on this asset
+SCORES_KEY = dg.AssetKey(["gov", "quality", "scores"])  # the quality gate (per dataset, non-blocking) lives on this asset
 
 
 class PseudonymKeyResource(dg.ConfigurableResource):
@@ -72,7 +72,8 @@ def build_boundary_crossing(reg: Registry) -> dg.AssetsDefinition:
     def boundary_crossing(context: dg.AssetExecutionContext, warehouse: WarehouseResource,
                           pseudonym: PseudonymKeyResource) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
         """市政务大数据平台 → 运营服务平台的唯一出域操作：脱敏、场景授权字段、数据主体授权过滤。"""
-        from zqdata.publish import published_store
+        from zqdata.publish import products_reading, published_store, withdraw_partition
+        from zqdata.quality.scores import held_back_datasets
         from zqdata.revocation import apply_purge_to_published
 
         d = dt.date.fromisoformat(context.partition_key)
@@ -85,13 +86,22 @@ def build_boundary_crossing(reg: Registry) -> dg.AssetsDefinition:
         failure: BoundaryGateFailed | None = None
         key = pseudonym.pseudonym_key()
         with hold_pool(context, GOV_POOL), warehouse.gov(read_only=True) as gov, warehouse.ops() as ops:
+            # the quality gate, per dataset, evaluated here from the gov findings (enforce, don't trust): the check on
+            # gov/quality/scores is not blocking, so that one dataset's failure does not hold back the others
+            held = held_back_datasets(gov, reg, d)
             try:
-                report = cross_boundary(gov, ops, reg, d, key, strict=False, gate=gate)
+                report = cross_boundary(gov, ops, reg, d, key, strict=False, gate=gate, held_back=held)
             except BoundaryGateFailed as exc:  # rolled back: the ops DB is as it was before this run
                 report, failure = exc.report, exc
         leaks, exclusions = report.gate.leaks, report.gate.exclusions
         for code, reason in report.blocked.items():
             context.log.error(f"场景 {code} 本分区未写入 (scenario blocked, nothing written): {reason}")
+        for code, reason in report.held_back.items():
+            context.log.warning(f"质量门禁留置 {code}：本分区不出域，已从运营平台移除 (held back, partition removed): {reason}")
+        if failure is None and report.held_back:  # nothing built from a held-back dataset is served for the partition
+            withdrawn = withdraw_partition(reg, d, products_reading(reg, report.held_back), published_store())
+            if withdrawn:
+                context.log.warning(f"撤回读取留置数据集的已发布产品 withdrawn: {', '.join(withdrawn)}")
         if failure is None:
             # the purge is committed: the published snapshots follow (derived without the purged rows, or withdrawn)
             published = apply_purge_to_published(published_store(), reg, report, context.run.run_id)
@@ -103,6 +113,8 @@ def build_boundary_crossing(reg: Registry) -> dg.AssetsDefinition:
                 per_scenario = {s: rows[ds.code] for s, rows in report.scenario_rows.items() if ds.code in rows}
                 yield dg.MaterializeResult(asset_key=desensitized_key(ds.code), metadata={
                     "dagster/row_count": report.released[ds.code],
+                    # "" when it crossed; else why the quality gate held it back (its partition is not on ops)
+                    "held_back": report.held_back.get(ds.code, ""),
                     "gov_source": report.sources[ds.code],
                     "scenario_rows": per_scenario,
                     "consent_excluded": {s: n[ds.code] for s, n in report.consent_excluded.items() if ds.code in n},

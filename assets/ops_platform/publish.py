@@ -4,6 +4,10 @@ as an immutable Parquet snapshot with a manifest; consumers (`zq deliver`) read 
 Dagster skips this step when a blocking gate fails or errors; it also checks the gates itself (enforce, don't trust):
 only the evaluations recorded in the event log for this run and partition count, and every error-severity check of the
 product must have passed, the leak gate and the authorization check among them.
+
+The quality gate decides per dataset (issue 12): a product whose scenario reads a dataset the last crossing of the
+partition held back (``boundary.held_back`` in the ops DB) is not published for the partition and stays withdrawn; the
+other products are published. That is the gate working, not a failure of this step.
 """
 
 
@@ -59,6 +63,7 @@ def build_publish_assets() -> dg.AssetsDefinition:
             group_name="ops_platform",
             kinds={"parquet"},
             partitions_def=daily_partitions,
+            skippable=True,  # a product reading a dataset held back by the quality gate is not published
             description=(f"已发布的场景产品快照「{p}」：通过全部门禁的分区以不可变 Parquet 快照发布（含清单：行数、SHA-256、门禁结果），"
                          "使用方只从这里获取数据。 Immutable published snapshot of the product partition."),
         )
@@ -69,14 +74,23 @@ def build_publish_assets() -> dg.AssetsDefinition:
                     pool=OPS_POOL)
     def publish_products(context: dg.AssetExecutionContext, warehouse: WarehouseResource) -> Iterator[dg.MaterializeResult]:
         """Publish each selected product partition whose gates passed in this run."""
-        from zqdata.publish import PublishRefused, publish_partition, published_store
+        from zqdata.boundary import held_back_on_ops
+        from zqdata.publish import PublishRefused, products_reading, publish_partition, published_store, withdraw
 
         day = dt.date.fromisoformat(context.partition_key)
         store = published_store()
         refused = []
         with warehouse.ops(read_only=True) as ops:
+            held = held_back_on_ops(ops, day)  # enforce, don't trust: what the ops DB holds for the partition
+            not_served = set(products_reading(registry(), held))
             for key in sorted(context.selected_asset_keys, key=lambda k: k.to_user_string()):
                 product = key.path[-1]
+                if product in not_served:
+                    withdraw(store, product, day)  # in case an earlier run published it
+                    inputs = sorted(set(held) & set(registry().scenario_for_product(product).authorized_fields))
+                    context.log.warning(f"{product} 本分区不发布：输入数据集被质量门禁留置 (not published: input held "
+                                        f"back by the quality gate) {', '.join(f'{d}（{held[d]}）' for d in inputs)}")
+                    continue
                 gates = run_gate_results(context.instance, context.run.run_id, product_key(product))
                 problems = gate_problems(gates)
                 if problems:

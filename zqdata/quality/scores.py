@@ -30,6 +30,9 @@ _DDL = [
     """create table if not exists quality.scores (
         partition_date DATE, agency VARCHAR, dataset VARCHAR, dimension VARCHAR, records_checked BIGINT,
         records_failed BIGINT, rules_evaluated BIGINT, rules_failed BIGINT, pass_rate DOUBLE)""",
+    """create table if not exists quality.gate_decisions (
+        partition_date DATE, agency VARCHAR, dataset VARCHAR, passed BOOLEAN, error_rate DOUBLE,
+        max_error_rate DOUBLE, reason VARCHAR, decided_at TIMESTAMPTZ)""",
 ]
 
 
@@ -100,17 +103,47 @@ def _datasets_table(registry: Registry) -> pa.Table:
     return pa.table({"dataset": list(registry.datasets), "agency": [d.agency for d in registry.datasets.values()]})
 
 
+# Every record delivered counts (issue 12): the records read (meta.deliveries.rows_delivered: accepted, quarantined and
+# duplicate files' records alike) plus, for a file that could not be read at all (status rejected|error), the records
+# its manifest declares that were not read. A record failed a dimension when a row-level finding says so, when it was
+# quarantined (in the dimension of the quarantine reason: a duplicate file's records in consistency), or when it is an
+# unread record of such a file (in the dimension of the file's error-severity delivery rule, default completeness).
+_RECORDS_CTES = """
+deliveries as (
+    select * from {deliveries}
+), unread as (
+    select d.dataset, d.delivery_file, coalesce(r.dimension, 'completeness') as dimension, d.n
+    from (select dataset, delivery_file, greatest(coalesce(manifest_record_count, 0) - coalesce(rows_delivered, 0), 0) as n
+          from deliveries where status in ('rejected', 'error')) d
+    left join (select distinct dataset, delivery_file, dimension from quality.findings
+               where partition_date = $day and severity = 'error' and row_number is null and lineage_id is null
+                 and delivery_file is not null) r
+      on r.dataset = d.dataset and (r.delivery_file = d.delivery_file
+                                    or (r.delivery_file like '%/' and starts_with(d.delivery_file, r.delivery_file)))
+    where d.n > 0
+), checked as (
+    select dataset, sum(n)::BIGINT as n from (
+        select dataset, coalesce(rows_delivered, 0) as n from deliveries
+        union all select dataset, max(n) from unread group by dataset, delivery_file
+    ) group by dataset
+), failed_records as (
+    select dataset, dimension, severity, coalesce(lineage_id, delivery_file || '#' || row_number::VARCHAR) as record
+    from quality.findings where partition_date = $day and (row_number is not null or lineage_id is not null)
+    union all
+    select dataset, dimension, 'error' as severity, record from {quarantined}
+)"""
+
 _SCORES_SQL = """
 with grid as (
     select d.agency, d.dataset, k.dimension from _zq_datasets d cross join (select unnest($dims) as dimension) k
 ), f as (
     select * from quality.findings where partition_date = $day
-), checked as (
-    select dataset, sum(coalesce(rows_delivered, 0))::BIGINT as n from {deliveries} group by dataset
-), failed as (
-    select dataset, dimension,
-           count(distinct coalesce(lineage_id, delivery_file || '#' || row_number::VARCHAR)) as n
-    from f where row_number is not null or lineage_id is not null group by all
+), """ + _RECORDS_CTES.strip() + """, failed as (
+    select coalesce(x.dataset, u.dataset) as dataset, coalesce(x.dimension, u.dimension) as dimension,
+           coalesce(x.n, 0) + coalesce(u.n, 0) as n
+    from (select dataset, dimension, count(distinct record) as n from failed_records group by all) x
+    full join (select dataset, dimension, sum(n) as n from unread group by all) u
+      on x.dataset = u.dataset and x.dimension = u.dimension
 ), rules as (
     select dataset, dimension, rule from quality.rule_catalog where partition_date = $day
     union select dataset, dimension, rule from f
@@ -134,12 +167,32 @@ order by g.agency, g.dataset, g.dimension
 """
 
 
+def _has_table(con: duckdb.DuckDBPyConnection, schema: str, table: str) -> bool:
+    return bool(con.execute("select count(*) from information_schema.tables where table_schema = ? and table_name = ?",
+                            [schema, table]).fetchone()[0])
+
+
 def _deliveries_source(con: duckdb.DuckDBPyConnection) -> str:
-    has = con.execute("select count(*) from information_schema.tables "
-                      "where table_schema = 'meta' and table_name = 'deliveries'").fetchone()[0]
-    if has:
-        return "(select dataset, rows_delivered from meta.deliveries where partition_date = $day)"
-    return "(select null::VARCHAR as dataset, null::BIGINT as rows_delivered where false)"
+    if _has_table(con, "meta", "deliveries"):
+        cols = {c for (c,) in con.execute("select column_name from information_schema.columns "
+                                          "where table_schema = 'meta' and table_name = 'deliveries'").fetchall()}
+        declared = "manifest_record_count" if "manifest_record_count" in cols else "null::BIGINT"
+        return (f"(select dataset, delivery_file, status, rows_delivered, {declared} as manifest_record_count "
+                "from meta.deliveries where partition_date = $day)")
+    return ("(select null::VARCHAR as dataset, null::VARCHAR as delivery_file, null::VARCHAR as status, "
+            "null::BIGINT as rows_delivered, null::BIGINT as manifest_record_count where false)")
+
+
+def _quarantined_source(con: duckdb.DuckDBPyConnection) -> str:
+    """Quarantined records of the partition with the dimension of their reason (zqdata.ingest: quarantine.rows)."""
+    if _has_table(con, "quarantine", "rows"):
+        return ("(select _dataset as dataset, coalesce(dimension, 'completeness') as dimension, _lineage_id as record "
+                "from quarantine.rows where _partition_date = $day)")
+    return "(select null::VARCHAR as dataset, null::VARCHAR as dimension, null::VARCHAR as record where false)"
+
+
+def _records_sql(con: duckdb.DuckDBPyConnection, sql: str) -> str:
+    return sql.format(deliveries=_deliveries_source(con), quarantined=_quarantined_source(con))
 
 
 def compute_scores(con: duckdb.DuckDBPyConnection, registry: Registry, partition_date: dt.date) -> pa.Table:
@@ -147,7 +200,7 @@ def compute_scores(con: duckdb.DuckDBPyConnection, registry: Registry, partition
     ensure_quality_tables(con)
     con.register("_zq_datasets", _datasets_table(registry))
     try:
-        sql = _SCORES_SQL.format(deliveries=_deliveries_source(con))
+        sql = _records_sql(con, _SCORES_SQL)
         scores = con.execute(sql, {"day": partition_date, "dims": list(DIMENSION_KEYS)}).fetch_arrow_table()
         con.execute("begin")
         try:
@@ -191,25 +244,44 @@ def max_error_rate_from_env() -> float:
 
 @dataclass
 class GateResult:
-    passed: bool
+    """The quality gate of one partition, decided per dataset (issue 12): a dataset with an error-severity
+    dataset-level finding or an error-record rate above the tolerance is held back (留置: it does not cross to the
+    operations platform and no product reading it is published for the partition); every other dataset passes."""
+
+    passed: bool  # no dataset held back
     partition_date: dt.date
     max_error_rate: float
     failures: list[str] = field(default_factory=list)  # Chinese, one line per failed rule/dataset
     warnings: int = 0
     error_rates: dict[str, float] = field(default_factory=dict)
+    held_back: dict[str, str] = field(default_factory=dict)  # dataset -> why (rules and rates, no row values)
+    passed_datasets: list[str] = field(default_factory=list)  # registered datasets that may cross
 
     def description(self) -> str:
         if self.passed:
             return (f"质量门禁通过：{self.partition_date} 无错误级数据集规则失败，各数据集错误记录率均不超过 "
                     f"{self.max_error_rate:.1%}（警告 {self.warnings} 条，不阻断）。")
-        return (f"质量门禁未通过：{self.partition_date} 分区不得出域到运营服务平台。\n"
+        return (f"质量门禁未通过：{self.partition_date} 分区留置 {len(self.held_back)} 个数据集（不出域到运营服务平台，"
+                f"读取它们的产品本分区不发布）：{'、'.join(sorted(self.held_back))}；"
+                f"其余 {len(self.passed_datasets)} 个数据集照常出域 (held back per dataset; the others cross)："
+                f"{'、'.join(self.passed_datasets) or '无 none'}。\n"
                 + "\n".join(f"- {f}" for f in self.failures))
+
+
+def _hold(result: GateResult, dataset: str, reason: str) -> None:
+    result.passed = False
+    result.held_back[dataset] = f"{result.held_back[dataset]}；{reason}" if dataset in result.held_back else reason
 
 
 def evaluate_gate(con: duckdb.DuckDBPyConnection, registry: Registry, partition_date: dt.date,
                   max_error_rate: float | None = None) -> GateResult:
-    """Fail on any error-severity dataset-level finding or a dataset's error-record rate above the tolerance."""
-    ensure_quality_tables(con)
+    """Hold back each dataset with an error-severity dataset-level finding or an error-record rate above the tolerance.
+
+    Every record delivered counts (quarantined, duplicate and unreadable files' records included, as in the scores).
+    Reads only: runs on a read-only connection once the quality tables exist (the boundary enforces it itself).
+    """
+    if not _has_table(con, "quality", "findings"):
+        ensure_quality_tables(con)
     tol = max_error_rate_from_env() if max_error_rate is None else max_error_rate
     result = GateResult(True, partition_date, tol)
     result.warnings = con.execute(
@@ -221,30 +293,62 @@ def evaluate_gate(con: duckdb.DuckDBPyConnection, registry: Registry, partition_
            where partition_date = ? and severity = 'error' and row_number is null and lineage_id is null
            group by all order by dataset, rule""", [partition_date]).fetchall()
     for dataset, tool, rule, dimension, n, detail, fld in dataset_level:
-        result.passed = False
         name = registry.datasets[dataset].name if dataset in registry.datasets else dataset
         # shown in the gate check's description and metadata: masked by the field's classification (zqdata.display)
         detail = mask_text(registry.datasets.get(dataset), fld, detail, partition_date, row_level=False)
         result.failures.append(f"{name}（{dataset}）错误级数据集规则未通过：{rule}（{tool}，{cn_name(dimension)}）{n} 项：{detail}")
-    rates = con.execute(
-        f"""with delivered as (
-                select dataset, sum(coalesce(rows_delivered, 0)) as n from {_deliveries_source(con)} group by dataset
-            ), bad as (
-                select dataset, count(distinct coalesce(lineage_id, delivery_file || '#' || row_number::VARCHAR)) as n
-                from quality.findings
-                where partition_date = $day and severity = 'error' and (row_number is not null or lineage_id is not null)
-                group by dataset
+        _hold(result, dataset, f"{rule}（{cn_name(dimension)}）")
+    rates = con.execute(_records_sql(con, "with " + _RECORDS_CTES.strip() + """, bad as (
+                select dataset, count(distinct record) as n from failed_records where severity = 'error' group by dataset
+                union all
+                select dataset, max(n) from unread group by dataset, delivery_file
             )
-            select b.dataset, b.n, coalesce(d.n, 0) from bad b left join delivered d using (dataset) order by b.dataset""",
-        {"day": partition_date}).fetchall()
+            select b.dataset, sum(b.n)::BIGINT, coalesce(any_value(c.n), 0) from bad b left join checked c using (dataset)
+            group by b.dataset order by b.dataset"""), {"day": partition_date}).fetchall()
     for dataset, bad, delivered in rates:
         rate = bad / delivered if delivered else 1.0
         result.error_rates[dataset] = rate
         if rate > tol:
-            result.passed = False
             name = registry.datasets[dataset].name if dataset in registry.datasets else dataset
             result.failures.append(f"{name}（{dataset}）错误级记录 {bad}/{delivered} = {rate:.2%}，超过容忍度 {tol:.2%}")
+            _hold(result, dataset, f"错误级记录 {bad}/{delivered} = {rate:.2%} > {tol:.2%}")
+    result.passed_datasets = sorted(code for code in registry.datasets if code not in result.held_back)
     return result
+
+
+def held_back_datasets(con: duckdb.DuckDBPyConnection, registry: Registry, partition_date: dt.date) -> dict[str, str]:
+    """The datasets the quality gate holds back for the partition (dataset -> why), evaluated afresh from the gov
+    findings (enforce, don't trust); empty when the gov DB has no quality tables at all (nothing was assessed)."""
+    if not _has_table(con, "quality", "findings"):
+        return {}
+    return evaluate_gate(con, registry, partition_date).held_back
+
+
+def record_gate_decisions(con: duckdb.DuckDBPyConnection, registry: Registry, gate: GateResult,
+                          now: dt.datetime | None = None) -> int:
+    """Replace the partition's rows of quality.gate_decisions: one per registered dataset, passed or held back."""
+    ensure_quality_tables(con)
+    now = now or dt.datetime.now(dt.timezone.utc)
+    rows = [(gate.partition_date, ds.agency, code, code not in gate.held_back, gate.error_rates.get(code, 0.0),
+             gate.max_error_rate, gate.held_back.get(code), now) for code, ds in registry.datasets.items()]
+    con.execute("begin")
+    try:
+        con.execute("delete from quality.gate_decisions where partition_date = ?", [gate.partition_date])
+        con.executemany("insert into quality.gate_decisions values (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        con.execute("commit")
+    except Exception:
+        con.execute("rollback")
+        raise
+    return len(rows)
+
+
+def gate_decisions(con: duckdb.DuckDBPyConnection, partition_date: dt.date) -> dict[str, bool] | None:
+    """{dataset: passed} recorded for the partition; None when no decision was recorded for it."""
+    if not _has_table(con, "quality", "gate_decisions"):
+        return None
+    rows = con.execute("select dataset, passed from quality.gate_decisions where partition_date = ?",
+                       [partition_date]).fetchall()
+    return {d: bool(p) for d, p in rows} or None
 
 
 @dataclass
