@@ -12,19 +12,22 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from zqdata import ingest, landing
+from zqdata import contracts, ingest, landing
 from zqdata.ingest import LINEAGE_COLUMNS, ingest_delivery, row_accounting
 from zqdata.registry import Dataset, Registry
 from zqdata.settings import TZ
 
 DAY = dt.date(2025, 5, 1)
 NOW = dt.datetime(2025, 5, 2, 12, 0, tzinfo=TZ)
-SAMPLE = {"integer": "12", "decimal": "3.50", "date": "2025-05-01", "timestamp": "2025-05-01 08:00:00"}
+# Values in the standard spelling (another accepted spelling is normalized and counted: tests/test_ingest_messages.py)
+SAMPLE = {"integer": "12", "decimal": "3.50", "date": "2025-05-01", "timestamp": "2025-05-01T08:00:00+08:00",
+          "year_month": "2025-04", "mobile": "13800138000"}
 
 
 def records(ds: Dataset, n: int, start: int = 0) -> list[dict[str, str]]:
     """n records whose values satisfy the contract (value-level rules are not the contract's business)."""
-    return [{f.name: SAMPLE.get(f.type, f"{f.name}-{start + i}") for f in ds.fields} for i in range(n)]
+    return [{f.name: SAMPLE.get(contracts.field_kind(f), SAMPLE.get(f.format or "", f"{f.name}-{start + i}"))
+             for f in ds.fields} for i in range(n)]
 
 
 def encode(rows: list[dict[str, str]], fmt: str, encoding: str = "utf-8") -> bytes:
@@ -113,7 +116,7 @@ def test_clean_delivery_lands_in_ods_with_lineage(gov_con, store, reg, code) -> 
     assert findings(gov_con, code) == []
 
 
-def test_date_and_number_variants_accepted_as_delivered(gov_con, store, reg) -> None:
+def test_date_and_number_variants_accepted_and_normalized(gov_con, store, reg) -> None:
     ds = reg.datasets["enterprise_registry"]
     rows = records(ds, 4)
     for r, d, t in zip(rows, ["2025/05/01", "20250501", "2025-5-1", "2025-05-01"],
@@ -122,8 +125,12 @@ def test_date_and_number_variants_accepted_as_delivered(gov_con, store, reg) -> 
     rows[0]["reg_capital_wan"] = "1e3"
     deliver(store, reg, "enterprise_registry", [("part-0001.csv", encode(rows, "csv"), 4)])
     run(gov_con, store, reg, "enterprise_registry")
-    got = gov_con.execute("select established_date, updated_at from ods.enterprise_registry order by _row_number").fetchall()
-    assert got == [(r["established_date"], r["updated_at"]) for r in rows]
+    got = gov_con.execute("select established_date, updated_at, reg_capital_wan from ods.enterprise_registry "
+                          "order by _row_number").fetchall()
+    # every accepted spelling is stored in the standard one (registry quality_policy: accepted_form), no finding
+    assert got == [("2025-05-01", "2025-05-01T08:00:00+08:00", "1000")] + [("2025-05-01", "2025-05-01T08:00:00+08:00",
+                                                                         "3.50")] * 3
+    assert findings(gov_con, "enterprise_registry") == []
 
 
 def test_bom_and_gbk_csv_are_detected(gov_con, store, reg) -> None:
@@ -364,7 +371,7 @@ def test_manifest_count_mismatch(gov_con, store, reg) -> None:
     deliver(store, reg, "enterprise_registry", [("part-0001.csv", encode(records(ds, 3), "csv"), 5)])
     run(gov_con, store, reg, "enterprise_registry")
     d = deliveries(gov_con, "enterprise_registry")[0]
-    assert d["status"] == "warn" and (d["manifest_record_count"], d["actual_record_count"]) == (5, 3)
+    assert d["status"] == "error" and (d["manifest_record_count"], d["actual_record_count"]) == (5, 3)
     assert "清单记录数 5 与实际记录数 3 不一致" in d["error"]
     f = findings(gov_con, "enterprise_registry")
     assert [(x["rule"], x["severity"], x["dimension"]) for x in f] == [("delivery.record_count_mismatch", "error", "completeness")]
@@ -379,7 +386,7 @@ def test_manifest_checksum_mismatch(gov_con, store, reg) -> None:
     store.put_bytes("samr/enterprise_registry/2025-05-01/part-0001.csv", encode(rows, "csv"))
     run(gov_con, store, reg, "enterprise_registry")
     d = deliveries(gov_con, "enterprise_registry")[0]
-    assert d["status"] == "warn" and "清单 sha256 与文件实际摘要不一致" in d["error"]
+    assert d["status"] == "error" and "清单 sha256 与文件实际摘要不一致" in d["error"]
     assert d["manifest_sha256"] != d["actual_sha256"]
     assert [x["rule"] for x in findings(gov_con, "enterprise_registry")] == ["delivery.checksum_mismatch"]
     assert_accounting(gov_con, "enterprise_registry")

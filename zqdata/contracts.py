@@ -25,13 +25,22 @@ PATTERNS: dict[str, str] = {
     "decimal": r"\s*[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?\s*",
     "date": rf"\s*{_DATE}\s*",
     "timestamp": rf"\s*(?:{_DATE}(?:T|\s+){_TIME}{_TZ}|[0-9]{{14}})\s*",
+    "year_month": r"\s*[0-9]{4}(?:[-/][0-9]{1,2}|[0-9]{2})\s*",  # a string field of format year_month
 }
 # Loose component extraction, applied only to values that already match PATTERNS (so it cannot mis-split them).
 _PARTS = (
     r"^\s*(?P<year>[0-9]{4})[-/]?(?P<month>[0-9]{1,2})[-/]?(?P<day>[0-9]{1,2})"
     r"(?:(?:T|\s*)(?P<hour>[0-9]{1,2}):?(?P<minute>[0-9]{2})(?::?(?P<second>[0-9]{2}))?)?"
 )
-TYPE_CN = {"integer": "整数", "decimal": "数值", "date": "日期", "timestamp": "日期时间"}
+TYPE_CN = {"integer": "整数", "decimal": "数值", "date": "日期", "timestamp": "日期时间", "year_month": "年月"}
+# Formats whose validity the contract checks on an OPTIONAL field (an invalid value is nulled, the record kept: registry
+# quality_policy invalid_optional); on a required field they are dbt's accuracy rules (zqdata.reference). year_month
+# is checked on every field: it is the spelling of a typed value (standardization), like a date.
+OPTIONAL_FORMAT_RULES: dict[str, tuple[str, str]] = {
+    "mobile": ("accuracy", "不是有效的中国大陆手机号码（11 位，1[3-9] 开头）"),
+    "citizen_id": ("accuracy", "不符合 GB 11643 公民身份号码（校验位或出生日期错误）"),
+    "uscc": ("accuracy", "不符合 GB 32100 统一社会信用代码（校验位错误）"),
+}
 COLUMN_SET_RULE = "contract.column_set"
 
 
@@ -43,6 +52,14 @@ class RuleInfo:
     dimension: str
     field: str
     reason: str  # Chinese, specific; the offending value is appended by the ingester
+    nulls: bool = False  # an invalid value of an optional field: nulled, the record kept (quality_policy)
+
+
+def field_kind(f: DatasetField) -> str:
+    """The kind of value whose spelling the contract checks and ingestion normalizes: the field type, or year_month."""
+    if f.type == "string" and f.format == "year_month":
+        return "year_month"
+    return f.type
 
 
 # Python's ``\s`` on str (what the patterns mean) spelled for RE2, which pyarrow's regex functions use.
@@ -75,6 +92,14 @@ def parseable(s: pd.Series, field_type: str) -> pd.Series:
     arr = _text(s)
     blank = _blank_arrow(arr)
     ok = blank | pc.match_substring_regex(arr, _ARROW_PATTERNS[field_type]).fill_null(False).to_numpy(zero_copy_only=False)
+    if field_type == "year_month":
+        cand = ok & ~blank
+        if cand.any():
+            month = pc.extract_regex(arr.filter(pa_arrow.array(cand)), r"^\s*[0-9]{4}[-/]?(?P<m>[0-9]{1,2})\s*$")
+            m = pc.cast(pc.struct_field(month, "m"), pa_arrow.int64()).to_numpy(zero_copy_only=False)
+            real = np.ones(len(ok), dtype=bool)
+            real[cand] = (m >= 1) & (m <= 12)
+            ok = ok & real
     if field_type in ("date", "timestamp"):
         cand = ok & ~blank
         if cand.any():
@@ -106,13 +131,45 @@ def rule_for_required(f: DatasetField) -> RuleInfo:
     return RuleInfo("contract.required", "completeness", f.name, f"必填字段「{f.cn_name}」({f.name}) 为空")
 
 
+_NULLED = "，已置空、记录保留"  # no parentheses: zqdata.display locates the value after "(field) …：'"
+
+
 def rule_for_type(f: DatasetField) -> RuleInfo:
+    kind = field_kind(f)
+    if kind == "year_month":
+        return RuleInfo("contract.format.year_month", "standardization", f.name,
+                        f"字段「{f.cn_name}」({f.name}) 的值不是有效的年月 YYYY-MM，月份须为 01–12"
+                        + ("" if f.required else _NULLED), nulls=not f.required)
     return RuleInfo(
         f"contract.type.{f.type}",
         "standardization",
         f.name,
-        f"字段「{f.cn_name}」({f.name}) 的值无法解析为{TYPE_CN[f.type]}",
+        f"字段「{f.cn_name}」({f.name}) 的值无法解析为{TYPE_CN[f.type]}" + ("" if f.required else _NULLED),
+        nulls=not f.required,
     )
+
+
+def rule_for_format(f: DatasetField) -> RuleInfo | None:
+    """The validity rule of an optional field's format (see OPTIONAL_FORMAT_RULES), or None."""
+    if f.required or f.format not in OPTIONAL_FORMAT_RULES:
+        return None
+    dimension, text = OPTIONAL_FORMAT_RULES[f.format]
+    return RuleInfo(f"contract.format.{f.format}", dimension, f.name,
+                    f"可选字段「{f.cn_name}」({f.name}) 的值{text}{_NULLED}", nulls=True)
+
+
+def valid_format(s: pd.Series, fmt: str) -> pd.Series:
+    """True where the value is blank or (trimmed) valid in ``fmt`` (mobile vectorized; check digits per value)."""
+    from zqdata import standards
+
+    arr = pc.utf8_trim_whitespace(_text(s))
+    blank = _blank_arrow(arr)
+    if fmt == "mobile":
+        ok = pc.match_substring_regex(arr, r"^1[3-9][0-9]{9}$").fill_null(False).to_numpy(zero_copy_only=False)
+    else:
+        check = standards.is_valid_citizen_id if fmt == "citizen_id" else standards.is_valid_uscc
+        ok = np.array([v is not None and check(v) for v in arr.to_pylist()], dtype=bool)
+    return pd.Series(blank | ok, index=s.index)
 
 
 def build_contract(dataset: Dataset, strict: bool = True) -> pa.DataFrameSchema:
@@ -123,11 +180,16 @@ def build_contract(dataset: Dataset, strict: bool = True) -> pa.DataFrameSchema:
         if f.required:
             req = rule_for_required(f)
             checks.append(pa.Check(lambda s: ~_blank(s), name=req.rule, description=req.reason, ignore_na=False))
-        if f.type != "string":
+        if field_kind(f) != "string":
             typ = rule_for_type(f)
             checks.append(
-                pa.Check(lambda s, t=f.type: parseable(s, t), name=typ.rule, description=typ.reason, ignore_na=True)
+                pa.Check(lambda s, t=field_kind(f): parseable(s, t), name=typ.rule, description=typ.reason,
+                         ignore_na=True)
             )
+        fmt = rule_for_format(f)
+        if fmt is not None:
+            checks.append(pa.Check(lambda s, x=f.format: valid_format(s, x), name=fmt.rule, description=fmt.reason,
+                                   ignore_na=True))
         # Nulls are judged by the required check (one reason per problem), so pandera's own not-null check stays off.
         columns[f.name] = pa.Column(nullable=True, required=True, checks=checks, title=f.cn_name)
     return pa.DataFrameSchema(columns, strict=strict, name=dataset.code, ordered=False)
@@ -140,9 +202,12 @@ def rules_of(dataset: Dataset) -> dict[tuple[str, str], RuleInfo]:
         if f.required:
             r = rule_for_required(f)
             out[(f.name, r.rule)] = r
-        if f.type != "string":
+        if field_kind(f) != "string":
             r = rule_for_type(f)
             out[(f.name, r.rule)] = r
+        fmt = rule_for_format(f)
+        if fmt is not None:
+            out[(f.name, fmt.rule)] = fmt
     return out
 
 

@@ -29,9 +29,9 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-from zqdata import contracts
+from zqdata import contracts, standards
 from zqdata.landing import Manifest, ManifestFile, arrival_time, delivery_prefix, list_delivery_files, read_manifest
-from zqdata.registry import Dataset, Registry
+from zqdata.registry import Dataset, QualityPolicy, Registry, load_quality_policy
 from zqdata.settings import TZ
 from zqdata.storage import ObjectInfo, ObjectStore
 from zqdata.txn import rollback_keeping_cause
@@ -95,6 +95,14 @@ DELIVERY_RULES: dict[str, tuple[str, str]] = {
     "delivery.future_partition": ("timeliness", "error"),
 }
 DUPLICATE_REASON = "重复交付"
+# Values ingestion stored in their standard spelling (registry quality_policy: accepted_form, whitespace): counted per
+# file, field and case, never a finding (nothing is filed with the agency). No value is kept here (personal data).
+NORMALIZATION_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("partition_date", "DATE"), ("agency", "VARCHAR"), ("dataset", "VARCHAR"), ("delivery_file", "VARCHAR"),
+    ("field", "VARCHAR"), ("kind", "VARCHAR"), ("policy_case", "VARCHAR"), ("dimension", "VARCHAR"),
+    ("values_normalized", "BIGINT"), ("first_row_number", "INTEGER"), ("detail", "VARCHAR"),
+)  # fmt: skip
+_SEVERITY_RANK = {"ok": 0, "warn": 1, "error": 2}
 
 
 class FileUnreadable(Exception):
@@ -177,6 +185,7 @@ def ensure_gov_tables(con: duckdb.DuckDBPyConnection, dataset: Dataset) -> None:
     con.execute(f"create table if not exists meta.deliveries ({', '.join(f'{n} {t}' for n, t in DELIVERY_COLUMNS)})")
     con.execute("alter table meta.deliveries add column if not exists arrived_at TIMESTAMPTZ")  # older gov files
     ensure_quality_tables(con)
+    con.execute(f"create table if not exists quality.normalizations ({', '.join(f'{n} {t}' for n, t in NORMALIZATION_COLUMNS)})")
 
 
 # --------------------------------------------------------------------------------------------- readers
@@ -191,6 +200,7 @@ class BadRecord(NamedTuple):
     rule: str = "delivery.malformed_record"
     field: str | None = None  # the field the problem is in, when known
     record: dict[str, str | None] | None = None  # the delivered columns (undecodable bytes escaped as \xNN)
+    incomplete: bool = True  # the record may be cut off (a last one suggests a truncated file); False: whole but wrong
 
 
 @dataclass
@@ -725,10 +735,13 @@ def read_jsonl_chunks(
             text = raw.decode("utf-8", errors="backslashreplace")
             try:
                 obj = json.loads(text)
-                if not isinstance(obj, dict):
-                    raise ValueError("not an object")
             except ValueError:
-                bad.append(BadRecord(num, text, "JSON 行无法解析（记录不完整，文件可能被截断）"))
+                bad.append(BadRecord(num, text, "JSON 行无法解析（记录不完整，文件可能被截断）(not valid JSON: incomplete)"))
+                continue
+            if not isinstance(obj, dict):
+                kind = {list: "数组 array", str: "字符串 string", bool: "布尔值 boolean"}.get(type(obj), "数值或 null")
+                bad.append(BadRecord(num, text, f"JSON 行是{kind}，不是对象：每行须为一个 JSON 对象 (not an object)",
+                                     incomplete=False))
                 continue
             rec = {k: (v if isinstance(v, str) or v is None else json.dumps(v, ensure_ascii=False)) for k, v in obj.items()}
             lone = _lone_surrogate(num, text, rec, labels)
@@ -793,7 +806,9 @@ class _Ctx:
     schema: object  # the non-strict pandera contract used per batch
     strict_schema: object
     rules: dict
+    policy: QualityPolicy | None = None
     findings: list[dict] = field(default_factory=list)
+    normalized: dict[tuple[str, str, str], list[int]] = field(default_factory=dict)  # (file, field, case) -> [n, row]
     deliveries: list[dict] = field(default_factory=list)
     files: list[FileReport] = field(default_factory=list)
 
@@ -814,20 +829,26 @@ def _finding(ctx: _Ctx, rule: str, detail: str, key: str | None, field_name: str
 
 
 def _contract_failures(ctx: _Ctx, frame: pd.DataFrame) -> tuple[dict[int, tuple[str, str, str, str]], pd.DataFrame]:
-    """Per failing batch position: (reason, rule, dimension, field); and all failures (one per rule and record)."""
+    """Per quarantined batch position: (reason, rule, dimension, field); and all failures (one per rule and record),
+    with their severity and whether the value is nulled (an invalid optional field: the record is kept)."""
     fails = contracts.failing_rows(ctx.schema, frame)
     if fails.empty:
-        return {}, fails
+        return {}, fails.assign(rule=[], dimension=[], detail=[], severity=[], nulls=[])
     order = {name: i for i, name in enumerate(ctx.ds.field_names)}
     fails = fails.assign(_o=fails["field"].map(order)).sort_values(["index", "_o", "check"], kind="stable")
     infos = [ctx.rules[(f, c)] for f, c in zip(fails["field"], fails["check"], strict=True)]
     texts = [
         i.reason + ("" if i.rule == "contract.required" else f"：'{v}'") for i, v in zip(infos, fails["value"], strict=True)
     ]
-    fails = fails.assign(rule=[i.rule for i in infos], dimension=[i.dimension for i in infos], detail=texts)
-    # one entry per failing record: every reason joined in field order, the first failure's rule/dimension/field
+    nulled = _policy(ctx).case("invalid_optional").severity
+    fails = fails.assign(rule=[i.rule for i in infos], dimension=[i.dimension for i in infos], detail=texts,
+                         severity=[nulled if i.nulls else "error" for i in infos], nulls=[i.nulls for i in infos])
+    # one entry per quarantined record: every reason joined in field order, the first failure's rule/dimension/field
     # (grouped in one pass: a Python loop over groups cost ~5 s per 7 M-row delivery with 1 % defects)
-    by_row = fails.groupby("index", sort=False)
+    hard = fails[~fails["nulls"].astype(bool)]
+    if hard.empty:
+        return {}, fails
+    by_row = hard.groupby("index", sort=False)
     details = by_row["detail"].agg("；".join)
     first = by_row[["rule", "dimension", "field"]].first()
     per_row = {
@@ -855,6 +876,15 @@ def _load_chunk(ctx: _Ctx, chunk: Chunk, key: str, name: str, file_reason: str |
         per_row, fails = _contract_failures(ctx, frame)
         for i, (reason, rule, dim, fld) in per_row.items():
             reasons[i], rules[i], dims[i], flds[i] = reason, rule, dim, fld
+        kept = np.ones(n, dtype=bool)
+        kept[list(per_row)] = False
+        soft = fails[fails["nulls"].astype(bool)] if not fails.empty else fails
+        for fname in set(soft["field"]) if not soft.empty else ():  # invalid optional values of kept records: nulled
+            idx = soft.loc[soft["field"] == fname, "index"].to_numpy(dtype=np.int64)
+            mask = np.zeros(n, dtype=bool)
+            mask[idx[kept[idx]]] = True
+            cols[fname] = pc.if_else(pa.array(mask), pa.nulls(n, pa.string()), cols[fname])
+        cols = _normalize(ctx, cols, kept, chunk.row_numbers, key)
         if not fails.empty:
             rows = chunk.row_numbers[fails["index"].to_numpy()]
             prefix = f"{ctx.ds.code}/{ctx.day.isoformat()}/{name}#"
@@ -867,11 +897,12 @@ def _load_chunk(ctx: _Ctx, chunk: Chunk, key: str, name: str, file_reason: str |
                         "row_number": pa.array(rows, pa.int32()),
                         "field": pa.array(fails["field"].tolist(), pa.string()),
                         "detail": pa.array(fails["detail"].tolist(), pa.string()),
+                        "severity": pa.array(fails["severity"].tolist(), pa.string()),
                     }
                 ),
             )
             ctx.con.execute(
-                "insert into _zq_findings select ?, ?, ?, 'pandera', rule, dimension, 'error', ?, row_number, "
+                "insert into _zq_findings select ?, ?, ?, 'pandera', rule, dimension, severity, ?, row_number, "
                 "? || row_number, field, detail from _zq_f",
                 [ctx.day, ctx.agency, ctx.ds.code, key, prefix],
             )
@@ -925,6 +956,54 @@ def _load_chunk(ctx: _Ctx, chunk: Chunk, key: str, name: str, file_reason: str |
     ctx.con.unregister("_zq_s")
 
 
+def _policy(ctx: _Ctx) -> QualityPolicy:
+    if ctx.policy is None:
+        ctx.policy = load_quality_policy()
+    return ctx.policy
+
+
+def _normalize(ctx: _Ctx, cols: dict, kept: np.ndarray, row_numbers: np.ndarray, key: str) -> dict:
+    """The kept records' values in their standard spelling (trimmed; accepted typed spellings rewritten), each change
+    counted per field and policy case in ``ctx.normalized`` (quality.normalizations), never as a finding."""
+    if not kept.any():
+        return cols
+    keep_arr = pa.array(kept)
+    out = dict(cols)
+    for f in ctx.ds.fields:
+        col = cols[f.name]
+        arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+        kind = contracts.field_kind(f)
+        fixed = standards.normalize_text(arr, kind)
+        changed = pc.and_kleene(pc.not_equal(fixed, arr), keep_arr).fill_null(False)
+        if not pc.any(changed).as_py():
+            continue
+        trimmed = pc.utf8_trim_whitespace(arr)
+        respelled = pc.and_kleene(changed, pc.not_equal(fixed, trimmed)).fill_null(False)
+        for case, mask in (("accepted_form", respelled), ("whitespace", pc.and_kleene(changed, pc.invert(respelled)))):
+            m = mask.to_numpy(zero_copy_only=False)
+            if m.any():
+                slot = ctx.normalized.setdefault((key, f.name, case), [0, int(row_numbers[np.argmax(m)])])
+                slot[0] += int(m.sum())
+        out[f.name] = pc.if_else(changed, fixed, arr)
+    return out
+
+
+def _normalization_rows(ctx: _Ctx) -> list[dict]:
+    rows = []
+    for (key, fname, case), (count, first) in sorted(ctx.normalized.items()):
+        f = ctx.ds.field(fname)
+        kind = contracts.field_kind(f)
+        what = ("去除首尾空白 (trimmed)" if case == "whitespace"
+                else f"改写为标准写法 {_policy(ctx).accepted_forms.get(kind, ['-'])[0]} (rewritten to the standard form)")
+        rows.append({
+            "partition_date": ctx.day, "agency": ctx.agency, "dataset": ctx.ds.code, "delivery_file": key,
+            "field": fname, "kind": kind, "policy_case": case, "dimension": "standardization",
+            "values_normalized": count, "first_row_number": first,
+            "detail": f"字段「{f.cn_name}」({fname}) {count} 个值已规范化：{what}，值保留，不计为问题 (normalized, kept)",
+        })  # fmt: skip
+    return rows
+
+
 def _flush_file(ctx: _Ctx, key: str, name: str, bid: str, file_reason: tuple[str, str, str] | None) -> tuple[int, int, int]:
     """Move the staged records of one file into the ODS and quarantine; returns (delivered, accepted, quarantined)."""
     fields = ctx.ds.field_names
@@ -941,6 +1020,8 @@ def _flush_file(ctx: _Ctx, key: str, name: str, bid: str, file_reason: tuple[str
             [*params, reason, reason, rule, dimension],
         )
         ctx.con.execute("delete from _zq_findings where delivery_file = ?", [key])
+        for k in [k for k in ctx.normalized if k[0] == key]:  # nothing of a quarantined file was stored
+            del ctx.normalized[k]
     else:
         cols = ", ".join(_q(f) for f in fields)
         ctx.con.execute(
@@ -969,6 +1050,13 @@ def _delivery_row(ctx: _Ctx, rep: FileReport, **values: object) -> None:
     )  # fmt: skip
     row.update(values)
     ctx.deliveries.append(row)
+
+
+def _worse(status: str, severity: str) -> str:
+    """A file status raised to a finding's severity (ok < warn < error); other statuses (quarantined, duplicate …) stay."""
+    if status not in _SEVERITY_RANK:
+        return status
+    return severity if _SEVERITY_RANK[severity] > _SEVERITY_RANK[status] else status
 
 
 def _format_of(name: str, entry: ManifestFile | None) -> str | None:
@@ -1000,8 +1088,8 @@ def _ingest_file(
         rep.errors.append(detail)
         if status:
             rep.status = status
-        elif rep.status == "ok":
-            rep.status = "warn"
+        else:  # the file's status says the worst severity of its findings (issue 12, finding 8)
+            rep.status = _worse(rep.status, DELIVERY_RULES[rule][1])
 
     with store.local_copy(obj.key) as path:
         sha = _sha256_of(path)
@@ -1063,14 +1151,15 @@ def _ingest_file(
                     if file_reason is None and fmt != "jsonl" and count == 0:
                         file_reason = _column_reason(ctx, seen_columns, obj.key, rep)
                     count += chunk.table.num_rows + len(chunk.bad)
-                    last_bad = max([last_bad, *(b.number for b in chunk.bad if b.rule == "delivery.malformed_record")])
+                    last_bad = max([last_bad, *(b.number for b in chunk.bad
+                                                if b.rule == "delivery.malformed_record" and b.incomplete)])
                     undecodable += sum(b.rule == "delivery.encoding_undecodable" for b in chunk.bad)
                     _load_chunk(ctx, chunk, obj.key, name, file_reason[0] if file_reason else None)
                 if file_reason is None and fmt == "jsonl" and count:
                     file_reason = _column_reason(ctx, seen_columns, obj.key, rep)
                 if count == 0 and size > 0:
                     problem("delivery.empty_file", f"文件 {name} 没有数据记录（仅有表头或空行）")
-                if last_bad and last_bad == count:
+                if last_bad and last_bad == count:  # the last record is incomplete (not merely e.g. a JSON array)
                     problem("delivery.truncated_file", f"文件 {name} 最后一条记录（第 {last_bad} 条）不完整，文件可能被截断")
                 if undecodable and file_reason is None:
                     # said in meta.deliveries; the findings are per record (a file-level one would hold the gate)
@@ -1089,7 +1178,8 @@ def _ingest_file(
                 f"清单记录数 {entry.record_count} 与实际记录数 {delivered} 不一致：{name}",
             )
         if entry.sha256.lower() != sha:
-            problem("delivery.checksum_mismatch", f"清单 sha256 与文件实际摘要不一致：{name}（清单 {entry.sha256[:12]}…，实际 {sha[:12]}…）")
+            problem("delivery.checksum_mismatch", f"清单 sha256 与文件实际摘要不一致：{name}（清单 {entry.sha256}，实际 {sha}）"
+                    "(manifest sha256 differs from the file's)")
     if size > 0 and delivered > 0 and sha not in seen_sha and sha not in earlier_sha:
         seen_sha[sha] = obj.key
     _delivery_row(
@@ -1149,7 +1239,8 @@ def _insert_rows(con: duckdb.DuckDBPyConnection, target: str, columns: list[tupl
 def _register_rules(ctx: _Ctx) -> None:
     """The rules evaluated for this (dataset, partition), so passing rules count in the quality scores."""
     rules = {(contracts.COLUMN_SET_RULE, "understandability", "error", "pandera")}
-    rules |= {(r.rule, r.dimension, "error", "pandera") for r in ctx.rules.values()}
+    soft = _policy(ctx).case("invalid_optional").severity
+    rules |= {(r.rule, r.dimension, soft if r.nulls else "error", "pandera") for r in ctx.rules.values()}
     rules |= {(rule, dim, sev, "delivery") for rule, (dim, sev) in DELIVERY_RULES.items()}
     ctx.con.execute(
         "delete from quality.rule_catalog where partition_date = ? and dataset = ? and tool in ('pandera', 'delivery')",
@@ -1182,6 +1273,7 @@ def ingest_delivery(
     ctx = _Ctx(
         con, ds, ds.agency, day, dt.datetime.now(TZ),
         contracts.build_contract(ds, strict=False), contracts.build_contract(ds, strict=True), contracts.rules_of(ds),
+        registry.quality_policy,
     )  # fmt: skip
     now = (now or dt.datetime.now(TZ)).astimezone(TZ)
     report = IngestReport(ds.code, ds.agency, day, "ok")
@@ -1197,6 +1289,7 @@ def ingest_delivery(
             "delete from quality.findings where partition_date = ? and dataset = ? and tool in ('pandera', 'delivery')",
             [day, ds.code],
         )
+        con.execute("delete from quality.normalizations where partition_date = ? and dataset = ?", [day, ds.code])
         objects = list_delivery_files(store, ds.agency, ds.code, day)
         prefix = delivery_prefix(ds.agency, ds.code, day)
         manifest: Manifest | None = None
@@ -1233,7 +1326,8 @@ def ingest_delivery(
                 if manifest is None:
                     rep = ctx.files[-1]
                     rep.errors.insert(0, "缺少清单 _manifest.json" if not manifest_error else "清单无法解析")
-                    rep.status = "warn" if rep.status == "ok" else rep.status
+                    rule = "delivery.manifest_invalid" if manifest_error else "delivery.manifest_missing"
+                    rep.status = _worse(rep.status, DELIVERY_RULES[rule][1])
                     ctx.deliveries[-1].update(status=rep.status, error=rep.error)
             present = {o.key.rsplit("/", 1)[-1] for o in objects}
             for entry in manifest.files if manifest else []:
@@ -1252,6 +1346,7 @@ def ingest_delivery(
         for row in ctx.deliveries:
             row["arrived_at"] = arrived
         _insert_rows(con, "meta.deliveries", list(DELIVERY_COLUMNS), ctx.deliveries)
+        _insert_rows(con, "quality.normalizations", list(NORMALIZATION_COLUMNS), _normalization_rows(ctx))
         if ctx.findings:
             con.register("_zq_df", pd.DataFrame(ctx.findings, columns=list(FINDING_COLUMNS)).astype({"row_number": "Int32"}))
             con.execute(f"insert into _zq_findings ({', '.join(FINDING_COLUMNS)}) select {', '.join(FINDING_COLUMNS)} from _zq_df")

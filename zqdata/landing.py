@@ -176,14 +176,39 @@ def list_delivery_days(store: ObjectStore, agency: str, dataset: str) -> list[dt
     return sorted(days)
 
 
-_TYPE_CN = {"string": "文本", "integer": "整数", "decimal": "小数", "date": "日期", "timestamp": "时间戳"}
-_TYPE_FORMATS = {
-    "string": "原样 as delivered",
-    "integer": "`123`, `-5`",
-    "decimal": "`123.45`, `1e3`",
-    "date": "`2025-05-01`, `2025/05/01`, `20250501`",
-    "timestamp": "`2025-05-01T08:00:00+08:00`, `2025-05-01 08:00:00`, `2025/05/01 08:00`, `20250501080000`",
-}
+_TYPE_CN = {"string": "文本", "integer": "整数", "decimal": "小数", "date": "日期", "timestamp": "时间戳",
+            "year_month": "年月（文本字段，格式 year_month）"}
+_SEVERITY_CN = {"none": "无（不产生问题，仅计数）", "warn": "警告 warn", "error": "错误 error"}
+_ACTION_CN = {"normalize": "规范化，值保留", "trim": "去除首尾空白，值保留", "null_value": "该字段置空，记录保留",
+              "quarantine_record": "记录隔离"}
+
+
+def _policy_lines(registry: "Registry") -> list[str]:
+    """The field-type and severity-policy sections, rendered from registry/quality_policy.yaml."""
+    policy = registry.quality_policy
+    lines = [
+        "## 字段类型 Field types",
+        "",
+        "| 类型 | 接受的写法（入库时规范化为第一种标准写法，计入 quality.normalizations，不产生问题） |",
+        "|---|---|",
+        "| string 文本 | 去除首尾空白后保存 (trimmed) |",
+        *[f"| {t} {_TYPE_CN[t]} | {', '.join(f'`{x}`' for x in forms)} |" for t, forms in policy.accepted_forms.items()],
+        "",
+        "## 处置策略 Severity policy",
+        "",
+        "<!-- rendered from registry/quality_policy.yaml -->",
+        "",
+        "| 情形 case | 处置 action | 严重度 severity | 记录于 recorded in |",
+        "|---|---|---|---|",
+        *[f"| {_cell(c.cn)} ({_cell(c.en)}) | {_ACTION_CN[c.action]} (`{c.action}`) | {_SEVERITY_CN[c.severity]} | "
+          f"`{c.recorded_in}` |" for c in policy.cases],
+        "",
+        "严重度为“无”的情形不产生发现，不向数源单位登记问题；按文件、字段计数。可选字段的格式（手机号码、公民身份号码、统一社会信用代码）"
+        "与年月在入库时校验；必填字段的校验位、代码表等规则由 dbt 执行。"
+        "Cases of severity none create no finding and file no issue; they are counted per file and field.",
+        "",
+    ]
+    return lines
 
 
 def _cell(text: str) -> str:
@@ -220,7 +245,7 @@ def render_landing_docs(registry: "Registry") -> str:
         "（EF BB BF）；RFC 4180 引号规则。BOM 入库时去除，不单独决定编码：以内容为准（先按 UTF-8，再按 GBK 解码）；"
         "实际编码与声明不符（包括 GBK 内容带 UTF-8 BOM）照常入库，记录警告。"
         "A BOM is stripped; the content decides the encoding; a mismatch with the declaration is a warning.",
-        "- JSON Lines：UTF-8 编码，每行一个 JSON 对象，键为字段名；值按原样保存为文本。",
+        "- JSON Lines：UTF-8 编码，每行一个 JSON 对象，键为字段名；值保存为文本。不是对象的行（数组、字符串等）单独隔离。",
         "- Parquet：列名为字段名；任何类型的列均按文本保存；文本、二进制列须为有效 UTF-8。",
         "- 无法解码的字节 undecodable bytes：任何格式中，某条记录含无法按文件编码解码的字节序列（JSON 中含 `\\uD800`–`\\uDFFF` "
         "孤立代理项转义亦同）时，仅隔离该记录，原因注明字段与字节偏移，其余记录照常入库。"
@@ -231,21 +256,16 @@ def render_landing_docs(registry: "Registry") -> str:
         "",
         "| 检查 | 结果 |",
         "|---|---|",
-        "| 清单缺失 manifest missing | 记录错误，文件照常入库并核对 |",
-        "| 清单记录数与实际不符 record_count mismatch | 记录错误 |",
-        "| 清单 sha256 与实际不符 checksum mismatch | 记录错误 |",
+        "| 清单缺失 manifest missing | 记录错误，文件照常入库并核对，文件状态 `error`（状态即最严重发现的严重度） |",
+        "| 清单记录数与实际不符 record_count mismatch | 记录错误，文件状态 `error` |",
+        "| 清单 sha256 与实际不符 checksum mismatch | 记录错误（列出两个完整摘要），文件状态 `error` |",
         "| 空文件、截断文件、无法解码 empty / truncated / undecodable | 该文件记录错误，可读出的行进入隔离区"
         "（无法解码指多数行既非 UTF-8 也非 GBK；个别记录无法解码时仅隔离该记录） |",
         "| 同一文件重复交付 same content twice | 保留首次，重复文件的行以“重复交付”隔离 |",
         "| 交付日期在未来 future partition | 拒绝 |",
         "| 应交未交 expected but absent | meta.deliveries 状态 `missing` |",
         "",
-        "## 字段类型 Field types",
-        "",
-        "| 类型 | 接受的写法（规范化由 dbt staging 完成） |",
-        "|---|---|",
-        *[f"| {t} {_TYPE_CN[t]} | {fmts} |" for t, fmts in _TYPE_FORMATS.items()],
-        "",
+        *_policy_lines(registry),
         "## 数据集 Datasets",
     ]
     for code in sorted(registry.datasets):

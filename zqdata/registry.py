@@ -198,12 +198,64 @@ def _link_role_problems(datasets) -> list[str]:
     return problems
 
 
+PolicyAction = Literal["normalize", "trim", "null_value", "quarantine_record"]
+PolicySeverity = Literal["none", "warn", "error"]
+POLICY_CASES = ("accepted_form", "whitespace", "invalid_optional", "invalid_required")
+_POLICY_KINDS = ("integer", "decimal", "date", "timestamp", "year_month")
+
+
+class PolicyCase(_Strict):
+    """One kind of delivered value and what ingestion does with it (issue 12, finding 9)."""
+
+    case: Literal["accepted_form", "whitespace", "invalid_optional", "invalid_required"]
+    cn: str
+    en: str
+    action: PolicyAction
+    severity: PolicySeverity  # none: no finding, nothing filed with the agency; counted in quality.normalizations
+    recorded_in: Literal["quality.normalizations", "quality.findings"]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "PolicyCase":
+        kept = self.action in ("normalize", "trim")
+        if kept != (self.severity == "none") or kept != (self.recorded_in == "quality.normalizations"):
+            raise ValueError(f"quality_policy {self.case}: 规范化/去空白（值保留）才可无发现，记入 quality.normalizations；"
+                             "置空或隔离须有 warn/error 发现 (kept values: severity none; nulled/quarantined: a finding)")
+        if self.action == "quarantine_record" and self.severity != "error":
+            raise ValueError(f"quality_policy {self.case}: 隔离记录须为 error (a quarantined record is an error)")
+        return self
+
+
+class QualityPolicy(_Strict):
+    """The severity policy (registry/quality_policy.yaml): accepted spellings per kind and the handling of each case."""
+
+    accepted_forms: dict[str, list[str]]
+    cases: list[PolicyCase]
+
+    def case(self, name: str) -> PolicyCase:
+        for c in self.cases:
+            if c.case == name:
+                return c
+        raise KeyError(name)
+
+    @model_validator(mode="after")
+    def _complete(self) -> "QualityPolicy":
+        names = [c.case for c in self.cases]
+        if sorted(names) != sorted(POLICY_CASES):
+            raise ValueError(f"quality_policy: cases must be exactly {', '.join(POLICY_CASES)} once each, got {names}")
+        if sorted(self.accepted_forms) != sorted(_POLICY_KINDS) or not all(self.accepted_forms.values()):
+            raise ValueError(f"quality_policy: accepted_forms must list {', '.join(_POLICY_KINDS)} (standard form first)")
+        if self.case("invalid_optional").action != "null_value":
+            raise ValueError("quality_policy invalid_optional: 可选字段无效时置空、保留记录 (action must be null_value)")
+        return self
+
+
 class Registry(_Strict):
     agencies: dict[str, Agency]
     datasets: dict[str, Dataset]
     code_tables: dict[str, dict[str, str]]
     scenarios: dict[str, Scenario]
     consumers: dict[str, Consumer]
+    quality_policy: QualityPolicy = Field(default_factory=lambda: load_quality_policy())
 
     def agency_of(self, dataset: str) -> Agency:
         return self.agencies[self.datasets[dataset].agency]
@@ -262,6 +314,12 @@ def _read_yaml(path: Path) -> dict:
         return yaml.safe_load(fh) or {}
 
 
+def load_quality_policy(directory: Path | None = None) -> QualityPolicy:
+    """The severity policy of ``registry/quality_policy.yaml`` (validated)."""
+    d = Path(directory) if directory else registry_dir()
+    return QualityPolicy.model_validate(_read_yaml(d / "quality_policy.yaml")["quality_policy"])
+
+
 def load_registry(directory: Path | None = None) -> Registry:
     """Read and validate the registry; raises RegistryError naming every problem found."""
     d = Path(directory) if directory else registry_dir()
@@ -280,6 +338,7 @@ def load_registry(directory: Path | None = None) -> Registry:
             code_tables=code_tables,
             scenarios={s["code"]: s for s in scenarios},
             consumers={c["code"]: c for c in consumers},
+            quality_policy=load_quality_policy(d),
         )
     except (OSError, KeyError, TypeError, yaml.YAMLError, ValueError) as exc:
         raise RegistryError(f"registry at {d} is invalid: {exc}") from exc

@@ -66,6 +66,13 @@ def is_valid_citizen_id(s: object, today: dt.date | None = None) -> bool:
     return citizen_id_check_char(s[:17]) == s[17]
 
 
+def citizen_id_sex(s: str) -> str | None:
+    """The GB/T 2261.1 sex code the 17th character of a GB 11643 ID encodes: odd '1' 男, even '2' 女 (None: no digit)."""
+    if not isinstance(s, str) or len(s) < 17 or s[16] not in "0123456789":
+        return None
+    return "1" if int(s[16]) % 2 else "2"
+
+
 def uscc_check_char(first17: str) -> str:
     """GB 32100 check character: C = 31 - (S mod 31), with 31 written as '0'."""
     if not isinstance(first17, str) or len(first17) != 17 or any(c not in _USCC_VALUE for c in first17):
@@ -98,6 +105,12 @@ def zhaoqing_districts(registry: "Registry | None" = None) -> dict[str, str]:
 def county_districts(registry: "Registry | None" = None) -> list[str]:
     """District/county-level codes (the city-level code 4412**00** is not an address), sorted."""
     return sorted(c for c in zhaoqing_districts(registry) if not c.endswith("00"))
+
+
+def is_county_level_district(code: object) -> bool:
+    """GB/T 2260 level: six digits whose last two are not '00' (区、县、县级市); ``4412**00**`` is the prefecture and
+    ``44**0000**`` the province."""
+    return isinstance(code, str) and len(code) == 6 and code.isascii() and code.isdigit() and not code.endswith("00")
 
 
 def is_zhaoqing_district(code: object, registry: "Registry | None" = None) -> bool:
@@ -245,3 +258,105 @@ def sample_values(kind: SampleKind, n: int, seed: int, registry: "Registry | Non
     else:
         raise ValueError(f"unknown sample kind {kind!r}; expected citizen_id, uscc, mobile or district_code")
     return [v if r.random() < 0.5 else _corrupt(kind, v, r, districts) for v in valid]
+
+
+# ---------------------------------------------------------------- normalization of accepted spellings (issue 12, finding 9)
+# The landing contract accepts several spellings of a typed value (registry/quality_policy.yaml: accepted_forms);
+# ingestion stores the standard one and counts the change (quality.normalizations), never files it with the agency.
+# Only values that already passed the contract are normalized; a value that cannot be normalized safely is kept.
+
+STANDARD_PATTERNS: dict[str, str] = {
+    "integer": r"^-?[0-9]+$",
+    "decimal": r"^-?[0-9]+(?:\.[0-9]+)?$",
+    "date": r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$",
+    "timestamp": r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\+08:00$",
+    "year_month": r"^[0-9]{4}-[0-9]{2}$",
+}
+_YM_PARTS = r"^(?P<year>[0-9]{4})[-/]?(?P<month>[0-9]{1,2})$"
+_DATE_PARTS = r"^(?P<year>[0-9]{4})[-/]?(?P<month>[0-9]{1,2})[-/]?(?P<day>[0-9]{1,2})$"
+_TS_PARTS = (
+    r"^(?P<year>[0-9]{4})[-/]?(?P<month>[0-9]{1,2})[-/]?(?P<day>[0-9]{1,2})(?:T|\s+)?"
+    r"(?P<hour>[0-9]{1,2}):?(?P<minute>[0-9]{2})(?::?(?P<second>[0-9]{2}))?"
+    r"(?P<tz>Z|[+-][0-9]{2}(?::?[0-9]{2})?)?$"
+)
+
+
+def _pad(col: pa.Array, width: int = 2) -> pa.Array:
+    import pyarrow.compute as pc
+
+    return pc.utf8_lpad(col, width, "0")
+
+
+def _decimal_text(v: str | None) -> str | None:
+    """'1e3' → '1000', '+1.5' → '1.5', '.5' → '0.5', '5.' → '5'; None when it is not a finite number."""
+    from decimal import Decimal, InvalidOperation
+
+    if v is None:
+        return None
+    try:
+        d = Decimal(v)
+    except InvalidOperation:
+        return None
+    if not d.is_finite() or abs(d.adjusted()) > 30:
+        return None  # keep absurd exponents as delivered (the range rule judges them)
+    text = format(d, "f")
+    return "0" if text in ("-0", "+0") else text
+
+
+def _timestamp_text(year, month, day, hour, minute, second, tz) -> str | None:
+    off = dt.timedelta(0) if tz == "Z" else dt.timedelta(
+        hours=int(tz[1:3]), minutes=int(tz[3:].lstrip(":") or 0)) * (1 if tz[0] == "+" else -1)
+    try:
+        t = dt.datetime(int(year), int(month), int(day), int(hour), int(minute), int(second or 0),
+                        tzinfo=dt.timezone(off))
+    except ValueError:
+        return None
+    return t.astimezone(TZ).strftime(STANDARD_TIMESTAMP_FORMAT)
+
+
+def normalize_text(values: pa.Array, kind: str) -> pa.Array:
+    """The values in their standard spelling: trimmed (Unicode whitespace); for a typed ``kind`` (integer, decimal,
+    date, timestamp, year_month) an accepted non-standard spelling rewritten to the standard one. Vectorized; a value
+    not in an accepted spelling (the contract quarantines or nulls it) is only trimmed."""
+    import pyarrow.compute as pc
+
+    trimmed = pc.utf8_trim_whitespace(values)
+    if kind not in STANDARD_PATTERNS or len(trimmed) == 0:
+        return trimmed
+    odd = pc.invert(pc.match_substring_regex(trimmed, STANDARD_PATTERNS[kind])).fill_null(False)
+    if not pc.any(odd).as_py():
+        return trimmed
+    if kind == "integer":
+        fixed = pc.replace_substring_regex(trimmed, r"^\+", "")
+    elif kind == "decimal":
+        fixed = pa.array([_decimal_text(v) if o else v for v, o in zip(trimmed.to_pylist(), odd.to_pylist())],
+                         pa.string())
+    elif kind in ("date", "year_month"):
+        parts = pc.extract_regex(pc.if_else(odd, trimmed, ""), _DATE_PARTS if kind == "date" else _YM_PARTS)
+        f = {n: pc.struct_field(parts, n) for n in (("year", "month", "day") if kind == "date" else ("year", "month"))}
+        pieces = [f["year"], _pad(f["month"])] + ([_pad(f["day"])] if kind == "date" else [])
+        fixed = pc.binary_join_element_wise(*pieces, "-")
+    else:  # timestamp: naive = Beijing time; an offset converted to +08:00; a fractional second is kept as delivered
+        parts = pc.extract_regex(pc.if_else(odd, trimmed, ""), _TS_PARTS)
+        f = {n: pc.struct_field(parts, n) for n in ("year", "month", "day", "hour", "minute", "second", "tz")}
+        second = pc.if_else(pc.equal(f["second"], ""), "00", f["second"])
+        fixed = pc.binary_join_element_wise(
+            pc.binary_join_element_wise(f["year"], _pad(f["month"]), _pad(f["day"]), "-"),
+            pc.binary_join_element_wise(pc.binary_join_element_wise(_pad(f["hour"]), f["minute"], second, ":"),
+                                        "+08:00", ""), "T")
+        other_tz = pc.and_kleene(pc.not_equal(f["tz"], ""),
+                                 pc.invert(pc.is_in(f["tz"], pa.array(["+08:00", "+0800", "+08"])))).fill_null(False)
+        if pc.any(other_tz).as_py():
+            rows = np.flatnonzero(other_tz.to_numpy(zero_copy_only=False))
+            sub = {n: pc.take(c, pa.array(rows)).to_pylist() for n, c in f.items()}
+            conv = [_timestamp_text(*(sub[n][i] for n in ("year", "month", "day", "hour", "minute", "second", "tz")))
+                    for i in range(len(rows))]
+            py = fixed.to_pylist()
+            for r, v in zip(rows.tolist(), conv):
+                py[r] = v
+            fixed = pa.array(py, pa.string())
+    ok = pc.and_kleene(odd, pc.is_valid(fixed)).fill_null(False)
+    if kind in ("date", "timestamp", "year_month"):
+        ok = pc.and_kleene(ok, pc.not_equal(pc.utf8_length(fixed), 0)).fill_null(False)
+        ok = pc.and_kleene(ok, pc.match_substring_regex(fixed, STANDARD_PATTERNS[kind])).fill_null(False)
+    return pc.if_else(ok, fixed, trimmed)
