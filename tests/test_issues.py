@@ -418,3 +418,39 @@ def test_cli_sync_reads_the_gov_db_read_only(gov, opdb, registry, tmp_path, monk
     with pytest.raises(SystemExit, match="gov DB not found"):
         main(["issues", "sync", "--partition", DAY])
     assert not (tmp_path / "missing.duckdb").exists()
+
+
+FILE_RULE = "delivery.checksum_mismatch"
+
+
+def test_a_file_level_issue_counts_no_record_and_says_so(gov, opdb, registry):
+    """A finding about a whole delivery file (no row) is not "1 条记录": the register counts 0 records, and the
+    event and the agency's message say it is a file- or dataset-level problem."""
+    from zqdata import alerting
+
+    set_findings(gov, DAY, [("psb", "resident_population", "delivery", FILE_RULE, "accuracy", "error", RP_FILE, None,
+                             None, None, "清单摘要与文件不符")])
+    issues.sync_issues(gov, opdb, registry, DAY, now=T0)
+    issue = _by_rule(opdb, FILE_RULE)
+    assert issue.records_failed == 0 and issue.findings_count == 1
+    assert "1 条记录" not in (issues.issue_events(opdb, issue.issue_id)[0]["note"] or "")
+    text = alerting.build_message(registry, issue, "opened")[1]
+    assert "影响记录：1 条" not in text and "整个交付文件或数据集" in text
+
+
+def test_a_contract_rule_is_verified_on_a_file_read_despite_a_file_level_error(gov, opdb, registry):
+    """A redelivery whose file status is `error` for a file-level finding (e.g. a count mismatch) still had its rows
+    read and checked by the contract rules: their issues verify."""
+    rule = "contract.format.mobile"
+    finding = ("psb", "resident_population", "pandera", rule, "accuracy", "warn", RP_FILE, 2,
+               None, "phone", "手机号格式不符")
+    set_findings(gov, DAY, [finding])
+    issues.sync_issues(gov, opdb, registry, DAY, now=T0)
+    issue = _by_rule(opdb, rule)
+    _redeliver_psb(gov, "accepted")
+    gov.execute("update meta.deliveries set status = 'error' where dataset = 'resident_population'")
+    _catalog(gov, ("resident_population", "pandera", rule))
+    set_findings(gov, DAY, [("psb", "resident_population", "delivery", "delivery.count_mismatch", "completeness",
+                             "error", RP_FILE, None, None, None, "记录数与清单不符")])
+    rep = issues.sync_issues(gov, opdb, registry, DAY, now=T0 + dt.timedelta(hours=1))
+    assert issue.issue_id in rep.verified, (rep.unverified, rep.superseded)

@@ -193,7 +193,8 @@ def build_message(registry: Registry, issue: Issue, status_event: str) -> tuple[
         f"质量维度（第二十条）：{lineage.dimension_label(issue.dimension)}",
         f"规则：{issue.rule}（检查工具 {issue.tools or '-'}）",
         f"严重程度：{sev}",
-        f"影响记录：{issue.records_failed} 条（{issue.findings_count} 项发现）",
+        (f"影响记录：{issue.records_failed} 条（{issue.findings_count} 项发现）" if issue.records_failed else
+         f"影响范围：整个交付文件或数据集，不涉及单条记录 (file- or dataset-level; {issue.findings_count} 项发现)"),
         "交付文件与行号：",
     ]
     for f in files:

@@ -174,7 +174,10 @@ def _failing_groups(gov_con: duckdb.DuckDBPyConnection, partition_date: str) -> 
                case when bool_or(severity = 'error') then 'error' else 'warn' end as severity,
                string_agg(distinct tool, ',' order by tool) as tools,
                count(*) as findings_count,
-               count(distinct coalesce(lineage_id, delivery_file || '#' || coalesce(row_number::varchar, ''))) as records_failed
+               -- records: row-level findings only; a file- or dataset-level finding is about no record of its own
+               count(distinct case when lineage_id is not null or row_number is not null
+                                   then coalesce(lineage_id, delivery_file || '#' || row_number::varchar) end)
+                   as records_failed
         from quality.findings
         where partition_date = ?::date
         group by all
@@ -237,7 +240,7 @@ class _Evidence:
     """What the gov DB records about the partition's evaluation (read before the register is written)."""
 
     rules: set[tuple[str, str]] | None  # (dataset, rule) of quality.rule_catalog; None when no catalog is kept
-    deliveries: dict[str, list[tuple[str | None, str | None, int]]] | None  # dataset -> [(file, status, rows)]
+    deliveries: dict[str, list[tuple[str | None, str | None, int]]] | None  # dataset -> [(file, status, rows checked)]
     ods_rows: dict[str, int]  # dataset -> rows of the partition in the ODS
 
 
@@ -249,10 +252,14 @@ def _evidence(gov_con: duckdb.DuckDBPyConnection, day: str, datasets: Iterable[s
     deliveries = None
     if lineage.table_exists(gov_con, "meta", "deliveries"):
         deliveries = {}
-        for ds, file, status, rows in gov_con.execute(
-            "select dataset, delivery_file, status, coalesce(rows_delivered, 0) from meta.deliveries"
-            " where partition_date = ?::date", [day]
+        for ds, file, status, rows, accepted in gov_con.execute(
+            "select dataset, delivery_file, status, coalesce(rows_delivered, 0), coalesce(rows_accepted, 0)"
+            " from meta.deliveries where partition_date = ?::date", [day]
         ).fetchall():
+            # a file whose status is `error` for a file-level finding (checksum or count mismatch, no manifest) still
+            # had its rows read and checked when some were accepted
+            if status == "error" and accepted > 0:
+                status = "checked_with_file_error"
             deliveries.setdefault(ds, []).append((file, status, int(rows)))
     ods_rows = {}
     for ds in set(datasets):
@@ -321,6 +328,11 @@ def _closing(gov_con: duckdb.DuckDBPyConnection, ev: _Evidence, day: str, issue:
     if _rows_present(gov_con, day, ds, affected, ods=True, quarantine=True):
         return "unverified", "未能复核：原问题记录仍在，但未经该规则检查（整文件或因其他规则被隔离）"
     return "superseded", f"原问题记录在重新交付中已不存在；该规则在新交付的 {checked_rows} 条记录上已执行且通过"
+
+
+def _failed_note(group: Mapping[str, Any]) -> str:
+    n = int(group.get("records_failed") or 0)
+    return f"{n} 条记录未通过" if n else "交付文件或数据集级问题，不涉及单条记录 (file- or dataset-level)"
 
 
 def _trace_json(gov_con: duckdb.DuckDBPyConnection, ops_con: duckdb.DuckDBPyConnection | None, registry: Registry, samples: Sequence[Mapping[str, Any]]) -> str:
@@ -407,7 +419,7 @@ def sync_issues(
                         reopen_count=0, updated_at=at,
                     )
                 )
-                _event(conn, fp, "opened", None, "open", at, note=f"{g['records_failed']} 条记录未通过")
+                _event(conn, fp, "opened", None, "open", at, note=_failed_note(g))
                 report.opened.append(issue_id_of(fp))
                 continue
             status = cur.status
@@ -417,7 +429,7 @@ def sync_issues(
                     conn, fp, status="reopened", open_since=at, escalated_at=None,
                     reopen_count=issues_t.c.reopen_count + 1, verified_at=None,
                 )
-                _event(conn, fp, "reopened", status, "reopened", at, note=f"重新交付后仍有 {g['records_failed']} 条记录未通过")
+                _event(conn, fp, "reopened", status, "reopened", at, note="重新交付后仍未通过：" + _failed_note(g))
                 report.reopened.append(issue_id_of(fp))
             else:
                 report.updated.append(issue_id_of(fp))
