@@ -22,6 +22,13 @@ KEY_MIN_UNIQUE_SHARE = 0.99
 VOLUME_BAND = (0.5, 2.0)  # of the median daily volume of the previous days
 MEDIAN_BAND = (0.5, 2.0)
 NONNULL_BAND = 0.15
+# Plausibility against the entity's own recent history (issue 12): the day's reading over the same entity's median of
+# the previous HISTORY_DAYS days (computed in DuckDB when the batch is loaded, gx_runner.load_batch). Every reading must
+# lie within the band: at the default defect rate a ×100 reading is a fraction of a percent of the batch, so a `mostly`
+# tolerance would hide it; the 20× band is the tolerance (a meter's ordinary day-to-day swing is well inside it).
+HISTORY_DAYS = 7
+HISTORY_RATIO_BAND = (0.0, 20.0)
+HISTORY_MOSTLY = 1.0
 
 
 @dataclass(frozen=True)
@@ -32,6 +39,26 @@ class Baseline:
     rows: float | None = None
     nonnull: dict[str, float] = field(default_factory=dict)
     median: dict[str, float] = field(default_factory=dict)
+
+
+def history_plausibility(ds: Dataset) -> tuple[list[str], list[str]]:
+    """(entity columns, numeric fields) of a dataset of daily readings per entity, else ([], []).
+
+    A daily reading: the primary key is the entity plus the event date (electricity/water: meter_id + reading_date);
+    the checked fields are its ranged numeric fields. The entity is the metered one (the meter, not the enterprise,
+    which may have several meters of very different size)."""
+    ev = ds.event_time_field
+    if not ev or ev not in ds.primary_key or ds.field(ev).type != "date":
+        return [], []
+    entity = [k for k in ds.primary_key if k != ev]
+    fields = [f.name for f in ds.fields
+              if f.range is not None and f.type in ("integer", "decimal") and f.name not in ds.primary_key]
+    return (entity, fields) if entity and fields else ([], [])
+
+
+def history_ratio_column(field_name: str) -> str:
+    """Batch column: the day's value over the entity's median of the previous days (NULL without history)."""
+    return f"_{field_name}_history_ratio"
 
 
 def suite_name(dataset: str) -> str:
@@ -54,7 +81,8 @@ def build_suite(registry: Registry, dataset: str, baseline: Baseline | None = No
     ex = gx.expectations
     items: list = [
         ex.ExpectTableColumnsToMatchSet(
-            column_set=[*ds.field_names, *LINEAGE_COLUMNS, PK_COLUMN, DAY_ROWS_COLUMN], exact_match=True,
+            column_set=[*ds.field_names, *LINEAGE_COLUMNS, PK_COLUMN, DAY_ROWS_COLUMN,
+                        *map(history_ratio_column, history_plausibility(ds)[1])], exact_match=True,
             meta=_meta("understandability", "error", f"gx.{dataset}.columns_match_registry",
                        "标准化模型的字段集合与登记目录一致 (columns equal the registry)")),
     ]
@@ -97,5 +125,15 @@ def build_suite(registry: Registry, dataset: str, baseline: Baseline | None = No
                 column=f.name, min_value=lo_m, max_value=hi_m,
                 meta=_meta("accuracy", "warn", f"gx.{dataset}.{f.name}.median_plausible",
                            f"{f.cn_name} 中位数在合理区间（前几日中位数的 {MEDIAN_BAND[0]}–{MEDIAN_BAND[1]} 倍，无历史时为登记范围）")))
+    entity, history_fields = history_plausibility(ds)
+    for name in history_fields:
+        f = ds.field(name)
+        items.append(ex.ExpectColumnValuesToBeBetween(
+            column=history_ratio_column(name), min_value=HISTORY_RATIO_BAND[0], max_value=HISTORY_RATIO_BAND[1],
+            mostly=HISTORY_MOSTLY,
+            meta=_meta("accuracy", "warn", f"gx.{dataset}.{name}.history_plausible",
+                       f"{f.cn_name} 与同一{'+'.join(entity)}前 {HISTORY_DAYS} 日中位数之比在 "
+                       f"{HISTORY_RATIO_BAND[0]:g}–{HISTORY_RATIO_BAND[1]:g} 倍之间（无历史不判断）"
+                       f" (plausible against the entity's own recent history)")))
     return gx.ExpectationSuite(name=suite_name(dataset), expectations=items,
                                meta={"dataset": dataset, "agency": ds.agency, "baseline_days": base.days})

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 from pathlib import Path
 
 import duckdb
+import pyarrow as pa
 import pytest
 from dbt.cli.main import dbtRunner
 
@@ -67,20 +69,30 @@ PLANTED: list[tuple[str, dict[str, str], str, str, str, str]] = [
     ("resident_population", {"citizen_id": _bad_check(GOOD_ID)},
      "citizen_id", "citizen_id", "accuracy", "error"),
     ("resident_population", {"citizen_id": _cid("441202", "19810230")}, "citizen_id", "citizen_id", "accuracy", "error"),
-    ("resident_population", {"citizen_id": _cid("441203", "19700101"), "phone": "12345678901"},
+    ("resident_population", {"citizen_id": _cid("441203", "19800101"), "phone": "12345678901"},
      "mobile", "phone", "accuracy", "error"),
-    ("resident_population", {"citizen_id": _cid("441204", "19700101"), "gender": "0"},
+    ("resident_population", {"citizen_id": _cid("441204", "19800101"), "gender": "0"},
      "code_table", "gender", "understandability", "error"),
-    ("resident_population", {"citizen_id": _cid("441223", "19700101"), "district_code": "440103"},
+    ("resident_population", {"citizen_id": _cid("441223", "19800101"), "district_code": "440103"},
      "district", "district_code", "accuracy", "error"),
-    ("resident_population", {"citizen_id": _cid("441224", "19700101"), "birth_date": "1970/01/01"},
+    ("resident_population", {"citizen_id": _cid("441224", "19800101"), "birth_date": "1980/01/01"},
      "standard_format", "birth_date", "standardization", "warn"),
-    ("resident_population", {"citizen_id": _cid("441225", "19700101"), "updated_at": "2025/05/01 08:00"},
+    ("resident_population", {"citizen_id": _cid("441225", "19800101"), "updated_at": "2025/05/01 08:00"},
      "standard_format", "updated_at", "standardization", "warn"),
-    ("resident_population", {"citizen_id": _cid("441226", "19700101"), "updated_at": "2025-04-30T23:30:00+08:00"},
+    ("resident_population", {"citizen_id": _cid("441226", "19800101"), "updated_at": "2025-04-30T23:30:00+08:00"},
      "event_in_day", "updated_at", "timeliness", "error"),
-    ("resident_population", {"citizen_id": _cid("441284", "19700101"), "name": "   "},
+    ("resident_population", {"citizen_id": _cid("441284", "19800101"), "name": "   "},
      "required", "name", "completeness", "error"),
+    # cross-field rules of the national standards (issue 12): GB 11643 digits 7–14 and 17 against the record's own
+    # birth date and GB/T 2261.1 sex code; GB/T 2260 level of a field documented as 区县代码
+    ("resident_population", {"citizen_id": _cid("441202", "19900101", "125"), "birth_date": "1990-01-02"},
+     "citizen_id_birth_date", "birth_date", "consistency", "error"),
+    ("resident_population", {"citizen_id": _cid("441203", "19800101", "124"), "gender": "1"},
+     "citizen_id_sex", "gender", "consistency", "error"),
+    ("resident_population", {"citizen_id": _cid("441204", "19800101", "125"), "district_code": "441200"},
+     "district_level", "district_code", "accuracy", "error"),
+    ("electricity_usage", {"meter_id": "EM0005", "district_code": "441200"},
+     "district_level", "district_code", "accuracy", "error"),
     ("enterprise_registry", {"credit_code": E2, "district_code": "441203", "status": "9"},
      "code_table", "status", "understandability", "error"),
     ("enterprise_registry", {"credit_code": E_BADCHECK, "district_code": "441204"}, "uscc", "credit_code", "accuracy", "warn"),
@@ -299,6 +311,40 @@ def test_sql_check_macros_agree_with_standards(gov: dict, kind: str, macro: str,
     wrong = [v for v in values if v != "" and got[v] != reference(v)]
     assert not wrong, wrong[:10]
     assert sum(got.values()) not in (0, len(got))  # the mix holds valid and invalid values
+
+
+def test_sql_cross_field_macros_agree_with_standards(gov: dict) -> None:
+    """The ID/birth-date, ID/sex and district-level macros judge like zqdata.standards: a mismatch fails, and a value
+    another rule already rejects (malformed ID, non-existent encoded date, sex code 0/9, code outside the table) is
+    not judged a second time."""
+    ids = standards.sample_values("citizen_id", 200, seed=5, registry=REG) + [_cid("441202", "19810230")]
+    rows = []
+    for i, v in enumerate(ids):
+        born = standards.citizen_id_birth_date(v) or dt.date(1980, 1, 1)
+        rows.append((v, born + dt.timedelta(days=(i % 3) - 1), ["1", "2", "0"][i % 3]))
+    sql = _inline_sql(gov["tmp"], "select v, b, g, {{ zq_is_id_birth_date_consistent('b', 'v') }} as born_ok,"
+                                  " {{ zq_is_id_sex_consistent('g', 'v') }} as sex_ok from samples")
+    with duckdb.connect() as con:
+        con.execute("create table samples (v varchar, b date, g varchar)")
+        con.executemany("insert into samples values (?, ?, ?)", rows)
+        got = {(v, b, g): (born_ok, sex_ok) for v, b, g, born_ok, sex_ok in con.execute(sql).fetchall()}
+    shaped = lambda v: re.fullmatch(r"[0-9]{17}[0-9X]", v) is not None  # noqa: E731  (ASCII, like the SQL)
+    for v, b, g in rows:
+        encoded = standards.citizen_id_birth_date(v) if shaped(v) else None
+        born_ok = encoded is None or encoded == b
+        sex_ok = not shaped(v) or g not in ("1", "2") or g == standards.citizen_id_sex(v)
+        assert got[(v, b, g)] == (born_ok, sex_ok), (v, b, g)
+    assert {ok for ok, _ in got.values()} == {True, False} and {ok for _, ok in got.values()} == {True, False}
+
+    codes = [*standards.zhaoqing_districts(REG), "440100", "440103", "441201", "4412", None]
+    sql = _inline_sql(gov["tmp"], "select c, {{ zq_is_county_level_district('c') }} as ok from codes")
+    with duckdb.connect(str(gov["db"]), read_only=True) as con:  # ref.code_tables of the gov DB
+        con.register("codes", pa.table({"c": pa.array(codes, pa.string())}))
+        got_level = dict(con.execute(sql).fetchall())
+    table = standards.zhaoqing_districts(REG)
+    for c in codes:
+        assert got_level[c] == (c is None or c not in table or standards.is_county_level_district(c)), c
+    assert got_level["441200"] is False and got_level["441202"] is True
 
 
 def test_generated_models_are_current() -> None:

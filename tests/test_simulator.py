@@ -286,3 +286,55 @@ def test_landing_assets_simulate_the_partition_or_only_observe(env: Path, regist
     observed = run(False, "2025-05-02")  # nothing delivered that day: observed, not written
     assert all(m["manifest_present"].value is False and m["records"].value == 0 for m in observed.values())
     assert _store(env / "landing").list("samr/enterprise_registry/2025-05-02/") == []
+
+
+CROSS_FIELD_KINDS = ["id_birth_date_mismatch", "id_sex_mismatch", "district_wrong_level", "implausible_meter_reading"]
+
+
+def test_cross_field_kinds_are_default_row_kinds_with_ground_truth(env: Path, registry: Registry) -> None:
+    """Issue 12: the national standards' cross-field rules and the history plausibility have defect kinds of their
+    own, injected at the default rate with the others (defect_kinds=None)."""
+    assert set(CROSS_FIELD_KINDS) <= set(ROW_DEFECT_KINDS)
+    assert {k: DEFECT_KINDS[k].dimension for k in CROSS_FIELD_KINDS} == {
+        "id_birth_date_mismatch": "consistency", "id_sex_mismatch": "consistency",
+        "district_wrong_level": "accuracy", "implausible_meter_reading": "accuracy"}
+    truth = simulate_day(_store(env / "l"), registry, DAY, 20000, seed=21, defect_rate=0.05)
+    assert {t.kind for t in truth} >= set(CROSS_FIELD_KINDS)
+    assert all(t.row is not None and t.file for t in truth if t.kind in CROSS_FIELD_KINDS)
+
+
+def test_cross_field_defects_break_the_rule_they_name(env: Path, registry: Registry) -> None:
+    clean, dirty = _store(env / "clean"), _store(env / "dirty")
+    simulate_day(clean, registry, DAY, 4000, seed=11, defect_rate=0.0)
+    truth = simulate_day(dirty, registry, DAY, 4000, seed=11, defect_rate=0.3, defect_kinds=CROSS_FIELD_KINDS)
+    assert {t.kind for t in truth} == set(CROSS_FIELD_KINDS)
+    before: dict[str, list[dict]] = {}
+    after: dict[str, list[dict]] = {}
+    for code in registry.datasets:
+        before.update(_records(clean, registry, code))
+        after.update(_records(dirty, registry, code))
+    table = standards.zhaoqing_districts(registry)
+    for t in truth:
+        row, was = after[t.file][t.row - 1], before[t.file][t.row - 1]
+        v = row[t.field]
+        if t.dataset in ("enterprise_registry", "resident_population"):  # referring to no enterprise: same row
+            assert {k for k in row if row[k] != was[k]} == {t.field}, t  # only the named field changed
+        if t.kind == "id_birth_date_mismatch":  # a real date, not the one the (valid) ID encodes
+            assert standards.is_valid_citizen_id(row["citizen_id"], DAY)
+            assert dt.date.fromisoformat(v) != standards.citizen_id_birth_date(row["citizen_id"]), t
+        elif t.kind == "id_sex_mismatch":  # a valid code of the table, not the one the ID's 17th digit encodes
+            assert v in registry.code_tables["gender"] and v != standards.citizen_id_sex(row["citizen_id"]), t
+        elif t.kind == "district_wrong_level":  # a Zhaoqing code, but not county level
+            assert v in table and not standards.is_county_level_district(v), t
+        else:  # implausible_meter_reading: the same meter's value ×100, still a well-formed number
+            assert float(v) == pytest.approx(100 * float(was[t.field]), rel=1e-6), t
+
+
+def test_implausible_reading_applies_where_the_suites_check_history(registry: Registry) -> None:
+    """The simulator's choice of fields for the ×100 defect and the GX plausibility expectation agree."""
+    from expectations.suites import history_plausibility
+    from zqdata.simulator import applicable_fields
+
+    for ds in registry.datasets.values():
+        assert applicable_fields("implausible_meter_reading", ds) == history_plausibility(ds)[1], ds.code
+    assert applicable_fields("implausible_meter_reading", registry.datasets["electricity_usage"]) == ["kwh"]

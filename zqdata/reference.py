@@ -85,6 +85,8 @@ def field_rules(dataset: Dataset) -> list[RuleSpec]:
             rules.append(RuleSpec("mobile", name, "accuracy", "error", {}))
         if f.format == "district_code" or f.code_table == "district":
             rules.append(RuleSpec("district", name, "accuracy", "error", {}))
+            if f.format == "district_code" and "区县" in f.cn_name:  # documented as county level (GB/T 2260)
+                rules.append(RuleSpec("district_level", name, "accuracy", "error", {}))
         elif f.code_table:
             rules.append(RuleSpec("code_table", name, "understandability", "error", {"code_table": f.code_table}))
         if f.range:
@@ -95,6 +97,14 @@ def field_rules(dataset: Dataset) -> list[RuleSpec]:
                                   {"dataset": dataset.code, "kind": kind}))
         if name == dataset.event_time_field:
             rules.append(RuleSpec("event_in_day", name, "timeliness", "error", {}))
+    # GB 11643 encodes the birth date (digits 7–14) and sex (17th digit) of the dataset's one citizen ID (一致性)
+    ids = [f.name for f in dataset.fields if f.format == "citizen_id"]
+    if len(ids) == 1:
+        for f in dataset.fields:
+            if f.type == "date" and "出生日期" in f.cn_name:
+                rules.append(RuleSpec("citizen_id_birth_date", f.name, "consistency", "error", {"columns": list(ids)}))
+            elif f.code_table == "gender":
+                rules.append(RuleSpec("citizen_id_sex", f.name, "consistency", "error", {"columns": list(ids)}))
     if dataset.code != ENTERPRISE_REGISTRY and _references_registry(dataset):
         rules.append(RuleSpec("registry_reference", "credit_code", "consistency", "error", {}))
         if "district_code" in dataset.field_names:

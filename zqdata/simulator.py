@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from zqdata import standards
 from zqdata.landing import MANIFEST_NAME, Manifest, ManifestFile, delivery_prefix, set_simulated_arrival, sha256_hex
 from zqdata.quality.dimensions import DIMENSION_KEYS
+from zqdata.reference import field_rules
 from zqdata.registry import Dataset, Registry
 from zqdata.settings import TZ, get_settings
 from zqdata.storage import ObjectStore
@@ -51,6 +52,11 @@ class DefectKind:
     dimension: str
     level: str  # "row" | "delivery"
     description: str
+    # "row": a rule names the defective record; "dataset": an expectation over the whole partition finds it (GX,
+    # dataset-level finding), while the ground truth still names the record that was changed; "normalization": an
+    # accepted spelling (registry quality_policy, severity none) that ingestion normalizes and counts per file and
+    # field in quality.normalizations instead of filing a finding
+    found_by: str = "row"
 
 
 DEFECT_KINDS: dict[str, DefectKind] = {
@@ -63,7 +69,8 @@ DEFECT_KINDS: dict[str, DefectKind] = {
         DefectKind("district_not_zhaoqing", "accuracy", "row", "行政区划代码不在肇庆市 GB/T 2260 代码表内"),
         DefectKind("out_of_range", "accuracy", "row", "数值超出登记的取值范围或为负"),
         DefectKind("required_empty", "completeness", "row", "必填字段为空"),
-        DefectKind("nonstandard_format", "standardization", "row", "日期/时间为可解析的非标准格式，如 2025/05/01"),
+        DefectKind("nonstandard_format", "standardization", "row", "日期/时间为可解析的非标准格式，如 2025/05/01",
+                   found_by="normalization"),
         DefectKind("unparseable_value", "standardization", "row", "日期/数值无法解析"),
         DefectKind("fullwidth_digits", "standardization", "row", "数值使用全角数字"),
         DefectKind("credit_code_not_in_registry", "consistency", "row", "统一社会信用代码不在当日企业登记快照中"),
@@ -71,6 +78,13 @@ DEFECT_KINDS: dict[str, DefectKind] = {
         DefectKind("duplicate_primary_key", "consistency", "row", "主键重复（后一行复制前一行）"),
         DefectKind("event_time_outside_day", "timeliness", "row", "业务时间不在所属分区日内"),
         DefectKind("code_outside_table", "understandability", "row", "代码值不在代码表内，如性别 '0'、状态 '9'"),
+        # cross-field rules the national standards give (GB 11643, GB/T 2260) and history plausibility (issue 12)
+        DefectKind("id_birth_date_mismatch", "consistency", "row", "出生日期与公民身份号码第 7–14 位编码的出生日期不一致"),
+        DefectKind("id_sex_mismatch", "consistency", "row", "性别与公民身份号码第 17 位（奇数男、偶数女）不一致"),
+        DefectKind("district_wrong_level", "accuracy", "row", "区县代码字段填写了非区县级的行政区划代码（市级 441200）"),
+        DefectKind("implausible_meter_reading", "accuracy", "row",
+                   "抄表读数为正常值的 100 倍（单位或小数点错误），与该表前几日的中位数相比不合理（数据集级期望发现）",
+                   found_by="dataset"),
         DefectKind("late_delivery", "timeliness", "delivery", "超过交付时限（sla_hours）交付"),
         DefectKind("missing_delivery", "completeness", "delivery", "应交未交"),
         DefectKind("extra_column", "understandability", "delivery", "文件含未登记的列"),
@@ -117,6 +131,10 @@ def _references_enterprises(ds: Dataset) -> bool:
     return ds.code != REFERENCE_DATASET and "uscc" in fmts and "district_code" in fmts
 
 
+_RULE_OF_KIND = {"id_birth_date_mismatch": "citizen_id_birth_date", "id_sex_mismatch": "citizen_id_sex",
+                 "district_wrong_level": "district_level"}
+
+
 def applicable_fields(kind: str, ds: Dataset) -> list[str]:
     """Fields of ``ds`` that can carry a row-level defect of ``kind`` (read from the registry's field metadata)."""
     fs = ds.fields
@@ -148,6 +166,16 @@ def applicable_fields(kind: str, ds: Dataset) -> list[str]:
         return [ds.event_time_field]
     if kind == "code_outside_table":
         return [f.name for f in fs if f.code_table and f.code_table != standards.DISTRICT_CODE_TABLE]
+    if kind in _RULE_OF_KIND:  # the fields the generated dbt rule is declared on (zqdata.reference.field_rules)
+        return [r.field for r in field_rules(ds) if r.rule == _RULE_OF_KIND[kind] and r.field]
+    if kind == "implausible_meter_reading":
+        # a daily reading per entity (mirrors expectations.suites.history_plausibility, which imports GX;
+        # tests/test_simulator.py checks they agree)
+        ev = ds.event_time_field
+        if not ev or ev not in ds.primary_key or ds.field(ev).type != "date" or len(ds.primary_key) < 2:
+            return []
+        return [f.name for f in fs if f.range is not None and f.type in ("integer", "decimal")
+                and f.name not in ds.primary_key]
     raise ValueError(f"未知的缺陷类型 unknown defect kind {kind!r}; 可选 {', '.join(DEFECT_KINDS)}")
 
 
@@ -612,6 +640,15 @@ def _corrupt(kind: str, value: str | None, ds: Dataset, fname: str, day: dt.date
         width = len(next(iter(table)))
         candidates = {1: ["0", "9", "5"], 2: ["99", "00", "09"]}.get(width, ["unknown", "pending", "other"])
         return r.choice([c for c in candidates if c not in table])
+    if kind == "id_birth_date_mismatch":  # another real date than the (valid, untouched) ID encodes
+        return (dt.date.fromisoformat(v[:10]) + dt.timedelta(days=r.choice([-365, -31, -1, 1, 31, 365]))).isoformat()
+    if kind == "id_sex_mismatch":
+        return "2" if v == "1" else "1"
+    if kind == "district_wrong_level":  # the prefecture's own code (in the table, not county level)
+        return v[:4] + "00"
+    if kind == "implausible_meter_reading":
+        assert f is not None
+        return _fmt_number(float(v) * 100, f.type)
     raise ValueError(f"unknown defect kind {kind!r}")
 
 

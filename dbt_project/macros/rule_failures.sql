@@ -26,6 +26,10 @@
         {%- elif rule == 'uscc' -%}{%- set ok = zq_is_valid_uscc(column_name) -%}
         {%- elif rule == 'mobile' -%}{%- set ok = zq_is_valid_mobile(column_name) -%}
         {%- elif rule == 'district' -%}{%- set ok = zq_is_valid_district(column_name) -%}
+        {%- elif rule == 'district_level' -%}{%- set ok = zq_is_county_level_district(column_name) -%}
+        {#- cross-field rules: `columns` names the one field the value is compared with (the GB 11643 ID) -#}
+        {%- elif rule == 'citizen_id_birth_date' -%}{%- set ok = zq_is_id_birth_date_consistent(column_name, zq_compared_column(kw)) -%}
+        {%- elif rule == 'citizen_id_sex' -%}{%- set ok = zq_is_id_sex_consistent(column_name, zq_compared_column(kw)) -%}
         {%- elif rule == 'code_table' -%}{%- set ok = zq_is_in_code_table(column_name, kw['code_table']) -%}
         {%- elif rule == 'range' -%}{%- set ok = zq_is_in_range(column_name, kw['dataset'], column_name) -%}
         {%- elif rule == 'event_in_day' -%}{%- set ok = zq_is_in_partition_day(column_name) -%}
@@ -36,6 +40,13 @@
         from {{ relation }}
         where not {{ ok }}
     {%- endif -%}
+{%- endmacro %}
+
+{% macro zq_compared_column(kw) -%}
+    {%- if not kw.get('columns') or kw['columns'] | length != 1 -%}
+        {{ exceptions.raise_compiler_error("zq_rule: 跨字段规则须以 columns 指定一个比对字段 a cross-field rule needs one column in `columns`") }}
+    {%- endif -%}
+    {{ kw['columns'][0] }}
 {%- endmacro %}
 
 {% macro zq_duplicate_key_failures(relation, columns) -%}

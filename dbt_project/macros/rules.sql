@@ -39,6 +39,29 @@
     {{ zq_is_in_code_table(col, 'district') }}
 {%- endmacro %}
 
+{% macro zq_is_county_level_district(col) -%}
+    {#- 准确性 (GB/T 2260 level): a field documented as 区县代码 holds a county-level code, not the prefecture 4412**00**.
+        Only codes of the Zhaoqing table are judged: any other code already fails zq_is_valid_district. -#}
+    ({{ col }} is null or {{ col }} not in (
+        select code from {{ source('ref', 'code_tables') }} where table_name = 'district') or substr({{ col }}, 5, 2) <> '00')
+{%- endmacro %}
+
+{% macro zq_is_id_birth_date_consistent(col, id_col) -%}
+    {#- 一致性: the record's birth date is the one GB 11643 encodes in digits 7–14 of its citizen ID. A malformed ID or
+        one whose digits are no real date is the citizen_id rule's finding and is not judged again here. -#}
+    ({{ col }} is null or {{ id_col }} is null or not regexp_full_match({{ id_col }}, '[0-9]{17}[0-9X]')
+     or try_strptime(substr({{ id_col }}, 7, 8), '%Y%m%d') is null
+     or strftime(cast({{ col }} as date), '%Y%m%d') = substr({{ id_col }}, 7, 8))
+{%- endmacro %}
+
+{% macro zq_is_id_sex_consistent(col, id_col) -%}
+    {#- 一致性: the GB/T 2261.1 sex code 1 男 / 2 女 agrees with the 17th digit of the GB 11643 ID (odd 男, even 女).
+        Codes outside 1/2 are the code-table rule's business, a malformed ID the citizen_id rule's. -#}
+    ({{ col }} is null or {{ id_col }} is null or {{ col }} not in ('1', '2')
+     or not regexp_full_match({{ id_col }}, '[0-9]{17}[0-9X]')
+     or {{ col }} = case when try_cast(substr({{ id_col }}, 17, 1) as integer) % 2 = 1 then '1' else '2' end)
+{%- endmacro %}
+
 {% macro zq_is_in_range(col, dataset, field) -%}
     {#- bounds from the registry field `range` (ref.fields); negative amounts fail through min = 0 -#}
     ({{ col }} is null or (

@@ -177,6 +177,38 @@ def load_baseline(con: duckdb.DuckDBPyConnection, dataset: str, day: dt.date, da
     )
 
 
+def _history_ratios(registry: Registry, dataset: str, present: set[str], rel: str, day: dt.date
+                    ) -> tuple[str, str, list[str], list]:
+    """(with clause, join clause, select items, parameters) adding each plausibility field's ratio to the entity's
+    median over the previous ``HISTORY_DAYS`` partitions (expectations.suites.history_plausibility). Bounded: one
+    aggregate over the dataset's last days in DuckDB, joined to the day by the entity; only in-range values make the
+    median, and no history (or a median of 0) leaves the ratio NULL, which GX does not judge."""
+    from expectations.suites import HISTORY_DAYS, history_plausibility, history_ratio_column
+
+    ds = registry.datasets[dataset]
+    entity, fields = history_plausibility(ds)
+    if not fields:
+        return "", "", [], []
+    if not set(entity + fields) <= present:
+        return "", "", [f"null::DOUBLE as {_q(history_ratio_column(f))}" for f in fields], []
+    medians = []
+    for i, name in enumerate(fields):
+        rng = ds.field(name).range
+        value = f"try_cast({_q(name)} as DOUBLE)"
+        bounds = [f"{value} >= {float(rng.min)!r}" if rng.min is not None else f"{value} is not null"]
+        if rng.max is not None:
+            bounds.append(f"{value} <= {float(rng.max)!r}")
+        medians.append(f"median({value}) filter (where {' and '.join(bounds)}) as _zq_m{i}")
+    keys = [f"{_q(c)}::VARCHAR as _zq_k{i}" for i, c in enumerate(entity)]
+    with_sql = (f"with _zq_history as (select {', '.join(keys + medians)} from {rel}"
+                f" where _partition_date >= ? and _partition_date < ? group by all) ")
+    join_sql = "left join _zq_history on " + " and ".join(
+        f"{_q(c)}::VARCHAR = _zq_history._zq_k{i}" for i, c in enumerate(entity))
+    items = [f"try_cast({_q(name)} as DOUBLE) / nullif(_zq_history._zq_m{i}, 0) as {_q(history_ratio_column(name))}"
+             for i, name in enumerate(fields)]
+    return with_sql, join_sql, items, [day - dt.timedelta(days=HISTORY_DAYS), day]
+
+
 def load_batch(con: duckdb.DuckDBPyConnection, registry: Registry, dataset: str, day: dt.date,
                max_rows: int | None = None) -> tuple[pd.DataFrame, int, bool]:
     """The partition's staging rows as a bounded pandas batch; returns (frame, rows in the day, sampled?)."""
@@ -186,13 +218,15 @@ def load_batch(con: duckdb.DuckDBPyConnection, registry: Registry, dataset: str,
     rel = f"staging.{_q(model)}"
     day_rows = con.execute(f"select count(*) from {rel} where _partition_date = ?", [day]).fetchone()[0]
     pk = _pk_expr(registry, dataset, set(cols))
-    select = ", ".join([*_select_list(registry, dataset, cols), f"{pk} as _pk", f"{day_rows}::BIGINT as _day_rows"])
-    where = "_partition_date = ?"
+    with_sql, join_sql, ratios, params = _history_ratios(registry, dataset, set(cols), rel, day)
+    select = ", ".join([*_select_list(registry, dataset, cols), f"{pk} as _pk", f"{day_rows}::BIGINT as _day_rows",
+                        *ratios])
+    where = f"{rel}._partition_date = ?"
     sampled = day_rows > limit
     if sampled:
         keep = math.ceil(limit / day_rows * _HASH_BUCKETS)
         where += f" and hash({pk}) % {_HASH_BUCKETS} < {keep}"
-    frame = con.execute(f"select {select} from {rel} where {where}", [day]).df()
+    frame = con.execute(f"{with_sql}select {select} from {rel} {join_sql} where {where}", [*params, day]).df()
     if frame.empty:
         # GX needs a row to evaluate the day's volume: one placeholder row carries it, every other column null.
         frame = pd.DataFrame({c: [None] for c in frame.columns}).assign(_day_rows=day_rows)
