@@ -174,6 +174,24 @@ def _contract_failures_sql(ds: Dataset) -> str:
     return " union all ".join(parts) if parts else "select 0 as _row_number, 0 as ord, '' as field, '' as rule, '' as dimension, '' as detail where false"
 
 
+def _normalize_raw(con: duckdb.DuckDBPyConnection, ds: Dataset) -> None:
+    """The severity policy's accepted spellings rewritten to the standard one and values trimmed, as ingestion does
+    (`zqdata.standards.normalize_text`, Arrow compute over whole columns)."""
+    from zqdata.contracts import field_kind
+    from zqdata.standards import normalize_text
+
+    table = con.execute("select * from _bl_raw").fetch_arrow_table()
+    kinds = {f.name: field_kind(f) for f in ds.fields}
+    for i, name in enumerate(table.column_names):
+        if name in kinds and table.schema.field(name).type == "string":
+            table = table.set_column(i, name, normalize_text(table.column(name).combine_chunks(), kinds[name]))
+    con.register("_bl_raw_arrow", table)
+    try:
+        con.execute("create or replace temp table _bl_raw as select * from _bl_raw_arrow")
+    finally:
+        con.unregister("_bl_raw_arrow")
+
+
 def ingest_dataset(con: duckdb.DuckDBPyConnection, landing_root: Path, ds: Dataset, day: dt.date) -> dict[str, int]:
     """Delivered files of one dataset → ods + quarantine + meta.deliveries + pandera/delivery findings."""
     from zqdata.ingest import DELIVERY_COLUMNS, LINEAGE_COLUMNS, batch_id, ensure_gov_tables
@@ -198,6 +216,7 @@ def ingest_dataset(con: duckdb.DuckDBPyConnection, landing_root: Path, ds: Datas
             sha = hashlib.file_digest(fh, "sha256").hexdigest()
         rel = _file_relation(con, path, fmt, entry.encoding if entry else ds.delivery.encoding, fields)
         con.execute(f"create or replace temp table _bl_raw as select * from {rel}")
+        _normalize_raw(con, ds)
         cols = [c for (c,) in con.execute("select column_name from (describe _bl_raw)").fetchall() if c != "_row_number"]
         delivered = con.execute("select count(*) from _bl_raw").fetchone()[0]
         params = [f"{ds.code}/{day.isoformat()}/{path.name}#", ds.agency, ds.code, key, batch_id(ds.code, day, sha), now, day]

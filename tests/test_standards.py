@@ -148,3 +148,13 @@ def test_sample_values_mix_valid_and_invalid_deterministically(kind: str, rule) 
 def test_sample_values_rejects_unknown_kind() -> None:
     with pytest.raises(ValueError):
         standards.sample_values("passport", 3, seed=1)  # type: ignore[arg-type]
+
+
+def test_normalize_text_rewrites_only_ascii_accepted_decimals_and_keeps_the_rest_as_delivered():
+    """'1e3' → '1000'; full-width digits and non-numbers are not accepted spellings: kept (trimmed) for the contract."""
+    import pyarrow as pa
+
+    from zqdata.standards import normalize_text
+
+    out = normalize_text(pa.array(["1e3", " +1.5 ", "４.００", "约100", None]), "decimal").to_pylist()
+    assert out == ["1000", "1.5", "４.００", "约100", None]

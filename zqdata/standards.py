@@ -291,7 +291,7 @@ def _decimal_text(v: str | None) -> str | None:
     """'1e3' → '1000', '+1.5' → '1.5', '.5' → '0.5', '5.' → '5'; None when it is not a finite number."""
     from decimal import Decimal, InvalidOperation
 
-    if v is None:
+    if v is None or not v.isascii():  # Decimal() would also read full-width or other Unicode digits
         return None
     try:
         d = Decimal(v)
@@ -329,7 +329,8 @@ def normalize_text(values: pa.Array, kind: str) -> pa.Array:
     if kind == "integer":
         fixed = pc.replace_substring_regex(trimmed, r"^\+", "")
     elif kind == "decimal":
-        fixed = pa.array([_decimal_text(v) if o else v for v, o in zip(trimmed.to_pylist(), odd.to_pylist())],
+        # a value that is no number at all stays as delivered (trimmed): the contract quarantines or nulls it
+        fixed = pa.array([(_decimal_text(v) or v) if o else v for v, o in zip(trimmed.to_pylist(), odd.to_pylist())],
                          pa.string())
     elif kind in ("date", "year_month"):
         parts = pc.extract_regex(pc.if_else(odd, trimmed, ""), _DATE_PARTS if kind == "date" else _YM_PARTS)
