@@ -530,3 +530,15 @@ def test_empty_redelivery_empties_the_product_partition(tmp_path: Path, monkeypa
     res = _dbt(["run", "--target", "ops", "--select", "ops_transit_ridership", "--vars", vars_], tmp_path)
     assert res.success, res.exception
     assert _partition_counts(tmp_path / "ops.duckdb", product) == {(product[0], DAY2): 1}
+
+
+def test_every_dbt_rule_kind_has_its_chinese_wording():
+    """A finding's detail names its rule in Chinese (zqdata.quality.dbt_findings.RULE_TEXT): every rule kind the
+    zq_rule macro knows has one, so a new rule never reaches an agency as a bare identifier."""
+    import re
+
+    from zqdata.quality.dbt_findings import RULE_TEXT
+
+    macro = (DBT_PROJECT_DIR / "macros" / "rule_failures.sql").read_text(encoding="utf-8")
+    kinds = set(re.findall(r"rule == '([a-z_]+)'", macro))
+    assert kinds and kinds <= set(RULE_TEXT), sorted(kinds - set(RULE_TEXT))

@@ -24,6 +24,9 @@ RULE_TEXT = {
     "registry_reference": "统一社会信用代码不在当日企业登记信息中",
     "registry_district": "区县代码与企业登记信息不一致",
     "duplicate_key": "分区内主键重复",
+    "citizen_id_birth_date": "出生日期与公民身份号码编码的出生日期不一致",
+    "citizen_id_sex": "性别与公民身份号码第17位（奇男偶女）不一致",
+    "district_level": "区县代码字段不是区县级行政区划代码（如市级 441200）",
 }
 
 _FINDINGS_DDL = """
