@@ -40,14 +40,14 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from zqdata import opdb
-from zqdata.settings import TZ, get_settings
+from zqdata.settings import MIN_SECRET_BYTES, TZ, get_settings, secret_bytes
 
 GENESIS = "0" * 64
 _FIELDS = ("seq", "consumer", "scenario", "product", "partition_date", "delivered_at", "outcome", "reason",
            "row_count", "file_sha256", "snapshot")
 TABLE = opdb.audit_deliveries
 KEY_ENV = "ZQ_AUDIT_KEY"
-MIN_KEY_BYTES = 32  # HMAC-SHA256: no shorter than the hash's output
+MIN_KEY_BYTES = MIN_SECRET_BYTES
 ANCHOR_VERSION = 1
 
 
@@ -74,14 +74,7 @@ class AuditKey:
 
     @classmethod
     def from_secret(cls, secret: bytes | str) -> "AuditKey":
-        raw = secret.encode("utf-8") if isinstance(secret, str) else secret
-        if not raw:
-            raise AuditKeyError(f"审计日志密钥为空 (empty audit log key): set {KEY_ENV}")
-        if len(raw) < MIN_KEY_BYTES:
-            raise AuditKeyError(
-                f"审计日志密钥 {KEY_ENV} 太短：{len(raw)} 字节，至少需要 {MIN_KEY_BYTES} 字节；"
-                f"可用 `python -c \"import secrets; print(secrets.token_hex(32))\"` 生成 "
-                f"(the audit log key must be at least {MIN_KEY_BYTES} bytes)")
+        raw = secret_bytes(secret, env=KEY_ENV, what_cn="审计日志密钥", what_en="audit log key", error=AuditKeyError)
         return cls(raw)
 
     def mac(self, message: str) -> str:

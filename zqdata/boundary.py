@@ -19,6 +19,7 @@ import pyarrow as pa
 
 from zqdata.authorization import AuthorizationError, authorized_fields, check_scenario_active
 from zqdata.desensitize import PseudonymKey, quote_ident, release_select, released_fields
+from zqdata.leakgate import relation_columns as _relation_columns
 from zqdata.registry import Dataset, Registry, Scenario
 from zqdata.settings import TZ
 
@@ -125,14 +126,6 @@ def consent_reference_day(gov_con: duckdb.DuckDBPyConnection, registry: Registry
     (latest,) = gov_con.execute(f"SELECT max(_partition_date) FROM {relation}").fetchone()
     latest = dt.date.fromisoformat(str(latest)[:10]) if latest is not None else None
     return max(partition_date, latest) if latest else partition_date
-
-
-def _relation_columns(con: duckdb.DuckDBPyConnection, schema: str, table: str) -> dict[str, str]:
-    rows = con.execute(
-        "SELECT column_name, data_type FROM information_schema.columns WHERE table_schema = ? AND table_name = ?",
-        [schema, table],
-    ).fetchall()
-    return {name: dtype for name, dtype in rows}
 
 
 def gov_relation(gov_con: duckdb.DuckDBPyConnection, registry: Registry, dataset: str) -> str:

@@ -22,6 +22,7 @@ import os
 from dataclasses import dataclass
 
 from zqdata.registry import Dataset, DatasetField, Registry, mask_rule_problems
+from zqdata.settings import MIN_SECRET_BYTES, secret_bytes
 
 KEY_ENV = "ZQ_PSEUDONYM_KEY"
 _BLOCK = 64  # SHA-256 block size, RFC 2104
@@ -31,7 +32,7 @@ class DesensitizationError(ValueError):
     """A field cannot be released: no rule, an unknown method, or a rule its classification forbids."""
 
 
-MIN_KEY_BYTES = 32  # HMAC-SHA256: a key shorter than the hash's output weakens it; a 1-byte key was brute-forced
+MIN_KEY_BYTES = MIN_SECRET_BYTES
 DOMAIN_LABEL = "zq-pseudonym/v1"  # version of the derivation: a new scheme gets a new label, never a silent change
 KEY_ID_LABEL = "zq-key-id"
 DESENSITIZED_SCOPE = "desensitized"
@@ -61,14 +62,8 @@ class PseudonymKey:
 
     @classmethod
     def from_secret(cls, secret: bytes | str) -> "PseudonymKey":
-        raw = secret.encode("utf-8") if isinstance(secret, str) else secret
-        if not raw:
-            raise DesensitizationError(f"假名化密钥为空 (empty pseudonymization key): set {KEY_ENV}")
-        if len(raw) < MIN_KEY_BYTES:
-            raise DesensitizationError(
-                f"假名化密钥 {KEY_ENV} 太短：{len(raw)} 字节，至少需要 {MIN_KEY_BYTES} 字节（短密钥可由假名反推）；"
-                f"可用 `python -c \"import secrets; print(secrets.token_hex(32))\"` 生成 "
-                f"(the pseudonymization key must be at least {MIN_KEY_BYTES} bytes)")
+        raw = secret_bytes(secret, env=KEY_ENV, what_cn="假名化密钥", what_en="pseudonymization key",
+                           error=DesensitizationError, why="（短密钥可由假名反推）")
         if len(raw) > _BLOCK:
             raw = hashlib.sha256(raw).digest()
         raw = raw.ljust(_BLOCK, b"\0")

@@ -21,7 +21,8 @@ from zqdata.desensitize import quote_ident
 from zqdata.registry import Registry
 
 
-def _relation_columns(con: duckdb.DuckDBPyConnection, schema: str, table: str) -> dict[str, str]:
+def relation_columns(con: duckdb.DuckDBPyConnection, schema: str, table: str) -> dict[str, str]:
+    """{column: DuckDB type} of ``schema.table`` (empty when it does not exist)."""
     rows = con.execute(
         "SELECT column_name, data_type FROM information_schema.columns WHERE table_schema = ? AND table_name = ?",
         [schema, table],
@@ -79,7 +80,7 @@ def gov_personal_values(gov_con: duckdb.DuckDBPyConnection, registry: Registry, 
         relations = [("ods", dataset), ("staging", f"stg_{ds.agency}__{dataset}"), ("intermediate", f"int_{dataset}")]
         staged: set[str] = set()
         for schema, table in relations:
-            cols = _relation_columns(gov_con, schema, table)
+            cols = relation_columns(gov_con, schema, table)
             if "_partition_date" not in cols:
                 continue
             names = [n for n in fields if n in cols]

@@ -62,6 +62,41 @@ def memory_size(value: str) -> str:
     return value
 
 
+def env_number(name: str, default: float, *, kind: type = float, minimum: float | None = None,
+               maximum: float | None = None, exclusive_minimum: bool = False) -> float:
+    """A number from the environment (`default` when unset or blank); a clear error naming the variable otherwise."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} 不是有效数值 (not a number)") from None
+    low_bad = minimum is not None and (value <= minimum if exclusive_minimum else value < minimum)
+    if low_bad or (maximum is not None and value > maximum):
+        bounds = f"{'(' if exclusive_minimum else '['}{'' if minimum is None else minimum}, {'' if maximum is None else maximum}]"
+        raise ValueError(f"{name}={raw!r} 超出允许范围 {bounds} (out of range)")
+    return value
+
+
+MIN_SECRET_BYTES = 32  # HMAC-SHA256 keys: no shorter than the hash's output (a 1-byte key was brute-forced)
+
+
+def secret_bytes(secret: bytes | str, *, env: str, what_cn: str, what_en: str, error: type[Exception] = ValueError,
+                 why: str = "") -> bytes:
+    """An HMAC key from the environment as bytes, refused with a clear message when empty or shorter than
+    MIN_SECRET_BYTES (the one rule for the pseudonymization key and the audit key)."""
+    raw = secret.encode("utf-8") if isinstance(secret, str) else secret
+    if not raw:
+        raise error(f"{what_cn}为空 (empty {what_en}): set {env}")
+    if len(raw) < MIN_SECRET_BYTES:
+        raise error(
+            f"{what_cn} {env} 太短：{len(raw)} 字节，至少需要 {MIN_SECRET_BYTES} 字节{why}；"
+            f"可用 `python -c \"import secrets; print(secrets.token_hex(32))\"` 生成 "
+            f"(the {what_en} must be at least {MIN_SECRET_BYTES} bytes)")
+    return raw
+
+
 PRIVATE_UMASK = 0o077  # files 0600, folders 0700: only the platform's own account reads the data
 
 

@@ -39,20 +39,14 @@ class S3Timeouts:
 
     @classmethod
     def from_env(cls) -> "S3Timeouts":
-        def number(name: str, default: float, kind=float):
-            raw = os.environ.get(name, "").strip()
-            if not raw:
-                return default
-            try:
-                value = kind(raw)
-            except ValueError:
-                raise ValueError(f"{name}={raw!r} 不是有效数值 (not a number)") from None
-            if value < 0 or (kind is float and value == 0):
-                raise ValueError(f"{name}={raw!r} 必须为正数 (must be positive)")
-            return value
+        from zqdata.settings import env_number
 
-        return cls(connect=number("ZQ_S3_CONNECT_TIMEOUT", cls.connect), read=number("ZQ_S3_READ_TIMEOUT", cls.read),
-                   retries=number("ZQ_S3_RETRIES", cls.retries, int), backoff=number("ZQ_S3_BACKOFF", cls.backoff))
+        def seconds(name: str, default: float) -> float:
+            return env_number(name, default, minimum=0, exclusive_minimum=True)
+
+        return cls(connect=seconds("ZQ_S3_CONNECT_TIMEOUT", cls.connect), read=seconds("ZQ_S3_READ_TIMEOUT", cls.read),
+                   retries=int(env_number("ZQ_S3_RETRIES", cls.retries, kind=int, minimum=0)),
+                   backoff=seconds("ZQ_S3_BACKOFF", cls.backoff))
 
     def http_client(self, cert_check: bool = True):
         import certifi

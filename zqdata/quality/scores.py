@@ -7,7 +7,6 @@ Scores are computed in DuckDB SQL from ``quality.findings`` (every tool's failed
 from __future__ import annotations
 
 import datetime as dt
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -230,16 +229,9 @@ def scores_markdown(scores: pa.Table) -> str:
 
 def max_error_rate_from_env() -> float:
     """ZQ_QUALITY_MAX_ERROR_RATE: tolerated share of error-severity failing records per dataset (default 0.05)."""
-    raw = os.environ.get("ZQ_QUALITY_MAX_ERROR_RATE", "")
-    if not raw:
-        return DEFAULT_MAX_ERROR_RATE
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"ZQ_QUALITY_MAX_ERROR_RATE 必须是 0 到 1 之间的小数，实际为 {raw!r}") from None
-    if not 0 <= value <= 1:
-        raise ValueError(f"ZQ_QUALITY_MAX_ERROR_RATE 必须是 0 到 1 之间的小数，实际为 {raw!r}")
-    return value
+    from zqdata.settings import env_number
+
+    return env_number("ZQ_QUALITY_MAX_ERROR_RATE", DEFAULT_MAX_ERROR_RATE, minimum=0, maximum=1)
 
 
 @dataclass
