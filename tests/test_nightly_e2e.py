@@ -477,10 +477,9 @@ def test_defect_surfacing_on_an_ops_product_traces_back_to_the_agency_file_and_r
         assert f"行 {row}" in trace or f"第 {row} 行" in trace or f"row {row}" in trace.lower(), trace[:3000]
 
 
-def test_a_product_gate_that_errors_leaves_the_partition_unpublished_and_the_run_failed(nightly_run, monkeypatch):
-    """A blocking gate that errors (not just fails) must not let its partition through: the products step withdrew the
-    earlier publication before rebuilding, nothing is published again, and the run fails. (Last in the module: it
-    leaves the module's partition unpublished.)"""
+def test_a_product_gate_that_errors_publishes_nothing_new_and_keeps_the_previous_version(nightly_run, monkeypatch):
+    """A blocking gate that errors (not just fails) must not let the rebuilt partition through: nothing is published,
+    the run fails, and consumers keep the previous published version, which passed its gates (write–audit–publish)."""
     import assets.ops_platform.boundary as boundary_assets
     from zqdata import publish
 
@@ -504,5 +503,5 @@ def test_a_product_gate_that_errors_leaves_the_partition_unpublished_and_the_run
     assert any("no_personal_data_leak" in k for k in failed), failed
     assert "publish_products" not in {e.step_key for e in result.all_events
                                       if e.event_type == dg.DagsterEventType.STEP_SUCCESS}
-    assert publish.current_snapshot(store, "ops_sme_credit_profile", DAY) is None
+    assert publish.current_snapshot(store, "ops_sme_credit_profile", DAY) == first  # untouched
     assert summary.published == []

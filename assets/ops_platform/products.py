@@ -10,7 +10,6 @@ from typing import Any
 import dagster as dg
 from dagster_dbt import DbtCliResource
 
-from zqdata.publish import withdraw_partition
 from assets.dbt_common import (DBT_PROJECT_DIR, build_partition, dbt_project, dbt_resource, partitioned_dbt_assets,
                                scenario_vars)
 from orchestration.pools import GOV_POOL, OPS_POOL, hold_pool
@@ -28,11 +27,10 @@ def ops_dbt_assets() -> dg.AssetsDefinition:
                          warehouse: WarehouseResource) -> Iterator[Any]:
         day = dt.date.fromisoformat(context.partition_key)
         vars_ = scenario_vars(registry(), day)
-        # Nothing of this partition is served while it is rebuilt: its published snapshots are withdrawn first and
-        # published again only after the rebuilt products pass their gates (ops/published).
-        withdrawn = withdraw_partition(registry(), day, [key.path[-1] for key in context.selected_asset_keys])
-        if withdrawn:
-            context.log.info(f"重建前撤回已发布快照 withdrawn while rebuilt: {', '.join(withdrawn)}")
+        # Write–audit–publish: consumers keep the partition's published snapshot (immutable, it passed its gates) while
+        # the product is rebuilt here; ops/published replaces it only when the rebuilt product passes every gate, so a
+        # failed gate leaves the previous published version untouched. (Data that must stop being served is withdrawn
+        # where that is decided: a held-back dataset by the quality gate, a revoked consent by the crossing's purge.)
         # column lineage + schema are read from the ops DB once dbt has exited (never through dbt's in-process adapter)
         # sealed: dbt sees only the ops DB (no gov path, no key); only registered products may be built at all
         events = build_partition(dbt, context, "ops", warehouse.gov_path(), warehouse.ops_path(), extra_vars=vars_,
