@@ -471,3 +471,25 @@ def test_gx_meter_reading_is_judged_against_the_meters_own_history(con, reg):
     con.execute(f'update staging."{model}" set cubic_meters = \'14\' where meter_id = \'K000003\''
                 ' and _partition_date = ?', [first])  # 1.4× its own median: plausible
     assert validate_dataset(con, reg, "water_usage", first).success
+
+
+def test_data_docs_are_switched_atomically_to_a_complete_copy(tmp_path):
+    """Readers open gx/site: a symlink replaced in one rename, to a complete copy of the built site; old copies go."""
+    import os
+
+    from zqdata.quality.gx_runner import publish_site
+
+    built = tmp_path / "build"
+    built.mkdir()
+    (built / "index.html").write_text("v1")
+    root = tmp_path / "published" / "gx"
+    link = publish_site(built, root)
+    first = os.readlink(link)
+    assert (link / "index.html").read_text() == "v1"
+    for version in ("v2", "v3"):
+        (built / "index.html").write_text(version)  # GX rebuilding in place does not touch the published copy
+        assert (link / "index.html").read_text() != version
+        publish_site(built, root)
+        assert (link / "index.html").read_text() == version
+    assert os.readlink(link) != first and len(list((root / "sites").iterdir())) == 2
+    assert not [p for p in root.iterdir() if p.name.startswith(".site-")]

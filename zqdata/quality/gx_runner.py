@@ -403,7 +403,10 @@ def stored_validation(con: duckdb.DuckDBPyConnection, registry: Registry, datase
 
 
 def render_data_docs(validations: list[DatasetValidation], docs_dir: Path, day: dt.date) -> Path:
-    """Render Data Docs for the partition's validation results under ``<docs_dir>/gx``; returns index.html."""
+    """Render Data Docs for the partition's validation results; returns ``<docs_dir>/gx/site/index.html``.
+
+    GX writes its project (stores) and builds the site in place under ``<docs_dir>/gx/project``; the site readers open
+    (``gx/site``, a symlink) is a copy switched atomically to the new one, so a reader never sees a half-built site."""
     import great_expectations as gx
     from great_expectations.core.run_identifier import RunIdentifier
     from great_expectations.data_context.types.base import ProgressBarsConfig
@@ -419,7 +422,7 @@ def render_data_docs(validations: list[DatasetValidation], docs_dir: Path, day: 
     # validation (get_batch, then validate): 4.4 of the 10.9 s the seven suites took on a 10 M-row day. The batch is
     # identified by dataset, partition and the sampling note instead, so the fingerprint is switched off.
     pandas_execution_engine.HASH_THRESHOLD = 0
-    root = Path(docs_dir) / "gx"
+    root = Path(docs_dir) / "gx" / "project"
     root.mkdir(parents=True, exist_ok=True)
     ctx = gx.get_context(mode="file", project_root_dir=str(root))
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
@@ -437,5 +440,24 @@ def render_data_docs(validations: list[DatasetValidation], docs_dir: Path, day: 
         )
         ctx.validation_results_store.set(key, v.result)
     sites = ctx.build_data_docs()
-    index = Path(sites["local_site"].removeprefix("file://"))
-    return index
+    built = Path(sites["local_site"].removeprefix("file://"))
+    return publish_site(built.parent, Path(docs_dir) / "gx") / built.name
+
+
+def publish_site(built: Path, root: Path, keep: int = 2) -> Path:
+    """Copy a built site to ``root/sites/<new>`` and switch the ``root/site`` symlink to it in one rename; the older
+    copies beyond ``keep`` are removed (a reader that opened one keeps its files on Linux). Returns ``root/site``."""
+    import shutil
+    import time
+    import uuid
+
+    sites = root / "sites"
+    sites.mkdir(parents=True, exist_ok=True)
+    target = sites / f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"  # names sort in the order they were made
+    shutil.copytree(built, target)
+    link, tmp = root / "site", root / f".site-{uuid.uuid4().hex[:8]}"
+    os.symlink(target.relative_to(root), tmp)
+    os.replace(tmp, link)  # atomic: readers see the old site or the new one, never a mix
+    for old in sorted((p for p in sites.iterdir() if p.is_dir() and p != target), key=lambda p: p.name)[:-(keep - 1) or None]:
+        shutil.rmtree(old, ignore_errors=True)
+    return link
