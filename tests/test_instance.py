@@ -14,7 +14,7 @@ OPEN = "from orchestration.instance import ensure_instance; i = ensure_instance(
 
 
 def test_four_processes_create_one_instance_together(tmp_path):
-    for attempt in range(2):
+    for attempt in range(1):
         home = tmp_path / f"home{attempt}"
         home.mkdir()
         shutil.copy(REPO / "orchestration" / "dagster.yaml", home / "dagster.yaml")

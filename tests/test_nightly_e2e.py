@@ -7,8 +7,12 @@ blocked day are separate runs. Volumes are small: the job's behaviour, not its s
 from __future__ import annotations
 
 import datetime as dt
+import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import dagster as dg
@@ -71,8 +75,14 @@ def nightly_run(tmp_path_factory: pytest.TempPathFactory):
     _env(mp, data_dir)
     with dg.instance_for_test() as instance:
         result, summary = _run(DAY, instance)
+        # the tables of this undisturbed night, before any test changes them (the kill -9 fault test compares with it)
+        PRISTINE.update(_snapshot(data_dir / "warehouse" / "gov_platform.duckdb"))
+        PRISTINE.update(_snapshot(data_dir / "warehouse" / "ops_platform.duckdb"))
         yield data_dir, instance, result, summary
     mp.undo()
+
+
+PRISTINE: dict[str, list[tuple]] = {}
 
 
 def test_nightly_job_materializes_every_stage(nightly_run):
@@ -505,3 +515,174 @@ def test_a_product_gate_that_errors_publishes_nothing_new_and_keeps_the_previous
                                       if e.event_type == dg.DagsterEventType.STEP_SUCCESS}
     assert publish.current_snapshot(store, "ops_sme_credit_profile", DAY) == first  # untouched
     assert summary.published == []
+
+
+# ---------------------------------------------------------------- history: an earlier day redelivered (issue 17)
+
+DAY2 = DAY + dt.timedelta(days=1)
+MARK = "12345.67"  # the redelivered contribution of every day-1 social-insurance row
+
+
+def _profile_contributions(ops_db, day) -> list[str]:
+    with duckdb.connect(str(ops_db), read_only=True) as con:
+        return [f"{v:.2f}" if v is not None else None for (v,) in con.execute(
+            "select contribution_yuan from products.ops_sme_credit_profile where _partition_date = ?", [day]).fetchall()]
+
+
+def _redeliver_social_insurance(store, day) -> None:
+    """hrss redelivers day 1 with every contribution changed (a new file and manifest, the file's own encoding)."""
+    import csv
+    import io
+
+    from zqdata import landing
+
+    manifest = landing.read_manifest(store, "hrss", "social_insurance", day)
+    prefix = landing.delivery_prefix("hrss", "social_insurance", day)
+    files = []
+    for f in manifest.files:
+        rows = list(csv.DictReader(io.StringIO(store.get_bytes(prefix + f.name).decode(f.encoding))))
+        for r in rows:
+            r["contribution_yuan"] = MARK
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        files.append((f.name, out.getvalue().encode(f.encoding), f.format, f.encoding, len(rows)))
+    landing.write_delivery(store, "hrss", "social_insurance", day, files, manifest.extracted_at, manifest.delivered_at)
+
+
+def test_a_redelivered_earlier_day_recomputes_the_later_days_that_read_it(nightly_run, monkeypatch):
+    """Issue 17 (history): day 2's credit profile takes each enterprise's latest social-insurance period up to day 2 —
+    for some enterprises, day 1's. hrss redelivers day 1 with other contributions; `zq nightly --date <day 1>` reruns
+    day 1 and then day 2, which read it. (Near the end of the module: it changes day 1's landing files.)"""
+    from orchestration.history import stale_partitions
+    from zqdata.commands.nightly import recompute_stale_days
+    from zqdata.storage import LocalObjectStore
+
+    data_dir, instance, _, _ = nightly_run
+    _env(monkeypatch, data_dir)
+    ops_db = data_dir / "warehouse" / "ops_platform.duckdb"
+    # day 2, after everything the earlier tests of the module did to day 1: nothing is stale
+    result, summary = _run(DAY2, instance)
+    assert result.success, summary.checks_failed
+    assert stale_partitions(instance) == []
+    before = _profile_contributions(ops_db, DAY2)
+    assert before and MARK not in before
+
+    _env(monkeypatch, data_dir, simulate=False)  # from now on only real (re)deliveries
+    _redeliver_social_insurance(LocalObjectStore(data_dir / "landing"), DAY)
+    result, summary = _run(DAY, instance)
+    assert result.success, summary.checks_failed
+    assert MARK in _profile_contributions(ops_db, DAY)
+    stale = [s.partition for s in stale_partitions(instance)]
+    assert stale == [DAY2.isoformat()]
+    assert _profile_contributions(ops_db, DAY2) == before  # stale: nothing recomputed it yet
+
+    assert recompute_stale_days(instance)
+    assert stale_partitions(instance) == []
+    after = _profile_contributions(ops_db, DAY2)
+    assert MARK in after, "day 2's profiles of enterprises whose latest period is day 1's now show the redelivery"
+
+
+# ---------------------------------------------------------------- kill -9 at three points (issue 17)
+
+REPO = Path(__file__).resolve().parents[1]
+WAIT_S = 900  # generous bound on each condition
+KEY = "e2e-test-key-not-a-secret-0123456789"  # the module's key (_env): the pristine night is the reference
+
+
+def _zq_env(data_dir: Path, home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ZQ_")}
+    env.update({"DAGSTER_HOME": str(home), "ZQ_DATA_DIR": str(data_dir), "ZQ_STORE_BACKEND": "local",
+                "ZQ_PSEUDONYM_KEY": KEY, "ZQ_SIMULATE": "1", "ZQ_SIM_ROWS_PER_DAY": str(ROWS_PER_DAY),
+                "ZQ_SIM_DEFECT_RATE": "0.01", "ZQ_SIM_SEED": "7", "PYTHONPATH": str(REPO)})
+    return env
+
+
+def _zq_nightly(env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "zqdata.cli", "nightly", "--date", DAY.isoformat()], cwd=REPO,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def _started_steps(instance: dg.DagsterInstance) -> list[str]:
+    runs = instance.get_runs(filters=dg.RunsFilter(job_name="nightly_aggregation"), limit=1)
+    if not runs:
+        return []
+    return [e.dagster_event.step_key for e in instance.all_logs(runs[0].run_id, of_type=dg.DagsterEventType.STEP_START)]
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
+
+
+def _dbt_children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in out if "dbt" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")] if out else []
+
+
+def _kill_when(proc: subprocess.Popen, home: Path, step_prefix: str, wal: Path | None) -> list[int]:
+    """SIGKILL `proc` once a step starting with `step_prefix` has begun writing; returns dbt children seen."""
+    deadline = time.monotonic() + WAIT_S
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        while not any(s.startswith(step_prefix) for s in _started_steps(instance)):
+            assert proc.poll() is None, f"zq nightly ended before {step_prefix} started"
+            assert time.monotonic() < deadline, f"{step_prefix} never started"
+            time.sleep(0.05)
+    children: list[int] = []
+    seen = _mtime(wal) if wal else 0.0
+    while time.monotonic() < deadline and proc.poll() is None:
+        if step_prefix == "gov_dbt_models":
+            children = _dbt_children(proc.pid)
+            if children:
+                time.sleep(1.0)  # let dbt start writing models
+                break
+        elif _mtime(wal) != seen:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, f"zq nightly ended before it could be killed in {step_prefix}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=WAIT_S)
+    return children
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_kill_9_at_ingestion_dbt_and_boundary_then_rerun_equals_an_undisturbed_run(nightly_run, tmp_path):
+    """Issue 17 (fault suite): kill -9 of `zq nightly` once ingestion, dbt and the boundary have started writing; the
+    next start marks each killed run failed and frees its pool slot, the dbt child dies with its parent, and the last
+    rerun's tables equal, row for row, those of the module's undisturbed night."""
+    expected = dict(PRISTINE)
+    assert expected
+
+    data, home = tmp_path / "faulted", tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copy(REPO / "orchestration" / "dagster.yaml", home / "dagster.yaml")
+    env = _zq_env(data, home)
+    gov_wal = data / "warehouse" / "gov_platform.duckdb.wal"
+    ops_wal = data / "warehouse" / "ops_platform.duckdb.wal"
+    faults = 0
+    for step, wal in (("gov__ods__", gov_wal), ("gov_dbt_models", None), ("boundary_crossing", ops_wal)):
+        children = _kill_when(_zq_nightly(env), home, step, wal)
+        faults += 1
+        deadline = time.monotonic() + WAIT_S
+        while any(_alive(c) for c in children):  # the dbt child dies with the killed step process
+            assert time.monotonic() < deadline, "dbt outlived the killed run"
+            time.sleep(0.1)
+    rerun = _zq_nightly(env)
+    assert rerun.wait(timeout=3 * WAIT_S) == 0
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        runs = instance.get_runs(filters=dg.RunsFilter(job_name="nightly_aggregation"))
+        statuses = sorted(r.status.value for r in runs)
+        assert statuses == ["FAILURE"] * faults + ["SUCCESS"], statuses  # no run left STARTED
+        assert not instance.event_log_storage.get_concurrency_run_ids()  # every pool slot was given back
+    got = {**_snapshot(data / "warehouse" / "gov_platform.duckdb"), **_snapshot(data / "warehouse" / "ops_platform.duckdb")}
+    assert got.keys() == expected.keys()
+    assert [t for t in expected if got[t] != expected[t]] == []

@@ -29,7 +29,7 @@ from zqdata.settings import repo_root
 pytestmark = pytest.mark.slow
 
 DAY_A, DAY_B = dt.date(2025, 6, 1), dt.date(2025, 6, 2)
-BACKFILL = [(dt.date(2025, 6, 3) + dt.timedelta(days=i)).isoformat() for i in range(5)]
+BACKFILL = [(dt.date(2025, 6, 3) + dt.timedelta(days=i)).isoformat() for i in range(4)]  # > max_concurrent_runs
 LOCATION = "zhaoqing_public_data"
 CONSUMER, CREDENTIAL, PRODUCT = "zq_rural_bank", "zq-demo-rural-bank-2025", "ops_sme_credit_profile"
 LOCK_ERROR = "Could not set lock"
