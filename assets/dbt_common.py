@@ -390,12 +390,19 @@ def _unique_id(event: Any) -> str | None:
     return getattr(value, "value", value)
 
 
-def stream_with_column_lineage(invocation: DbtCliInvocation, db_path: Path,
-                               context: dg.AssetExecutionContext) -> Iterator[Any]:
+UnbuiltHandler = Callable[[Mapping[str, Any], Mapping[str, Any]], "list[Any] | None"]
+
+
+def stream_with_column_lineage(invocation: DbtCliInvocation, db_path: Path, context: dg.AssetExecutionContext,
+                               on_unbuilt: UnbuiltHandler | None = None) -> Iterator[Any]:
     """`invocation.stream()` buffered, then re-yielded with column lineage; a dbt failure is re-raised afterwards.
 
     The schema is read with a plain read-only connection after the dbt subprocess exits: dagster-dbt's in-process
     adapter fetches would keep the DuckDB file open with another configuration.
+
+    ``on_unbuilt(run_results, manifest)``: called when dbt failed; when it returns events (it confined the failure to
+    the models that did not build, zqdata.quality.model_failures), they follow the built models' events and the step
+    goes on; when it returns None the failure is re-raised.
     """
     events: list[Any] = []
     failure: BaseException | None = None
@@ -410,6 +417,14 @@ def stream_with_column_lineage(invocation: DbtCliInvocation, db_path: Path,
         manifest = None
     if manifest is not None:
         events = add_column_lineage(events, manifest, db_path, context.log)
+    if failure is not None and on_unbuilt is not None and manifest is not None:
+        try:
+            run_results = invocation.get_artifact("run_results.json")
+        except Exception:  # noqa: BLE001 - no results to confine the failure with: re-raised below
+            run_results = None
+        confined = on_unbuilt(run_results, manifest) if run_results is not None else None
+        if confined is not None:
+            events, failure = [*events, *confined], None
     yield from events
     if failure is not None:
         raise failure
@@ -433,7 +448,8 @@ RUN_DIRS_KEPT = 14  # per dbt asset: the newest run folders (compiled SQL, run_r
 
 def build_partition(dbt: DbtCliResource, context: dg.AssetExecutionContext, target: str, gov_db: Path, ops_db: Path,
                     extra_vars: Mapping[str, Any] | None = None,
-                    preflight: Callable[[Mapping[str, Any]], list[str]] | None = None) -> Iterator[Any]:
+                    preflight: Callable[[Mapping[str, Any]], list[str]] | None = None,
+                    on_unbuilt: UnbuiltHandler | None = None, exclude: Sequence[str] = ()) -> Iterator[Any]:
     """`dbt build --target <target>` of the run's partition; its events, with column lineage, once dbt has exited.
 
     - dbt runs sealed (docs/security.md, "Sealed dbt steps"): its environment holds only the process necessities and
@@ -446,13 +462,15 @@ def build_partition(dbt: DbtCliResource, context: dg.AssetExecutionContext, targ
     - dbt's partial-parse state is kept per target between runs (target/partial_parse/<target>.msgpack) and put in the
       run's own target folder before dbt starts, so a night re-parses only the files that changed.
     - Run folders of this asset beyond the newest RUN_DIRS_KEPT are removed (dagster-dbt makes one per run).
+    - `on_unbuilt`: see `stream_with_column_lineage` (gov: a failing model holds back its own dataset only).
+    - `exclude`: models not built this run (ops: the products reading a dataset the quality gate held back).
     """
     op_name = context.op_execution_context.op.name
     target_dir = DBT_PROJECT_DIR / "target"
     run_dir = target_dir / f"{op_name}-{context.run.run_id[:8]}-{uuid.uuid4().hex[:7]}"
     cache = target_dir / "partial_parse" / f"{target}.msgpack"
     seed_partial_parse(cache, run_dir)
-    args = ["build", "--target", target]
+    args = ["build", "--target", target, *(["--exclude", " ".join(exclude)] if exclude else [])]
     if extra_vars:
         args += ["--vars", json.dumps(extra_vars, ensure_ascii=False, sort_keys=True)]
     partition = dt.date.fromisoformat(context.partition_key).isoformat()
@@ -465,7 +483,7 @@ def build_partition(dbt: DbtCliResource, context: dg.AssetExecutionContext, targ
                 raise dg.Failure(description="dbt 构建前检查未通过，未运行 dbt (refused before dbt ran):\n"
                                              + "\n".join(problems), metadata={"problems": problems})
         invocation = sealed_cli(dbt, args, profile, context=context, target_path=run_dir)
-        yield from stream_with_column_lineage(invocation, gov_db if target == "gov" else ops_db, context)
+        yield from stream_with_column_lineage(invocation, gov_db if target == "gov" else ops_db, context, on_unbuilt)
     finally:
         keep_partial_parse(run_dir, cache)
         prune_run_dirs(target_dir, op_name, keep=RUN_DIRS_KEPT)

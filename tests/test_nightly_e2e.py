@@ -356,12 +356,63 @@ def test_a_night_with_one_agencys_garbage_delivery_still_publishes_the_other_age
         assert scores["understandability"] == (120, 120, 0.0), scores
         assert decisions == {code: code != "water_usage" for code in registry().datasets}
         assert summary.published == ["ops_transit_ridership"]
+        excluded = {m.asset_key.path[-1] for m in result.get_asset_materialization_events()
+                    if getattr(m.materialization.metadata.get("dbt_status"), "value", None) == "excluded"}
+        assert excluded == {"ops_sme_credit_profile"}  # the product reading water waits: not built for the partition
+        assert _ops_rows(data_dir, "products.ops_sme_credit_profile", DAY) == 0
+        assert _ops_rows(data_dir, "products.ops_transit_ridership", DAY) > 0
         assert _ops_rows(data_dir, "desensitized.bus_card_swipes", DAY) > 0
         assert _ops_rows(data_dir, "scenario_transit_ridership.bus_card_swipes", DAY) > 0
         assert _ops_rows(data_dir, "desensitized.water_usage", DAY) == 0
         store_ = publish.published_store()
         assert publish.current_snapshot(store_, "ops_transit_ridership", DAY) is not None
         assert publish.current_snapshot(store_, "ops_sme_credit_profile", DAY) is None
+
+
+def test_a_failing_gov_model_holds_back_its_own_dataset_and_the_others_still_publish(tmp_path, monkeypatch):
+    """Issue 12, failure isolation: the water company's staging model fails in dbt (here: its gov table was altered by
+    hand, `reading_date` made INTEGER, so dbt's insert of the partition fails). Only water is held back: the gov step
+    confines the failure (its partition emptied, quality.model_failures, the gate's reason), every other agency's data
+    crosses and the transit product is published."""
+    from zqdata import publish
+    from zqdata.registry import registry
+
+    data_dir = tmp_path / "data"
+    _env(monkeypatch, data_dir, defect_rate=0.0)
+    gov_db = data_dir / "warehouse" / "gov_platform.duckdb"
+    gov_db.parent.mkdir(parents=True)
+    with duckdb.connect(str(gov_db)) as con:
+        con.execute("create schema staging")
+        con.execute("create table staging.stg_water__water_usage (_partition_date DATE, reading_date INTEGER)")
+
+    with dg.instance_for_test() as instance:
+        result, summary = _run(DAY, instance)
+        assert result.success, summary.checks_failed
+        assert set(summary.held_back) == {"water_usage"}, summary.held_back
+        assert "模型未构建" in summary.held_back["water_usage"] and "stg_water__water_usage" in summary.held_back["water_usage"]
+        assert summary.published == ["ops_transit_ridership"]
+        unbuilt = {m.asset_key.path[-1]: m.materialization.metadata for m in result.get_asset_materialization_events()
+                   if m.materialization.metadata.get("dbt_status") is not None}
+        # what did not build says so; the product reading water waits (not built), the transit product was built
+        assert {k: v["dbt_status"].value for k, v in unbuilt.items()} == {
+            "stg_water__water_usage": "error", "int_water_usage": "skipped", "ops_sme_credit_profile": "excluded"}
+    with duckdb.connect(str(gov_db), read_only=True) as con:
+        failures = con.execute("select model, status, dataset from quality.model_failures where partition_date = ? "
+                               "order by model", [DAY]).fetchall()
+        decisions = dict(con.execute("select dataset, passed from quality.gate_decisions where partition_date = ?",
+                                     [DAY]).fetchall())
+        built = con.execute("select count(*) from staging.stg_power__electricity_usage where _partition_date = ?",
+                            [DAY]).fetchone()[0]
+        water_int = con.execute("select count(*) from intermediate.int_water_usage where _partition_date = ?",
+                                [DAY]).fetchone()[0] if con.execute(
+            "select count(*) from information_schema.tables where table_name = 'int_water_usage'").fetchone()[0] else 0
+    assert failures == [("int_water_usage", "skipped", "water_usage"), ("stg_water__water_usage", "error", "water_usage")]
+    assert decisions == {code: code != "water_usage" for code in registry().datasets}
+    assert built > 0 and water_int == 0
+    assert _ops_rows(data_dir, "desensitized.bus_card_swipes", DAY) > 0
+    assert _ops_rows(data_dir, "desensitized.electricity_usage", DAY) > 0
+    assert _ops_rows(data_dir, "desensitized.water_usage", DAY) == 0
+    assert publish.current_snapshot(publish.published_store(), "ops_transit_ridership", DAY) is not None
 
 
 def format_summary_text(summary) -> str:

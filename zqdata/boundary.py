@@ -267,6 +267,14 @@ def _write_partition(gov_con: duckdb.DuckDBPyConnection, ops_con: duckdb.DuckDBP
     return ops_con.execute(f"SELECT count(*) FROM {target} WHERE _partition_date = ?", [partition_date]).fetchone()[0]
 
 
+def _empty_partition(ops_con: duckdb.DuckDBPyConnection, schema: str, table: str, partition_date: dt.date) -> int:
+    """Remove one partition of an ops table, when the table exists (a held-back dataset whose gov model is unreadable)."""
+    if _relation_columns(ops_con, schema, table):
+        ops_con.execute(f"DELETE FROM {quote_ident(schema)}.{quote_ident(table)} WHERE _partition_date = ?",
+                        [partition_date])
+    return 0
+
+
 HELD_BACK_TABLE = "boundary.held_back"  # ops: (partition_date, dataset, reason) of the last crossing of each partition
 
 
@@ -324,9 +332,17 @@ def cross_boundary(gov_con: duckdb.DuckDBPyConnection, ops_con: duckdb.DuckDBPyC
     base = {"zq_partition": d}  # the pseudonym keys are per (field role, ops schema): from release_select
     # Resolve every input before writing anything, so a missing model fails without a partial crossing.
     released = [ds for ds in registry.datasets.values() if ds.release]
+    unreadable: set[str] = set()  # held back AND its gov model missing or malformed: its ops partitions only emptied
     for ds in released:
-        report.sources[ds.code] = gov_relation(gov_con, registry, ds.code)
-        _check_columns(gov_con, report.sources[ds.code], ds.field_names + LINEAGE_COLUMNS)
+        try:
+            report.sources[ds.code] = gov_relation(gov_con, registry, ds.code)
+            _check_columns(gov_con, report.sources[ds.code], ds.field_names + LINEAGE_COLUMNS)
+        except BoundaryError as exc:
+            if ds.code not in report.held_back:
+                raise
+            # e.g. its dbt model failed (zqdata.quality.model_failures): nothing of it is read, nothing crosses
+            report.sources[ds.code] = f"（不可读 unreadable: {exc}）"
+            unreadable.add(ds.code)
 
     ref = report.reference_day = consent_reference_day(gov_con, registry, d)
     in_force, live = scenarios_in_force(registry, d, ref), scenarios_live(registry, ref)
@@ -352,9 +368,11 @@ def cross_boundary(gov_con: duckdb.DuckDBPyConnection, ops_con: duckdb.DuckDBPyC
                 where, consent_params = "FALSE", {}  # (the table keeps its columns: the products still compile)
             sql = (f"SELECT {', '.join([*items, 'src._lineage_id', 'src._partition_date'])} "
                    f"FROM {relation} AS src WHERE src._partition_date = $zq_partition AND {where}")
-            report.released[ds.code] = _write_partition(gov_con, ops_con, "desensitized", ds.code, sql,
-                                                        {**base, **pseudonym_params, **consent_params}, d,
-                                                        keep_columns=fields_used(ds, users + live_users))
+            report.released[ds.code] = (
+                _empty_partition(ops_con, "desensitized", ds.code, d) if ds.code in unreadable else
+                _write_partition(gov_con, ops_con, "desensitized", ds.code, sql,
+                                 {**base, **pseudonym_params, **consent_params}, d,
+                                 keep_columns=fields_used(ds, users + live_users)))
             if not live_users:  # no scenario may use this dataset any more: nothing of it stays on ops
                 purged(f"desensitized.{ds.code}", revocation.empty_table(ops_con, "desensitized", ds.code))
             elif ds.consent is not None and all(s.consent_required == ds.consent.subject_type for s in live_users):
@@ -386,7 +404,10 @@ def cross_boundary(gov_con: duckdb.DuckDBPyConnection, ops_con: duckdb.DuckDBPyC
                 if not ds.release:
                     raise AuthorizationError(f"场景 {scenario.code} 不得使用不发布的数据集 {ds_code} (dataset never released)")
                 relation = report.sources[ds_code]
-                if not blocked:
+                if not blocked and ds_code in unreadable:
+                    rows[ds_code] = _empty_partition(ops_con, f"scenario_{scenario.code}", ds_code, d)
+                    dropped[ds_code] = 0
+                elif not blocked:
                     items, pseudonym_params = release_select(ds, authorized_fields(registry, scenario.code, ds_code), d,
                                                              key, f"scenario_{scenario.code}")
                     where, consent_params = "TRUE", {}

@@ -1,17 +1,20 @@
 """Dagster wrapper of the gov dbt models: `dbt build --target gov` of one partition (staging, intermediate, their tests)."""
 
 import contextlib
+import datetime as dt
 import functools
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import dagster as dg
 from dagster_dbt import DbtCliResource
 
-from assets.dbt_common import build_partition, dbt_project, dbt_resource, dbt_source_specs, partitioned_dbt_assets
+from assets.dbt_common import (build_partition, dbt_project, dbt_resource, dbt_source_specs, partitioned_dbt_assets,
+                               relation_asset_keys)
 from orchestration.pools import GOV_POOL
 from orchestration.resources import WarehouseResource
+from zqdata.quality.model_failures import clear_model_failures, isolable, record_model_failures, unbuilt_models
 from zqdata.reference import sync_reference_tables
 from zqdata.registry import Registry, registry
 
@@ -24,14 +27,43 @@ def gov_dbt_assets() -> dg.AssetsDefinition:
     def gov_dbt_models(context: dg.AssetExecutionContext, dbt: DbtCliResource,
                        warehouse: WarehouseResource) -> Iterator[Any]:
         reg = registry()
+        day = dt.date.fromisoformat(context.partition_key)
         # the code-table and range rules read the registry through ref.* (synced, never copied into dbt)
         with warehouse.gov() as con:
             sync_reference_tables(con, reg)
+            clear_model_failures(con, day)  # this build decides afresh which models of the partition did not build
         # column lineage + schema are read from the gov DB once dbt has exited (never through dbt's in-process adapter)
-        events = build_partition(dbt, context, "gov", warehouse.gov_path(), warehouse.ops_path())
+        events = build_partition(dbt, context, "gov", warehouse.gov_path(), warehouse.ops_path(),
+                                 on_unbuilt=functools.partial(confine_unbuilt, context, warehouse, reg, day))
         yield from with_check_traces(events, warehouse, reg, context.partition_key)
 
     return gov_dbt_models
+
+
+def confine_unbuilt(context: dg.AssetExecutionContext, warehouse: WarehouseResource, reg: Registry, day: dt.date,
+                    run_results: Mapping[str, Any], manifest: Mapping[str, Any]) -> list[dg.MaterializeResult] | None:
+    """One agency's failing model stops only its own dataset (issue 12): the models that did not build are recorded,
+    their partition emptied and their dataset held back by the quality gate; the other datasets go on to the ops
+    platform. None (the step fails) when the failure cannot be confined (zqdata.quality.model_failures.isolable).
+
+    Each unbuilt model gets a materialization that says so (`dbt_status`, 0 rows, `partition_rebuilt: false`): its
+    partition now holds nothing, which is what downstream sees, and the steps of the other datasets are not skipped."""
+    unbuilt = unbuilt_models(run_results, manifest)
+    selected = sum(1 for r in run_results.get("results", []) if str(r.get("unique_id", "")).startswith("model."))
+    datasets = isolable(unbuilt, reg, selected)
+    if datasets is None:
+        return None
+    with warehouse.gov() as con:
+        removed = record_model_failures(con, day, unbuilt, datasets, context.run.run_id)
+    keys = relation_asset_keys(manifest)
+    out = []
+    for u in unbuilt:
+        context.log.error(f"dbt 模型 {u.model} 未构建（{u.status}）：{u.message}。数据集 {datasets[u.model]} 本分区留置，"
+                          f"其他数据集照常 (model not built: its dataset is held back, the others go on)")
+        out.append(dg.MaterializeResult(asset_key=keys[u.relation], metadata={
+            "dagster/row_count": 0, "dbt_status": u.status, "partition_rebuilt": False, "error": u.message,
+            "held_back_dataset": datasets[u.model], "rows_removed": removed.get(u.relation, 0)}))
+    return out
 
 
 def with_check_traces(events: Iterator[Any], warehouse: WarehouseResource, reg: Registry,

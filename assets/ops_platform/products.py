@@ -14,7 +14,9 @@ from assets.dbt_common import (DBT_PROJECT_DIR, build_partition, dbt_project, db
                                scenario_vars)
 from orchestration.pools import GOV_POOL, OPS_POOL, hold_pool
 from orchestration.resources import WarehouseResource
+from zqdata.boundary import held_back_on_ops
 from zqdata.dbt_guard import ops_manifest_problems, product_read_problems
+from zqdata.publish import products_reading
 from zqdata.registry import registry
 
 
@@ -33,11 +35,36 @@ def ops_dbt_assets() -> dg.AssetsDefinition:
         # where that is decided: a held-back dataset by the quality gate, a revoked consent by the crossing's purge.)
         # column lineage + schema are read from the ops DB once dbt has exited (never through dbt's in-process adapter)
         # sealed: dbt sees only the ops DB (no gov path, no key); only registered products may be built at all
+        # a product reading a dataset the quality gate held back for the partition waits (issue 12): not built, its
+        # partition emptied (its published snapshot was withdrawn by the crossing); the other products go on
+        with warehouse.ops(read_only=True) as ops:
+            waiting = products_reading(registry(), held_back_on_ops(ops, day))
         events = build_partition(dbt, context, "ops", warehouse.gov_path(), warehouse.ops_path(), extra_vars=vars_,
-                                 preflight=ops_preflight)
+                                 preflight=ops_preflight, exclude=waiting)
         yield from with_product_traces(events, warehouse, context)
+        yield from not_built(context, warehouse, day, waiting)
 
     return ops_dbt_products
+
+
+def not_built(context: dg.AssetExecutionContext, warehouse: WarehouseResource, day: dt.date,
+              products: list[str]) -> Iterator[dg.MaterializeResult]:
+    """The products left out of this build because they read a held-back dataset: their partition emptied, and a
+    materialization that says so (0 rows, `dbt_status: excluded`) so that the other products' steps are not skipped."""
+    if not products:
+        return
+    with warehouse.ops() as ops:
+        held = ", ".join(sorted(held_back_on_ops(ops, day)))
+        for product in products:
+            exists = ops.execute("select count(*) from information_schema.columns where table_schema = 'products' "
+                                 "and table_name = ? and column_name = '_partition_date'", [product]).fetchone()[0]
+            if exists:
+                ops.execute(f'delete from products."{product}" where cast(_partition_date as date) = ?', [day])
+    for product in products:
+        context.log.warning(f"产品 {product} 本分区未构建：读取被质量门禁留置的数据集 {held} "
+                            f"(not built: it reads a held-back dataset)")
+        yield dg.MaterializeResult(asset_key=dg.AssetKey(["ops", "products", product]), metadata={
+            "dagster/row_count": 0, "dbt_status": "excluded", "partition_rebuilt": False, "held_back_inputs": held})
 
 
 OPS_DBT_OP = "ops_dbt_products"
@@ -73,9 +100,22 @@ def scenario_read_result(product: str, run_dir: Path | None) -> dg.AssetCheckRes
         return dg.AssetCheckResult(passed=False, metadata={
             "problems": [f"产品 {product} 不属于任何登记场景 (not a registered scenario product)"]})
     manifest = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
+    if not built_in_run(run_dir, product):  # left out of the build (it reads a held-back dataset): nothing ran
+        return dg.AssetCheckResult(passed=True, metadata={
+            "built": False, "scenario": scenario, "dbt_run_folder": run_dir.name,
+            "note": "本次未构建，无 SQL 运行 (not built in this run: nothing read anything; it is not published)"})
     problems = product_read_problems(manifest, product, scenario)
     return dg.AssetCheckResult(passed=not problems, metadata={
         "problems": problems, "scenario": scenario, "dbt_run_folder": run_dir.name})
+
+
+def built_in_run(run_dir: Path, product: str) -> bool:
+    """Whether dbt ran the product's model in this run (its run_results.json lists it); True when unknown."""
+    results = run_dir / "run_results.json"
+    if not results.is_file():
+        return True  # no results to prove it was left out: verify the compiled SQL
+    ran = {r.get("unique_id", "") for r in json.loads(results.read_text(encoding="utf-8")).get("results", [])}
+    return any(uid.startswith("model.") and uid.rsplit(".", 1)[-1] == product for uid in ran)
 
 
 def scenario_read_checks(products: list[str]) -> list[dg.AssetChecksDefinition]:

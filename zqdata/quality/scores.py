@@ -15,6 +15,7 @@ import pyarrow as pa
 
 from zqdata.display import mask_text
 from zqdata.quality.dimensions import DIMENSION_KEYS, cn_name
+from zqdata.quality.model_failures import model_failure_reasons
 from zqdata.registry import Registry
 
 DEFAULT_MAX_ERROR_RATE = 0.05
@@ -267,7 +268,8 @@ def _hold(result: GateResult, dataset: str, reason: str) -> None:
 
 def evaluate_gate(con: duckdb.DuckDBPyConnection, registry: Registry, partition_date: dt.date,
                   max_error_rate: float | None = None) -> GateResult:
-    """Hold back each dataset with an error-severity dataset-level finding or an error-record rate above the tolerance.
+    """Hold back each dataset with an error-severity dataset-level finding, an error-record rate above the tolerance,
+    or a dbt model that did not build for the partition (quality.model_failures).
 
     Every record delivered counts (quarantined, duplicate and unreadable files' records included, as in the scores).
     Reads only: runs on a read-only connection once the quality tables exist (the boundary enforces it itself).
@@ -290,6 +292,10 @@ def evaluate_gate(con: duckdb.DuckDBPyConnection, registry: Registry, partition_
         detail = mask_text(registry.datasets.get(dataset), fld, detail, partition_date, row_level=False)
         result.failures.append(f"{name}（{dataset}）错误级数据集规则未通过：{rule}（{tool}，{cn_name(dimension)}）{n} 项：{detail}")
         _hold(result, dataset, f"{rule}（{cn_name(dimension)}）")
+    for dataset, reason in model_failure_reasons(con, partition_date).items():  # its dbt models did not build
+        name = registry.datasets[dataset].name if dataset in registry.datasets else dataset
+        result.failures.append(f"{name}（{dataset}）{reason}")
+        _hold(result, dataset, reason)
     rates = con.execute(_records_sql(con, "with " + _RECORDS_CTES.strip() + """, bad as (
                 select dataset, count(distinct record) as n from failed_records where severity = 'error' group by dataset
                 union all
