@@ -9,16 +9,29 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from zqdata import standards
-from zqdata.landing import read_manifest
+from zqdata.landing import (
+    delivery_prefix,
+    future_delivery_days,
+    manifest_key,
+    read_manifest,
+    sha256_hex,
+    try_read_manifest,
+)
 from zqdata.registry import Registry, load_registry
 from zqdata.settings import TZ
 from zqdata.simulator import (
+    BOM,
     DEFECT_KINDS,
+    DELIVERY_DEFECT_KINDS,
     ROW_DEFECT_KINDS,
+    UNDECODABLE_RECORDS,
+    UNDECODABLE_SEQUENCES,
+    applicable_fields,
     ground_truth_path,
     read_ground_truth,
     rows_by_dataset,
@@ -338,3 +351,184 @@ def test_implausible_reading_applies_where_the_suites_check_history(registry: Re
     for ds in registry.datasets.values():
         assert applicable_fields("implausible_meter_reading", ds) == history_plausibility(ds)[1], ds.code
     assert applicable_fields("implausible_meter_reading", registry.datasets["electricity_usage"]) == ["kwh"]
+
+
+# ---------------------------------------------------------------- hostile deliveries (issue 12)
+
+HOSTILE_KINDS = {"gbk_with_bom": "standardization", "undecodable_bytes": "standardization",
+                 "malformed_manifest": "understandability", "future_folder": "timeliness",
+                 "emptying_redelivery": "completeness"}
+
+
+def _file_bytes(store: ObjectStore, registry: Registry, dataset: str, day: dt.date = DAY) -> dict[str, bytes]:
+    ds = registry.datasets[dataset]
+    return {o.key: store.get_bytes(o.key) for o in store.list(f"{ds.agency}/{dataset}/{day.isoformat()}/")
+            if not o.key.endswith("/_manifest.json")}
+
+
+def test_hostile_delivery_kinds_are_delivery_level_with_their_dimension(env: Path, registry: Registry) -> None:
+    assert {k: DEFECT_KINDS[k].dimension for k in HOSTILE_KINDS} == HOSTILE_KINDS
+    assert set(HOSTILE_KINDS) <= set(DELIVERY_DEFECT_KINDS) and not set(HOSTILE_KINDS) & set(ROW_DEFECT_KINDS)
+    assert DEFECT_KINDS["gbk_with_bom"].found_by == "accepted"
+    # never by default, and deterministic when named
+    stores = [_store(env / "a"), _store(env / "b")]
+    kinds = ["required_empty", "gbk_with_bom", "undecodable_bytes", "malformed_manifest", "future_folder"]
+    truths = [simulate_day(s, registry, DAY, ROWS, seed=6, defect_rate=0.02, defect_kinds=kinds) for s in stores]
+    assert truths[0] == truths[1] and _all_bytes(stores[0]) == _all_bytes(stores[1])
+    assert {t.kind for t in truths[0]} == set(kinds)
+    # a kind without a dataset goes to one the kind fits: a CSV for the BOM
+    (bom,) = [t for t in truths[0] if t.kind == "gbk_with_bom"]
+    assert registry.datasets[bom.dataset].delivery.format == "csv"
+
+
+def test_gbk_with_bom_is_the_delivery_as_gbk_behind_a_utf8_signature(env: Path, registry: Registry) -> None:
+    plain, dirty = _store(env / "plain"), _store(env / "dirty")
+    simulate_day(plain, registry, DAY, ROWS, seed=8, defect_rate=0.0)  # the records as generated
+    truth = simulate_day(dirty, registry, DAY, ROWS, seed=8, defect_rate=0.05,
+                         defect_kinds=[*ROW_DEFECT_KINDS, "gbk_with_bom:enterprise_registry"])
+    ds = registry.datasets["enterprise_registry"]
+    assert not [t for t in truth if t.dataset == ds.code and t.kind != "gbk_with_bom"]  # no row defects there
+    manifest = read_manifest(dirty, ds.agency, ds.code, DAY)
+    assert manifest is not None
+    files = _file_bytes(dirty, registry, ds.code)
+    assert [(t.file, t.row, t.field, t.dimension) for t in truth if t.kind == "gbk_with_bom"] == [
+        (k, None, None, "standardization") for k in files]
+    expected = _rows(plain, registry, ds.code)
+    got = []
+    for f in manifest.files:
+        data = files[f"{ds.agency}/{ds.code}/{DAY}/{f.name}"]
+        assert f.encoding == "gbk" and data.startswith(BOM) and sha256_hex(data) == f.sha256
+        with pytest.raises(UnicodeDecodeError):
+            data.decode("utf-8-sig")  # the content after the BOM really is GBK (the names are Chinese)
+        got += list(csv.DictReader(io.StringIO(data[len(BOM):].decode("gbk"))))
+        assert f.record_count == len(got)
+    assert got == expected  # every record as generated: nothing to quarantine
+
+
+# CSV in UTF-8 and in GBK, JSON Lines, Parquet
+@pytest.mark.parametrize("dataset", ["enterprise_registry", "social_insurance", "resident_population",
+                                     "bus_card_swipes"])
+def test_undecodable_bytes_sit_inside_one_value_of_the_records_the_ground_truth_names(
+        env: Path, registry: Registry, dataset: str) -> None:
+    clean, dirty = _store(env / "clean"), _store(env / "dirty")
+    simulate_day(clean, registry, DAY, ROWS, seed=10, defect_rate=0.03)
+    truth = simulate_day(dirty, registry, DAY, ROWS, seed=10, defect_rate=0.03,
+                         defect_kinds=[*ROW_DEFECT_KINDS, f"undecodable_bytes:{dataset}"])
+    bad = [t for t in truth if t.kind == "undecodable_bytes"]
+    assert len(bad) == UNDECODABLE_RECORDS and {t.dataset for t in bad} == {dataset}
+    fields = applicable_fields("undecodable_bytes", registry.datasets[dataset])
+    assert all(t.dimension == "standardization" and t.row and t.field in fields for t in bad)
+    assert len({(t.file, t.row) for t in truth}) == len(truth), "a row carries at most one defect"
+    ds = registry.datasets[dataset]
+    before, after = _file_bytes(clean, registry, dataset), _file_bytes(dirty, registry, dataset)
+    assert before.keys() == after.keys()
+    fmt, enc = ds.delivery.format, ds.delivery.encoding
+
+    def values(data: bytes, field: str) -> list[bytes]:
+        """The field's raw bytes per record (surrogateescape keeps the invalid bytes as they are)."""
+        if fmt == "parquet":
+            return pq.read_table(io.BytesIO(data)).column(field).cast(pa.binary()).to_pylist()
+        text = data.decode(enc, "surrogateescape")
+        recs = csv.DictReader(io.StringIO(text)) if fmt == "csv" else (json.loads(x) for x in text.splitlines())
+        return [r[field].encode(enc, "surrogateescape") for r in recs]
+
+    for key in after:
+        mine = [t for t in bad if t.file == key]
+        for fname in ds.field_names:
+            old, new = values(before[key], fname), values(after[key], fname)
+            changed = {i + 1 for i, (a, b) in enumerate(zip(old, new, strict=True)) if a != b}
+            named = {t.row for t in mine if t.field == fname}
+            assert named <= changed, (key, fname)
+            for row in named:  # the value as generated with one invalid sequence inserted, undecodable as delivered
+                value, was = new[row - 1], old[row - 1]
+                assert any(value == was[:i] + seq + was[i:] for seq in UNDECODABLE_SEQUENCES
+                           for i in range(len(was) + 1)), (row, value, was)
+                with pytest.raises(UnicodeDecodeError):
+                    value.decode("utf-8" if fmt != "csv" else enc)
+    # the file as a whole keeps its sha256 and record count in the manifest
+    manifest = read_manifest(dirty, ds.agency, dataset, DAY)
+    assert manifest is not None
+    for f in manifest.files:
+        assert sha256_hex(after[f"{ds.agency}/{dataset}/{DAY}/{f.name}"]) == f.sha256
+
+
+def test_malformed_manifest_is_unreadable_and_the_data_files_intact(env: Path, registry: Registry) -> None:
+    variants = set()
+    for seed in range(8):  # both ways of breaking it: cut off mid-write, a required key left out
+        store = _store(env / f"s{seed}")
+        truth = simulate_day(store, registry, DAY, 300, seed=seed, defect_kinds=["malformed_manifest:water_usage"])
+        ds = registry.datasets["water_usage"]
+        key = manifest_key(ds.agency, ds.code, DAY)
+        assert [(t.dataset, t.file, t.row, t.dimension) for t in truth] == [(ds.code, key, None, "understandability")]
+        manifest, problem = try_read_manifest(store, ds.agency, ds.code, DAY)
+        assert manifest is None and problem and key in problem
+        try:
+            doc = json.loads(store.get_bytes(key))
+            variants.add("missing:" + next(k for k in ("partition_date", "extracted_at", "files") if k not in doc))
+        except json.JSONDecodeError:
+            variants.add("truncated")
+        assert len(_file_bytes(store, registry, ds.code)) == 1
+    assert "truncated" in variants and any(v.startswith("missing:") for v in variants), variants
+
+
+def test_future_folder_is_a_copy_of_the_delivery_dated_years_ahead(env: Path, registry: Registry) -> None:
+    store = _store(env / "l")
+    truth = simulate_day(store, registry, DAY, ROWS, seed=12, defect_kinds=["future_folder:subject_consent"])
+    ds = registry.datasets["subject_consent"]
+    (t,) = truth
+    future = dt.date.fromisoformat(t.file.split("/")[2])
+    assert (t.dataset, t.file, t.row, t.dimension) == (ds.code, delivery_prefix(ds.agency, ds.code, future), None,
+                                                       "timeliness")
+    assert future.year - DAY.year in (10, 20, 30) and (future.month, future.day) == (DAY.month, DAY.day)
+    # the day's own delivery is complete and on time; the future folder holds the same files, its manifest that date
+    assert future_delivery_days(store, ds.agency, ds.code, DAY + dt.timedelta(days=1)) == [future]
+    own, dated = read_manifest(store, ds.agency, ds.code, DAY), read_manifest(store, ds.agency, ds.code, future)
+    assert own is not None and dated is not None and dated.partition_date == future
+    assert own.files == dated.files and own.delivered_at == dated.delivered_at
+    assert list(_file_bytes(store, registry, ds.code).values()) == list(
+        _file_bytes(store, registry, ds.code, future).values())
+
+
+def test_emptying_redelivery_replaces_the_complete_delivery_with_one_without_records(env: Path,
+                                                                                     registry: Registry) -> None:
+    store = _store(env / "l")
+    first = simulate_day(store, registry, DAY, ROWS, seed=14, defect_rate=0.05)
+    before = _all_bytes(store)
+    codes = ["water_usage", "resident_population", "bus_card_swipes"]  # CSV, JSON Lines, Parquet
+    times = {c: read_manifest(store, registry.datasets[c].agency, c, DAY).delivered_at for c in codes}
+    truth = simulate_day(store, registry, DAY, ROWS, seed=14, defect_rate=0.05,
+                         defect_kinds=[*ROW_DEFECT_KINDS, *(f"emptying_redelivery:{c}" for c in codes)])
+    assert [t for t in first if t.dataset not in codes] == [t for t in truth if t.kind != "emptying_redelivery"]
+    after = _all_bytes(store)
+    for code, ds in registry.datasets.items():
+        prefix = delivery_prefix(ds.agency, code, DAY)
+        if code not in codes:  # the others: byte-identical to the first delivery
+            assert {k: v for k, v in after.items() if k.startswith(prefix)} == {
+                k: v for k, v in before.items() if k.startswith(prefix)}, code
+            continue
+        manifest = read_manifest(store, ds.agency, code, DAY)
+        assert manifest is not None
+        assert [(f.record_count, f.format) for f in manifest.files] == [(0, ds.delivery.format)]
+        key = prefix + manifest.files[0].name
+        assert [(t.file, t.row, t.dimension) for t in truth if t.dataset == code] == [(key, None, "completeness")]
+        assert _rows(store, registry, code) == []
+        data = store.get_bytes(key)
+        if ds.delivery.format == "csv":  # the header only
+            assert data.decode(ds.delivery.encoding).splitlines() == [",".join(f'"{f}"' for f in ds.field_names)]
+        # a redelivery: after the delivery it replaces, still before the deadline
+        deadline = dt.datetime.combine(DAY + dt.timedelta(days=1), dt.time(), tzinfo=TZ) + dt.timedelta(
+            hours=ds.delivery.sla_hours)
+        assert times[code] < manifest.delivered_at < deadline, code
+
+
+def test_hostile_kinds_refuse_datasets_and_combinations_they_do_not_fit(env: Path, registry: Registry) -> None:
+    store = _store(env / "l")
+    for kinds, message in [
+        (["gbk_with_bom:resident_population"], "不适用"),  # JSON Lines: no BOM case
+        (["gbk_with_bom:water_usage", "undecodable_bytes:water_usage"], "不能同时"),
+        (["malformed_manifest:water_usage", "manifest_count_mismatch:water_usage"], "不能同时"),
+        (["emptying_redelivery:water_usage", "extra_column:water_usage"], "不能同时"),
+        (["missing_delivery:water_usage", "future_folder:water_usage"], "不能同时"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            simulate_day(store, registry, DAY, ROWS, seed=1, defect_kinds=kinds)

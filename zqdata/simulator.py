@@ -37,6 +37,11 @@ from zqdata.storage import ObjectStore
 
 CHUNK_ROWS = 1_000_000  # rows per part file: bounds memory and lets ingestion read files in parallel
 EXTRA_COLUMN = "remark"  # the unregistered column of the extra_column delivery defect
+BOM = b"\xef\xbb\xbf"  # the UTF-8 signature of the gbk_with_bom delivery defect
+UNDECODABLE_RECORDS = 3  # records per delivery that get an undecodable byte sequence (undecodable_bytes)
+# Invalid in UTF-8 and in GBK alike (no lead byte, or a lead byte without its trail byte): whatever the file's
+# encoding, no codec decodes them, so ingestion must quarantine the record rather than guess another encoding.
+UNDECODABLE_SEQUENCES = (b"\xff", b"\x80", b"\xc3\x28")
 REFERENCE_DATASET = "enterprise_registry"  # the daily full snapshot other enterprise datasets must agree with
 
 _EXT = {"csv": "csv", "jsonl": "jsonl", "parquet": "parquet"}
@@ -50,12 +55,15 @@ _U64 = np.uint64
 class DefectKind:
     key: str
     dimension: str
-    level: str  # "row" | "delivery"
+    # "row": injected at the defect rate; "delivery": only when named (kind or kind:dataset), into one dataset's
+    # delivery. A delivery-level kind may still name records in the ground truth (undecodable_bytes).
+    level: str
     description: str
     # "row": a rule names the defective record; "dataset": an expectation over the whole partition finds it (GX,
     # dataset-level finding), while the ground truth still names the record that was changed; "normalization": an
     # accepted spelling (registry quality_policy, severity none) that ingestion normalizes and counts per file and
-    # field in quality.normalizations instead of filing a finding
+    # field in quality.normalizations instead of filing a finding; "accepted": a delivery the landing contract allows
+    # (every record lands, nothing error-level, no record-level finding), the ground truth names the file to check
     found_by: str = "row"
 
 
@@ -89,11 +97,34 @@ DEFECT_KINDS: dict[str, DefectKind] = {
         DefectKind("missing_delivery", "completeness", "delivery", "应交未交"),
         DefectKind("extra_column", "understandability", "delivery", "文件含未登记的列"),
         DefectKind("manifest_count_mismatch", "completeness", "delivery", "清单记录数与文件不符"),
+        # hostile deliveries ingestion must survive (issue 12); the dimension is the one ingestion reports them under
+        DefectKind("gbk_with_bom", "standardization", "delivery",
+                   "清单声明 GBK 的 CSV 以 UTF-8 BOM 开头（契约允许：去除 BOM 按 GBK 入库，记录全部接受，仅一条编码警告）",
+                   found_by="accepted"),
+        DefectKind("undecodable_bytes", "standardization", "delivery",
+                   f"{UNDECODABLE_RECORDS} 条记录的一个文本值含无法解码的字节序列（逐条隔离，原因注明字段与字节偏移）"),
+        DefectKind("malformed_manifest", "understandability", "delivery", "清单 _manifest.json 不是有效 JSON 或缺少必需的键"),
+        DefectKind("future_folder", "timeliness", "delivery", "另有一份交付写入了日期在未来的目录（数据日期写错）"),
+        DefectKind("emptying_redelivery", "completeness", "delivery",
+                   "当日重新交付的文件没有数据记录（CSV 仅有表头），替换先前的完整交付：分区应为空"),
     ]
 }
 ROW_DEFECT_KINDS: tuple[str, ...] = tuple(k for k, v in DEFECT_KINDS.items() if v.level == "row")
 DELIVERY_DEFECT_KINDS: tuple[str, ...] = tuple(k for k, v in DEFECT_KINDS.items() if v.level == "delivery")
 assert all(k.dimension in DIMENSION_KEYS for k in DEFECT_KINDS.values())
+# Delivery formats a delivery-level kind can be injected into (default: every format).
+DELIVERY_KIND_FORMATS: dict[str, tuple[str, ...]] = {"gbk_with_bom": ("csv",)}
+# Delivery-level kinds that cannot share a dataset's delivery: one would hide the other, or change the ground truth
+# of the other (a manifest that cannot be read has no record count to mismatch; a file quarantined for its columns
+# files no record-level finding; a delivery that is missing or without records has nothing else to find).
+_EXCLUSIVE: dict[str, frozenset[str]] = {
+    "gbk_with_bom": frozenset({"missing_delivery", "extra_column", "manifest_count_mismatch", "undecodable_bytes",
+                               "malformed_manifest", "emptying_redelivery"}),
+    "undecodable_bytes": frozenset({"missing_delivery", "extra_column", "emptying_redelivery"}),
+    "malformed_manifest": frozenset({"missing_delivery", "manifest_count_mismatch", "emptying_redelivery"}),
+    "future_folder": frozenset({"missing_delivery"}),
+    "emptying_redelivery": frozenset({"missing_delivery", "extra_column", "manifest_count_mismatch"}),
+}
 
 
 @dataclass(frozen=True)
@@ -166,6 +197,9 @@ def applicable_fields(kind: str, ds: Dataset) -> list[str]:
         return [ds.event_time_field]
     if kind == "code_outside_table":
         return [f.name for f in fs if f.code_table and f.code_table != standards.DISTRICT_CODE_TABLE]
+    if kind == "undecodable_bytes":  # free text (no format, no code table), preferably not part of the key
+        text = [f.name for f in fs if f.type == "string" and not f.format and not f.code_table]
+        return [n for n in text if n not in ds.primary_key] or text
     if kind in _RULE_OF_KIND:  # the fields the generated dbt rule is declared on (zqdata.reference.field_rules)
         return [r.field for r in field_rules(ds) if r.rule == _RULE_OF_KIND[kind] and r.field]
     if kind == "implausible_meter_reading":
@@ -576,6 +610,18 @@ def _plan_row_defects(ds: Dataset, n: int, rate: float, kinds: list[str], rng: n
     return plan
 
 
+def _plan_undecodable(ds: Dataset, n: int, plan: list[_RowDefect], rng: np.random.Generator) -> list[_RowDefect]:
+    """``UNDECODABLE_RECORDS`` rows with no other defect (and no duplicate's original), each with one free-text field."""
+    fields = applicable_fields("undecodable_bytes", ds)
+    if not fields or n == 0:
+        return []
+    taken = {d.row for d in plan} | {d.row - 1 for d in plan if d.kind == "duplicate_primary_key"}
+    drawn = rng.choice(n, size=min(n, UNDECODABLE_RECORDS + len(taken)), replace=False).tolist()
+    rows = sorted([r for r in drawn if r not in taken][:UNDECODABLE_RECORDS])
+    field_idx = rng.integers(0, len(fields), len(rows)).tolist()
+    return [_RowDefect(r, "undecodable_bytes", fields[i]) for r, i in zip(rows, field_idx)]
+
+
 def _fmt_number(x: float, ftype: str) -> str:
     return str(int(x)) if ftype == "integer" else f"{x:.2f}"
 
@@ -649,7 +695,34 @@ def _corrupt(kind: str, value: str | None, ds: Dataset, fname: str, day: dt.date
     if kind == "implausible_meter_reading":
         assert f is not None
         return _fmt_number(float(v) * 100, f.type)
+    if kind == "undecodable_bytes":  # a marker inside the value, replaced by invalid bytes once the file is written
+        cut = r.randint(0, len(v))
+        return v[:cut] + _undecodable_marker(r.randrange(len(UNDECODABLE_SEQUENCES))) + v[cut:]
     raise ValueError(f"unknown defect kind {kind!r}")
+
+
+def _undecodable_marker(i: int) -> str:
+    """ASCII, so the same bytes in UTF-8 and GBK; never produced by a generator."""
+    return f"@@ZQ-UNDECODABLE-{i}@@"
+
+
+def _insert_undecodable(data: bytes) -> bytes:
+    """The serialized file (or value) with each marker replaced by its invalid byte sequence."""
+    for i, seq in enumerate(UNDECODABLE_SEQUENCES):
+        data = data.replace(_undecodable_marker(i).encode("ascii"), seq)
+    return data
+
+
+def _undecodable_columns(cols: dict[str, pa.Array], defects: list[_RowDefect], start: int) -> dict[str, pa.Array]:
+    """Parquet: the marked values as bytes holding the invalid sequence, the column viewed (unvalidated) as text."""
+    n = len(next(iter(cols.values())))
+    for fname in sorted({d.field for d in defects}):
+        idx = sorted(d.row - start for d in defects if d.field == fname)
+        mask = np.zeros(n, dtype=bool)
+        mask[idx] = True
+        values = pa.array([_insert_undecodable(cols[fname][i].as_py().encode("utf-8")) for i in idx], pa.binary())
+        cols[fname] = pc.replace_with_mask(cols[fname].cast(pa.binary()), pa.array(mask), values).view(pa.string())
+    return cols
 
 
 def _apply_row_defects(cols: dict[str, pa.Array], ds: Dataset, defects: list[_RowDefect], start: int,
@@ -706,8 +779,11 @@ def _serialize(table: pa.Table, fmt: str, encoding: str) -> bytes:
     raise ValueError(f"unsupported delivery format {fmt!r}")
 
 
-def _delivery_times(ctx: DayContext, ds: Dataset, late: bool) -> tuple[dt.datetime, dt.datetime]:
-    """(extracted_at, delivered_at): inside the SLA window after the day ends, or 1–12 hours beyond it when late."""
+def _delivery_times(ctx: DayContext, ds: Dataset, late: bool, redelivery: bool = False
+                    ) -> tuple[dt.datetime, dt.datetime]:
+    """(extracted_at, delivered_at): inside the SLA window after the day ends, or 1–12 hours beyond it when late.
+
+    A redelivery arrives after the delivery it replaces: halfway to the deadline (still on time), or an hour later."""
     r = random.Random(f"{ctx.seed}/{ctx.day}/{ds.code}/delivery")
     day_end = dt.datetime.combine(ctx.day + dt.timedelta(days=1), dt.time(), tzinfo=TZ)
     sla = ds.delivery.sla_hours * 3600
@@ -715,11 +791,17 @@ def _delivery_times(ctx: DayContext, ds: Dataset, late: bool) -> tuple[dt.dateti
         delivered = day_end + dt.timedelta(seconds=sla + r.randint(3600, 12 * 3600))
     else:
         delivered = day_end + dt.timedelta(seconds=r.randint(int(sla * 0.1), int(sla * 0.9)))
+    if redelivery:
+        left = int((day_end + dt.timedelta(seconds=sla) - delivered).total_seconds())
+        delivered += dt.timedelta(seconds=left // 2 if left > 0 else 3600)
     extracted = max(day_end, delivered - dt.timedelta(seconds=r.randint(300, 1800)))
     return extracted, delivered
 
 
 # ---------------------------------------------------------------- the day
+
+
+_NO_ROW_DEFECTS = frozenset({"missing_delivery", "extra_column", "gbk_with_bom", "emptying_redelivery"})
 
 
 def _parse_kinds(defect_kinds: Iterable[str] | None, registry: Registry, rng: random.Random
@@ -741,9 +823,28 @@ def _parse_kinds(defect_kinds: Iterable[str] | None, registry: Registry, rng: ra
             if target:
                 raise ValueError(f"行级缺陷不能指定数据集 row-level kind {kind!r} takes no dataset")
             row_kinds.append(kind)
-        else:
-            delivery.setdefault(target or rng.choice(targets), set()).add(kind)
+            continue
+        if target and not _delivery_kind_applies(kind, registry.datasets[target]):
+            need = "/".join(DELIVERY_KIND_FORMATS.get(kind, tuple(_EXT))) + " delivery"
+            need += " with a free-text field" if kind == "undecodable_bytes" else ""
+            raise ValueError(f"交付级缺陷 {kind!r} 不适用于数据集 {target!r} (needs a {need})")
+        candidates = [c for c in targets if _delivery_kind_applies(kind, registry.datasets[c])]
+        if not target and not candidates:
+            raise ValueError(f"没有数据集适用交付级缺陷 {kind!r} (no registered dataset can carry it)")
+        delivery.setdefault(target or rng.choice(candidates), set()).add(kind)
+    for code, kinds in sorted(delivery.items()):
+        for kind in sorted(kinds):
+            clash = _EXCLUSIVE.get(kind, frozenset()) & kinds
+            if clash:
+                raise ValueError(f"同一数据集 {code} 不能同时注入交付级缺陷 {kind} 与 {', '.join(sorted(clash))}"
+                                 f" (one would hide the other in the ground truth)")
     return sorted(set(row_kinds), key=ROW_DEFECT_KINDS.index), delivery
+
+
+def _delivery_kind_applies(kind: str, ds: Dataset) -> bool:
+    if ds.delivery.format not in DELIVERY_KIND_FORMATS.get(kind, tuple(_EXT)):
+        return False
+    return kind != "undecodable_bytes" or bool(applicable_fields(kind, ds))
 
 
 def simulate_day(
@@ -758,8 +859,10 @@ def simulate_day(
     """Write every registry dataset's delivery for ``day`` (replacing the day's folders) and the day's ground truth.
 
     ``defect_kinds``: None = every row-level kind at ``defect_rate``; otherwise only the listed kinds. Delivery-level kinds
-    (late_delivery, missing_delivery, extra_column, manifest_count_mismatch) apply only when listed, to one dataset chosen
-    by (seed, day) or to the one named as ``kind:dataset``.
+    (``DELIVERY_DEFECT_KINDS``) apply only when listed, to one dataset chosen by (seed, day) among those the kind fits, or
+    to the one named as ``kind:dataset``. ``emptying_redelivery`` writes the dataset's delivery again without records: call
+    it after a run of the same day without it (the complete delivery it replaces). ``future_folder`` writes, besides the
+    day's delivery, a copy dated a decade or more ahead (a wrong digit in the year), reported by the night's run.
     """
     if not 0.0 <= defect_rate <= 1.0:
         raise ValueError(f"defect_rate must be within [0, 1], got {defect_rate}")
@@ -774,10 +877,16 @@ def simulate_day(
     plans: dict[str, list[_RowDefect]] = {}
     for code in sorted(registry.datasets):
         ds = registry.datasets[code]
-        rate = 0.0 if {"missing_delivery", "extra_column"} & delivery_kinds.get(code, set()) else defect_rate
-        # extra_column quarantines the whole file: no row defects there, so the ground truth stays unambiguous
+        kinds = delivery_kinds.get(code, set())
+        # No row defects where the whole file is quarantined (extra_column), where every record must land untouched
+        # (gbk_with_bom) or where there are no records: the ground truth stays unambiguous
+        rate = 0.0 if _NO_ROW_DEFECTS & kinds else defect_rate
         rng = np.random.default_rng([seed, day.toordinal(), _crc(code), 7])
         plans[code] = _plan_row_defects(ds, rows[code], rate, row_kinds, rng)
+        if "undecodable_bytes" in kinds:
+            bad_rng = np.random.default_rng([seed, day.toordinal(), _crc(code), 11])
+            bad = _plan_undecodable(ds, rows[code], plans[code], bad_rng)
+            plans[code] = sorted(plans[code] + bad, key=lambda d: d.row)
 
     # Enterprises whose snapshot row is defective (or duplicated) are not referred to by the other datasets today.
     tainted = np.zeros(universe.n_enterprises, dtype=bool)
@@ -785,7 +894,7 @@ def simulate_day(
         tainted[d.row] = True
         if d.kind == "duplicate_primary_key":
             tainted[d.row - 1] = True
-    if "missing_delivery" in delivery_kinds.get(REFERENCE_DATASET, set()):
+    if {"missing_delivery", "emptying_redelivery"} & delivery_kinds.get(REFERENCE_DATASET, set()):
         tainted[:] = False  # nothing to avoid: every reference fails anyway
     ok = np.flatnonzero(~tainted)
     remap = ok[np.searchsorted(ok, np.arange(universe.n_enterprises)) % len(ok)] if len(ok) else np.arange(
@@ -811,6 +920,15 @@ def _write_dataset(store: ObjectStore, ctx: DayContext, ds: Dataset, n: int, pla
         return [InjectedDefect(ds.code, None, None, None, dim["missing_delivery"], "missing_delivery")]
 
     fmt, encoding = ds.delivery.format, ds.delivery.encoding
+    if "gbk_with_bom" in delivery_kinds:
+        encoding = "gbk"  # declared so in the manifest; the BOM in front says UTF-8
+    if "emptying_redelivery" in delivery_kinds:
+        n, plan = 0, []
+    future = _future_day(ctx, ds) if "future_folder" in delivery_kinds else None
+    future_prefix = delivery_prefix(agency, ds.code, future) if future else ""
+    if future_prefix:
+        store.delete_prefix(future_prefix + MANIFEST_NAME)
+        store.delete_prefix(future_prefix)
     n_parts = max(1, math.ceil(n / CHUNK_ROWS))
     bounds = [n * i // n_parts for i in range(n_parts + 1)]
     truth: list[InjectedDefect] = []
@@ -819,17 +937,32 @@ def _write_dataset(store: ObjectStore, ctx: DayContext, ds: Dataset, n: int, pla
         start, stop = bounds[part], bounds[part + 1]
         name = f"part-{part + 1:04d}.{_EXT[fmt]}"
         key = prefix + name
-        cols = GENERATORS[ds.code](ctx, np.arange(start, stop, dtype=np.int64), ctx.rng(ds.code, part))
-        cols = {f: cols[f] for f in ds.field_names}  # registry order; a generator missing a field fails loudly here
+        if stop > start:
+            cols = GENERATORS[ds.code](ctx, np.arange(start, stop, dtype=np.int64), ctx.rng(ds.code, part))
+            cols = {f: cols[f] for f in ds.field_names}  # registry order; a generator missing a field fails loudly here
+        else:  # no records: a CSV header, an empty JSON Lines file, a Parquet schema
+            cols = {f: pa.array([], pa.string()) for f in ds.field_names}
         chunk = [d for d in plan if start <= d.row < stop]
         cols = _apply_row_defects(cols, ds, chunk, start, ctx)
         truth += [InjectedDefect(ds.code, key, d.row - start + 1, d.field, dim[d.kind], d.kind) for d in chunk]
+        undecodable = [d for d in chunk if d.kind == "undecodable_bytes"]
+        if undecodable and fmt == "parquet":
+            cols = _undecodable_columns(cols, undecodable, start)
         if "extra_column" in delivery_kinds:
             cols[EXTRA_COLUMN] = _const("系统导出附加列", stop - start)
             truth.append(InjectedDefect(ds.code, key, None, EXTRA_COLUMN, dim["extra_column"], "extra_column"))
         data = _serialize(pa.table(cols), fmt, encoding)
         del cols
+        if undecodable and fmt != "parquet":
+            data = _insert_undecodable(data)
+        for kind in ("gbk_with_bom", "emptying_redelivery"):
+            if kind in delivery_kinds:  # the file as a whole: accepted as GBK / found empty
+                truth.append(InjectedDefect(ds.code, key, None, None, dim[kind], kind))
+        if "gbk_with_bom" in delivery_kinds:
+            data = BOM + data
         store.put_bytes(key, data)
+        if future_prefix:
+            store.put_bytes(future_prefix + name, data)
         count = stop - start
         if "manifest_count_mismatch" in delivery_kinds and part == 0:
             count = max(0, count + random.Random(f"{ctx.seed}/{ctx.day}/{ds.code}/count").choice([-3, -1, 1, 2, 5]))
@@ -841,15 +974,46 @@ def _write_dataset(store: ObjectStore, ctx: DayContext, ds: Dataset, n: int, pla
     late = "late_delivery" in delivery_kinds
     if late:
         truth.append(InjectedDefect(ds.code, None, None, None, dim["late_delivery"], "late_delivery"))
-    extracted, delivered = _delivery_times(ctx, ds, late)
+    extracted, delivered = _delivery_times(ctx, ds, late, redelivery="emptying_redelivery" in delivery_kinds)
     manifest = Manifest(agency=agency, dataset=ds.code, partition_date=ctx.day, extracted_at=extracted,
                         delivered_at=delivered, files=entries)
     # Streamed like landing.write_delivery (data files first, manifest last) so only one part is in memory at a time.
-    store.put_bytes(prefix + MANIFEST_NAME, manifest.model_dump_json(indent=1).encode("utf-8"))
+    if "malformed_manifest" in delivery_kinds:
+        store.put_bytes(prefix + MANIFEST_NAME, _malformed_manifest(ctx, ds, manifest))
+        truth.append(InjectedDefect(ds.code, prefix + MANIFEST_NAME, None, None, dim["malformed_manifest"],
+                                    "malformed_manifest"))
+    else:
+        store.put_bytes(prefix + MANIFEST_NAME, manifest.model_dump_json(indent=1).encode("utf-8"))
     # Timeliness reads the store's arrival time: in a local store the files get the arrival the simulator chose
     # (written now for a past day they would otherwise look months late); S3 keeps its own LastModified.
     set_simulated_arrival(store, agency, ds.code, ctx.day, delivered)
+    if future is not None:  # the same delivery, its folder and manifest dated in the future
+        dated = manifest.model_copy(update={"partition_date": future})
+        store.put_bytes(future_prefix + MANIFEST_NAME, dated.model_dump_json(indent=1).encode("utf-8"))
+        set_simulated_arrival(store, agency, ds.code, future, delivered)
+        truth.append(InjectedDefect(ds.code, future_prefix, None, None, dim["future_folder"], "future_folder"))
     return truth
+
+
+def _future_day(ctx: DayContext, ds: Dataset) -> dt.date:
+    """The day of a future_folder: the year mistyped by one digit (10, 20 or 30 years ahead), so the folder stays in
+    the future of any run of the simulated days (the simulator does not know the run's clock)."""
+    years = random.Random(f"{ctx.seed}/{ctx.day}/{ds.code}/future").choice([10, 20, 30])
+    try:
+        return ctx.day.replace(year=ctx.day.year + years)
+    except ValueError:  # 29 February
+        return ctx.day.replace(year=ctx.day.year + years, day=28)
+
+
+def _malformed_manifest(ctx: DayContext, ds: Dataset, manifest: Manifest) -> bytes:
+    """The manifest broken as agencies break it: cut off mid-write (not JSON), or a required key left out."""
+    r = random.Random(f"{ctx.seed}/{ctx.day}/{ds.code}/manifest")
+    text = manifest.model_dump_json(indent=1)
+    if r.random() < 0.5:
+        return text[: r.randint(len(text) // 4, 3 * len(text) // 4)].encode("utf-8")
+    doc = json.loads(text)
+    del doc[r.choice(["partition_date", "extracted_at", "files"])]
+    return json.dumps(doc, ensure_ascii=False, indent=1).encode("utf-8")
 
 
 def _write_ground_truth(day: dt.date, truth: list[InjectedDefect]) -> Path:
