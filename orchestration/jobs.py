@@ -11,7 +11,9 @@ NIGHTLY_JOB = "nightly_aggregation"
 # Notification delivery is its own small job (requested by the alert sensor; `zq nightly` runs it after the night).
 nightly_aggregation = dg.define_asset_job(
     name=NIGHTLY_JOB,
-    selection=dg.AssetSelection.all(include_sources=False) - dg.AssetSelection.assets(dg.AssetKey(["gov", "quality", "notifications"])),
+    # the governance reports (registration, disclosure, evaluation, quarterly) have partitions of their own and jobs
+    selection=(dg.AssetSelection.all() - dg.AssetSelection.assets(dg.AssetKey(["gov", "quality", "notifications"]))
+               - dg.AssetSelection.groups("governance_reports")),
     partitions_def=daily_partitions,
     executor_def=dg.in_process_executor,
     description=(

@@ -19,6 +19,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from zqdata import audit, publish
+from zqdata.governance import registration
 from zqdata.registry import Registry, Scenario
 from zqdata.settings import TZ
 from zqdata.storage import ObjectStore
@@ -134,7 +135,8 @@ def deliver_product(db: sa.Engine, store: ObjectStore, registry: Registry, consu
     attempt in the audit log of the operational DB ``db``.
 
     Served only from ``store`` (publish.published_store()): the build database is never opened. Unknown consumer, wrong
-    credential, a product outside the consumer's scenarios, an inactive authorization, a partition not published (gates
+    credential, a product outside the consumer's scenarios, an inactive authorization, a product without a registration
+    code or whose registration is cancelled (Art. 17), a partition not published (gates
     not passed, or withdrawn for a rebuild) or a snapshot failing its checksum: no file is written, the attempt is
     recorded as ``denied``, and AccessDenied is raised.
     """
@@ -159,6 +161,9 @@ def deliver_product(db: sa.Engine, store: ObjectStore, registry: Registry, consu
         check_scenario_active(scenario, now.date())
     except AuthorizationError as exc:
         raise _deny(db, consumer_code, product, partition, scenario.code, str(exc), now) from None
+    unregistered = registration.delivery_refusal(db, registry, product)  # 登记 (Art. 17): a code, not cancelled
+    if unregistered:
+        raise _deny(db, consumer_code, product, partition, scenario.code, unregistered, now)
 
     try:
         snap = publish.current_snapshot(store, product, partition)

@@ -2,7 +2,8 @@
 
 DuckDB allows one writing process per file, and the nightly run holds the gov and ops files for minutes. What people and
 the service write at any time — the quality-issue register and its events (Art. 20), the alert outbox and its attempts,
-the hash-chained delivery audit log (Art. 25) — lives here instead, in a database made for many small writers:
+the hash-chained delivery audit log (Art. 25), registration records (Art. 17) and data demand requests (Art. 18) —
+lives here instead, in a database made for many small writers:
 
 - embedded default: SQLite in WAL mode, ``<ZQ_DATA_DIR>/operational/operational.sqlite`` (readers never block the
   writer; writers queue on SQLite's lock with a generous busy timeout; every transaction takes the write lock up front
@@ -146,6 +147,72 @@ audit_deliveries = sa.Table(
     sa.Column("snapshot", sa.String(256), nullable=False, server_default=""),  # the published snapshot handed over
     sa.Column("prev_hash", sa.String(64), nullable=False),
     sa.Column("record_hash", sa.String(64), nullable=False),
+)
+
+
+# Registration (登记, Art. 17; zqdata/governance/registration.py): one row per registration record of a subject (a
+# dataset, a product or a service), its procedure state, and every state change in `registration_events`.
+registrations = sa.Table(
+    "registrations", metadata,
+    sa.Column("registration_id", sa.String(20), primary_key=True),  # RG-<12 hex of sha256(kind|subject|seq)>
+    sa.Column("subject_kind", sa.String(16), nullable=False),  # dataset | product | service
+    sa.Column("subject", sa.String(128), nullable=False),  # dataset code, product name, service name
+    sa.Column("seq", sa.Integer, nullable=False),  # the subject's n-th record
+    sa.Column("record_type", sa.String(16), nullable=False),  # first | change | correction | cancellation
+    sa.Column("state", sa.String(16), nullable=False),  # applied|accepted|formal_review|public_notice|code_assigned|rejected
+    sa.Column("code", sa.String(64)),  # the registration code once assigned (a change keeps the subject's code)
+    sa.Column("registered_on", sa.Date),  # when the code was assigned
+    sa.Column("version", sa.Text, nullable=False),  # canonical JSON of what is registered (fields, output columns)
+    sa.Column("version_hash", sa.String(64), nullable=False),  # sha256 of `version`
+    sa.Column("previous_hash", sa.String(64)),  # the version a change replaces
+    sa.Column("origin", sa.String(16), nullable=False),  # registry (imported) | sync (detected) | cli
+    sa.Column("note", sa.Text),
+    sa.Column("applied_by", sa.String(256), nullable=False),
+    sa.Column("applied_at", AwareDateTime, nullable=False),
+    sa.Column("updated_at", AwareDateTime, nullable=False),
+    sa.UniqueConstraint("subject_kind", "subject", "seq"),
+    sa.Index("ix_registrations_code", "code"),
+)
+
+registration_events = sa.Table(
+    "registration_events", metadata,
+    sa.Column("event_id", sa.Integer, sa.Identity(), primary_key=True),
+    sa.Column("registration_id", sa.String(20), nullable=False, index=True),
+    sa.Column("event", sa.String(16), nullable=False),  # applied | imported | advanced | rejected
+    sa.Column("from_state", sa.String(16)),
+    sa.Column("to_state", sa.String(16), nullable=False),
+    sa.Column("actor", sa.String(256), nullable=False),
+    sa.Column("note", sa.Text),
+    sa.Column("event_at", AwareDateTime, nullable=False),
+)
+
+# Data demand requests (数据需求, Art. 18; zqdata/governance/demand.py): unmet needs of the operator, routed to the
+# agency that holds the data, and their state changes.
+demand_requests = sa.Table(
+    "demand_requests", metadata,
+    sa.Column("demand_id", sa.String(20), primary_key=True),  # DR-<12 hex>
+    sa.Column("scenario", sa.String(128), nullable=False),
+    sa.Column("agency", sa.String(64), nullable=False),  # routed to: the agency of the datasets
+    sa.Column("datasets", sa.Text, nullable=False),  # JSON list of dataset codes
+    sa.Column("fields", sa.Text, nullable=False),  # JSON list of "dataset.field" wanted (may not exist yet)
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),  # submitted | coordinating | agreed | declined | fulfilled
+    sa.Column("registration_id", sa.String(20)),  # the registration record that fulfilled it
+    sa.Column("requested_by", sa.String(256), nullable=False),
+    sa.Column("requested_at", AwareDateTime, nullable=False),
+    sa.Column("updated_at", AwareDateTime, nullable=False),
+    sa.Index("ix_demand_requests_state", "state", "agency"),
+)
+
+demand_events = sa.Table(
+    "demand_events", metadata,
+    sa.Column("event_id", sa.Integer, sa.Identity(), primary_key=True),
+    sa.Column("demand_id", sa.String(20), nullable=False, index=True),
+    sa.Column("from_state", sa.String(16)),
+    sa.Column("to_state", sa.String(16), nullable=False),
+    sa.Column("actor", sa.String(256), nullable=False),
+    sa.Column("note", sa.Text),
+    sa.Column("event_at", AwareDateTime, nullable=False),
 )
 
 

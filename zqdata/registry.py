@@ -102,6 +102,14 @@ class Consent(_Strict):
     subject_field: str
 
 
+class Registration(_Strict):
+    """A registration (登记, Art. 17) made before the operational DB kept the procedure: its code and date. Imported by
+    zqdata.governance.registration as the subject's first record, in state code_assigned (赋码)."""
+
+    code: str = Field(pattern=r"^[A-Z][A-Z0-9]*(-[A-Z0-9]+)+$", max_length=64)
+    registered_on: dt.date
+
+
 class Dataset(_Strict):
     code: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
     name: str
@@ -113,6 +121,7 @@ class Dataset(_Strict):
     event_time_field: str
     consent: Consent | None = None
     release: bool = True
+    registration: Registration | None = None  # the resource's registration code (Art. 17); None: not registered yet
     fields: list[DatasetField]
 
     @property
@@ -149,6 +158,7 @@ class Scenario(_Strict):
     consent_required: SubjectType | None = None
     k_anonymity: int | None = Field(default=None, ge=2)
     product: str
+    product_registration: Registration | None = None  # the product's registration code (Art. 17); None: not yet
     authorized_fields: dict[str, list[str]]
 
 
@@ -196,6 +206,19 @@ def _link_role_problems(datasets) -> list[str]:
         if len({f.format for _, f in fields}) > 1:
             problems.append(f"link_role {role!r}: 字段格式不一致 {names} (linked fields must share one format)")
     return problems
+
+
+def _registration_code_problems(reg: "Registry") -> list[str]:
+    """A registration code names one subject: never two datasets or products with the same code."""
+    holders: dict[str, list[str]] = {}
+    for ds in reg.datasets.values():
+        if ds.registration:
+            holders.setdefault(ds.registration.code, []).append(f"dataset {ds.code}")
+    for sc in reg.scenarios.values():
+        if sc.product_registration:
+            holders.setdefault(sc.product_registration.code, []).append(f"product {sc.product}")
+    return [f"登记编码 {code} 重复 (registration code used twice): {', '.join(who)}"
+            for code, who in sorted(holders.items()) if len(who) > 1]
 
 
 PolicyAction = Literal["normalize", "trim", "null_value", "quarantine_record"]
@@ -296,6 +319,7 @@ class Registry(_Strict):
                         problems.append(f"scenario {sc.code}: {ds_code}.{name} is suppressed and cannot be authorized")
             if sc.valid_to < sc.valid_from:
                 problems.append(f"scenario {sc.code}: valid_to before valid_from")
+        problems.extend(_registration_code_problems(self))
         for c in self.consumers.values():
             for s in c.scenarios:
                 if s not in self.scenarios:
