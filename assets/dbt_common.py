@@ -36,7 +36,8 @@ from dagster_dbt import (
 
 from zqdata import column_lineage as cl
 from zqdata import dbt_guard
-from zqdata.registry import Registry
+from zqdata.quality import check_info
+from zqdata.registry import Registry, registry
 from zqdata.settings import get_settings, repo_root
 
 DBT_PROJECT_DIR = repo_root() / "dbt_project"
@@ -293,6 +294,45 @@ class ZhaoqingDbtTranslator(DagsterDbtTranslator):
     def get_description(self, dbt_resource_props: Mapping[str, Any]) -> str:
         return dbt_resource_props.get("description") or super().get_description(dbt_resource_props)
 
+    def get_asset_check_spec(self, asset_spec: dg.AssetSpec, manifest: Mapping[str, Any], unique_id: str,
+                             project: DbtProject | None) -> dg.AssetCheckSpec | None:
+        """dagster-dbt's check spec, partitioned like its asset (evaluations carry their partition), described by its
+        rule (Art. 20 dimension, severity, agency; zqdata.quality.check_info)."""
+        from orchestration.partitions import daily_partitions
+
+        spec = super().get_asset_check_spec(asset_spec, manifest, unique_id, project)
+        if spec is None:
+            return None
+        node = manifest["nodes"][unique_id]
+        meta = check_info.rule_meta(node)
+        agency = test_agency(manifest, node)
+        own = (node.get("description") or "").strip() or None
+        return spec._replace(partitions_def=daily_partitions,
+                             description=check_info.check_description(meta, agency, own) or spec.description,
+                             metadata={**(spec.metadata or {}), **check_info.check_spec_metadata(meta, agency)})
+
+
+def test_agency(manifest: Mapping[str, Any], node: Mapping[str, Any]) -> str | None:
+    """The agency whose data a dbt test checks (the dataset of the model it is attached to); None for products."""
+    from zqdata.quality.scores import dataset_of_model
+
+    model = (node.get("attached_node") or "").rsplit(".", 1)[-1]
+    ds = dataset_of_model(model, registry()) if model else None
+    return registry().datasets[ds].agency if ds else None
+
+
+def enrich_check_result(event: dg.AssetCheckResult, node: Mapping[str, Any], manifest: Mapping[str, Any],
+                        records_checked: int | None) -> dg.AssetCheckResult:
+    """A dbt check evaluation with its rule's metadata entries, records checked / failed, pass rate, and the UI
+    severity of its rule (a failed error rule shows ERROR; a warn rule WARN)."""
+    meta = check_info.rule_meta(node)
+    failed = event.metadata.get("dagster_dbt/failed_row_count")
+    failed = getattr(failed, "value", failed)
+    entries = check_info.evaluation_metadata(meta, test_agency(manifest, node), records_checked,
+                                             None if failed is None else int(failed))
+    severity = (dg.AssetCheckSeverity.ERROR if meta.get("severity", "error") == "error" else dg.AssetCheckSeverity.WARN)
+    return event._replace(metadata={**event.metadata, **entries}, severity=severity)
+
 
 @functools.cache
 def translator() -> ZhaoqingDbtTranslator:
@@ -440,8 +480,7 @@ def partitioned_dbt_assets(select: str, name: str, pool: str):
 
     project = dbt_project()
     return dbt_assets(manifest=project.manifest_path, project=project, select=select, name=name,
-                      dagster_dbt_translator=translator(), partitions_def=daily_partitions,
-                      backfill_policy=dg.BackfillPolicy.multi_run(1), pool=pool)
+                      dagster_dbt_translator=translator(), partitions_def=daily_partitions, pool=pool)
 
 RUN_DIRS_KEPT = 14  # per dbt asset: the newest run folders (compiled SQL, run_results.json, dbt.log) kept for audit
 

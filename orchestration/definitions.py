@@ -1,5 +1,7 @@
 """The code location: assembles each stage's definitions and applies cross-cutting policy once."""
 
+import warnings
+
 import dagster as dg
 
 
@@ -10,16 +12,22 @@ def defs() -> dg.Definitions:
     from assets.governance import governance_defs
     from assets.ops_platform import ops_platform_defs
     from assets.source_systems import source_defs
+    from orchestration.catalog import apply_catalog
     from orchestration.history import build_history_sensor
     from orchestration.jobs import nightly_aggregation
     from orchestration.resources import default_resources
     from orchestration.schedules import nightly_schedule
     from orchestration.sensors import sensor_defs
+    from zqdata.registry import registry
     from zqdata.settings import restrict_permissions
 
     restrict_permissions()  # every process that loads the code location (code server, runs) creates private files
+    # Check evaluations carry their partition (issue 14): partitioned check specs are a Dagster preview feature this
+    # code location opts into deliberately; its warning is not news to the people running the platform.
+    warnings.filterwarnings("ignore", message=r"Specifying a partitions_def on an AssetCheckSpec",
+                            category=dg.PreviewWarning)
 
-    return dg.Definitions.merge(
+    return apply_catalog(dg.Definitions.merge(
         source_defs(),
         gov_platform_defs(),
         governance_defs(),
@@ -27,4 +35,4 @@ def defs() -> dg.Definitions:
         sensor_defs(),
         dg.Definitions(jobs=[nightly_aggregation], schedules=[nightly_schedule], sensors=[build_history_sensor()],
                        resources=default_resources()),
-    )
+    ), registry())

@@ -369,6 +369,38 @@ def test_a_night_with_one_agencys_garbage_delivery_still_publishes_the_other_age
         assert publish.current_snapshot(store_, "ops_sme_credit_profile", DAY) is None
 
 
+def test_check_evaluations_carry_their_partition_rule_dimension_and_severity(nightly_run):
+    """Issue 14: in the UI every check evaluation shows its partition; a dbt rule's evaluation carries its Art. 20
+    dimension, the rule's severity (the UI's severity follows it), the agency, records checked / failed and pass rate;
+    the scores are numbers of their own (plotted over partitions)."""
+    from dagster._core.events import DagsterEventType
+
+    _, instance, result, _ = nightly_run
+    records = instance.get_records_for_run(result.run_id, of_type=DagsterEventType.ASSET_CHECK_EVALUATION,
+                                           limit=100_000).records
+    evaluations = [r.event_log_entry.dagster_event.event_specific_data for r in records]
+    assert evaluations and {e.partition for e in evaluations} == {DAY.isoformat()}
+    rules = [e for e in evaluations if e.metadata.get("rule_severity") is not None]
+    assert {e.asset_key.path[1] for e in rules} >= {"ods", "staging", "intermediate", "products"}
+    for e in rules:
+        want = dg.AssetCheckSeverity.ERROR if e.metadata["rule_severity"].value == "error" else dg.AssetCheckSeverity.WARN
+        assert e.severity == want, (e.check_name, e.severity, e.metadata["rule_severity"])
+        assert e.metadata["dimension"].value in ("accuracy", "completeness", "consistency", "standardization",
+                                                 "timeliness", "understandability")
+    failed = [e for e in rules if not e.passed and e.asset_key.path[1] == "staging"]
+    assert failed, "the 1% injected defects fail some staging rules"
+    for e in failed:
+        checked, bad = e.metadata["records_checked"].value, e.metadata["records_failed"].value
+        assert 0 < bad <= checked and e.metadata["pass_rate"].value == pytest.approx(1 - bad / checked)
+        assert e.metadata["agency"].value in {d.agency for d in __import__("zqdata.registry").registry.registry().datasets.values()}
+    (scores,) = [m.materialization for m in result.get_asset_materialization_events()
+                 if m.asset_key.path == ["gov", "quality", "scores"]]
+    series = {k: v.value for k, v in scores.metadata.items() if k.startswith("score/")}
+    assert {f"score/{d}" for d in ("accuracy", "completeness")} <= set(series)
+    assert all(isinstance(v, float) and 0.0 <= v <= 1.0 for v in series.values())
+    assert any(v < 1.0 for v in series.values())
+
+
 def test_a_failing_gov_model_holds_back_its_own_dataset_and_the_others_still_publish(tmp_path, monkeypatch):
     """Issue 12, failure isolation: the water company's staging model fails in dbt (here: its gov table was altered by
     hand, `reading_date` made INTEGER, so dbt's insert of the partition fails). Only water is held back: the gov step

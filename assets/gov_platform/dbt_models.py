@@ -10,10 +10,11 @@ from typing import Any
 import dagster as dg
 from dagster_dbt import DbtCliResource
 
-from assets.dbt_common import (build_partition, dbt_project, dbt_resource, dbt_source_specs, partitioned_dbt_assets,
-                               relation_asset_keys)
+from assets.dbt_common import (build_partition, dbt_project, dbt_resource, dbt_source_specs, enrich_check_result,
+                               partitioned_dbt_assets, relation_asset_keys)
 from orchestration.pools import GOV_POOL
 from orchestration.resources import WarehouseResource
+from zqdata.quality import check_info
 from zqdata.quality.model_failures import clear_model_failures, isolable, record_model_failures, unbuilt_models
 from zqdata.reference import sync_reference_tables
 from zqdata.registry import Registry, registry
@@ -76,22 +77,44 @@ def with_check_traces(events: Iterator[Any], warehouse: WarehouseResource, reg: 
     from orchestration.sensors import trace_metadata
     from zqdata.quality.dbt_findings import collect_dbt_findings
 
-    tests = {n["name"]: n for n in _manifest().get("nodes", {}).values() if n.get("resource_type") == "test"}
+    manifest = _manifest()
+    tests = {n["name"]: n for n in manifest.get("nodes", {}).values() if n.get("resource_type") == "test"}
     con = None
+    collected = False
+    counts: dict[str, int | None] = {}
     with contextlib.ExitStack() as stack:
         for event in events:
-            if isinstance(event, dg.AssetCheckResult) and not event.passed and event.check_name in tests:
+            if isinstance(event, dg.AssetCheckResult) and event.check_name in tests:
                 node = tests[event.check_name]
-                rule = (node.get("config", {}).get("meta") or node.get("meta") or {}).get("rule")
+                if con is None:
+                    con = stack.enter_context(warehouse.gov())
+                event = enrich_check_result(event, node, manifest, partition_rows(con, manifest, node, partition_key, counts))
+                rule = check_info.rule_meta(node).get("rule")
                 model = (node.get("attached_node") or "").rsplit(".", 1)[-1]
-                if rule and "__" in model:
-                    if con is None:
-                        con = stack.enter_context(warehouse.gov())
-                        collect_dbt_findings(con, _manifest(), partition_key)
+                if not event.passed and rule and "__" in model:
+                    if not collected:
+                        collect_dbt_findings(con, manifest, partition_key)
+                        collected = True
                     trace = trace_metadata(con, None, reg, partition_date=partition_key,
                                            dataset=model.split("__", 1)[1], rules=[rule])
                     event = event._replace(metadata={**event.metadata, **trace})
             yield event
+
+
+def partition_rows(con: Any, manifest: Mapping[str, Any], node: Mapping[str, Any], partition_key: str,
+                   cache: dict[str, int | None]) -> int | None:
+    """Rows of the tested model's partition (what a check of that model evaluated); None when it has no table."""
+    model = manifest.get("nodes", {}).get(node.get("attached_node") or "", {})
+    if not model.get("relation_name"):
+        return None
+    relation = ".".join(f'"{p}"' for p in (model.get("schema"), model.get("alias") or model.get("name")))
+    if relation not in cache:
+        try:
+            cache[relation] = con.execute(f"select count(*) from {relation} where cast(_partition_date as date) = ?",
+                                          [partition_key]).fetchone()[0]
+        except Exception:  # noqa: BLE001 - a model without its table (not built): no count to show
+            cache[relation] = None
+    return cache[relation]
 
 
 def gov_dbt_defs() -> dg.Definitions:

@@ -11,6 +11,7 @@ from orchestration.partitions import daily_partitions
 from orchestration.pools import GOV_POOL
 from orchestration.resources import ObjectStoreResource, WarehouseResource, store_step_retries
 from zqdata.ingest import IngestReport, ingest_delivery, row_accounting
+from zqdata.quality.check_info import evaluation_metadata
 from zqdata.registry import Dataset, Registry, registry
 
 ROW_ACCOUNTING_CHECK = "row_accounting"
@@ -43,7 +44,10 @@ def accounting_check(acc: dict[str, int], dataset: str) -> dg.AssetCheckResult:
         asset_key=ods_key(dataset),
         check_name=ROW_ACCOUNTING_CHECK,
         passed=passed,
-        metadata={k: dg.MetadataValue.int(v) for k, v in acc.items()},
+        metadata={**{k: dg.MetadataValue.int(v) for k, v in acc.items()},
+                  **evaluation_metadata({"dimension": "completeness", "severity": "error", "rule": "row_accounting"},
+                                        registry().datasets[dataset].agency, acc["rows_delivered"],
+                                        abs(acc["rows_delivered"] - acc["rows_in_ods"] - acc["rows_in_quarantine"]))},
         description=None if passed else "交付行数不等于入库行数与隔离行数之和 (rows delivered != accepted + quarantined)",
     )
 
@@ -67,7 +71,10 @@ def build_ods_asset(ds: Dataset, reg: Registry) -> dg.AssetsDefinition:
             dg.AssetCheckSpec(
                 ROW_ACCOUNTING_CHECK,
                 asset=ods_key(ds.code),
-                description="行数核对：交付行数 = 入库行数 + 隔离行数 (rows delivered = accepted + quarantined)",
+                partitions_def=daily_partitions,
+                description=f"行数核对：交付行数 = 入库行数 + 隔离行数（{agency.name}） — rows delivered = accepted + "
+                            f"quarantined; 完整性 Completeness（第二十条 Art. 20）；错误级 error",
+                metadata={"dimension": "completeness", "rule_severity": "error", "agency": ds.agency},
             )
         ],
     )

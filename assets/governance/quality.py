@@ -8,6 +8,7 @@ import dagster as dg
 from orchestration.partitions import daily_partitions
 from orchestration.pools import GOV_POOL
 from orchestration.resources import WarehouseResource
+from zqdata.quality.check_info import evaluation_metadata
 from zqdata.registry import registry
 from zqdata.settings import get_settings, repo_root
 
@@ -81,7 +82,7 @@ def build_scores_asset() -> dg.AssetsDefinition:
         # would hold back every dataset. The gate decides per dataset; the check fails (ERROR) when any dataset is held
         # back, and the boundary crossing and the publish step enforce the decision per dataset themselves.
         check_specs=[dg.AssetCheckSpec(
-            GATE_CHECK, asset=SCORES_KEY, blocking=False,
+            GATE_CHECK, asset=SCORES_KEY, blocking=False, partitions_def=daily_partitions,
             description="质量门禁（逐数据集）：错误级数据集规则失败或错误记录率超过 ZQ_QUALITY_MAX_ERROR_RATE 的数据集本分区留置"
                         "（不出域，读取它的产品不发布），其余数据集照常出域；警告不阻断。",
         )],
@@ -94,7 +95,8 @@ def build_scores_asset() -> dg.AssetsDefinition:
     def quality_scores(context: dg.AssetExecutionContext, warehouse: WarehouseResource) -> dg.MaterializeResult:
         from orchestration.sensors import trace_metadata
         from zqdata.publish import products_reading, withdraw_partition
-        from zqdata.quality.scores import compute_scores, evaluate_gate, record_gate_decisions, scores_markdown
+        from zqdata.quality.scores import (compute_scores, evaluate_gate, record_gate_decisions, score_series,
+                                           scores_markdown)
 
         day = _day(context)
         with warehouse.gov() as con:
@@ -114,7 +116,9 @@ def build_scores_asset() -> dg.AssetsDefinition:
         if withdrawn:
             context.log.warning(f"撤回读取留置数据集的已发布产品 withdrawn: {', '.join(withdrawn)}")
         return dg.MaterializeResult(
-            metadata={"scores": dg.MetadataValue.md(scores_markdown(scores)), "rows": scores.num_rows},
+            metadata={"scores": dg.MetadataValue.md(scores_markdown(scores)), "rows": scores.num_rows,
+                      # numbers of their own, so the UI plots each over the partitions (Asset → Plots)
+                      **{k: dg.MetadataValue.float(v) for k, v in score_series(scores).items()}},
             check_results=[dg.AssetCheckResult(
                 check_name=GATE_CHECK,
                 passed=gate.passed,
@@ -153,7 +157,9 @@ def build_gx_check(dataset: str) -> dg.AssetChecksDefinition:
         partitions_def=daily_partitions,
         additional_deps=[FINDINGS_KEY],
         pool=GOV_POOL,
-        description=f"GX 数据集级期望（字段集合、日交付量、主键唯一率、代码表占比、选填字段填充率、数值中位数）：{model}",
+        description=f"GX 数据集级期望（字段集合、日交付量、主键唯一率、代码表占比、选填字段填充率、数值中位数，及读数相对"
+                    f"近日中位数的合理性）：{model}（{registry().datasets[dataset].agency}） — Great Expectations "
+                    f"dataset-level expectations; 各期望的维度见 unexpected_counts (Art. 20 dimension per expectation)",
     )
     def gx_check(context: dg.AssetCheckExecutionContext, warehouse: WarehouseResource) -> dg.AssetCheckResult:
         from zqdata.quality.gx_runner import stored_validation, validate_dataset
@@ -165,6 +171,8 @@ def build_gx_check(dataset: str) -> dg.AssetChecksDefinition:
                  or validate_dataset(con, registry(), dataset, _day(context)))
             trace = {} if v.success else trace_metadata(con, None, registry(), partition_date=_day(context), dataset=dataset)
         errors = [o for o in v.failed if o.severity == "error"]
+        failed_rows = max((o.unexpected_count or 0 for o in v.failed), default=0)
+        worst = (errors or v.failed or [None])[0]
         return dg.AssetCheckResult(
             passed=v.success,
             severity=dg.AssetCheckSeverity.ERROR if errors or not v.present else dg.AssetCheckSeverity.WARN,
@@ -172,9 +180,15 @@ def build_gx_check(dataset: str) -> dg.AssetChecksDefinition:
             metadata={
                 "batch": v.note,
                 "rows_in_partition": v.day_rows,
+                "agency": registry().datasets[dataset].agency,
+                # rule, dimension and severity of the first failed expectation (error first; each in unexpected_counts)
+                **evaluation_metadata(
+                    {"dimension": worst.dimension, "severity": worst.severity, "rule": worst.rule} if worst else {},
+                    registry().datasets[dataset].agency, v.day_rows, failed_rows if v.day_rows is not None else None),
                 "validated_by": ("gov/quality/findings（同一运行 same run）" if v.validated_by_run else "本检查 this check"),
                 "unexpected_counts": dg.MetadataValue.json(
-                    {o.rule: {"unexpected_count": o.unexpected_count, "element_count": o.element_count,
+                    {o.rule: {"dimension": o.dimension, "severity": o.severity,
+                              "unexpected_count": o.unexpected_count, "element_count": o.element_count,
                               "observed": o.observed, "success": o.success} for o in v.outcomes}),
                 **trace,
             },

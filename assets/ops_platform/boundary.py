@@ -61,8 +61,10 @@ def build_boundary_crossing(reg: Registry) -> dg.AssetsDefinition:
         for ds in released
         for spec in (
             dg.AssetCheckSpec("exclusions_respected", asset=desensitized_key(ds.code), blocking=True,
+                              partitions_def=daily_partitions,
                               description="第二条排除项：不予开放未脱敏、涉密、未授权字段不得出域 (Art. 2 exclusions)"),
             dg.AssetCheckSpec("no_personal_data_leak", asset=desensitized_key(ds.code), blocking=True,
+                              partitions_def=daily_partitions,
                               description="泄露闸门：运营平台不得出现原始身份证号、手机号、姓名 (leak gate)"),
         )
     ]
@@ -147,7 +149,7 @@ def build_boundary_crossing(reg: Registry) -> dg.AssetsDefinition:
 def _product_checks(key: dg.AssetKey) -> list[dg.AssetChecksDefinition]:
     product = key.path[-1]
 
-    @dg.asset_check(asset=key, name="no_personal_data_leak", blocking=True, pool=OPS_POOL,
+    @dg.asset_check(asset=key, name="no_personal_data_leak", blocking=True, pool=OPS_POOL, partitions_def=daily_partitions,
                     description="泄露闸门：产品表不得出现原始身份证号、手机号、姓名 (leak gate)")
     def leak_gate(context: dg.AssetCheckExecutionContext, warehouse: WarehouseResource) -> dg.AssetCheckResult:
         d = _partition_date(context)
@@ -156,7 +158,7 @@ def _product_checks(key: dg.AssetKey) -> list[dg.AssetChecksDefinition]:
         return dg.AssetCheckResult(passed=not leaks, metadata={
             "leaks": [f"{lk.column}: {lk.rows} {lk.kind} (e.g. {lk.sample})" for lk in leaks]})
 
-    @dg.asset_check(asset=key, name="authorization_in_force", blocking=True,
+    @dg.asset_check(asset=key, name="authorization_in_force", blocking=True, partitions_def=daily_partitions,
                     description="一场景一授权：场景授权在该分区有效 (scenario authorization in force)")
     def authorization_in_force(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
         try:

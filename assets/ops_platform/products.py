@@ -1,5 +1,6 @@
 """Dagster wrapper of the ops scenario products: `dbt build --target ops` (reads only the ops DB: the security boundary)."""
 
+import contextlib
 import datetime as dt
 import functools
 import json
@@ -10,8 +11,9 @@ from typing import Any
 import dagster as dg
 from dagster_dbt import DbtCliResource
 
-from assets.dbt_common import (DBT_PROJECT_DIR, build_partition, dbt_project, dbt_resource, partitioned_dbt_assets,
-                               scenario_vars)
+from assets.dbt_common import (DBT_PROJECT_DIR, build_partition, dbt_project, dbt_resource, enrich_check_result,
+                               partitioned_dbt_assets, scenario_vars)
+from orchestration.partitions import daily_partitions
 from orchestration.pools import GOV_POOL, OPS_POOL, hold_pool
 from orchestration.resources import WarehouseResource
 from zqdata.boundary import held_back_on_ops
@@ -123,6 +125,7 @@ def scenario_read_checks(products: list[str]) -> list[dg.AssetChecksDefinition]:
 
     def build(product: str) -> dg.AssetChecksDefinition:
         @dg.asset_check(asset=dg.AssetKey(["ops", "products", product]), name=SCENARIO_READ_CHECK, blocking=True,
+                        partitions_def=daily_partitions,
                         description="一场景一授权：产品只读取本场景的数据表 scenario_<场景>.*（编译后 SQL 经 DuckDB 解析）"
                                     " (the product reads only its own scenario's tables)")
         def reads_only_own_scenario(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
@@ -143,14 +146,23 @@ def with_product_traces(events: Iterator[Any], warehouse: WarehouseResource,
     """
     from orchestration.sensors import trace_metadata
 
+    from assets.gov_platform.dbt_models import partition_rows
+
     manifest = json.loads(dbt_project().manifest_path.read_text(encoding="utf-8"))
     tests = {n["name"]: n for n in manifest.get("nodes", {}).values() if n.get("resource_type") == "test"}
-    for event in events:
-        node = tests.get(getattr(event, "check_name", None)) if isinstance(event, dg.AssetCheckResult) else None
-        if node is not None and not event.passed:
-            trace = _product_trace(node, warehouse, context, trace_metadata)
-            event = event._replace(metadata={**event.metadata, **trace})
-        yield event
+    counts: dict[str, int | None] = {}
+    with contextlib.ExitStack() as stack:
+        con = None
+        for event in events:
+            node = tests.get(getattr(event, "check_name", None)) if isinstance(event, dg.AssetCheckResult) else None
+            if node is not None:
+                con = con or stack.enter_context(warehouse.ops(read_only=True))
+                event = enrich_check_result(event, node, manifest,
+                                            partition_rows(con, manifest, node, context.partition_key, counts))
+            if node is not None and not event.passed:
+                trace = _product_trace(node, warehouse, context, trace_metadata)
+                event = event._replace(metadata={**event.metadata, **trace})
+            yield event
 
 
 def _product_trace(node: dict[str, Any], warehouse: WarehouseResource, context: dg.AssetExecutionContext,

@@ -217,6 +217,19 @@ def compute_scores(con: duckdb.DuckDBPyConnection, registry: Registry, partition
     return scores
 
 
+def score_series(scores: pa.Table) -> dict[str, float]:
+    """Pass rates weighted by records, per dimension (`score/<dimension>`) and per agency and dimension
+    (`score/<agency>/<dimension>`): one number each, as the Dagster UI plots metadata over partitions."""
+    sums: dict[str, list[int]] = {}
+    for agency, dim, checked, failed in zip(*(scores.column(c).to_pylist() for c in
+                                             ("agency", "dimension", "records_checked", "records_failed")), strict=True):
+        for key in (f"score/{dim}", f"score/{agency}/{dim}"):
+            acc = sums.setdefault(key, [0, 0])
+            acc[0] += checked or 0
+            acc[1] += failed or 0
+    return {k: (1.0 if c == 0 else round(1 - float(f) / float(c), 6)) for k, (c, f) in sorted(sums.items())}
+
+
 def scores_markdown(scores: pa.Table) -> str:
     """The score table as Markdown, dimensions named in Chinese."""
     lines = ["| 机构 agency | 数据集 dataset | 维度 dimension | 检查记录 checked | 问题记录 failed | 规则数 rules | 未通过规则 failed rules | 通过率 pass rate |",

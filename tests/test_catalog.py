@@ -1,0 +1,91 @@
+"""The catalog the Dagster UI shows (issue 14): owners, classification tags, storage names on both sides of the
+boundary, column classification, and checks that carry their partition, rule, dimension and severity."""
+
+from __future__ import annotations
+
+import warnings
+
+import dagster as dg
+import pytest
+
+from zqdata.registry import registry
+
+
+@pytest.fixture(scope="module")
+def graph(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("ZQ_DATA_DIR", str(tmp_path_factory.mktemp("catalog")))
+    mp.setenv("ZQ_PSEUDONYM_KEY", "catalog-test-key-not-a-secret-0123456789")
+    from orchestration.definitions import defs
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        location = defs()
+        g = location.resolve_asset_graph()
+    mp.undo()
+    return location, g, caught
+
+
+def _schema(node) -> dg.TableSchema:
+    value = node.metadata["dagster/column_schema"]
+    return getattr(value, "schema", value)
+
+
+def _node(g, *path):
+    return g.get(dg.AssetKey(list(path)))
+
+
+def test_each_asset_is_owned_by_the_responsible_organisation(graph):
+    _, g, _ = graph
+    for key in g.get_all_asset_keys():
+        assert g.get(key).owners, f"{key.to_user_string()} has no owner"
+    ds = registry().datasets["resident_population"]
+    assert _node(g, "landing", "resident_population").owners == [f"team:{ds.agency}"]
+    assert _node(g, "gov", "ods", "resident_population").owners == [f"team:{ds.agency}"]
+    assert _node(g, "gov", "staging", f"stg_{ds.agency}__resident_population").owners == [f"team:{ds.agency}"]
+    assert _node(g, "gov", "intermediate", "int_resident_population").owners == ["team:data_bureau"]
+    assert _node(g, "gov", "quality", "scores").owners == ["team:data_bureau"]
+    assert _node(g, "ops", "desensitized", "bus_card_swipes").owners == ["team:operator"]
+    assert _node(g, "ops", "products", "ops_transit_ridership").owners == ["team:operator"]
+
+
+def test_classification_tags_and_column_classification_come_from_the_registry(graph):
+    _, g, _ = graph
+    ods = _node(g, "gov", "ods", "resident_population")
+    assert {k: ods.tags[k] for k in ("agency", "gbt43697_level", "pi", "openness")} == {
+        "agency": "psb", "gbt43697_level": "core", "pi": "sensitive", "openness": "not_open"}
+    columns = {c.name: c for c in _schema(ods).columns}
+    cid = next(f for f in registry().datasets["resident_population"].fields if f.name == "citizen_id")
+    assert columns["citizen_id"].tags["pi"] == cid.class_.pi == "sensitive"
+    ops = _node(g, "ops", "desensitized", "bus_card_swipes")
+    assert ops.tags["pi"] == "desensitized"
+    ops_columns = {c.name: c for c in _schema(ops).columns}
+    authorized = {n for s in registry().scenarios.values() for n in s.authorized_fields.get("bus_card_swipes", [])}
+    assert set(ops_columns) - {"_lineage_id", "_partition_date"} == authorized  # only what may cross is listed
+    assert all(ops_columns[n].tags.get("mask") for n in authorized)
+
+
+def test_storage_names_say_which_database_holds_the_table(graph):
+    _, g, _ = graph
+    for key in g.get_all_asset_keys():
+        name = g.get(key).metadata.get("dagster/table_name")
+        if key.path[0] == "ops" and key.path[1] in ("products", "desensitized"):
+            assert name == f"ops_platform.{key.path[1]}.{key.path[2]}", (key, name)
+        elif key.path[0] == "gov" and key.path[1] in ("ods", "staging", "intermediate"):
+            assert name == f"gov_platform.{key.path[1]}.{key.path[2]}", (key, name)
+    assert _node(g, "gov", "quality", "issues").metadata["dagster/table_name"].startswith("operational_db.")
+
+
+def test_every_daily_check_is_partitioned_and_described(graph):
+    location, g, caught = graph
+    daily = {k for k in g.get_all_asset_keys() if g.get(k).partitions_def is not None
+             and getattr(g.get(k).partitions_def, "cron_schedule", None) == "0 0 * * *"}
+    checks = [g.get(ck) for ck in g.asset_check_keys]
+    for check in checks:
+        if check.key.asset_key in daily:
+            assert check.partitions_def is not None, f"{check.key.to_user_string()} has no partition"
+            assert check.description, f"{check.key.to_user_string()} has no description"
+    dbt_rule = next(c for c in checks if c.key.asset_key.path[1] == "staging" and "required" in c.key.name)
+    assert dbt_rule.description.startswith("必填字段为空") and "完整性 Completeness" in dbt_rule.description
+    assert not [w for w in caught if "partitions_def on an AssetCheckSpec" in str(w.message)
+                or "varying BackfillPolicies" in str(w.message) or "include_sources" in str(w.message)]
