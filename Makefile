@@ -49,14 +49,18 @@ $(KEYFILE):
 test: setup test-services
 	$(BIN)/pytest -q --durations=15
 
-# What the tests start themselves needs its programs: PostgreSQL (the operational DB in production mode) from
-# Debian's package. Installed when missing and we may (root); the tests start their own server on loopback.
+# What the tests start themselves needs its programs, from Debian's packages: PostgreSQL (the operational DB in
+# production mode; the tests start their own server on loopback) and Chromium (the governance reports opened offline,
+# driven by Playwright without its own browser download). Installed when missing and we may (root).
 test-services:
-	@if ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; then \
+	@missing=""; \
+	ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null) || \
-	      echo "warning: could not install postgresql; its tests will be skipped (CI fails them)"; \
-	  else echo "note: PostgreSQL server not installed; its tests are skipped"; fi; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null) || \
+	      echo "warning: could not install$$missing; their tests will be skipped (CI fails the PostgreSQL ones)"; \
+	  else echo "note:$$missing not installed; their tests are skipped"; fi; \
 	fi
 
 ui: setup $(KEYFILE)

@@ -8,5 +8,6 @@ def governance_defs() -> dg.Definitions:
     from assets.governance.issues import issues_defs
     from assets.governance.quality import quality_defs
     from assets.governance.registration import registration_defs
+    from assets.governance.reports import reports_defs
 
-    return dg.Definitions.merge(quality_defs(), issues_defs(), registration_defs())
+    return dg.Definitions.merge(quality_defs(), issues_defs(), registration_defs(), reports_defs())
