@@ -19,6 +19,8 @@ class DaySummary:
     stage_rows: list[tuple[str, str, int]] = field(default_factory=list)  # (platform, table, rows in partition)
     checks_passed: int = 0
     checks_failed: list[str] = field(default_factory=list)
+    # failed checks by (agency, Art. 20 dimension) from their metadata -> rules; checks without either: ("", "")
+    failed_by_agency: dict[tuple[str, str], list[str]] = field(default_factory=dict)
     gate_passed: bool | None = None  # the quality gate on gov/quality/scores; None: not evaluated
     gate_failures: list[str] = field(default_factory=list)
     held_back: dict[str, str] = field(default_factory=dict)  # datasets the gate held back (not crossed) -> why
@@ -62,6 +64,9 @@ def run_nightly(day: dt.date, instance: dg.DagsterInstance | None = None) -> tup
             summary.checks_passed += 1
         else:
             summary.checks_failed.append(name)
+            meta = {k: getattr(v, "value", v) for k, v in ev.metadata.items()}
+            where = (str(meta.get("agency") or ""), str(meta.get("dimension") or ""))
+            summary.failed_by_agency.setdefault(where, []).append(str(meta.get("rule") or name))
     summary.published = sorted(m.asset_key.path[-1] for m in result.get_asset_materialization_events()
                                if m.asset_key.path[:2] == ["ops", "published"])
     notify = location.resolve_job_def(NOTIFY_JOB).execute_in_process(instance=instance, raise_on_error=False,
@@ -120,12 +125,15 @@ def format_summary(summary: DaySummary) -> str:
 
     reg = registry()
     lines = [
-        f"== 分区 partition {summary.partition}: {'成功 success' if summary.success else '失败 FAILED'} ==",
+        f"== 分区 partition {summary.partition}: 运行 run {'成功 success' if summary.success else '失败 FAILED'} ==",
         f"{'platform':<22} {'table':<55} {'rows':>10}",
     ]
     lines += [f"{p:<22} {t:<55} {n:>10,}" for p, t, n in summary.stage_rows]
-    lines.append(f"检查 checks: {summary.checks_passed} passed, {len(summary.checks_failed)} failed")
-    lines += [f"  未通过 failed: {name}" for name in summary.checks_failed]
+    lines.append(f"检查 checks: {summary.checks_passed} passed, {len(summary.checks_failed)} failed"
+                 + ("（按数源机构、第二十条维度 by agency and Art. 20 dimension）" if summary.checks_failed else ""))
+    for (agency, dim), rules in sorted(summary.failed_by_agency.items()):
+        who = f"{reg.agencies[agency].name} ({agency})" if agency in reg.agencies else (agency or "平台 platform")
+        lines.append(f"  {who} · {dimension_label(dim) if dim else '—'}: {len(rules)} — {'、'.join(sorted(set(rules)))}")
     gate = {True: "通过 passed（允许出域）", False: "未通过 FAILED（逐数据集决定 decided per dataset）",
             None: "未运行 not evaluated"}
     lines.append(f"质量门禁 quality gate: {gate[summary.gate_passed]}")

@@ -39,7 +39,8 @@ def profile_env(target: str, db_path: Any, memory_limit: str, partition_date: st
     """What profiles.yml reads for `target`: that target's DuckDB file and the memory limit (and the partition)."""
     if target not in PROFILE_DB_VARS:
         raise ValueError(f"未知的 dbt 目标 (unknown dbt target): {target!r}")
-    env = {PROFILE_DB_VARS[target]: str(db_path), "ZQ_DUCKDB_MEMORY_LIMIT": str(memory_limit)}
+    env = {PROFILE_DB_VARS[target]: str(db_path), "ZQ_DUCKDB_MEMORY_LIMIT": str(memory_limit),
+           "DBT_USE_COLORS": "false"}  # plain text in the run's logs (no ANSI escape codes)
     if partition_date is not None:
         env["ZQ_PARTITION_DATE"] = str(partition_date)
     return env
