@@ -63,8 +63,14 @@ test-services:
 	  else echo "note:$$missing not installed; their tests are skipped"; fi; \
 	fi
 
+# The published folder (GX Data Docs, column-lineage page, reports) is served on 127.0.0.1:3001 while the UI runs, so
+# the UI's links open with one click (a browser does not follow file:// links from an http:// page).
+DOCS_DIR = $${ZQ_DATA_DIR:-$(CURDIR)/.data}/published
 ui: setup $(KEYFILE)
-	$(WITH_KEY) $(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+	@mkdir -p "$(DOCS_DIR)"; \
+	$(BIN)/python -m http.server 3001 --bind 127.0.0.1 --directory "$(DOCS_DIR)" >/dev/null 2>&1 & docs=$$!; \
+	trap 'kill $$docs 2>/dev/null' EXIT INT TERM; \
+	ZQ_DOCS_BASE_URL=http://127.0.0.1:3001 $(WITH_KEY) $(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
 bench: setup $(KEYFILE)
 	$(WITH_KEY) $(BIN)/python -m bench.run $(if $(SIZES),--sizes $(SIZES)) $(if $(BENCH_DAYS),--days $(BENCH_DAYS))

@@ -36,6 +36,7 @@ from dagster_dbt import (
 
 from zqdata import column_lineage as cl
 from zqdata import dbt_guard
+from zqdata.lineage_page import lineage_page_path, lineage_page_url, update_lineage_page
 from zqdata.quality import check_info
 from zqdata.registry import Registry, registry
 from zqdata.settings import get_settings, repo_root
@@ -383,6 +384,20 @@ def to_column_lineage(lineage: cl.ColumnLineage, keys: Mapping[str, dg.AssetKey]
     })
 
 
+def classified_schema(schema: dg.TableSchema, keys: Mapping[str, dg.AssetKey], manifest: Mapping[str, Any],
+                      uid: str) -> dg.TableSchema:
+    """The materialized schema with each registered field's classification (zqdata.catalog), as the definition has."""
+    from zqdata.catalog import catalog_entry, merge_columns
+
+    key = keys.get(cl.relation_of(manifest["nodes"][uid]["relation_name"]))
+    entry = catalog_entry(key.path, registry()) if key is not None else None
+    if entry is None or entry.dataset is None:
+        return schema
+    columns = merge_columns([(c.name, c.type, c.description) for c in schema.columns], entry.dataset, entry.crossing)
+    return dg.TableSchema(columns=[dg.TableColumn(n, t, description=d, tags=dict(tags) or None)
+                                   for n, t, d, tags in columns])
+
+
 def to_column_schema(columns: Mapping[str, str]) -> dg.TableSchema:
     """Dagster's TableSchema from {column: DuckDB type}."""
     return dg.TableSchema(columns=[dg.TableColumn(name=name, type=type_) for name, type_ in columns.items()])
@@ -408,6 +423,11 @@ def add_column_lineage(events: list[Any], manifest: Mapping[str, Any], db_path: 
         return events
     for uid, reason in result.errors.items():
         log.warning(f"模型 {uid} 的列级血缘未能计算 (column lineage skipped): {reason}")
+    page = None
+    try:  # the open-source UI does not show dagster/column_lineage: a page of the project's lineage, linked per model
+        page = update_lineage_page(lineage_page_path(), manifest, result.by_model, result.errors)
+    except Exception as e:  # noqa: BLE001 - lineage must never fail the dbt run
+        log.warning(f"列级血缘页面未能更新 (column lineage page not updated): {type(e).__name__}: {e}")
     out = []
     for event in events:
         uid = _unique_id(event) if isinstance(event, (dg.Output, dg.AssetMaterialization)) else None
@@ -416,7 +436,10 @@ def add_column_lineage(events: list[Any], manifest: Mapping[str, Any], db_path: 
                 extra: dict[str, Any] = {"dagster/column_lineage": to_column_lineage(result.by_model[uid], keys)}
                 own = columns.get(cl.relation_of(manifest["nodes"][uid]["relation_name"]))
                 if own:
-                    extra["dagster/column_schema"] = to_column_schema(own)
+                    extra["dagster/column_schema"] = classified_schema(to_column_schema(own), keys, manifest, uid)
+                if page is not None:
+                    extra["column_lineage_page"] = dg.MetadataValue.url(lineage_page_url(
+                        manifest["nodes"][uid]["name"], page, get_settings().docs_base_url))
                 event = event.with_metadata({**event.metadata, **extra})
             except Exception as e:  # noqa: BLE001 - lineage must never fail the dbt run
                 log.warning(f"模型 {uid} 的列级血缘未能附加 (column lineage skipped): {type(e).__name__}: {e}")

@@ -34,6 +34,9 @@ class Settings:
     # ZQ_AUDIT_ANCHOR: the delivery audit log's anchor (count, head hash), outside the operational DB and the ops side.
     # Its HMAC key, ZQ_AUDIT_KEY, is a secret: read by zqdata.audit from the environment only, never kept here.
     audit_anchor: Path | None = None
+    # ZQ_DOCS_BASE_URL: where docs_dir is served over HTTP (`make ui` serves it on 127.0.0.1:3001): the Dagster UI's
+    # links to Data Docs and the column-lineage page then open with one click (browsers refuse file:// from http://)
+    docs_base_url: str | None = None
 
     @property
     def docs_dir(self) -> Path:
@@ -52,6 +55,7 @@ def get_settings() -> Settings:
         landing_root=Path(os.environ.get("ZQ_LANDING_DIR", data_dir / "landing")),
         duckdb_memory_limit=memory_size(os.environ.get("ZQ_DUCKDB_MEMORY_LIMIT", "").strip() or DEFAULT_DUCKDB_MEMORY_LIMIT),
         audit_anchor=Path(os.environ.get("ZQ_AUDIT_ANCHOR", "").strip() or data_dir / "gov" / "audit_anchor.json"),
+        docs_base_url=os.environ.get("ZQ_DOCS_BASE_URL", "").strip() or None,
     )
 
 

@@ -50,6 +50,7 @@ def build_findings_asset() -> dg.AssetsDefinition:
         ),
     )
     def quality_findings(context: dg.AssetExecutionContext, warehouse: WarehouseResource) -> dg.MaterializeResult:
+        from zqdata.quality.gx_runner import data_docs_url
         from zqdata.quality.scores import collect_findings
 
         manifest = _dbt_manifest()
@@ -64,7 +65,8 @@ def build_findings_asset() -> dg.AssetsDefinition:
             "dbt_findings": summary.dbt_findings if summary.dbt_findings is not None else "未汇集 (no manifest)",
             "gx_failed_rules": dg.MetadataValue.json(summary.gx_failed),
             "gx_batches": dg.MetadataValue.json(summary.gx_notes),
-            "data_docs": dg.MetadataValue.path(summary.data_docs or ""),
+            # a link the UI opens (served under `make ui`; a file:// URL otherwise)
+            "data_docs": dg.MetadataValue.url(data_docs_url(base_url=get_settings().docs_base_url)),
         })
 
     return quality_findings
@@ -162,7 +164,7 @@ def build_gx_check(dataset: str) -> dg.AssetChecksDefinition:
                     f"dataset-level expectations; 各期望的维度见 unexpected_counts (Art. 20 dimension per expectation)",
     )
     def gx_check(context: dg.AssetCheckExecutionContext, warehouse: WarehouseResource) -> dg.AssetCheckResult:
-        from zqdata.quality.gx_runner import stored_validation, validate_dataset
+        from zqdata.quality.gx_runner import data_docs_url, stored_validation, validate_dataset
 
         from orchestration.sensors import trace_metadata
 
@@ -186,6 +188,8 @@ def build_gx_check(dataset: str) -> dg.AssetChecksDefinition:
                     {"dimension": worst.dimension, "severity": worst.severity, "rule": worst.rule} if worst else {},
                     registry().datasets[dataset].agency, v.day_rows, failed_rows if v.day_rows is not None else None),
                 "validated_by": ("gov/quality/findings（同一运行 same run）" if v.validated_by_run else "本检查 this check"),
+                "data_docs": dg.MetadataValue.url(data_docs_url(dataset=dataset, day=_day(context),
+                                                                base_url=get_settings().docs_base_url)),
                 "unexpected_counts": dg.MetadataValue.json(
                     {o.rule: {"dimension": o.dimension, "severity": o.severity,
                               "unexpected_count": o.unexpected_count, "element_count": o.element_count,

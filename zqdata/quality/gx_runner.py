@@ -4,13 +4,20 @@ GX's SQL engine does not work on DuckDB, so each partition is read from DuckDB i
 partition up to ``ZQ_GX_MAX_ROWS`` rows, above that a sample by hash of the primary key (all rows of a key stay
 together, so key-uniqueness rates are preserved). The day's row count and the profile used as the next days'
 baseline are computed in DuckDB over the full partition.
+
+Data Docs work offline (issue 14): the published site loads nothing from outside the machine (`make_site_offline`), and
+each validation carries a run name (`<dataset>-<partition>`) and its data asset (the staging model).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import html
+import logging
 import math
 import os
+import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -304,6 +311,7 @@ def validate_dataset(con: duckdb.DuckDBPyConnection, registry: Registry, dataset
     # Counts and percentages only: no unexpected values in results or Data Docs, which are shown to people outside the
     # gov platform's data (a record's value is shown only masked by its field's classification, zqdata/display.py).
     result = batch.validate(suite, result_format=GX_RESULT_FORMAT)
+    label_result(result, dataset, model, day)
     note = f"抽样 sampled {len(frame)}/{day_rows} 行（按主键哈希）" if sampled else f"全量 {day_rows} 行"
     return DatasetValidation(dataset, ds.agency, model, suite, result, day_rows, len(frame), sampled, note, _outcomes(result))
 
@@ -402,13 +410,36 @@ def stored_validation(con: duckdb.DuckDBPyConnection, registry: Registry, datase
                              validated_by_run=run_id)
 
 
+def run_name(dataset: str, day: dt.date) -> str:
+    """GX run name of a dataset's validation for one partition, shown on its Data Docs page and in the index."""
+    return f"{dataset}-{day.isoformat()}"
+
+
+def run_identifier(dataset: str, day: dt.date):
+    """The GX `RunIdentifier` of a dataset's validation; its time is the partition's start, so a rerun of the partition
+    overwrites its page instead of adding one."""
+    from great_expectations.core.run_identifier import RunIdentifier
+
+    return RunIdentifier(run_name=run_name(dataset, day), run_time=dt.datetime.combine(day, dt.time(0), tzinfo=TZ))
+
+
+def label_result(result, dataset: str, model: str, day: dt.date) -> None:
+    """Give a validation result the run and data asset names Data Docs show (else "Run Name __none__", "Data asset:
+    None"): `batch.validate` sets neither, unlike a checkpoint run (`ValidationDefinition.run(run_id=...)`)."""
+    result.meta["run_id"] = run_identifier(dataset, day)
+    result.meta["validation_time"] = result.meta["run_id"].run_time
+    # the page reads the data asset from the batch spec; a fluent pandas asset keeps it in the batch definition only
+    batch_spec = result.meta.get("batch_spec")
+    result.meta["batch_spec"] = {**(batch_spec if isinstance(batch_spec, dict) else {}), "data_asset_name": model}
+
+
 def render_data_docs(validations: list[DatasetValidation], docs_dir: Path, day: dt.date) -> Path:
     """Render Data Docs for the partition's validation results; returns ``<docs_dir>/gx/site/index.html``.
 
-    GX writes its project (stores) and builds the site in place under ``<docs_dir>/gx/project``; the site readers open
-    (``gx/site``, a symlink) is a copy switched atomically to the new one, so a reader never sees a half-built site."""
+    GX writes its project (stores) and builds the site in place under ``<docs_dir>/gx/project``; the site is then made
+    to work offline (`make_site_offline`) and published as a copy switched atomically (``gx/site``, a symlink), so a
+    reader never sees a half-built site."""
     import great_expectations as gx
-    from great_expectations.core.run_identifier import RunIdentifier
     from great_expectations.data_context.types.base import ProgressBarsConfig
     from great_expectations.data_context.types.resource_identifiers import (
         ExpectationSuiteIdentifier,
@@ -417,6 +448,7 @@ def render_data_docs(validations: list[DatasetValidation], docs_dir: Path, day: 
 
     from great_expectations.execution_engine import pandas_execution_engine
 
+    # GX 1.24 ships no usage-statistics client; the setting is kept off in case a later version brings one back.
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     # GX hashes every pandas batch below HASH_THRESHOLD bytes for an informational batch-marker fingerprint, twice per
     # validation (get_batch, then validate): 4.4 of the 10.9 s the seven suites took on a 10 M-row day. The batch is
@@ -426,22 +458,233 @@ def render_data_docs(validations: list[DatasetValidation], docs_dir: Path, day: 
     root.mkdir(parents=True, exist_ok=True)
     ctx = gx.get_context(mode="file", project_root_dir=str(root))
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
-    # The run time is the partition's start, so a rerun of the partition overwrites its page instead of adding one.
-    run_time = dt.datetime.combine(day, dt.time(0), tzinfo=TZ)
+    sites = ctx.variables.data_docs_sites or {}  # a copy: set back below
+    if ctx.variables.analytics_enabled is not False or any(s.get("show_how_to_buttons", True) for s in sites.values()):
+        for site in sites.values():
+            site["show_how_to_buttons"] = False  # GX's tutorial links and banner, useless without internet
+        ctx.variables.data_docs_sites = sites
+        ctx.enable_analytics(False)  # saves both in the project's great_expectations.yml (analytics_enabled: false)
     for v in validations:
         ctx.suites.add_or_update(gx.ExpectationSuite(name=v.suite.name, expectations=[e.copy() for e in v.suite.expectations],
                                                      meta=dict(v.suite.meta or {})))
         if v.result is None:
             continue
+        if not v.result.meta.get("run_id"):
+            label_result(v.result, v.dataset, v.model, day)  # a result not made by validate_dataset
         key = ValidationResultIdentifier(
             expectation_suite_identifier=ExpectationSuiteIdentifier(name=v.suite.name),
-            run_id=RunIdentifier(run_name=f"{day.isoformat()}", run_time=run_time),
+            run_id=run_identifier(v.dataset, day),
             batch_identifier=f"{v.model}-{day.isoformat()}",
         )
         ctx.validation_results_store.set(key, v.result)
     sites = ctx.build_data_docs()
     built = Path(sites["local_site"].removeprefix("file://"))
+    dropped = make_site_offline(built.parent)
+    unexpected = sorted(set(dropped) - EXPECTED_DROPS)
+    if unexpected:  # a GX upgrade requests something new: the pages may miss a library (see data_docs_vendor/README)
+        logging.getLogger(__name__).warning("Data Docs 离线化删除了未知的外部引用 (unknown external references dropped): %s",
+                                            unexpected)
     return publish_site(built.parent, Path(docs_dir) / "gx") / built.name
+
+
+def data_docs_url(docs_dir: Path | str | None = None, dataset: str | None = None, day: dt.date | None = None,
+                  base_url: str | None = None) -> str:
+    """URL of the published Data Docs: the index, or with ``dataset`` and ``day`` that validation's page when published.
+
+    Default: a ``file://`` URL through the ``gx/site`` symlink (stays valid across publications). ``base_url``: where
+    ``docs_dir`` is served over HTTP (e.g. ``http://docs.gov.internal/published/``); browsers do not follow a
+    ``file://`` link from an ``http://`` page such as the Dagster UI, so a served copy is what one click opens.
+    """
+    if docs_dir is None:
+        from zqdata.settings import get_settings
+
+        docs_dir = get_settings().docs_dir
+    site = Path(os.path.abspath(docs_dir)) / "gx" / "site"  # not resolve(): the symlink, not the copy it points at now
+    page = site / "index.html"
+    if dataset is not None and day is not None:
+        # validations/<suite>/<run name>/<run time>/<batch id>.html; the run name is unique per dataset and partition
+        found = sorted(site.glob(f"validations/*/{run_name(dataset, day)}/*/*.html"))
+        page = found[-1] if found else page
+    if base_url:
+        return base_url.rstrip("/") + "/" + page.relative_to(Path(os.path.abspath(docs_dir))).as_posix()
+    return page.as_uri()
+
+
+# --- offline Data Docs -------------------------------------------------------------------------------------------
+
+VENDOR_DIR = Path(__file__).with_name("data_docs_vendor")
+SITE_VENDOR_DIR = "static/vendor"
+# file name in the URLs GX 1.24's templates request -> bundled copy in data_docs_vendor/ (same library and version)
+VENDORED = {
+    "jquery-3.7.1.min.js": "jquery.min.js",
+    "popper.min.js": "popper.min.js",
+    "bootstrap.min.js": "bootstrap.min.js",
+    "bootstrap.min.css": "bootstrap.min.css",
+    "bootstrap-table.min.js": "bootstrap-table.min.js",
+    "bootstrap-table.min.css": "bootstrap-table.min.css",
+    "bootstrap-table-filter-control.min.js": "bootstrap-table-filter-control.min.js",
+    "bootstrap-table-filter-control.min.css": "bootstrap-table-filter-control.min.css",
+    "bootstrap-table-filter-control.css": "bootstrap-table-filter-control.min.css",
+    "bootstrap-datepicker.min.js": "bootstrap-datepicker.min.js",
+    "bootstrap-datepicker.min.css": "bootstrap-datepicker.min.css",
+}
+# what GX 1.24's pages request that is deliberately not bundled (the inline CSS stands in where it matters)
+EXPECTED_DROPS = frozenset({
+    "https://cdn.jsdelivr.net/npm/vega@5", "https://cdn.jsdelivr.net/npm/vega-lite@5",
+    "https://cdn.jsdelivr.net/npm/vega-embed@6",
+    "https://cdnjs.cloudflare.com/ajax/libs/font-awesome/6.6.0/css/all.min.css",
+    "https://cdn.jsdelivr.net/npm/@forevolve/bootstrap-dark@1.1.0/dist/css/bootstrap-prefers-dark.css",
+    "https://great-expectations-web-assets.s3.us-east-2.amazonaws.com/full_logo_dark.png",
+})
+# Font Awesome is not bundled: the few icons Data Docs and bootstrap-table use are drawn as Unicode characters.
+OFFLINE_CSS = """
+.fas, .far, .fab, .fa { font-style: normal; font-weight: 700; display: inline-block; line-height: 1; }
+.fa-check-circle::before { content: "\\2714"; }
+.fa-times::before { content: "\\2716"; }
+.fa-exclamation-triangle::before { content: "\\26A0"; }
+.fa-question-circle::before { content: "?"; }
+.fa-comment::before { content: "\\2709"; }
+.fa-search::before { content: "\\2315"; }
+.fa-trash::before, .fa-times-circle::before { content: "\\2715"; }
+.fa-angle-left::before { content: "\\2039"; } .fa-angle-right::before { content: "\\203A"; }
+.fa-angle-double-left::before { content: "\\00AB"; } .fa-angle-double-right::before { content: "\\00BB"; }
+/* the dark theme's logo is a remote image: keep the local one visible in every colour scheme */
+.navbar-brand a { background: none !important; }
+.navbar-brand a img { visibility: visible !important; }
+"""
+_OFFLINE_MARK = 'id="zq-offline-data-docs"'
+
+_REMOTE = r"(?:https?:)?//"
+_SCRIPT_TAG = re.compile(
+    r"<script\b[^>]*?\bsrc\s*=\s*(['\"])(?P<url>" + _REMOTE + r"[^'\"]*)\1[^>]*>\s*</script\s*>", re.I | re.S)
+_LINK_TAG = re.compile(r"<link\b[^>]*?\bhref\s*=\s*(['\"])(?P<url>" + _REMOTE + r"[^'\"]*)\1[^>]*>", re.I | re.S)
+_IMG_TAG = re.compile(r"<img\b[^>]*?\bsrc\s*=\s*(['\"])(?P<url>" + _REMOTE + r"[^'\"]*)\1[^>]*>", re.I | re.S)
+# any other attribute that would load or lead outside (links in GX's prose: its website, newsletter, docs)
+_REMOTE_ATTR = re.compile(
+    r"\s(?:src|href|srcset|action|formaction|poster|data|background)\s*=\s*(['\"])(?P<url>" + _REMOTE + r"[^'\"]*)\1",
+    re.I)
+_CSS_URL = re.compile(r"url\(\s*(['\"]?)(?P<url>" + _REMOTE + r"[^'\")]*)\1\s*\)", re.I)
+_CSS_IMPORT = re.compile(r"@import\s+(?:url\()?\s*(['\"]?)(?P<url>" + _REMOTE + r"[^'\")]*)\1\s*\)?[^;]*;", re.I)
+# a relative path to the site's static/ folder (GX's validation pages point their favicon one level short)
+_STATIC_REF = re.compile(r"""(?P<attr>\s(?:src|href)\s*=\s*['"])(?:\./|(?:\.\./)+)static/""", re.I)
+_NEWSLETTER_FOOTER = re.compile(r"<footer>(?:(?!</footer>).)*?newsletter(?:(?!</footer>).)*?</footer>", re.I | re.S)
+
+
+def make_site_offline(site: Path) -> list[str]:
+    """Rewrite a built Data Docs site so it loads nothing from outside the machine; returns the URLs dropped.
+
+    The libraries GX's templates take from CDNs are replaced by the copies in ``data_docs_vendor/`` (copied to
+    ``static/vendor/``); GX's remote logo, which carries the data context id (a tracking image), by the logo GX copies
+    into ``static/images/``; every other external script, stylesheet, image, CSS url() and link is removed. Idempotent.
+    """
+    site = Path(site)
+    vendor = site / SITE_VENDOR_DIR
+    vendor.mkdir(parents=True, exist_ok=True)
+    for name in set(VENDORED.values()):
+        shutil.copyfile(VENDOR_DIR / name, vendor / name)
+    dropped: set[str] = set()
+    for page in site.rglob("*.html"):
+        text = page.read_text(encoding="utf-8")
+        new = _offline_html(text, os.path.relpath(site, page.parent).replace(os.sep, "/"), site, dropped)
+        if new != text:
+            page.write_text(new, encoding="utf-8")
+    for sheet in site.rglob("*.css"):
+        if sheet.parent == vendor:
+            continue
+        text = sheet.read_text(encoding="utf-8")
+        new = _offline_css(text, dropped)
+        if new != text:
+            sheet.write_text(new, encoding="utf-8")
+    return sorted(dropped)
+
+
+def _base_name(url: str) -> str:
+    return url.split("?", 1)[0].split("#", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+
+
+def _offline_css(text: str, dropped: set[str]) -> str:
+    def drop(m: re.Match) -> str:
+        dropped.add(m["url"])
+        return ""
+
+    def no_url(m: re.Match) -> str:
+        dropped.add(m["url"])
+        return "none"
+
+    return _CSS_URL.sub(no_url, _CSS_IMPORT.sub(drop, text))
+
+
+def _offline_html(text: str, to_root: str, site: Path, dropped: set[str]) -> str:
+    def local(name: str) -> str:
+        return html.escape(f"{to_root}/{SITE_VENDOR_DIR}/{name}", quote=True)
+
+    def script(m: re.Match) -> str:
+        name = VENDORED.get(_base_name(m["url"]))
+        if name is None or not name.endswith(".js"):
+            dropped.add(m["url"])
+            return ""
+        return f'<script src="{local(name)}"></script>'  # no integrity/crossorigin: a CORS fetch of file:// fails
+
+    def link(m: re.Match) -> str:
+        name = VENDORED.get(_base_name(m["url"]))
+        if name is None or not name.endswith(".css"):
+            dropped.add(m["url"])
+            return ""
+        return f'<link rel="stylesheet" href="{local(name)}"/>'
+
+    def image(m: re.Match) -> str:
+        name = _base_name(m["url"])
+        if (site / "static" / "images" / name).is_file():  # GX's logo, without the query that carries the context id
+            return m[0].replace(m["url"], html.escape(f"{to_root}/static/images/{name}", quote=True))
+        dropped.add(m["url"])
+        return ""
+
+    text = _SCRIPT_TAG.sub(script, text)
+    text = _LINK_TAG.sub(link, text)
+    text = _IMG_TAG.sub(image, text)
+    text = _NEWSLETTER_FOOTER.sub("", text)
+    text = _REMOTE_ATTR.sub("", text)  # an <a> left without href is plain text
+    text = _STATIC_REF.sub(lambda m: f"{m['attr']}{to_root}/static/", text)
+    text = _offline_css(text, dropped)  # <style> blocks (GX inlines its default styles) and style attributes
+    if _OFFLINE_MARK not in text:
+        text = text.replace("</head>", f"<style {_OFFLINE_MARK}>{OFFLINE_CSS}</style>\n</head>", 1)
+    return text
+
+
+def external_references(site: Path) -> list[tuple[str, str]]:
+    """(file, URL) of every reference in a site's HTML, CSS and JS files that would make a browser leave the machine:
+    src/href-like attributes, CSS url() and @import. Empty for a site `make_site_offline` has processed."""
+    from html.parser import HTMLParser
+
+    class Attrs(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__(convert_charrefs=True)
+            self.urls: list[str] = []
+
+        def handle_starttag(self, tag, attrs):
+            for name, value in attrs:
+                if value is None:
+                    continue
+                if name in ("src", "href", "srcset", "action", "formaction", "poster", "data", "background") and \
+                        re.match(_REMOTE, value.strip(), re.I):
+                    self.urls.append(value)
+                elif name == "style":
+                    self.urls += [m["url"] for m in _CSS_URL.finditer(value)]
+
+    site = Path(site)
+    out: list[tuple[str, str]] = []
+    for path in sorted(p for p in site.rglob("*") if p.suffix in (".html", ".css", ".js") and p.is_file()):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        rel = path.relative_to(site).as_posix()
+        urls = [m["url"] for m in _CSS_URL.finditer(text)] + [m["url"] for m in _CSS_IMPORT.finditer(text)]
+        if path.suffix == ".html":
+            parser = Attrs()
+            parser.feed(text)
+            urls += parser.urls
+        else:  # markup built in JS strings
+            urls += [m["url"] for m in _REMOTE_ATTR.finditer(text)]
+        out += [(rel, u) for u in urls]
+    return out
 
 
 def publish_site(built: Path, root: Path, keep: int = 2) -> Path:

@@ -1,0 +1,267 @@
+"""Issue 14: GX Data Docs work in a browser without network — every script, stylesheet and image is local, no tracking
+image, the index lists the validations, and pages name the run and the data asset."""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.util
+import logging
+import re
+import shutil
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from zqdata.quality.gx_runner import (
+    EXPECTED_DROPS,
+    GX_RESULT_FORMAT,
+    DatasetValidation,
+    _ephemeral_context,
+    _outcomes,
+    data_docs_url,
+    external_references,
+    label_result,
+    make_site_offline,
+    render_data_docs,
+    run_name,
+)
+
+DAY = dt.date(2025, 5, 1)
+CHROMIUM = Path("/usr/bin/chromium")
+# (dataset, staging model, frame): one passes its suite, one fails it
+BATCHES = [
+    ("water_usage", "stg_water__water_usage",
+     pd.DataFrame({"meter_id": ["K1", "K2", None], "district_code": ["441202", "441202", "999999"]})),
+    ("enterprise_registry", "stg_amr__enterprise_registry",
+     pd.DataFrame({"meter_id": ["E1", "E2", "E3"], "district_code": ["441202", "441203", "441202"]})),
+]
+
+
+def tiny_validations(label: bool = True) -> list[DatasetValidation]:
+    """Validations made as gx_runner.validate_dataset makes them: an in-memory pandas batch in the ephemeral context."""
+    import great_expectations as gx
+
+    ctx = _ephemeral_context()
+    out = []
+    for dataset, model, frame in BATCHES:
+        suite = gx.ExpectationSuite(name=f"zq_{dataset}", expectations=[
+            gx.expectations.ExpectColumnValuesToNotBeNull(column="meter_id", meta={"rule": f"gx.{dataset}.meter_id"}),
+            gx.expectations.ExpectColumnValuesToBeInSet(column="district_code", value_set=["441202", "441203"],
+                                                        meta={"rule": f"gx.{dataset}.district_code"}),
+        ])
+        asset = ctx.data_sources.add_or_update_pandas(f"gov_staging_{dataset}").add_dataframe_asset(name=model)
+        batch = asset.add_batch_definition_whole_dataframe(f"{model}_{DAY}").get_batch(
+            batch_parameters={"dataframe": frame})
+        result = batch.validate(suite, result_format=GX_RESULT_FORMAT)
+        if label:
+            label_result(result, dataset, model, DAY)
+        out.append(DatasetValidation(dataset, "agency", model, suite, result, len(frame), len(frame), False,
+                                     f"全量 {len(frame)} 行", _outcomes(result)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    """A published site: one validation labelled as validate_dataset does, the other left for render_data_docs."""
+    validations = tiny_validations(label=False)
+    label_result(validations[0].result, validations[0].dataset, validations[0].model, DAY)
+    docs = tmp_path_factory.mktemp("published")
+    index = render_data_docs(validations, docs, DAY)
+    return docs, index
+
+
+class _Resources(HTMLParser):
+    """Every (tag, attribute, value) of an HTML page that names a URL."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.refs: list[tuple[str, str, str]] = []
+
+    def handle_starttag(self, tag, attrs):
+        for name, value in attrs:
+            if name in ("src", "href", "srcset", "data", "poster", "action") and value is not None:
+                self.refs.append((tag, name, value.strip()))
+
+
+def _refs(page: Path) -> list[tuple[str, str, str]]:
+    parser = _Resources()
+    parser.feed(page.read_text(encoding="utf-8"))
+    return parser.refs
+
+
+_REMOTE = re.compile(r"^(https?:)?//", re.I)
+_CSS_REMOTE = re.compile(r"url\(\s*['\"]?\s*(https?:)?//|@import\s+(url\()?\s*['\"]?\s*(https?:)?//", re.I)
+
+
+def test_no_file_of_the_site_loads_or_links_anything_outside_the_machine(site):
+    docs, index = site
+    root = index.parent
+    pages = list(root.rglob("*.html"))
+    assert len(pages) >= 5  # index, two suites, two validations
+    for page in pages:
+        remote = [r for r in _refs(page) if _REMOTE.match(r[2])]
+        assert not remote, (page, remote)
+    for path in [*pages, *root.rglob("*.css"), *root.rglob("*.js")]:
+        text = path.read_text(encoding="utf-8", errors="replace")
+        assert not _CSS_REMOTE.search(text), path
+        if path.suffix == ".js":
+            assert not re.search(r"""(src|href)\s*=\s*\\?['"](https?:)?//""", text, re.I), path
+    assert external_references(root) == []
+
+
+def test_no_tracking_image_and_the_logo_is_the_local_copy(site):
+    _, index = site
+    for page in index.parent.rglob("*.html"):
+        text = page.read_text(encoding="utf-8")
+        assert "dataContextId" not in text and "great-expectations-web-assets" not in text, page
+        logos = [v for tag, name, v in _refs(page) if tag == "img"]
+        assert logos and all((page.parent / v).resolve().is_file() for v in logos), (page, logos)
+
+
+def test_every_local_script_and_stylesheet_exists(site):
+    _, index = site
+    for page in index.parent.rglob("*.html"):
+        loaded = [v for tag, name, v in _refs(page) if (tag, name) in (("script", "src"), ("link", "href"), ("img", "src"))]
+        scripts = [v for v in loaded if v.endswith(".js")]
+        # jQuery first: bootstrap, bootstrap-table and GX's inline table scripts need it
+        assert scripts and scripts[0].endswith("static/vendor/jquery.min.js"), (page, scripts)
+        for value in loaded:
+            assert (page.parent / value.split("?")[0]).resolve().is_file(), (page, value)
+
+
+def test_index_lists_each_validation_with_its_run_and_data_asset(site):
+    _, index = site
+    text = index.read_text(encoding="utf-8")
+    for dataset, model, _ in BATCHES:
+        assert f"'run_name': '{run_name(dataset, DAY)}'" in text
+        assert f"'asset_name': '{model}'" in text
+        assert f"zq_{dataset}" in text
+    assert "'Failed'" in text and "'Success'" in text
+
+
+@pytest.mark.parametrize("dataset,model", [(d, m) for d, m, _ in BATCHES])
+def test_validation_page_names_the_run_and_the_data_asset(site, dataset, model):
+    _, index = site
+    pages = list(index.parent.glob(f"validations/zq_{dataset}/{run_name(dataset, DAY)}/*/*.html"))
+    assert len(pages) == 1
+    text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", pages[0].read_text(encoding="utf-8")))
+    assert f"Run Name {run_name(dataset, DAY)}" in text
+    assert f"Data asset: {model}" in text
+    assert "__none__" not in text and "Data asset: None" not in text
+
+
+def test_analytics_and_how_to_links_are_off_in_the_gx_project(site):
+    docs, _ = site
+    config = (docs / "gx" / "project" / "gx" / "great_expectations.yml").read_text(encoding="utf-8")
+    assert re.search(r"^analytics_enabled: false$", config, re.M)
+    assert "show_how_to_buttons: true" not in config
+
+
+def test_data_docs_url_opens_the_published_index_or_a_validation(site):
+    docs, index = site
+    assert data_docs_url(docs) == (docs / "gx" / "site" / "index.html").as_uri() == index.as_uri()
+    assert data_docs_url(docs).startswith("file:///")
+    page = data_docs_url(docs, dataset="water_usage", day=DAY)
+    assert page.startswith((docs / "gx" / "site" / "validations").as_uri()) and page.endswith(".html")
+    assert Path(page.removeprefix("file://")).is_file()
+    # not validated that day: the index
+    assert data_docs_url(docs, dataset="water_usage", day=DAY + dt.timedelta(days=1)) == index.as_uri()
+    assert data_docs_url(docs, base_url="http://docs.gov.internal/published/") == \
+        "http://docs.gov.internal/published/gx/site/index.html"
+
+
+def test_data_docs_url_defaults_to_the_settings_docs_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("ZQ_DATA_DIR", str(tmp_path))
+    assert data_docs_url() == (tmp_path.resolve() / "published" / "gx" / "site" / "index.html").as_uri()
+
+
+def test_only_the_known_unbundled_resources_are_dropped_and_rewriting_is_idempotent(tmp_path, caplog):
+    """A GX upgrade that requests a new CDN file is noticed (warning, and this test fails) instead of silently leaving
+    the pages without a library."""
+    with caplog.at_level(logging.WARNING, logger="zqdata.quality.gx_runner"):
+        index = render_data_docs(tiny_validations(), tmp_path, DAY)
+    assert not [r for r in caplog.records if "unknown external" in r.getMessage()]
+    built = tmp_path / "gx" / "project" / "gx" / "uncommitted" / "data_docs" / "local_site"
+    shutil.rmtree(built / "static" / "vendor")
+    before = {p: p.read_bytes() for p in built.rglob("*.html")}
+    assert make_site_offline(built) == []  # already offline: nothing more to drop, pages unchanged
+    assert {p: p.read_bytes() for p in built.rglob("*.html")} == before
+    assert (built / "static" / "vendor" / "jquery.min.js").is_file()
+    assert EXPECTED_DROPS and index.is_file()
+
+
+def test_rewriting_maps_cdn_libraries_and_drops_everything_else(tmp_path):
+    (tmp_path / "static" / "images").mkdir(parents=True)
+    (tmp_path / "static" / "images" / "logo-long.png").write_bytes(b"png")
+    (tmp_path / "a").mkdir()
+    page = tmp_path / "a" / "p.html"
+    page.write_text(
+        '<html><head><script src="https://code.jquery.com/jquery-3.7.1.min.js" crossorigin="anonymous"></script>'
+        '<link rel="stylesheet" href="//cdn.example.org/unknown.css">'
+        '<script src="https://cdn.example.org/tracker.js"></script>'
+        "<style>.x { background: url('https://cdn.example.org/bg.png') } @import url(https://cdn.example.org/i.css);</style>"
+        '</head><body><img class="NO-CACHE" src="https://assets.example.org/logo-long.png?d=1&dataContextId=abc"/>'
+        '<img src="https://assets.example.org/pixel.gif"><a href="https://greatexpectations.io">GX</a>'
+        '<div style="background-image: url(https://cdn.example.org/s.png)">x</div></body></html>', encoding="utf-8")
+    dropped = make_site_offline(tmp_path)
+    text = page.read_text(encoding="utf-8")
+    assert '<script src="../static/vendor/jquery.min.js"></script>' in text and "crossorigin" not in text
+    assert 'src="../static/images/logo-long.png"' in text and "dataContextId" not in text
+    assert ">GX</a>" in text and "greatexpectations.io" not in text
+    assert set(dropped) == {"//cdn.example.org/unknown.css", "https://cdn.example.org/tracker.js",
+                            "https://cdn.example.org/bg.png", "https://cdn.example.org/i.css",
+                            "https://assets.example.org/pixel.gif", "https://cdn.example.org/s.png"}
+    assert external_references(tmp_path) == []
+
+
+# --- in a real browser without network ------------------------------------------------------------------------
+
+def _browser_skip_reason() -> str | None:
+    if not CHROMIUM.exists():
+        return "Debian chromium 未安装 (/usr/bin/chromium missing: apt-get install -y chromium)"
+    if importlib.util.find_spec("playwright") is None:
+        return "Playwright 未安装 (pip install -c constraints.txt playwright)"
+    return None
+
+
+@pytest.mark.skipif(_browser_skip_reason() is not None, reason=_browser_skip_reason() or "")
+def test_pages_render_in_headless_chromium_without_any_network_request(site):
+    from playwright.sync_api import sync_playwright
+
+    _, index = site
+    page_of = {d: next(index.parent.glob(f"validations/zq_{d}/{run_name(d, DAY)}/*/*.html")) for d, _, _ in BATCHES}
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True)
+        try:
+            page = browser.new_page()
+            outside: list[str] = []
+            errors: list[str] = []
+
+            def route(r):
+                if r.request.url.startswith("file://"):
+                    r.continue_()
+                else:
+                    outside.append(r.request.url)
+                    r.abort()
+
+            page.route("**/*", route)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(index.as_uri(), wait_until="load")
+            # bootstrap-table (bundled) renders the validation list from the data GX writes into the page
+            table = page.locator("#section-1-content-block-2-1-body-table")  # the Validation Results tab
+            rows = table.locator("tbody tr")
+            assert rows.count() == len(BATCHES), table.inner_text()
+            listed = table.locator("tbody").inner_text()
+            for dataset, model, _ in BATCHES:
+                assert run_name(dataset, DAY) in listed and model in listed
+            for dataset, model, _ in BATCHES:
+                page.goto(page_of[dataset].as_uri(), wait_until="load")
+                body = page.locator("body").inner_text()
+                assert f"Data asset: {model}" in body
+                page.get_by_text("Show more info...").click()
+                assert run_name(dataset, DAY) in page.locator("body").inner_text()
+            assert outside == [] and errors == []
+        finally:
+            browser.close()
