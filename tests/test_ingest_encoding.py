@@ -79,6 +79,20 @@ def test_gbk_with_bom_is_accepted_as_gbk(gov_con, store, reg, declared) -> None:
     assert assert_accounting(gov_con, "social_insurance")["rows_in_ods"] == 3
 
 
+def test_ascii_content_with_a_bom_declared_gbk_is_not_called_utf8(gov_con, store, reg) -> None:
+    """ASCII after a BOM is the same bytes in GBK: the warning is the BOM's, not a claimed utf-8-sig encoding."""
+    ds = reg.datasets["social_insurance"]  # registered GBK
+    rows = records(ds, 3)
+    data = BOM + encode(rows, "csv", "gbk")
+    data[3:].decode("ascii")  # the content is pure ASCII
+    deliver_as(store, reg, "social_insurance", "part-0001.csv", data, 3, "gbk")
+    report = run(gov_con, store, reg, "social_insurance")
+    assert (report.rows_delivered, report.rows_accepted, report.rows_quarantined) == (3, 3, 0), report.errors
+    f = findings(gov_con, "social_insurance")
+    assert [(x["rule"], x["severity"]) for x in f] == [("delivery.encoding_mismatch", "warn")]
+    assert "BOM" in f[0]["detail"] and "与声明一致" in f[0]["detail"] and "utf-8-sig" not in f[0]["detail"]
+
+
 @pytest.mark.parametrize("declared", ["utf-8", "UTF-8"])
 def test_utf8_with_bom_declared_utf8_is_ok(gov_con, store, reg, declared) -> None:
     ds = reg.datasets["enterprise_registry"]  # registered UTF-8

@@ -1119,9 +1119,10 @@ def _ingest_file(
                     problem("delivery.encoding_undecodable", detail, "quarantined" if file_reason is None else None)
                     file_reason = file_reason or (detail, "delivery.encoding_undecodable", "standardization")
                 else:
-                    # a pure-ASCII file is the same bytes in UTF-8 and GBK: not a mismatch
-                    mismatch = sniff.family != encoding_family(declared) and not _decodes_as(path, "ascii")
-                    if sniff.bom and sniff.family == "gbk":
+                    # a pure-ASCII file is the same bytes in UTF-8 and GBK: not a mismatch (the BOM is not content)
+                    ascii_only = _decodes_as(path, "ascii", 3 if sniff.bom else 0)
+                    mismatch = sniff.family != encoding_family(declared) and not ascii_only
+                    if sniff.bom and (sniff.family == "gbk" or (ascii_only and encoding_family(declared) == "gbk")):
                         # The contract allows a BOM; the content decides. A UTF-8 signature on GBK content is said,
                         # not held against the file: the BOM is stripped and the records decoded as GBK.
                         problem("delivery.encoding_mismatch", (

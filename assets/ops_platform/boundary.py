@@ -12,7 +12,8 @@ from orchestration.partitions import daily_partitions
 from orchestration.pools import GOV_POOL, OPS_POOL, hold_pool
 from orchestration.resources import WarehouseResource
 from zqdata.authorization import AuthorizationError, check_product_authorized
-from zqdata.boundary import BoundaryGateFailed, GateResult, check_exclusions, cross_boundary, find_leaks
+from zqdata.boundary import (CONSENT_DATASET, BoundaryGateFailed, GateResult, check_exclusions, cross_boundary,
+                             find_leaks)
 from zqdata.desensitize import KEY_ENV, PseudonymKey
 from zqdata.registry import Registry, registry
 
@@ -50,7 +51,10 @@ def build_boundary_crossing(reg: Registry) -> dg.AssetsDefinition:
             kinds={"duckdb"},
             description=f"{ds.name}（脱敏后）：按登记的脱敏规则出域的字段，及各场景的授权字段 "
                         f"(desensitized.{ds.code} and scenario_<code>.{ds.code} in the ops DB)",
-            deps=[dg.AssetKey(["gov", "intermediate", f"int_{ds.code}"]), SCORES_KEY],
+            # its own integrated model, the quality gate, and the consent records the crossing filters by (Art. 2)
+            deps=[dg.AssetKey(["gov", "intermediate", f"int_{ds.code}"]), SCORES_KEY,
+                  *([dg.AssetKey(["gov", "intermediate", f"int_{CONSENT_DATASET}"])]
+                    if ds.consent is not None and CONSENT_DATASET in reg.datasets else [])],
             partitions_def=daily_partitions,
             metadata={"dagster/table_name": f"desensitized.{ds.code}"},
         )
