@@ -34,7 +34,7 @@ def stage_of_step(step_key: str) -> str:
         return "checks"
     if step_key == "boundary_crossing" or step_key.startswith("ops__desensitized__"):
         return "boundary"
-    if step_key in ("ops_dbt_products", "publish_products") or step_key.startswith("ops__products__"):
+    if step_key == "ops_dbt_products" or step_key.startswith(("publish_", "ops__products__")):
         return "products"
     return "other"
 

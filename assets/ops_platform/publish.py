@@ -54,65 +54,55 @@ def gate_problems(gates: dict[str, bool]) -> list[str]:
         [f"门禁未通过 gate failed: {', '.join(failed)}"] if failed else [])
 
 
-def build_publish_assets() -> dg.AssetsDefinition:
-    products = sorted({s.product for s in registry().scenarios.values()})
-    specs = [
-        dg.AssetSpec(
-            key=published_key(p),
-            deps=[product_key(p)],
-            group_name="ops_platform",
-            kinds={"parquet"},
-            partitions_def=daily_partitions,
-            skippable=True,  # a product reading a dataset held back by the quality gate is not published
-            description=(f"已发布的场景产品快照「{p}」：通过全部门禁的分区以不可变 Parquet 快照发布（含清单：行数、SHA-256、门禁结果），"
-                         "使用方只从这里获取数据。 Immutable published snapshot of the product partition."),
-        )
-        for p in products
-    ]
+def build_publish_asset(product: str) -> dg.AssetsDefinition:
+    """`ops/published/<product>`: one step per product, so that one product's failed or erroring gate (its blocking
+    checks fail their step) stops the publication of that product only; the others are published (issue 12)."""
+    spec = dg.AssetSpec(
+        key=published_key(product),
+        deps=[product_key(product)],
+        group_name="ops_platform",
+        kinds={"parquet"},
+        partitions_def=daily_partitions,
+        skippable=True,  # a product reading a dataset held back by the quality gate is not published
+        description=(f"已发布的场景产品快照「{product}」：通过全部门禁的分区以不可变 Parquet 快照发布（含清单：行数、SHA-256、"
+                     "门禁结果），使用方只从这里获取数据。 Immutable published snapshot of the product partition."),
+    )
 
-    @dg.multi_asset(name="publish_products", specs=specs, can_subset=True, partitions_def=daily_partitions,
-                    pool=OPS_POOL)
-    def publish_products(context: dg.AssetExecutionContext, warehouse: WarehouseResource) -> Iterator[dg.MaterializeResult]:
-        """Publish each selected product partition whose gates passed in this run."""
+    @dg.multi_asset(name=f"publish_{product}", specs=[spec], partitions_def=daily_partitions, pool=OPS_POOL)
+    def publish_product(context: dg.AssetExecutionContext, warehouse: WarehouseResource) -> Iterator[dg.MaterializeResult]:
+        """Publish the product partition when its gates passed in this run."""
         from zqdata.boundary import held_back_on_ops
         from zqdata.publish import PublishRefused, products_reading, publish_partition, published_store, withdraw
 
         day = dt.date.fromisoformat(context.partition_key)
         store = published_store()
-        refused = []
         with warehouse.ops(read_only=True) as ops:
             held = held_back_on_ops(ops, day)  # enforce, don't trust: what the ops DB holds for the partition
-            not_served = set(products_reading(registry(), held))
-            for key in sorted(context.selected_asset_keys, key=lambda k: k.to_user_string()):
-                product = key.path[-1]
-                if product in not_served:
-                    withdraw(store, product, day)  # in case an earlier run published it
-                    inputs = sorted(set(held) & set(registry().scenario_for_product(product).authorized_fields))
-                    context.log.warning(f"{product} 本分区不发布：输入数据集被质量门禁留置 (not published: input held "
-                                        f"back by the quality gate) {', '.join(f'{d}（{held[d]}）' for d in inputs)}")
-                    continue
-                gates = run_gate_results(context.instance, context.run.run_id, product_key(product))
-                problems = gate_problems(gates)
+            if product in products_reading(registry(), held):
+                withdraw(store, product, day)  # in case an earlier run published it
+                inputs = sorted(set(held) & set(registry().scenario_for_product(product).authorized_fields))
+                context.log.warning(f"{product} 本分区不发布：输入数据集被质量门禁留置 (not published: input held "
+                                    f"back by the quality gate) {', '.join(f'{d}（{held[d]}）' for d in inputs)}")
+                return
+            gates = run_gate_results(context.instance, context.run.run_id, product_key(product))
+            problems = gate_problems(gates)
+            try:
                 if problems:
-                    refused.append(f"{product}: {'；'.join(problems)}")
-                    continue
-                try:
-                    snap = publish_partition(ops, store, registry(), product, day, gates, context.run.run_id)
-                except PublishRefused as exc:
-                    refused.append(f"{product}: {exc}")
-                    continue
-                yield dg.MaterializeResult(asset_key=key, metadata={
-                    "dagster/row_count": snap.row_count,
-                    "snapshot": snap.key,
-                    "sha256": snap.sha256,
-                    "gate_results": dg.MetadataValue.json(gates),
-                    "scenario": snap.scenario,
-                })
-        if refused:
-            raise dg.Failure(description="未发布 not published (the partition stays unpublished):\n" + "\n".join(refused))
+                    raise PublishRefused("；".join(problems))
+                snap = publish_partition(ops, store, registry(), product, day, gates, context.run.run_id)
+            except PublishRefused as exc:  # the previous published version, if any, stays what consumers get
+                raise dg.Failure(description=f"未发布 not published (the partition stays unpublished): {product}: "
+                                             f"{exc}") from None
+        yield dg.MaterializeResult(asset_key=published_key(product), metadata={
+            "dagster/row_count": snap.row_count,
+            "snapshot": snap.key,
+            "sha256": snap.sha256,
+            "gate_results": dg.MetadataValue.json(gates),
+            "scenario": snap.scenario,
+        })
 
-    return publish_products
+    return publish_product
 
 
 def publish_defs() -> dg.Definitions:
-    return dg.Definitions(assets=[build_publish_assets()])
+    return dg.Definitions(assets=[build_publish_asset(p) for p in sorted({s.product for s in registry().scenarios.values()})])
