@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from orchestration.partitions import daily_partitions
+from orchestration.partitions import REPORTS_GROUP, daily_partitions
 
 # In-process: steps of one night run one after another; across runs, every step that opens a warehouse file holds
 # that file's concurrency pool (orchestration/pools.py), so concurrent runs queue instead of fighting for DuckDB's lock.
@@ -13,7 +13,7 @@ nightly_aggregation = dg.define_asset_job(
     name=NIGHTLY_JOB,
     # the governance reports (registration, disclosure, evaluation, quarterly) have partitions of their own and jobs
     selection=(dg.AssetSelection.all() - dg.AssetSelection.assets(dg.AssetKey(["gov", "quality", "notifications"]))
-               - dg.AssetSelection.groups("governance_reports")),
+               - dg.AssetSelection.groups(REPORTS_GROUP)),
     partitions_def=daily_partitions,
     executor_def=dg.in_process_executor,
     description=(

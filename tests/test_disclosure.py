@@ -192,7 +192,8 @@ def test_publishing_writes_a_complete_report_then_switches_the_pointer(opdb, reg
     assert two.prefix != one.prefix and ds.current_disclosure(store, "2025") == ds.render_files(second)
     assert store.get_bytes(one.keys["report.html"]) == ds.render_files(first)["report.html"]
     pointer = json.loads(store.get_bytes(ds.current_key("2025")))
-    assert pointer["report"] == two.prefix and pointer["period"]["start"] == "2025-01-01"
+    assert pointer["snapshot"] == two.prefix
+    assert json.loads(ds.current_disclosure(store, "2025")["report.json"])["period"]["start"] == "2025-01-01"
     store.put_bytes(two.keys["report.md"], b"tampered")
     with pytest.raises(ValueError, match="report file altered"):
         ds.current_disclosure(store, "2025")
@@ -206,7 +207,7 @@ def test_cli_report_disclosure_publishes_to_the_published_store(audited, data_di
     out = capsys.readouterr().out
     assert "交付 4 次 1223 行，拒绝 3 次" in out
     pointer = data_dir / "published" / "snapshots" / "reports" / "disclosure" / "2025" / "CURRENT.json"
-    folder = data_dir / "published" / "snapshots" / json.loads(pointer.read_text())["report"]
+    folder = data_dir / "published" / "snapshots" / json.loads(pointer.read_text())["snapshot"]
     assert sorted(p.name for p in folder.iterdir()) == sorted(ds.FILE_NAMES)
     assert main(["report", "disclosure", "--from", "2025-06-01", "--to", "2025-06-30", "--out", str(tmp_path / "o"),
                  "--no-publish"]) == 0

@@ -4,7 +4,6 @@ image, the index lists the validations, and pages name the run and the data asse
 from __future__ import annotations
 
 import datetime as dt
-import importlib.util
 import logging
 import re
 import shutil
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from browser import block_network, offline_browser, skip_reason
 
 from zqdata.quality.gx_runner import (
     EXPECTED_DROPS,
@@ -29,7 +29,6 @@ from zqdata.quality.gx_runner import (
 )
 
 DAY = dt.date(2025, 5, 1)
-CHROMIUM = Path("/usr/bin/chromium")
 # (dataset, staging model, frame): one passes its suite, one fails it
 BATCHES = [
     ("water_usage", "stg_water__water_usage",
@@ -218,50 +217,27 @@ def test_rewriting_maps_cdn_libraries_and_drops_everything_else(tmp_path):
 
 # --- in a real browser without network ------------------------------------------------------------------------
 
-def _browser_skip_reason() -> str | None:
-    if not CHROMIUM.exists():
-        return "Debian chromium 未安装 (/usr/bin/chromium missing: apt-get install -y chromium)"
-    if importlib.util.find_spec("playwright") is None:
-        return "Playwright 未安装 (pip install -c constraints.txt playwright)"
-    return None
-
-
-@pytest.mark.skipif(_browser_skip_reason() is not None, reason=_browser_skip_reason() or "")
+@pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or "")
 def test_pages_render_in_headless_chromium_without_any_network_request(site):
-    from playwright.sync_api import sync_playwright
-
     _, index = site
     page_of = {d: next(index.parent.glob(f"validations/zq_{d}/{run_name(d, DAY)}/*/*.html")) for d, _, _ in BATCHES}
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True)
-        try:
-            page = browser.new_page()
-            outside: list[str] = []
-            errors: list[str] = []
-
-            def route(r):
-                if r.request.url.startswith("file://"):
-                    r.continue_()
-                else:
-                    outside.append(r.request.url)
-                    r.abort()
-
-            page.route("**/*", route)
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(index.as_uri(), wait_until="load")
-            # bootstrap-table (bundled) renders the validation list from the data GX writes into the page
-            table = page.locator("#section-1-content-block-2-1-body-table")  # the Validation Results tab
-            rows = table.locator("tbody tr")
-            assert rows.count() == len(BATCHES), table.inner_text()
-            listed = table.locator("tbody").inner_text()
-            for dataset, model, _ in BATCHES:
-                assert run_name(dataset, DAY) in listed and model in listed
-            for dataset, model, _ in BATCHES:
-                page.goto(page_of[dataset].as_uri(), wait_until="load")
-                body = page.locator("body").inner_text()
-                assert f"Data asset: {model}" in body
-                page.get_by_text("Show more info...").click()
-                assert run_name(dataset, DAY) in page.locator("body").inner_text()
-            assert outside == [] and errors == []
-        finally:
-            browser.close()
+    with offline_browser() as browser:
+        page = browser.new_page()
+        outside = block_network(page)
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(index.as_uri(), wait_until="load")
+        # bootstrap-table (bundled) renders the validation list from the data GX writes into the page
+        table = page.locator("#section-1-content-block-2-1-body-table")  # the Validation Results tab
+        rows = table.locator("tbody tr")
+        assert rows.count() == len(BATCHES), table.inner_text()
+        listed = table.locator("tbody").inner_text()
+        for dataset, model, _ in BATCHES:
+            assert run_name(dataset, DAY) in listed and model in listed
+        for dataset, model, _ in BATCHES:
+            page.goto(page_of[dataset].as_uri(), wait_until="load")
+            body = page.locator("body").inner_text()
+            assert f"Data asset: {model}" in body
+            page.get_by_text("Show more info...").click()
+            assert run_name(dataset, DAY) in page.locator("body").inner_text()
+        assert outside == [] and errors == []

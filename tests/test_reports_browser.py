@@ -2,19 +2,19 @@
 publishing their reports, and each report's HTML opened in headless Chromium with every network request blocked —
 nothing is attempted, and the charts (Vega SVG bars and lines) are on the page.
 
-Chromium is Debian's package (`make test-services` installs it); Playwright's own browser download is not used.
+Chromium: Debian's package driven by Playwright, offline (tests/browser.py).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
-import shutil
 from pathlib import Path
 
 import dagster as dg
 import duckdb
 import pytest
+from browser import block_network, offline_browser, skip_reason
 from test_evaluation import build_gov, build_opdb
 
 from zqdata import audit
@@ -22,7 +22,6 @@ from zqdata.governance import quarterly as qmod
 from zqdata.registry import load_registry
 from zqdata.settings import TZ
 
-CHROMIUM = "/usr/bin/chromium"
 AUDIT_KEY = audit.AuditKey.from_secret("a" * 32)
 
 
@@ -251,46 +250,28 @@ def test_each_report_opens_offline_and_shows_its_charts(stored, monkeypatch, tmp
     assert set(pages) == {"agency_evaluation", "quarterly_operations_report", "compliance_matrix"}
     for path in pages.values():
         assert path.is_file() and (path.parent / "report.md").is_file() and (path.parent / "report.json").is_file()
-    if not Path(CHROMIUM).exists() and shutil.which("chromium") is None:
-        pytest.skip("Debian's chromium is not installed (`make test-services` installs it as root)")
-    from playwright.sync_api import sync_playwright
-
+    if skip_reason() is not None:
+        pytest.skip(skip_reason())
     expected = {  # (bars, lines) each page must draw
         "agency_evaluation": (True, True),
         "quarterly_operations_report": (True, True),
         "compliance_matrix": (True, False),
     }
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium"),
-                                     args=["--no-sandbox"])
-        try:
-            for name, path in pages.items():
-                attempted: list[str] = []
-                page = browser.new_page(viewport={"width": 1280, "height": 900})
-
-                def route(r, attempted=attempted):
-                    if r.request.url.startswith("file://"):
-                        r.continue_()
-                    else:
-                        attempted.append(r.request.url)
-                        r.abort()
-
-                page.route("**/*", route)
-                page.on("request", lambda req, attempted=attempted: None if req.url.startswith("file://")
-                        else attempted.append(req.url))
-                page.goto(path.as_uri(), wait_until="load")
-                page.screenshot(path=str(tmp_path / f"{name}.png"), full_page=True)
-                assert attempted == [], f"{name} fetched {attempted}"
-                figures = page.locator("figure.chart svg")
-                assert figures.count() >= 1
-                bars, lines = expected[name]
-                if bars:
-                    assert page.locator("figure.chart-bar svg g.mark-rect path").count() > 0, name
-                if lines:
-                    assert page.locator("figure.chart-line svg g.mark-line path").count() > 0, name
-                box = figures.first.bounding_box()
-                assert box and box["width"] > 100 and box["height"] > 100  # drawn, not an empty element
-                assert (tmp_path / f"{name}.png").stat().st_size > 10_000
-                page.close()
-        finally:
-            browser.close()
+    with offline_browser() as browser:
+        for name, path in pages.items():
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            attempted = block_network(page)
+            page.goto(path.as_uri(), wait_until="load")
+            page.screenshot(path=str(tmp_path / f"{name}.png"), full_page=True)
+            assert attempted == [], f"{name} fetched {attempted}"
+            figures = page.locator("figure.chart svg")
+            assert figures.count() >= 1
+            bars, lines = expected[name]
+            if bars:
+                assert page.locator("figure.chart-bar svg g.mark-rect path").count() > 0, name
+            if lines:
+                assert page.locator("figure.chart-line svg g.mark-line path").count() > 0, name
+            box = figures.first.bounding_box()
+            assert box and box["width"] > 100 and box["height"] > 100  # drawn, not an empty element
+            assert (tmp_path / f"{name}.png").stat().st_size > 10_000
+            page.close()

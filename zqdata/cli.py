@@ -14,6 +14,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zq", description="肇庆市公共数据资源授权运营平台 command line")
     sub = parser.add_subparsers(dest="command", required=True)
     for mod in sorted(pkgutil.iter_modules(zqdata.commands.__path__), key=lambda m: m.name):
+        if mod.name.startswith("_"):  # shared helpers of the commands, not a subcommand
+            continue
         importlib.import_module(f"zqdata.commands.{mod.name}").register(sub)
     return parser
 

@@ -14,19 +14,16 @@ import functools
 
 import dagster as dg
 
+from assets.governance.reports import governance_asset
+from orchestration.partitions import TZ_NAME, yearly_partitions
 from zqdata.registry import registry
 from zqdata.settings import TZ
 
 REGISTRATIONS_KEY = dg.AssetKey(["governance", "registrations"])
 DISCLOSURE_KEY = dg.AssetKey(["governance", "disclosure_report"])
-GROUP = "governance_reports"
 REGISTRATION_JOB = "registration_sync"
 DISCLOSURE_JOB = "disclosure_report"
-FIRST_DISCLOSURE_YEAR = 2025  # the measures took effect on 2025-05-01
-
-# One partition per calendar year in Asia/Shanghai, key "2025", "2026", …; a year's partition exists once it ended.
-yearly_partitions = dg.TimeWindowPartitionsDefinition(
-    cron_schedule="0 0 1 1 *", start=str(FIRST_DISCLOSURE_YEAR), fmt="%Y", timezone="Asia/Shanghai")
+FIRST_DISCLOSURE_YEAR = yearly_partitions.start.year  # the first yearly partition (the measures: 2025-05-01)
 
 
 def disclosure_year_for(scheduled: dt.datetime) -> int:
@@ -35,17 +32,12 @@ def disclosure_year_for(scheduled: dt.datetime) -> int:
 
 
 def build_registrations_asset() -> dg.AssetsDefinition:
-    @dg.asset(
-        key=REGISTRATIONS_KEY,
-        group_name=GROUP,
-        kinds={"sqlite"},
-        description=(
+    @governance_asset(
+        REGISTRATIONS_KEY, {"sqlite"}, (
             "登记（第十七条）：将登记目录中数据资源与数据产品的登记编码导入运营数据库；数据集字段或产品输出列（dbt 清单）"
             "与最近一次登记内容不同时自动提交变更登记。只读登记目录与 dbt 清单，写运营数据库，不打开数仓文件。"
             " Syncs registration records (Art. 17) with the registry and the products' output columns: imports the "
-            "registry's codes and files a change record when a dataset's fields or a product's columns changed."
-        ),
-    )
+            "registry's codes and files a change record when a dataset's fields or a product's columns changed."))
     def registrations(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         from zqdata import opdb
         from zqdata.governance import registration as r
@@ -74,20 +66,14 @@ def build_registrations_asset() -> dg.AssetsDefinition:
 
 
 def build_disclosure_asset() -> dg.AssetsDefinition:
-    @dg.asset(
-        key=DISCLOSURE_KEY,
-        group_name=GROUP,
-        partitions_def=yearly_partitions,
-        deps=[REGISTRATIONS_KEY],
-        kinds={"sqlite"},
-        description=(
+    @governance_asset(
+        DISCLOSURE_KEY, {"sqlite"}, (
             "年度信息披露报告（第二十一条）：期间内有效的授权（对象、内容、范围、期限、公益/经营性）、数据产品与服务目录及登记编码、"
             "数据使用情况（按产品、按使用方类别的交付次数与行数、拒绝次数）。不含个人信息与凭证。发布 JSON、Markdown 与 HTML 至"
             "发布存储 reports/disclosure/<年度>/。"
             " The year's disclosure report (Art. 21): authorizations in force, product and service catalogue with "
-            "registration codes, data use; published as JSON, Markdown and self-contained HTML."
-        ),
-    )
+            "registration codes, data use; published as JSON, Markdown and self-contained HTML."),
+        partitions_def=yearly_partitions, deps=[REGISTRATIONS_KEY])
     def disclosure_report(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         from zqdata import opdb
         from zqdata.governance import disclosure
@@ -129,13 +115,13 @@ def registration_jobs() -> tuple:
 def build_schedules() -> list[dg.ScheduleDefinition]:
     sync_job, report_job = registration_jobs()
     sync = dg.ScheduleDefinition(
-        name="registration_sync_0130", job=sync_job, cron_schedule="30 1 * * *", execution_timezone="Asia/Shanghai",
+        name="registration_sync_0130", job=sync_job, cron_schedule="30 1 * * *", execution_timezone=TZ_NAME,
         default_status=dg.DefaultScheduleStatus.RUNNING,
         description="每天 01:30（北京时间）同步登记，变更自动申请。Daily registration sync at 01:30 Asia/Shanghai.",
     )
 
     @dg.schedule(
-        name="disclosure_report_0301", job=report_job, cron_schedule="0 9 1 3 *", execution_timezone="Asia/Shanghai",
+        name="disclosure_report_0301", job=report_job, cron_schedule="0 9 1 3 *", execution_timezone=TZ_NAME,
         default_status=dg.DefaultScheduleStatus.RUNNING,
         description="每年 3 月 1 日 09:00（北京时间）生成上一年度的信息披露报告（3 月底前披露）。"
                     " On 1 March, the previous year's disclosure report (due by the end of March).",

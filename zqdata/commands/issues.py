@@ -7,49 +7,36 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
+
+from zqdata.commands._common import command, operational_db, print_json, print_listing
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("issues", help="数据质量问题登记 quality issues: list, show, ack, resolve, sync")
     isub = p.add_subparsers(dest="issues_command", required=True)
 
-    ls = isub.add_parser("list", help="列出问题 list issues")
+    ls = command(isub, "list", "列出问题 list issues", _list)
     ls.add_argument("--status", action="append", help="open|notified|acknowledged|resolved|verified|superseded|reopened (repeatable)")
     ls.add_argument("--agency", help="数源机构代码 agency code")
     ls.add_argument("--dataset", help="数据集代码 dataset code")
     ls.add_argument("--partition", type=dt.date.fromisoformat, help="分区 YYYY-MM-DD")
     ls.add_argument("--json", action="store_true", help="JSON output")
-    ls.set_defaults(func=_list)
 
-    show = isub.add_parser("show", help="查看问题、溯源、事件与通知 show one issue with its trace, events and notifications")
-    show.add_argument("issue_id")
-    show.add_argument("--json", action="store_true")
-    show.set_defaults(func=_show)
+    command(isub, "show", "查看问题、溯源、事件与通知 show one issue with its trace, events and notifications", _show,
+            "issue_id", with_json=True)
 
-    ack = isub.add_parser("ack", help="确认问题 acknowledge an issue")
-    ack.add_argument("issue_id")
+    ack = command(isub, "ack", "确认问题 acknowledge an issue", _ack, "issue_id")
     ack.add_argument("--by", required=True, help="确认人 who acknowledges")
     ack.add_argument("--note")
-    ack.set_defaults(func=_ack)
 
-    res = isub.add_parser("resolve", help="已整改并重新交付 mark resolved (verified automatically on the next check)")
-    res.add_argument("issue_id")
+    res = command(isub, "resolve", "已整改并重新交付 mark resolved (verified automatically on the next check)", _resolve,
+                  "issue_id")
     res.add_argument("--note", required=True, help="整改说明 what was fixed and redelivered")
     res.add_argument("--by")
-    res.set_defaults(func=_resolve)
 
-    sync = isub.add_parser("sync", help="从 quality.findings 同步问题并发送通知 sync issues of a partition (and notify)")
+    sync = command(isub, "sync", "从 quality.findings 同步问题并发送通知 sync issues of a partition (and notify)", _sync)
     sync.add_argument("--partition", type=dt.date.fromisoformat, required=True)
     sync.add_argument("--notify", action="store_true", help="also send the notifications (e-mail via SMTP or the local Maildir outbox, webhook)")
-    sync.set_defaults(func=_sync)
-
-
-def _db():
-    """The operational DB (``ZQ_OPDB_URL`` or the embedded SQLite file): never a DuckDB file."""
-    from zqdata import opdb
-
-    return opdb.get_engine()
 
 
 def _gov_read_only():
@@ -82,14 +69,9 @@ def _line(i) -> str:
 def _list(args: argparse.Namespace) -> int:
     from zqdata import issues
 
-    rows = issues.list_issues(_db(), status=args.status, agency=args.agency, partition_date=args.partition, dataset=args.dataset)
-    if args.json:
-        print(json.dumps([_public(i) for i in rows], ensure_ascii=False, indent=2, default=str))
-    else:
-        for i in rows:
-            print(_line(i))
-        print(f"共 {len(rows)} 个问题 issues")
-    return 0
+    rows = issues.list_issues(operational_db(), status=args.status, agency=args.agency, partition_date=args.partition,
+                              dataset=args.dataset)
+    return print_listing(rows, args.json, "个问题 issues", _line, _public)
 
 
 def _public(i) -> dict:
@@ -109,7 +91,7 @@ def _public(i) -> dict:
 def _show(args: argparse.Namespace) -> int:
     from zqdata import alerting, issues, lineage
 
-    db = _db()
+    db = operational_db()
     try:
         i = issues.get_issue(db, args.issue_id)
     except issues.IssueError as exc:
@@ -118,7 +100,7 @@ def _show(args: argparse.Namespace) -> int:
     events = issues.issue_events(db, i.issue_id)
     notes = alerting.notifications(db, i.issue_id)
     if args.json:
-        print(json.dumps({"issue": _public(i), "events": events, "notifications": notes}, ensure_ascii=False, indent=2, default=str))
+        print_json({"issue": _public(i), "events": events, "notifications": notes})
         return 0
     print(_line(i))
     print(f"状态 status: {issues.STATUS_CN.get(i.status, i.status)}")
@@ -139,7 +121,7 @@ def _ack(args: argparse.Namespace) -> int:
     from zqdata import issues
 
     try:
-        i = issues.acknowledge(_db(), args.issue_id, by=args.by, note=args.note)
+        i = issues.acknowledge(operational_db(), args.issue_id, by=args.by, note=args.note)
     except issues.IssueError as exc:
         print(exc)
         return 1
@@ -151,7 +133,7 @@ def _resolve(args: argparse.Namespace) -> int:
     from zqdata import issues
 
     try:
-        i = issues.resolve(_db(), args.issue_id, note=args.note, by=args.by)
+        i = issues.resolve(operational_db(), args.issue_id, note=args.note, by=args.by)
     except issues.IssueError as exc:
         print(exc)
         return 1
@@ -164,7 +146,7 @@ def _sync(args: argparse.Namespace) -> int:
     from zqdata import alerting, issues
     from zqdata.registry import registry
 
-    db = _db()
+    db = operational_db()
     reg = registry()
     with _gov_read_only() as con:  # findings are read; the register is written in the operational DB
         rep = issues.sync_issues(con, db, reg, args.partition)

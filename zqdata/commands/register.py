@@ -6,8 +6,9 @@ Only the operational DB (and, for `sync`, the registry and the dbt manifest) is 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
+
+from zqdata.commands._common import (command, fail, governance_command, operational_db, print_history, print_json,
+                                     print_listing)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -16,52 +17,35 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("register", help="登记 registration of data resources, products and services (Art. 17)")
     rsub = p.add_subparsers(dest="register_command", required=True)
 
-    ls = rsub.add_parser("list", help="列出登记记录 list registration records (--subjects: each subject's code)")
+    ls = command(rsub, "list", "列出登记记录 list registration records (--subjects: each subject's code)", _list)
     ls.add_argument("--kind", choices=KINDS)
     ls.add_argument("--subject", help="数据集代码、产品或服务名 dataset code, product or service")
     ls.add_argument("--state", choices=STATES)
     ls.add_argument("--subjects", action="store_true", help="每个登记对象一行：登记编码与状态 one line per subject")
     ls.add_argument("--json", action="store_true")
-    ls.set_defaults(func=_list)
 
-    show = rsub.add_parser("show", help="查看登记记录、登记内容与状态历史 show a record, its version and history")
-    show.add_argument("registration_id")
-    show.add_argument("--json", action="store_true")
-    show.set_defaults(func=_show)
+    command(rsub, "show", "查看登记记录、登记内容与状态历史 show a record, its version and history", _show,
+            "registration_id", with_json=True)
 
-    adv = rsub.add_parser("advance", help="推进到下一状态或驳回 move a record to its next state, or reject it")
-    adv.add_argument("registration_id")
+    adv = command(rsub, "advance", "推进到下一状态或驳回 move a record to its next state, or reject it", _advance,
+                  "registration_id")
     adv.add_argument("--to", choices=STATES, help="目标状态（默认下一状态） target state, default: the next one")
     adv.add_argument("--reject", action="store_true", help="驳回 reject")
     adv.add_argument("--code", help="赋码时指定登记编码（默认自动编号） the code, when reaching code_assigned")
     adv.add_argument("--actor", help="经办人（默认 $USER） who acts")
     adv.add_argument("--note", help="说明 note")
-    adv.set_defaults(func=_advance)
 
-    ap = rsub.add_parser("apply", help="申请更正、注销或服务首次登记 apply for a correction, cancellation or a service")
+    ap = command(rsub, "apply", "申请更正、注销或服务首次登记 apply for a correction, cancellation or a service", _apply)
     ap.add_argument("--kind", choices=KINDS, required=True)
     ap.add_argument("--subject", required=True)
     ap.add_argument("--type", dest="record_type", choices=[t for t in RECORD_TYPES if t != "change"], required=True)
     ap.add_argument("--actor")
     ap.add_argument("--note")
-    ap.set_defaults(func=_apply)
 
-    sy = rsub.add_parser("sync", help="按登记目录与产品输出列同步登记（变更自动申请） sync with the registry and the "
-                                      "products' output columns (what the governance/registrations asset runs)")
+    sy = command(rsub, "sync", "按登记目录与产品输出列同步登记（变更自动申请） sync with the registry and the "
+                               "products' output columns (what the governance/registrations asset runs)", _sync)
     sy.add_argument("--actor")
     sy.add_argument("--manifest", help="dbt manifest (default dbt_project/target/manifest.json)")
-    sy.set_defaults(func=_sync)
-
-
-def _db():
-    from zqdata import opdb
-
-    return opdb.get_engine()
-
-
-def _fail(message: str) -> int:
-    print(f"错误 error: {message}", file=sys.stderr)
-    return 2
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -69,37 +53,27 @@ def _list(args: argparse.Namespace) -> int:
     from zqdata.registry import registry
 
     if args.subjects:
-        rows = [s for s in r.catalogue(_db(), registry())
+        rows = [s for s in r.catalogue(operational_db(), registry())
                 if (not args.kind or s.kind == args.kind) and (not args.subject or s.subject == args.subject)]
-        if args.json:
-            print(json.dumps([s.__dict__ for s in rows], ensure_ascii=False, indent=2, default=str))
-            return 0
-        for s in rows:
+
+        def line(s: r.SubjectStatus) -> str:
             src = "（登记目录，尚未同步 from the registry）" if s.source == "registry" else ""
-            print(f"{r.KIND_CN[s.kind]} {s.subject:<26} {s.code or '-':<20} {str(s.registered_on or ''):<10} {s.label}{src}")
-        print(f"共 {len(rows)} 个登记对象 subjects")
-        return 0
-    records = r.list_registrations(_db(), kind=args.kind, subject=args.subject, state=args.state)
-    if args.json:
-        print(json.dumps([rec.__dict__ for rec in records], ensure_ascii=False, indent=2, default=str))
-        return 0
-    for rec in records:
-        print(rec.line())
-    print(f"共 {len(records)} 条登记记录 records")
-    return 0
+            return f"{r.KIND_CN[s.kind]} {s.subject:<26} {s.code or '-':<20} {str(s.registered_on or ''):<10} {s.label}{src}"
+
+        return print_listing(rows, args.json, "个登记对象 subjects", line)
+    records = r.list_registrations(operational_db(), kind=args.kind, subject=args.subject, state=args.state)
+    return print_listing(records, args.json, "条登记记录 records")
 
 
+@governance_command
 def _show(args: argparse.Namespace) -> int:
     from zqdata.governance import registration as r
 
-    db = _db()
-    try:
-        rec = r.get_registration(db, args.registration_id)
-    except r.RegistrationError as exc:
-        return _fail(str(exc))
+    db = operational_db()
+    rec = r.get_registration(db, args.registration_id)
     events = r.registration_events(db, rec.registration_id)
     if args.json:
-        print(json.dumps({"record": rec.__dict__, "events": events}, ensure_ascii=False, indent=2, default=str))
+        print_json({"record": rec.__dict__, "events": events})
         return 0
     print(rec.line())
     print(f"类型 type: {r.RECORD_TYPE_CN[rec.record_type]} ({rec.record_type})   来源 origin: {rec.origin}   "
@@ -114,34 +88,27 @@ def _show(args: argparse.Namespace) -> int:
     if rec.note:
         print(f"说明 note: {rec.note}")
     print("\n状态历史 history:")
-    for e in events:
-        frm = r.STATE_CN.get(e["from_state"], "-") if e["from_state"] else "-"
-        print(f"  {e['event_at']:%Y-%m-%d %H:%M:%S}  {e['event']:<9} {frm} → {r.STATE_CN[e['to_state']]}  "
-              f"{e['actor']}  {e['note'] or ''}")
+    print_history(events, r.STATE_CN)
     return 0
 
 
+@governance_command
 def _advance(args: argparse.Namespace) -> int:
     from zqdata.governance import registration as r
     from zqdata.registry import registry
 
-    try:
-        rec = r.advance(_db(), args.registration_id, to=args.to, reject=args.reject, actor=args.actor,
-                        note=args.note, code=args.code, registry=registry())
-    except r.RegistrationError as exc:
-        return _fail(str(exc))
+    rec = r.advance(operational_db(), args.registration_id, to=args.to, reject=args.reject, actor=args.actor,
+                    note=args.note, code=args.code, registry=registry())
     code = f"，登记编码 {rec.code}" if rec.state == "code_assigned" else ""
     print(f"已更新 updated: {rec.registration_id} {rec.subject} → {r.STATE_CN[rec.state]} ({rec.state}){code}")
     return 0
 
 
+@governance_command
 def _apply(args: argparse.Namespace) -> int:
     from zqdata.governance import registration as r
 
-    try:
-        rec = r.apply(_db(), args.kind, args.subject, args.record_type, actor=args.actor, note=args.note)
-    except r.RegistrationError as exc:
-        return _fail(str(exc))
+    rec = r.apply(operational_db(), args.kind, args.subject, args.record_type, actor=args.actor, note=args.note)
     print(f"已申请 applied: {rec.line()}")
     return 0
 
@@ -153,8 +120,8 @@ def _sync(args: argparse.Namespace) -> int:
     try:
         columns = r.product_columns_from_manifest(args.manifest)
     except FileNotFoundError as exc:
-        return _fail(f"找不到 dbt 清单，请先运行 make dbt-parse (dbt manifest not built): {exc}")
-    report = r.sync_registrations(_db(), registry(), columns, actor=args.actor)
+        return fail(f"找不到 dbt 清单，请先运行 make dbt-parse (dbt manifest not built): {exc}")
+    report = r.sync_registrations(operational_db(), registry(), columns, actor=args.actor)
     print(report.summary())
     for rec in report.created:
         print(f"  {rec.line()}" + (f"  {rec.note}" if rec.record_type == "change" else ""))

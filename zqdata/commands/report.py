@@ -7,26 +7,25 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import sys
 from pathlib import Path
+
+from zqdata.commands._common import command, fail, operational_db
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="治理报告 governance reports (disclosure, Art. 21)")
     rsub = p.add_subparsers(dest="report_command", required=True)
 
-    d = rsub.add_parser("disclosure", help="信息披露报告 the disclosure report of a year or a period (Art. 21)")
+    d = command(rsub, "disclosure", "信息披露报告 the disclosure report of a year or a period (Art. 21)", _disclosure)
     when = d.add_mutually_exclusive_group(required=True)
     when.add_argument("--year", type=int, help="年度 year Y (1 January – 31 December)")
     when.add_argument("--from", dest="start", type=dt.date.fromisoformat, help="开始日 YYYY-MM-DD (with --to)")
     d.add_argument("--to", dest="end", type=dt.date.fromisoformat, help="结束日 YYYY-MM-DD (with --from)")
     d.add_argument("--out", type=Path, help="另存一份到本地目录 also write the files to this folder")
     d.add_argument("--no-publish", action="store_true", help="不发布到发布存储 do not publish (with --out)")
-    d.set_defaults(func=_disclosure)
 
 
 def _disclosure(args: argparse.Namespace) -> int:
-    from zqdata import opdb
     from zqdata.governance import disclosure
     from zqdata.publish import published_store
     from zqdata.registry import registry
@@ -42,11 +41,10 @@ def _disclosure(args: argparse.Namespace) -> int:
             period = disclosure.Period.between(args.start, args.end)
         if args.no_publish and not args.out:
             raise ValueError("--no-publish 须与 --out 一起使用 (nothing would be written)")
-        engine = opdb.get_engine()
+        engine = operational_db()
         store = None if args.no_publish else published_store()
     except ValueError as exc:
-        print(f"错误 error: {exc}", file=sys.stderr)
-        return 2
+        return fail(str(exc))
     report = disclosure.build_disclosure(engine, registry(), period)
     use = report["data_use"]["totals"]
     print(f"信息披露报告 disclosure report {period.label}（{period.start} 至 {period.end}）：授权 "

@@ -20,11 +20,11 @@ from typing import Any
 import sqlalchemy as sa
 
 from zqdata import opdb
-from zqdata.governance.registration import RegistrationError, default_actor, get_registration
+from zqdata.governance.procedure import Procedure, ProcedureError, default_actor, event_time
+from zqdata.governance.registration import RegistrationError, get_registration
 from zqdata.opdb import demand_events as events_t
 from zqdata.opdb import demand_requests as demand_t
 from zqdata.registry import Registry
-from zqdata.settings import TZ
 
 STATES = ("submitted", "coordinating", "agreed", "declined", "fulfilled")
 STATE_CN = {"submitted": "已提交", "coordinating": "协调中", "agreed": "已同意", "declined": "未同意",
@@ -34,8 +34,12 @@ FINAL = ("declined", "fulfilled")
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
-class DemandError(ValueError):
+class DemandError(ProcedureError):
     """An invalid request, an unknown one, or a state change the procedure does not allow."""
+
+
+DEMANDS = Procedure(demand_t, events_t, "demand_id", FINAL, STATE_CN, DemandError, "数据需求", "demand request",
+                    "demand")
 
 
 @dataclass(frozen=True)
@@ -56,10 +60,6 @@ class DemandRequest:
         return (f"{self.demand_id}  {STATE_CN[self.state]}({self.state})  场景 {self.scenario}  → {self.agency}  "
                 f"{', '.join(self.datasets)}  字段 {', '.join(self.fields) or '-'}"
                 + (f"  登记 {self.registration_id}" if self.registration_id else ""))
-
-
-def _now(now: dt.datetime | None) -> dt.datetime:
-    return (now or dt.datetime.now(TZ)).astimezone(TZ)
 
 
 def _demand(row: Mapping[str, Any]) -> DemandRequest:
@@ -91,7 +91,7 @@ def add_demand(engine: sa.Engine, registry: Registry, scenario: str, datasets: S
                reason: str, actor: str | None = None, now: dt.datetime | None = None) -> list[DemandRequest]:
     """Record an unmet data need, routed to the agency of its datasets (one request per agency); returns them."""
     actor = default_actor(actor)
-    at = _now(now)
+    at = event_time(now)
     scenario, reason = (scenario or "").strip(), (reason or "").strip()
     if not scenario:
         raise DemandError("请说明需求所属场景 (--scenario is required)")
@@ -135,16 +135,10 @@ def advance_demand(engine: sa.Engine, demand_id: str, to: str | None = None, *, 
     rejected) of one of the request's datasets. Anything else raises DemandError with a one-line reason.
     """
     actor = default_actor(actor)
-    at = _now(now)
+    at = event_time(now)
     with opdb.transaction(engine) as conn:
-        row = conn.execute(sa.select(demand_t).where(demand_t.c.demand_id == demand_id)
-                           .with_for_update()).mappings().first()
-        if row is None:
-            raise DemandError(f"没有数据需求 {demand_id} (unknown demand request)")
+        row = DEMANDS.open_row(conn, demand_id)
         req = _demand(row)
-        if req.state in FINAL:
-            raise DemandError(f"数据需求 {demand_id} 已处于终态「{STATE_CN[req.state]}」，不能再变更 "
-                              f"(demand {demand_id} is {req.state}: no further transition)")
         allowed = TRANSITIONS[req.state]
         if to is None:
             if len(allowed) > 1:
@@ -178,11 +172,7 @@ def advance_demand(engine: sa.Engine, demand_id: str, to: str | None = None, *, 
 
 
 def get_demand(engine: sa.Engine, demand_id: str) -> DemandRequest:
-    with engine.connect() as conn:
-        row = conn.execute(sa.select(demand_t).where(demand_t.c.demand_id == demand_id)).mappings().first()
-    if row is None:
-        raise DemandError(f"没有数据需求 {demand_id} (unknown demand request)")
-    return _demand(row)
+    return _demand(DEMANDS.row(engine, demand_id))
 
 
 def list_demands(engine: sa.Engine, state: str | Sequence[str] | None = None,
@@ -200,7 +190,4 @@ def list_demands(engine: sa.Engine, state: str | Sequence[str] | None = None,
 
 def demand_events(engine: sa.Engine, demand_id: str) -> list[dict[str, Any]]:
     """The request's state changes, oldest first."""
-    with engine.connect() as conn:
-        rows = conn.execute(sa.select(events_t).where(events_t.c.demand_id == demand_id)
-                            .order_by(events_t.c.event_id)).mappings().all()
-    return [dict(r) for r in rows]
+    return DEMANDS.history(engine, demand_id)

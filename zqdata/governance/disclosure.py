@@ -6,8 +6,9 @@ audit log of the operational DB.
 Yearly for year Y (national guidance: published by the end of March of Y+1), or any period on demand. The report is a
 dict (JSON), rendered to Markdown and to a self-contained HTML page (inline CSS, no external URL). It holds no personal
 data and no credential: organisations are named, never people; what a refused requester typed (consumer code, product,
-reason text) is never shown, only counted by category. Published to the published store (zqdata.publish) under
-``reports/disclosure/<period>/<sha256[:16]>/`` with ``reports/disclosure/<period>/CURRENT.json`` written last.
+reason text) is never shown, only counted by category. Published to the published store (zqdata.publish) as the other
+governance reports are (zqdata.governance.reporting.publish_files): under ``reports/disclosure/<period>/<sha256[:16]>/``
+with ``reports/disclosure/<period>/CURRENT.json`` written last.
 """
 
 from __future__ import annotations
@@ -23,14 +24,14 @@ from typing import Any
 import sqlalchemy as sa
 
 from zqdata import opdb
-from zqdata.governance import registration
+from zqdata.governance import registration, reporting
+from zqdata.governance.reporting import PublishedReport
 from zqdata.registry import Registry, Scenario
 from zqdata.settings import TZ
 from zqdata.storage import ObjectStore
 
-REPORT_ROOT = "reports/disclosure"
-CURRENT_NAME = "CURRENT.json"
-FILE_NAMES = ("report.html", "report.md", "report.json")  # as the other governance reports; the pointer last
+KIND = "disclosure"  # reports/disclosure/<period>/
+FILE_NAMES = reporting.FILES  # the files of every governance report, in the order they are written
 TITLE = "肇庆市公共数据资源授权运营信息披露报告"
 TITLE_EN = "Disclosure report on the authorized operation of public data resources (Art. 21)"
 KIND_CN = {"public_interest": "公益", "commercial": "经营性"}
@@ -331,16 +332,8 @@ def render_files(report: Mapping[str, Any]) -> dict[str, bytes]:
 # --------------------------------------------------------------------------- publishing
 
 
-@dataclass(frozen=True)
-class PublishedReport:
-    period: str
-    prefix: str  # the report's folder in the published store
-    keys: dict[str, str]  # file name -> object key
-    sha256: dict[str, str]
-
-
 def current_key(period_label: str) -> str:
-    return f"{REPORT_ROOT}/{period_label}/{CURRENT_NAME}"
+    return reporting.current_key(KIND, period_label)
 
 
 def content_digest(report: Mapping[str, Any]) -> str:
@@ -349,36 +342,13 @@ def content_digest(report: Mapping[str, Any]) -> str:
 
 
 def publish_disclosure(store: ObjectStore, report: Mapping[str, Any]) -> PublishedReport:
-    """Write the three files to ``reports/disclosure/<period>/<digest[:16]>/``, then point ``CURRENT.json`` at them:
-    readers see the previous report or the new one, never a mix. The folder is named by the content (generation time
-    left out) and never rewritten: regenerating a period whose data did not change reuses it."""
-    label = report["period"]["label"]
-    prefix = f"{REPORT_ROOT}/{label}/{content_digest(report)[:16]}"
-    keys = {name: f"{prefix}/{name}" for name in FILE_NAMES}
-    if all(store.exists(key) for key in keys.values()):
-        files = {name: store.get_bytes(key) for name, key in keys.items()}
-        generated_at = json.loads(files["report.json"])["generated_at"]
-    else:
-        files, generated_at = render_files(report), report["generated_at"]
-        for name in FILE_NAMES:
-            store.put_bytes(keys[name], files[name])
-    digests = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
-    pointer = {"report": prefix, "files": digests, "period": report["period"], "generated_at": generated_at}
-    store.put_bytes(current_key(label), (json.dumps(pointer, ensure_ascii=False, indent=2, sort_keys=True) + "\n")
-                    .encode("utf-8"))  # last
-    return PublishedReport(period=label, prefix=prefix, keys=keys, sha256=digests)
+    """Publish the three files as every governance report is (zqdata.governance.reporting.publish_files): to
+    ``reports/disclosure/<period>/<digest[:16]>/``, then ``CURRENT.json`` pointing at them. The folder is named by the
+    content (generation time left out) and never rewritten: regenerating a period whose data did not change reuses it."""
+    return reporting.publish_files(store, KIND, report["period"]["label"], content_digest(report),
+                                   lambda: render_files(report))
 
 
 def current_disclosure(store: ObjectStore, period_label: str) -> dict[str, bytes] | None:
     """{file name: bytes} of the published report of a period (None when none), each checked against the pointer."""
-    try:
-        pointer = json.loads(store.get_bytes(current_key(period_label)).decode("utf-8"))
-    except FileNotFoundError:
-        return None
-    out = {}
-    for name, digest in pointer["files"].items():
-        data = store.get_bytes(f"{pointer['report']}/{name}")
-        if hashlib.sha256(data).hexdigest() != digest:
-            raise ValueError(f"披露报告文件 {pointer['report']}/{name} 校验和不符 (report file altered)")
-        out[name] = data
-    return out
+    return reporting.current_files(store, KIND, period_label)

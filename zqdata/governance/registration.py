@@ -21,7 +21,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,11 +30,12 @@ from typing import Any
 import sqlalchemy as sa
 
 from zqdata import opdb
+from zqdata.governance.procedure import Procedure, ProcedureError, default_actor, event_time
 from zqdata.opdb import registration_events as events_t
 from zqdata.opdb import registrations as reg_t
 from zqdata.registry import Dataset, Registry
 from zqdata.registry import Registration as InitialRegistration
-from zqdata.settings import TZ, repo_root
+from zqdata.settings import repo_root
 
 KINDS = ("dataset", "product", "service")
 KIND_CN = {"dataset": "数据资源", "product": "数据产品", "service": "数据服务"}
@@ -53,8 +53,12 @@ MANIFEST_PATH = repo_root() / "dbt_project" / "target" / "manifest.json"
 PRODUCT_MODELS = "models/ops/"  # the scenario products' dbt models
 
 
-class RegistrationError(ValueError):
+class RegistrationError(ProcedureError):
     """An unknown record, or a state change or application the procedure does not allow."""
+
+
+REGISTRATIONS = Procedure(reg_t, events_t, "registration_id", FINAL, STATE_CN, RegistrationError, "登记记录",
+                          "registration record", "registration")
 
 
 @dataclass(frozen=True)
@@ -126,15 +130,6 @@ class SyncReport:
         text = (f"登记同步 registration sync: 导入 imported {len(self.imported)}，首次申请 applied {len(self.applied)}，"
                 f"变更 change {len(self.changed)}")
         return text + (f"；跳过（清单中无输出列）skipped {', '.join(self.skipped)}" if self.skipped else "")
-
-
-def default_actor(actor: str | None = None) -> str:
-    """Who acts: ``actor`` when given, else the login of the process (``USER``); cut to the column's 256 characters."""
-    return ((actor or "").strip() or os.environ.get("USER") or os.environ.get("LOGNAME") or "unknown")[:256]
-
-
-def _now(now: dt.datetime | None) -> dt.datetime:
-    return (now or dt.datetime.now(TZ)).astimezone(TZ)
 
 
 # --------------------------------------------------------------------------- what is registered
@@ -271,23 +266,12 @@ def list_registrations(engine: sa.Engine, kind: str | None = None, subject: str 
 
 def get_registration(engine: sa.Engine | sa.Connection, registration_id: str) -> RegistrationRecord:
     """One record; RegistrationError when there is none."""
-    q = sa.select(reg_t).where(reg_t.c.registration_id == registration_id)
-    if isinstance(engine, sa.Connection):
-        row = engine.execute(q).mappings().first()
-    else:
-        with engine.connect() as conn:
-            row = conn.execute(q).mappings().first()
-    if row is None:
-        raise RegistrationError(f"没有登记记录 {registration_id} (unknown registration record)")
-    return _record(row)
+    return _record(REGISTRATIONS.row(engine, registration_id))
 
 
 def registration_events(engine: sa.Engine, registration_id: str) -> list[dict[str, Any]]:
     """The record's state changes, oldest first: event, from_state, to_state, actor, note, event_at."""
-    with engine.connect() as conn:
-        rows = conn.execute(sa.select(events_t).where(events_t.c.registration_id == registration_id)
-                            .order_by(events_t.c.event_id)).mappings().all()
-    return [dict(r) for r in rows]
+    return REGISTRATIONS.history(engine, registration_id)
 
 
 def _status_of(kind: str, subject: str, records: Sequence[RegistrationRecord],
@@ -379,7 +363,7 @@ def sync_registrations(engine: sa.Engine, registry: Registry,
     products missing from it are skipped. One transaction, serialized with other writers of the register.
     """
     actor = default_actor(actor)
-    at = _now(now)
+    at = event_time(now)
     subjects, skipped = _registry_subjects(registry, product_columns)
     report = SyncReport(skipped=skipped)
     with opdb.transaction(engine) as conn:
@@ -449,17 +433,11 @@ def advance(engine: sa.Engine, registration_id: str, *, to: str | None = None, r
     else raises RegistrationError with a one-line reason.
     """
     actor = default_actor(actor)
-    at = _now(now)
+    at = event_time(now)
     with opdb.transaction(engine) as conn:
         opdb.lock_for_append(conn, reg_t)
-        row = conn.execute(sa.select(reg_t).where(reg_t.c.registration_id == registration_id)
-                           .with_for_update()).mappings().first()
-        if row is None:
-            raise RegistrationError(f"没有登记记录 {registration_id} (unknown registration record)")
+        row = REGISTRATIONS.open_row(conn, registration_id)
         rec = _record(row)
-        if rec.state in FINAL:
-            raise RegistrationError(f"登记记录 {registration_id} 已处于终态「{STATE_CN[rec.state]}」，不能再变更 "
-                                    f"(registration {registration_id} is {rec.state}: no further transition)")
         nxt = NEXT_STATE[rec.state]
         target = "rejected" if reject else (to or nxt)
         if target not in (nxt, "rejected"):
@@ -508,7 +486,7 @@ def apply(engine: sa.Engine, kind: str, subject: str, record_type: str, *, actor
     cancelled. Changes are filed by
     ``sync_registrations``. The record starts in state applied and registers the subject's latest version."""
     actor = default_actor(actor)
-    at = _now(now)
+    at = event_time(now)
     if kind not in KINDS:
         raise RegistrationError(f"未知登记对象类型 {kind!r}，应为 {'/'.join(KINDS)} (unknown subject kind)")
     if record_type not in RECORD_TYPES:

@@ -17,7 +17,7 @@ import hashlib
 import html
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -139,6 +139,11 @@ class Report:
         """The short Markdown summary shown in the Dagster UI."""
         head = f"**{self.title}**（截至 as of {iso(self.as_of)}{'，暂定 provisional' if self.provisional else ''}）"
         return "\n".join([head, "", *[f"- {s}" for s in self.summary]])
+
+    def render_files(self) -> dict[str, bytes]:
+        """{file name: bytes} of the three renderings, in the order of ``FILES``."""
+        return {"report.html": self.to_html().encode("utf-8"), "report.md": self.to_markdown().encode("utf-8"),
+                "report.json": self.to_json()}
 
     def to_html(self) -> str:
         parts = [
@@ -307,6 +312,11 @@ class PublishedReport:
     reused: bool  # the same content was published before: its folder (and its generation time) kept
     files: dict[str, str]  # name -> sha256
 
+    @property
+    def keys(self) -> dict[str, str]:
+        """name -> object key in the store."""
+        return {name: f"{self.prefix}/{name}" for name in self.files}
+
 
 def check_name(value: str, what: str) -> str:
     if not isinstance(value, str) or not _NAME.fullmatch(value):
@@ -318,38 +328,63 @@ def report_prefix(kind: str, period: str) -> str:
     return f"{ROOT}/{check_name(kind, 'kind')}/{check_name(period, 'period')}"
 
 
-def publish_report(store: ObjectStore, report: Report) -> PublishedReport:
-    """Write the report's HTML, Markdown and JSON into ``reports/<kind>/<period>/<digest[:16]>/`` and then point
-    ``CURRENT.json`` at it. A folder is never rewritten: the same content published again keeps the first copy."""
-    base = report_prefix(report.kind, report.period)
-    digest = report.content_digest()
+def current_key(kind: str, period: str) -> str:
+    """The key of the pointer at the report served now for ``kind``/``period``."""
+    return f"{report_prefix(kind, period)}/{CURRENT_NAME}"
+
+
+def publish_files(store: ObjectStore, kind: str, period: str, digest: str,
+                  render: Callable[[], Mapping[str, bytes]]) -> PublishedReport:
+    """Write the files ``render()`` gives ({name: bytes} of every name in ``FILES``) into
+    ``reports/<kind>/<period>/<digest[:16]>/`` and then point ``CURRENT.json`` at them: readers see the previous report
+    or the new one, never a mix. ``digest``: SHA-256 of the content without its generation time. A folder is never
+    rewritten: the same content published again keeps the first copy (and is not rendered again). Every governance
+    report is published by it: the ``Report`` documents here, and the disclosure report (zqdata.governance.disclosure,
+    renderings of its own)."""
+    base = report_prefix(kind, period)
     prefix = f"{base}/{digest[:16]}"
     reused = all(store.exists(f"{prefix}/{name}") for name in FILES)
     if reused:
         files = {name: hashlib.sha256(store.get_bytes(f"{prefix}/{name}")).hexdigest() for name in FILES}
     else:
-        payload = {"report.html": report.to_html().encode("utf-8"), "report.md": report.to_markdown().encode("utf-8"),
-                   "report.json": report.to_json()}
+        payload = render()
         files = {}
         for name in FILES:  # JSON last: a folder with its JSON is complete
             store.put_bytes(f"{prefix}/{name}", payload[name])
             files[name] = hashlib.sha256(payload[name]).hexdigest()
     pointer = _json({"snapshot": prefix, "digest": digest, "files": files})
-    key = f"{base}/{CURRENT_NAME}"
+    key = current_key(kind, period)
     if not (store.exists(key) and store.get_bytes(key) == pointer):
         store.put_bytes(key, pointer)  # last: readers switch to a complete report
     return PublishedReport(prefix, digest, reused, files)
 
 
+def publish_report(store: ObjectStore, report: Report) -> PublishedReport:
+    """Publish the report's HTML, Markdown and JSON (``publish_files``)."""
+    return publish_files(store, report.kind, report.period, report.content_digest(), report.render_files)
+
+
+def current_files(store: ObjectStore, kind: str, period: str,
+                  names: Sequence[str] = FILES) -> dict[str, bytes] | None:
+    """{name: bytes} of the files of the report served now for ``kind``/``period``, each checked against the
+    pointer's SHA-256; None when nothing is published."""
+    try:
+        pointer = json.loads(store.get_bytes(current_key(kind, period)).decode("utf-8"))
+    except FileNotFoundError:
+        return None
+    # "report": a disclosure pointer written before the disclosure report was published by this code
+    folder = pointer["snapshot"] if "snapshot" in pointer else pointer["report"]
+    out = {}
+    for name in names:
+        data = store.get_bytes(f"{folder}/{name}")
+        if hashlib.sha256(data).hexdigest() != pointer["files"][name]:
+            raise ValueError(f"报告文件校验和不符 report file altered: {folder}/{name}")
+        out[name] = data
+    return out
+
+
 def current_report(store: ObjectStore, kind: str, period: str, name: str = "report.json") -> bytes | None:
     """The bytes of one file of the report served now for ``kind``/``period`` (checked against the pointer's
     SHA-256); None when nothing is published."""
-    key = f"{report_prefix(kind, period)}/{CURRENT_NAME}"
-    try:
-        pointer = json.loads(store.get_bytes(key).decode("utf-8"))
-    except FileNotFoundError:
-        return None
-    data = store.get_bytes(f"{pointer['snapshot']}/{name}")
-    if hashlib.sha256(data).hexdigest() != pointer["files"][name]:
-        raise ValueError(f"报告文件校验和不符 report file altered: {pointer['snapshot']}/{name}")
-    return data
+    files = current_files(store, kind, period, (name,))
+    return None if files is None else files[name]
