@@ -237,3 +237,38 @@ def test_lineage_ids_are_scanned_once_per_delivered_file(gov, ops, registry):
                     [[f"resident_population/{D1}/{GOV_MOBILE}.csv#{i}", D1] for i in range(1, 4)]
                     + [[f"resident_population/{D1}/part-0002.csv#{OTHER_MOBILE}", D1]])
     assert _found(gov, ops, registry) == [("_lineage_id", "mobile", 1), ("_lineage_id", "mobile:not_in_gov", 1)]
+
+
+# ---------------------------------------------------------------- the maintained index of gov identifiers (issue 15)
+
+
+def _values(table) -> set[tuple[str, str]]:
+    return set(zip(table.column("kind").to_pylist(), table.column("value").to_pylist(), strict=True))
+
+
+def test_the_index_gives_the_value_set_of_the_full_scan_and_grows_by_the_night(gov, registry):
+    from zqdata.leakgate import gov_personal_values, update_identifier_index
+
+    d2 = D1 + dt.timedelta(days=1)
+    scanned_d1 = _values(gov_personal_values(gov, registry, D1))  # no index yet: every relation scanned
+    assert ("citizen_id", GOV_ID) in scanned_d1 and ("name", GOV_NAME_2) in scanned_d1
+    assert update_identifier_index(gov, registry, D1) == len(scanned_d1)  # the first call builds from all history
+    assert _values(gov_personal_values(gov, registry, D1)) == scanned_d1
+    # the next night adds its own partition only, and a day's set never holds a later day's values
+    gov.execute("INSERT INTO ods.resident_population VALUES ('110101199003078515', '赵六六', '13912345678', ?)", [d2])
+    assert update_identifier_index(gov, registry, d2) == 3
+    with_d2 = _values(gov_personal_values(gov, registry, d2))
+    assert with_d2 - scanned_d1 == {("citizen_id", "110101199003078515"), ("name", "赵六六"), ("mobile", "13912345678")}
+    assert _values(gov_personal_values(gov, registry, D1)) == scanned_d1
+    # the index answers what a scan answers, without the scan
+    gov.execute("DROP SCHEMA leakgate CASCADE")
+    assert _values(gov_personal_values(gov, registry, d2)) == with_d2
+
+
+def test_a_value_a_redelivery_removed_is_still_looked_for(gov, ops, registry):
+    from zqdata.leakgate import update_identifier_index
+
+    update_identifier_index(gov, registry, D1)
+    gov.execute("DELETE FROM ods.resident_population")  # the agency redelivered without these people
+    _plant(ops, "VARCHAR", f"'备注 {GOV_NAME} 来电'")
+    assert [kind for _, kind, _ in _found(gov, ops, registry)] == ["name"]

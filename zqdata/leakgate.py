@@ -72,10 +72,13 @@ def personal_value_fields(registry: Registry) -> dict[str, dict[str, str]]:
     return out
 
 
-def gov_personal_values(gov_con: duckdb.DuckDBPyConnection, registry: Registry, partition_date: dt.date) -> pa.Table:
-    """Distinct (kind, value) of raw personal identifiers on the gov platform up to ``partition_date``, as Arrow."""
+def _personal_value_selects(gov_con: duckdb.DuckDBPyConnection, registry: Registry, schemas: Collection[str],
+                            datasets: Collection[str] | None = None) -> list[str]:
+    """SELECT kind, value, _partition_date of the raw personal identifiers in the gov relations of ``schemas``."""
     selects = []
     for dataset, fields in personal_value_fields(registry).items():
+        if datasets is not None and dataset not in datasets:
+            continue
         ds = registry.datasets[dataset]
         relations = [("ods", dataset), ("staging", f"stg_{ds.agency}__{dataset}"), ("intermediate", f"int_{dataset}")]
         staged: set[str] = set()
@@ -86,20 +89,65 @@ def gov_personal_values(gov_con: duckdb.DuckDBPyConnection, registry: Registry, 
             names = [n for n in fields if n in cols]
             if schema == "staging":
                 staged = set(names)
-            elif schema == "intermediate" and set(names) <= staged:
+            if schema not in schemas:
+                continue
+            if schema == "intermediate" and set(names) <= staged:
                 # int_<dataset> is its staging model minus rejected rows (models/gov/intermediate): no value it holds
-                # is missing from staging, and this scan covers all history, so reading it again only costs time
+                # is missing from staging, so reading it again only costs time
                 continue
             for name, kind in fields.items():
                 if name in cols:
                     selects.append(
-                        f"SELECT '{kind}' AS kind, upper(trim(CAST({quote_ident(name)} AS VARCHAR))) AS value "
-                        f"FROM {schema}.{quote_ident(table)} WHERE _partition_date <= $zq_partition"
-                    )
+                        f"SELECT '{kind}' AS kind, upper(trim(CAST({quote_ident(name)} AS VARCHAR))) AS value, "
+                        f"CAST(_partition_date AS DATE) AS day FROM {schema}.{quote_ident(table)}")
+    return selects
+
+
+_GOV_LAYERS = ("ods", "staging", "intermediate")
+INDEX_SCHEMA, INDEX_TABLE = "leakgate", "gov_identifiers"  # in the gov DB: the raw identifiers ever held, by first day
+
+
+def _index_ready(gov_con: duckdb.DuckDBPyConnection) -> bool:
+    return bool(relation_columns(gov_con, INDEX_SCHEMA, INDEX_TABLE))
+
+
+def update_identifier_index(gov_con: duckdb.DuckDBPyConnection, registry: Registry, partition_date: dt.date | None,
+                            datasets: Collection[str] | None = None, schemas: Collection[str] = _GOV_LAYERS) -> int:
+    """Keep `leakgate.gov_identifiers` (kind, value, first day seen) current: the partition's identifiers of
+    ``datasets`` in the gov relations of ``schemas`` (ODS after ingestion, staging after dbt). Built from the whole
+    history the first time (one scan); then each night adds only its own partition, so the leak gate's value set no
+    longer costs a scan of every day ever loaded (issue 15). A value that a redelivery removed stays in the index: the
+    gate then looks for more values than gov holds, never fewer. Runs on a writable gov connection; returns rows added."""
+    if not _index_ready(gov_con):
+        gov_con.execute(f"CREATE SCHEMA IF NOT EXISTS {INDEX_SCHEMA}")
+        gov_con.execute(f"CREATE TABLE IF NOT EXISTS {INDEX_SCHEMA}.{INDEX_TABLE} (kind VARCHAR NOT NULL, "
+                        "value VARCHAR NOT NULL, first_day DATE NOT NULL, PRIMARY KEY (kind, value))")
+        partition_date, datasets, schemas = None, None, _GOV_LAYERS  # the first time: everything already held
+    selects = _personal_value_selects(gov_con, registry, schemas, datasets)
+    if not selects:
+        return 0
+    where = "length(value) >= 2" + ("" if partition_date is None else " AND day = $zq_partition")
+    before = gov_con.execute(f"SELECT count(*) FROM {INDEX_SCHEMA}.{INDEX_TABLE}").fetchone()[0]
+    gov_con.execute(
+        f"INSERT INTO {INDEX_SCHEMA}.{INDEX_TABLE} SELECT kind, value, min(day) FROM ({' UNION ALL '.join(selects)}) "
+        f"WHERE {where} GROUP BY kind, value "
+        "ON CONFLICT (kind, value) DO UPDATE SET first_day = least(first_day, excluded.first_day)",
+        {} if partition_date is None else {"zq_partition": partition_date})
+    return gov_con.execute(f"SELECT count(*) FROM {INDEX_SCHEMA}.{INDEX_TABLE}").fetchone()[0] - before
+
+
+def gov_personal_values(gov_con: duckdb.DuckDBPyConnection, registry: Registry, partition_date: dt.date) -> pa.Table:
+    """Distinct (kind, value) of raw personal identifiers on the gov platform up to ``partition_date``, as Arrow:
+    from the maintained index when the gov DB has one (`update_identifier_index`), else by scanning every relation."""
+    if _index_ready(gov_con):
+        return gov_con.execute(f"SELECT kind, value FROM {INDEX_SCHEMA}.{INDEX_TABLE} WHERE first_day <= $zq_partition",
+                               {"zq_partition": partition_date}).fetch_arrow_table()
+    selects = _personal_value_selects(gov_con, registry, _GOV_LAYERS)
     if not selects:
         return pa.table({"kind": pa.array([], pa.string()), "value": pa.array([], pa.string())})
     # A one-character "name" would match ordinary text; real names have at least two characters.
-    sql = f"SELECT DISTINCT kind, value FROM ({' UNION ALL '.join(selects)}) WHERE length(value) >= 2"
+    sql = (f"SELECT DISTINCT kind, value FROM ({' UNION ALL '.join(selects)}) "
+           "WHERE length(value) >= 2 AND day <= $zq_partition")
     return gov_con.execute(sql, {"zq_partition": partition_date}).fetch_arrow_table()
 
 

@@ -14,6 +14,7 @@ from assets.dbt_common import (build_partition, dbt_project, dbt_resource, dbt_s
                                partitioned_dbt_assets, relation_asset_keys)
 from orchestration.pools import GOV_POOL
 from orchestration.resources import WarehouseResource
+from zqdata.leakgate import update_identifier_index
 from zqdata.quality import check_info
 from zqdata.quality.model_failures import clear_model_failures, isolable, record_model_failures, unbuilt_models
 from zqdata.reference import sync_reference_tables
@@ -36,7 +37,12 @@ def gov_dbt_assets() -> dg.AssetsDefinition:
         # column lineage + schema are read from the gov DB once dbt has exited (never through dbt's in-process adapter)
         events = build_partition(dbt, context, "gov", warehouse.gov_path(), warehouse.ops_path(),
                                  on_unbuilt=functools.partial(confine_unbuilt, context, warehouse, reg, day))
-        yield from with_check_traces(events, warehouse, reg, context.partition_key)
+        try:
+            yield from with_check_traces(events, warehouse, reg, context.partition_key)
+        finally:  # the leak gate's index of gov identifiers gets this partition's (ODS, staging, intermediate)
+            with warehouse.gov() as con:
+                added = update_identifier_index(con, reg, day)
+            context.log.debug(f"leak-gate identifier index: {added} new values for {day}")
 
     return gov_dbt_models
 
