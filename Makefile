@@ -14,6 +14,10 @@ export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 KEYFILE ?= $(HOME)/.config/zhaoqing-public-data/demo-pseudonym.key
 WITH_KEY = ZQ_PSEUDONYM_KEY="$${ZQ_PSEUDONYM_KEY:-$$(cat $(KEYFILE))}"
 DBT_MANIFEST := dbt_project/target/manifest.json
+# The links the UI shows to the published folder (Data Docs, column lineage) are written when a night runs: they point
+# where `make ui` serves that folder, so a night of `make nightly` opens with one click in `make ui` too.
+DOCS_PORT := 3001
+WITH_DOCS_URL = ZQ_DOCS_BASE_URL="$${ZQ_DOCS_BASE_URL:-http://127.0.0.1:$(DOCS_PORT)}"
 
 .PHONY: setup nightly test ui bench dbt-parse clean test-services history
 
@@ -40,7 +44,7 @@ $(DAGSTER_HOME)/dagster.yaml: orchestration/dagster.yaml $(STAMP)
 	$(BIN)/python -m orchestration.instance
 
 nightly: setup $(KEYFILE)
-	$(WITH_KEY) $(BIN)/zq nightly --date $(DATE) --days $(DAYS)
+	$(WITH_DOCS_URL) $(WITH_KEY) $(BIN)/zq nightly --date $(DATE) --days $(DAYS)
 
 $(KEYFILE):
 	mkdir -p $(dir $@)
@@ -68,15 +72,15 @@ test-services:
 DOCS_DIR = $${ZQ_DATA_DIR:-$(CURDIR)/.data}/published
 ui: setup $(KEYFILE)
 	@mkdir -p "$(DOCS_DIR)"; \
-	$(BIN)/python -m http.server 3001 --bind 127.0.0.1 --directory "$(DOCS_DIR)" >/dev/null 2>&1 & docs=$$!; \
+	$(BIN)/python -m http.server $(DOCS_PORT) --bind 127.0.0.1 --directory "$(DOCS_DIR)" >/dev/null 2>&1 & docs=$$!; \
 	trap 'kill $$docs 2>/dev/null' EXIT INT TERM; \
-	ZQ_DOCS_BASE_URL=http://127.0.0.1:3001 $(WITH_KEY) $(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+	$(WITH_DOCS_URL) $(WITH_KEY) $(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
 # A year of small daily deliveries (ZQ_SIM_ROWS_PER_DAY, default here 1,000) through the nightly job, then the governance
 # reports of the periods it covers (disclosure and evaluation of 2025, the quarters, the compliance matrix).
 # `make history DAYS=30` for a shorter stretch. Speed is issue 15's work: today every night costs its fixed ~30–50 s.
 history: setup $(KEYFILE)
-	ZQ_SIM_ROWS_PER_DAY=$${ZQ_SIM_ROWS_PER_DAY:-1000} $(WITH_KEY) $(BIN)/zq history --start 2025-05-01 \
+	ZQ_SIM_ROWS_PER_DAY=$${ZQ_SIM_ROWS_PER_DAY:-1000} $(WITH_DOCS_URL) $(WITH_KEY) $(BIN)/zq history --start 2025-05-01 \
 	  --days $(if $(filter command line,$(origin DAYS)),$(DAYS),365)
 
 bench: setup $(KEYFILE)

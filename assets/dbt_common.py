@@ -332,7 +332,10 @@ def enrich_check_result(event: dg.AssetCheckResult, node: Mapping[str, Any], man
     entries = check_info.evaluation_metadata(meta, test_agency(manifest, node), records_checked,
                                              None if failed is None else int(failed))
     severity = (dg.AssetCheckSeverity.ERROR if meta.get("severity", "error") == "error" else dg.AssetCheckSeverity.WARN)
-    return event._replace(metadata={**event.metadata, **entries}, severity=severity)
+    metadata = {k: v for k, v in event.metadata.items() if k != "status"}
+    if "status" in event.metadata:  # dbt's own test status (warn/fail/pass) follows its config, not the rule: renamed
+        metadata["dbt_test_status"] = event.metadata["status"]
+    return event._replace(metadata={**metadata, **entries}, severity=severity)
 
 
 @functools.cache
