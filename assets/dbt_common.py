@@ -506,7 +506,9 @@ def partitioned_dbt_assets(select: str, name: str, pool: str):
 
     project = dbt_project()
     return dbt_assets(manifest=project.manifest_path, project=project, select=select, name=name,
-                      dagster_dbt_translator=translator(), partitions_def=daily_partitions, pool=pool)
+                      dagster_dbt_translator=translator(), partitions_def=daily_partitions, pool=pool,
+                      # one partition per run, as every other asset (dagster-dbt would default to single_run)
+                      backfill_policy=dg.BackfillPolicy.multi_run(1))
 
 RUN_DIRS_KEPT = 14  # per dbt asset: the newest run folders (compiled SQL, run_results.json, dbt.log) kept for audit
 

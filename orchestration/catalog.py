@@ -32,5 +32,8 @@ def with_catalog(spec: dg.AssetSpec, registry: Registry) -> dg.AssetSpec:
 
 
 def apply_catalog(defs: dg.Definitions, registry: Registry) -> dg.Definitions:
-    """Every asset spec of ``defs`` with its catalog entry (zqdata.catalog)."""
-    return defs.map_asset_specs(func=lambda spec: with_catalog(spec, registry))
+    """Every asset spec of ``defs`` with its catalog entry (zqdata.catalog); the rest of ``defs`` as it is."""
+    assets = dg.map_asset_specs(lambda spec: with_catalog(spec, registry), list(defs.assets or []))
+    return dg.Definitions(assets=assets, asset_checks=defs.asset_checks, jobs=defs.jobs, schedules=defs.schedules,
+                          sensors=defs.sensors, resources=defs.resources, loggers=defs.loggers,
+                          executor=defs.executor, metadata=defs.metadata)

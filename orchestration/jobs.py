@@ -14,7 +14,6 @@ nightly_aggregation = dg.define_asset_job(
     # the governance reports (registration, disclosure, evaluation, quarterly) have partitions of their own and jobs
     selection=(dg.AssetSelection.all() - dg.AssetSelection.assets(dg.AssetKey(["gov", "quality", "notifications"]))
                - dg.AssetSelection.groups(REPORTS_GROUP)),
-    partitions_def=daily_partitions,
     executor_def=dg.in_process_executor,
     description=(
         "每日汇聚作业：数源机构交付 → 市政务大数据平台（ODS、标准化、整合、质量检查）→ 脱敏出域 → "

@@ -18,10 +18,13 @@ def graph(tmp_path_factory):
     mp.setenv("ZQ_PSEUDONYM_KEY", "catalog-test-key-not-a-secret-0123456789")
     from orchestration.definitions import defs
 
+    from orchestration.jobs import NIGHTLY_JOB
+
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         location = defs()
         g = location.resolve_asset_graph()
+        location.resolve_job_def(NIGHTLY_JOB)
     mp.undo()
     return location, g, caught
 
@@ -87,5 +90,7 @@ def test_every_daily_check_is_partitioned_and_described(graph):
             assert check.description, f"{check.key.to_user_string()} has no description"
     dbt_rule = next(c for c in checks if c.key.asset_key.path[1] == "staging" and "required" in c.key.name)
     assert dbt_rule.description.startswith("必填字段为空") and "完整性 Completeness" in dbt_rule.description
-    assert not [w for w in caught if "partitions_def on an AssetCheckSpec" in str(w.message)
-                or "varying BackfillPolicies" in str(w.message) or "include_sources" in str(w.message)]
+    # a quiet front door: nothing of Dagster's preview/beta/deprecation warnings comes from the project's own code
+    ours = [w for w in caught if issubclass(w.category, (dg.PreviewWarning, dg.BetaWarning, DeprecationWarning,
+                                                         UserWarning)) and "site-packages/sqlglotrs" not in w.filename]
+    assert not ours, [f"{w.filename}:{w.lineno}: {w.message}" for w in ours]

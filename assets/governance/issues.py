@@ -144,7 +144,7 @@ def build_notifications_asset() -> dg.AssetsDefinition:
 @functools.cache
 def issue_jobs() -> tuple:
     sync = dg.define_asset_job(
-        SYNC_JOB, selection=[ISSUES_KEY], partitions_def=daily_partitions, executor_def=dg.in_process_executor,
+        SYNC_JOB, selection=[ISSUES_KEY], executor_def=dg.in_process_executor,
         description="为一个分区重新登记质量问题（夜间作业之外重算了质量问题明细时由告警传感器请求）。",
     )
     notify = dg.define_asset_job(

@@ -105,7 +105,7 @@ def registration_jobs() -> tuple:
         description="同步登记记录（第十七条）。Syncs the registration records with the registry and the dbt manifest.",
     )
     report = dg.define_asset_job(
-        DISCLOSURE_JOB, selection=[DISCLOSURE_KEY], partitions_def=yearly_partitions,
+        DISCLOSURE_JOB, selection=[DISCLOSURE_KEY],
         executor_def=dg.in_process_executor,
         description="生成并发布年度信息披露报告（第二十一条）。Builds and publishes a year's disclosure report.",
     )

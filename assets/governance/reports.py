@@ -179,9 +179,9 @@ def report_assets() -> list[dg.AssetsDefinition]:
 
 def report_jobs() -> list:
     return [
-        dg.define_asset_job(EVALUATION_JOB, selection=[EVALUATION_KEY], partitions_def=yearly_partitions,
+        dg.define_asset_job(EVALUATION_JOB, selection=[EVALUATION_KEY],
                             description="数源机构年度成效评价 Annual evaluation of source agencies (Art. 22)"),
-        dg.define_asset_job(QUARTERLY_JOB, selection=[QUARTERLY_KEY], partitions_def=quarterly_partitions,
+        dg.define_asset_job(QUARTERLY_JOB, selection=[QUARTERLY_KEY],
                             description="运营工作情况季度报告 Quarterly operations report (Art. 28)"),
         dg.define_asset_job(COMPLIANCE_JOB, selection=[COMPLIANCE_KEY],
                             description="监督与风险报告 Compliance matrix and risk list (Art. 30)"),
