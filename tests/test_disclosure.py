@@ -167,8 +167,11 @@ def test_report_files_hold_no_personal_data_and_no_credential(audited, reg):
 
 
 def test_html_is_self_contained(opdb, reg):
+    import re
+
     html = ds.render_html(ds.build_disclosure(opdb, reg, Y2025)).decode("utf-8")
     assert html.startswith("<!DOCTYPE html>") and "<style>" in html and '<meta charset="utf-8">' in html
+    html = re.sub(r'xmlns(:\w+)?="http://www\.w3\.org/[^"]*"', "", html)  # the SVG's namespace names, never fetched
     for external in ("http://", "https://", "<script", "<link", "<img", "url(", "@import"):
         assert external not in html, external
 
@@ -242,3 +245,22 @@ def test_disclosure_asset_is_yearly_and_scheduled_on_1_march_for_the_previous_ye
     published = data_dir / "published" / "snapshots" / "reports" / "disclosure" / "2025" / "CURRENT.json"
     assert published.is_file()
     assert DISCLOSURE_KEY.to_user_string() == "governance/disclosure_report"
+
+
+def test_the_disclosure_opens_offline_and_shows_its_data_use_chart(audited, reg, tmp_path):
+    """Issue 13 acceptance: each report opens in headless Chromium without network and shows its charts."""
+    from tests.browser import block_network, offline_browser, skip_reason
+
+    page_file = tmp_path / "report.html"
+    page_file.write_bytes(ds.render_html(ds.build_disclosure(audited, reg, Y2025)))
+    if skip_reason() is not None:
+        pytest.skip(skip_reason())
+    with offline_browser() as browser:
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        attempted = block_network(page)
+        page.goto(page_file.as_uri(), wait_until="load")
+        page.screenshot(path=str(tmp_path / "disclosure.png"), full_page=True)
+        assert attempted == []
+        assert page.locator("figure.chart-bar svg g.mark-rect path").count() > 0  # bars drawn
+        box = page.locator("figure.chart svg").first.bounding_box()
+        assert box and box["width"] > 100 and box["height"] > 100

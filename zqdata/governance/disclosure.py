@@ -289,7 +289,8 @@ def render_markdown(report: Mapping[str, Any]) -> bytes:
     return ("\n".join(lines)).encode("utf-8")
 
 
-_CSS = """
+_CSS = """figure.chart{margin:1em 0}figure.chart svg{max-width:100%;height:auto}figcaption{color:#555;font-size:.9em}
+
 body{font-family:"Noto Sans CJK SC","Microsoft YaHei","PingFang SC",sans-serif;margin:2rem auto;max-width:72rem;
 color:#1f2328;line-height:1.5;padding:0 1rem}
 h1{font-size:1.6rem;border-bottom:2px solid #8c1c13;padding-bottom:.4rem}h2{font-size:1.2rem;margin-top:2rem}
@@ -300,6 +301,24 @@ td.num{text-align:right;font-variant-numeric:tabular-nums}
 """.strip()
 
 
+def data_use_charts(report: Mapping[str, Any]) -> list:
+    """Bars of the period's data use: deliveries and refusals per product and per consumer class (counts only)."""
+    from zqdata.governance.reporting import bar_chart
+
+    use = report["data_use"]
+    rows = ([{"对象 of": f"产品 {r['product']}", "类别 kind": "交付 deliveries", "次数 count": r["deliveries"]}
+             for r in use["by_product"]]
+            + [{"对象 of": f"产品 {r['product']}", "类别 kind": "拒绝 refusals", "次数 count": r["refusals"]}
+               for r in use["by_product"]]
+            + [{"对象 of": r["class_cn"], "类别 kind": "交付 deliveries", "次数 count": r["deliveries"]}
+               for r in use["by_consumer_class"]]
+            + [{"对象 of": r["class_cn"], "类别 kind": "拒绝 refusals", "次数 count": r["refusals"]}
+               for r in use["by_consumer_class"]])
+    chart = bar_chart("data-use", "数据使用：按产品与使用者类别的交付与拒绝次数 data use", rows, x="对象 of",
+                      y="次数 count", y_title="次数 count", x_title="产品 / 使用者类别", group="类别 kind", y_format="d")
+    return [chart] if chart is not None else []
+
+
 def render_html(report: Mapping[str, Any]) -> bytes:
     """The report as one self-contained HTML page (inline CSS, no script, no external URL), UTF-8 bytes."""
     e = html.escape
@@ -308,6 +327,9 @@ def render_html(report: Mapping[str, Any]) -> bytes:
              '</head>', '<body>', f"<h1>{e(report['title'])}</h1>", f"<p class=\"en\">{e(report['title_en'])}</p>",
              f"<p class=\"meta\">披露期间 period: {e(_period_text(report))}<br>依据 basis: {e(report['basis'])}<br>"
              f"生成时间 generated: {e(report['generated_at'])}（北京时间 Asia/Shanghai）</p>"]
+    for chart in data_use_charts(report):  # offline SVG (zqdata.governance.reporting), like the other reports
+        parts.append(f'<figure class="chart chart-{e(chart.kind)}" id="{e(chart.chart_id)}">{chart.svg}'
+                     f"<figcaption>{e(chart.title)}</figcaption></figure>")
     for heading, intro, headers, rows in _sections(report):
         parts += [f"<h2>{e(heading)}</h2>", f"<p>{e(intro)}</p>"]
         if not rows:
