@@ -411,8 +411,8 @@ def test_boundary_asset_materializes_with_passing_blocking_checks(tmp_path, regi
     released = {ds.code for ds in registry.datasets.values() if ds.release}
     assert {k.path[-1] for k in boundary.keys} == released
     assert all(spec.blocking for spec in boundary.check_specs)
-    assert dg.AssetKey(["gov", "quality", "scores"]) in boundary.asset_deps[dg.AssetKey(["ops", "desensitized",
-                                                                                      "water_usage"])]
+    assert dg.AssetKey(["gov", "quality", "gate_water_usage"]) in boundary.asset_deps[
+        dg.AssetKey(["ops", "desensitized", "water_usage"])]
     result = dg.materialize([boundary], resources=_resources(tmp_path), partition_key=str(D1))
     assert result.success
     evals = result.get_asset_check_evaluations()

@@ -94,3 +94,30 @@ def test_every_daily_check_is_partitioned_and_described(graph):
     ours = [w for w in caught if issubclass(w.category, (dg.PreviewWarning, dg.BetaWarning, DeprecationWarning,
                                                          UserWarning)) and "site-packages/sqlglotrs" not in w.filename]
     assert not ours, [f"{w.filename}:{w.lineno}: {w.message}" for w in ours]
+
+
+def _upstream(g, key: dg.AssetKey) -> set[dg.AssetKey]:
+    seen, todo = set(), [key]
+    while todo:
+        for parent in g.get(todo.pop()).parent_keys:
+            if parent not in seen:
+                seen.add(parent)
+                todo.append(parent)
+    return seen
+
+
+def test_a_products_lineage_shows_its_own_inputs_only(graph):
+    """Issue 14: the gate is drawn per dataset, so a product's upstream is its scenario's datasets (with their gate
+    decisions, and the consent records where they have consent subjects), not every agency's data."""
+    _, g, _ = graph
+    reg = registry()
+    for scenario in reg.scenarios.values():
+        up = _upstream(g, dg.AssetKey(["ops", "products", scenario.product]))
+        datasets = {ds for ds in reg.datasets if any(k.path[-1] in (ds, f"int_{ds}", f"gate_{ds}")
+                                                      or k.path[-1].endswith(f"__{ds}") for k in up)}
+        allowed = set(scenario.authorized_fields) | {"subject_consent", "enterprise_registry"}
+        assert set(scenario.authorized_fields) <= datasets, (scenario.code, datasets)
+        assert datasets <= allowed, (scenario.code, datasets - allowed)
+        assert not any(k.path[-1] in ("findings", "scores") for k in up), scenario.code
+    transit = _upstream(g, dg.AssetKey(["ops", "products", "ops_transit_ridership"]))
+    assert len(transit) < 15, sorted(k.to_user_string() for k in transit)

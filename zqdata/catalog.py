@@ -84,6 +84,11 @@ def catalog_entry(path: Sequence[str], registry: Registry) -> CatalogEntry | Non
         tags = classification_tags(ds) if ds is not None else {}
         storage = OPERATIONAL_TABLES.get(table, f"{GOV_DB}.{layer}.{table}") if layer == "quality" else \
             f"{GOV_DB}.{layer}.{table}"
+        gated = registry.datasets.get(table.removeprefix("gate_")) if layer == "quality" and table.startswith("gate_") \
+            else None
+        if gated is not None:  # one dataset's gate decision: a row of quality.gate_decisions, no personal data
+            return CatalogEntry([team(DATA_BUREAU)], {"agency": gated.agency, "dataset": gated.code},
+                                f"{GOV_DB}.quality.gate_decisions")
         return CatalogEntry([team(owner)], tags, storage, ds)
     if path[0] == "ops" and len(path) == 3:
         layer, table = path[1], path[2]

@@ -35,13 +35,27 @@ def _findings_deps() -> list[dg.AssetKey]:
     return keys
 
 
+def gate_key(dataset: str) -> dg.AssetKey:
+    """The quality gate's decision for one dataset (a row of quality.gate_decisions per partition)."""
+    return dg.AssetKey(["gov", "quality", f"gate_{dataset}"])
+
+
+def gate_inputs(dataset: str) -> list[dg.AssetKey]:
+    """What one dataset's gate decision is computed from: its own ODS and integrated model, and the enterprise
+    registry where its rules check references against it (registry_reference / registry_district)."""
+    from zqdata.reference import field_rules
+
+    reg = registry()
+    keys = [dg.AssetKey(["gov", "ods", dataset]), dg.AssetKey(["gov", "intermediate", f"int_{dataset}"])]
+    if {"registry_reference", "registry_district"} & {r.rule for r in field_rules(reg.datasets[dataset])}:
+        keys.append(dg.AssetKey(["gov", "intermediate", "int_enterprise_registry"]))
+    return keys
+
+
 def build_findings_asset() -> dg.AssetsDefinition:
-    @dg.asset(
-        key=FINDINGS_KEY,
-        group_name="governance",
-        partitions_def=daily_partitions,
-        deps=_findings_deps(),
-        pool=GOV_POOL,
+    reg = registry()
+    findings = dg.AssetSpec(
+        key=FINDINGS_KEY, group_name="governance", partitions_def=daily_partitions, deps=_findings_deps(),
         kinds={"duckdb", "great_expectations"},
         description=(
             "数据质量问题明细（Art. 20）：汇集交付时效/完整性（meta.deliveries + 登记时限）、dbt 行级规则、"
@@ -49,9 +63,20 @@ def build_findings_asset() -> dg.AssetsDefinition:
             "Quality findings of the partition from every tool, plus Data Docs."
         ),
     )
-    def quality_findings(context: dg.AssetExecutionContext, warehouse: WarehouseResource) -> dg.MaterializeResult:
+    gates = [dg.AssetSpec(
+        key=gate_key(code), group_name="governance", partitions_def=daily_partitions, deps=gate_inputs(code),
+        kinds={"duckdb"},
+        description=(f"质量门禁决定「{ds.name}」：本分区是否出域到运营服务平台（错误级数据集规则、错误记录率、模型构建），"
+                     f"quality.gate_decisions 中该数据集的一行 — the quality gate's decision for {ds.name_en}: "
+                     "crosses to the operations platform or is held back."),
+    ) for code, ds in sorted(reg.datasets.items())]
+
+    # One step: the findings of every tool, then each dataset's gate decision from them. The gate assets depend on
+    # their own dataset only, so a product's lineage shows its own inputs (issue 14), not every agency's data.
+    @dg.multi_asset(name="quality_findings", specs=[findings, *gates], partitions_def=daily_partitions, pool=GOV_POOL)
+    def quality_findings(context: dg.AssetExecutionContext, warehouse: WarehouseResource):
         from zqdata.quality.gx_runner import data_docs_url
-        from zqdata.quality.scores import collect_findings
+        from zqdata.quality.scores import collect_findings, evaluate_gate, record_gate_decisions
 
         manifest = _dbt_manifest()
         if manifest is None:
@@ -59,7 +84,16 @@ def build_findings_asset() -> dg.AssetsDefinition:
         with warehouse.gov() as con:
             summary = collect_findings(con, registry(), _day(context), manifest, get_settings().docs_dir,
                                        run_id=context.run.run_id)
-        return dg.MaterializeResult(metadata={
+            gate = evaluate_gate(con, registry(), _day(context))
+            record_gate_decisions(con, registry(), gate)
+        for code in sorted(registry().datasets):
+            yield dg.MaterializeResult(asset_key=gate_key(code), metadata={
+                "passed": code not in gate.held_back,
+                "held_back": gate.held_back.get(code, ""),
+                "error_rate": float(gate.error_rates.get(code, 0.0)),
+                "max_error_rate": float(gate.max_error_rate),
+            })
+        yield dg.MaterializeResult(asset_key=FINDINGS_KEY, metadata={
             "findings_by_tool": dg.MetadataValue.json(summary.by_tool),
             "deliveries": dg.MetadataValue.md(summary.delivery_markdown),
             "dbt_findings": summary.dbt_findings if summary.dbt_findings is not None else "未汇集 (no manifest)",
@@ -97,14 +131,12 @@ def build_scores_asset() -> dg.AssetsDefinition:
     def quality_scores(context: dg.AssetExecutionContext, warehouse: WarehouseResource) -> dg.MaterializeResult:
         from orchestration.sensors import trace_metadata
         from zqdata.publish import products_reading, withdraw_partition
-        from zqdata.quality.scores import (compute_scores, evaluate_gate, record_gate_decisions, score_series,
-                                           scores_markdown)
+        from zqdata.quality.scores import compute_scores, evaluate_gate, score_series, scores_markdown
 
         day = _day(context)
         with warehouse.gov() as con:
             scores = compute_scores(con, registry(), day)
-            gate = evaluate_gate(con, registry(), day)
-            record_gate_decisions(con, registry(), gate)
+            gate = evaluate_gate(con, registry(), day)  # recorded per dataset by the findings step (gov/quality/gate_*)
             # 逐级溯源: a failed gate shows where its error-severity findings came from (agency, delivery, rows)
             trace = {} if gate.passed else trace_metadata(con, None, registry(), partition_date=day, severity="error")
         # A held-back dataset's deliveries changed and fail the gate: what was published from it came from data the

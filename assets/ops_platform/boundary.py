@@ -8,6 +8,7 @@ from collections.abc import Iterator, Sequence
 
 import dagster as dg
 
+from assets.governance.quality import gate_key
 from orchestration.partitions import daily_partitions
 from orchestration.pools import GOV_POOL, OPS_POOL, hold_pool
 from orchestration.resources import WarehouseResource
@@ -17,7 +18,6 @@ from zqdata.boundary import (CONSENT_DATASET, BoundaryGateFailed, GateResult, ch
 from zqdata.desensitize import KEY_ENV, PseudonymKey
 from zqdata.registry import Registry, registry
 
-SCORES_KEY = dg.AssetKey(["gov", "quality", "scores"])  # the quality gate (per dataset, non-blocking) lives on this asset
 
 
 class PseudonymKeyResource(dg.ConfigurableResource):
@@ -51,8 +51,9 @@ def build_boundary_crossing(reg: Registry) -> dg.AssetsDefinition:
             kinds={"duckdb"},
             description=f"{ds.name}（脱敏后）：按登记的脱敏规则出域的字段，及各场景的授权字段 "
                         f"(desensitized.{ds.code} and scenario_<code>.{ds.code} in the ops DB)",
-            # its own integrated model, the quality gate, and the consent records the crossing filters by (Art. 2)
-            deps=[dg.AssetKey(["gov", "intermediate", f"int_{ds.code}"]), SCORES_KEY,
+            # its own integrated model, its quality-gate decision, and the consent records it is filtered by (Art. 2):
+            # the lineage of a product then shows its own inputs, not every agency's data (issue 14)
+            deps=[dg.AssetKey(["gov", "intermediate", f"int_{ds.code}"]), gate_key(ds.code),
                   *([dg.AssetKey(["gov", "intermediate", f"int_{CONSENT_DATASET}"])]
                     if ds.consent is not None and CONSENT_DATASET in reg.datasets else [])],
             partitions_def=daily_partitions,
