@@ -23,6 +23,8 @@ GOV_POOL = "zq_gov_duckdb"  # 市政务大数据平台 gov_platform.duckdb
 OPS_POOL = "zq_ops_duckdb"  # 运营服务平台 ops_platform.duckdb
 POOLS = (GOV_POOL, OPS_POOL)
 CLAIM_POLL_MAX_SECONDS = 5.0  # how often a waiting step asks again at most (Dagster's own back-off starts lower)
+# A claim made inside a step that already holds the other pool goes ahead of queued steps: it is holding a file
+HOLD_PRIORITY = 1_000_000
 
 
 @contextlib.contextmanager
@@ -38,9 +40,16 @@ def hold_pool(context: dg.OpExecutionContext | dg.AssetExecutionContext | dg.Ass
     op_ctx = getattr(context, "op_execution_context", context)
     run = op_ctx.run
     key = f"{op_ctx.get_step_execution_context().step.key}@{pool}"
+    storage = op_ctx.instance.event_log_storage
     with InstanceConcurrencyContext(op_ctx.instance, run) as slots:
         waited, delay = 0.0, 0.1
-        while not slots.claim(pool, key):
+        while not slots.claim(pool, key, step_priority=HOLD_PRIORITY):
+            # The executor queues a claim for each ready step of this run; steps run one at a time, so a queued step
+            # of this run that is assigned the slot cannot take it before this step ends, and this step waits for it:
+            # a deadlock. Such an assignment is given back (the step asks again later); this claim goes first.
+            for pending in storage.get_concurrency_info(pool).pending_steps:
+                if pending.run_id == run.run_id and pending.step_key != key and pending.assigned_timestamp:
+                    storage.free_concurrency_slot_for_step(run.run_id, pending.step_key)
             if waited == 0.0:
                 op_ctx.log.info(f"等待并发池 {pool}（另一运行正在使用该数据库文件） waiting for pool {pool}")
             time.sleep(delay)

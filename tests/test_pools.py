@@ -85,6 +85,41 @@ def test_hold_pool_waits_while_another_step_holds_the_file():
         assert info.active_slot_count == 0 and not info.pending_steps  # released when the block ended
 
 
+def test_hold_pool_does_not_wait_for_a_slot_assigned_to_its_own_runs_queued_step():
+    """Found in the service test: the in-process executor queues a claim for every ready step of the run; when another
+    run frees the gov slot, Dagster assigns it to the first queued step — possibly a gov step of the very run that is
+    busy in a both-files step waiting for gov. That step cannot run until this one ends: a deadlock. hold_pool takes
+    such an assignment back and goes first (its claim has a high priority)."""
+    entered = threading.Event()
+
+    @dg.op(pool=OPS_POOL)
+    def reads_both(context):
+        storage = context.instance.event_log_storage
+        # the run's gov step queued before this step began, then assigned the slot when the other run freed it
+        storage.claim_concurrency_slot(GOV_POOL, context.run_id, "gov_step_of_this_run")
+        storage.free_concurrency_slot_for_step("other-run", "gov_dbt_models")
+        assigned = [p for p in storage.get_concurrency_info(GOV_POOL).pending_steps if p.assigned_timestamp]
+        assert [p.step_key for p in assigned] == ["gov_step_of_this_run"]  # the situation that used to hang
+        with hold_pool(context, GOV_POOL):
+            entered.set()
+
+    @dg.job(executor_def=dg.in_process_executor)
+    def both():
+        reads_both()
+
+    with dg.instance_for_test(overrides={"concurrency": {"pools": {"default_limit": 1}}}) as instance:
+        storage = instance.event_log_storage
+        storage.set_concurrency_slots(GOV_POOL, 1)
+        assert storage.claim_concurrency_slot(GOV_POOL, "other-run", "gov_dbt_models").is_claimed
+        result: dict = {}
+        runner = threading.Thread(target=lambda: result.setdefault("r", both.execute_in_process(instance=instance)),
+                                  daemon=True)
+        runner.start()
+        runner.join(timeout=300)
+        assert not runner.is_alive(), "hold_pool waited for a slot its own run's queued step was assigned (deadlock)"
+        assert entered.is_set() and result["r"].success
+
+
 def _materialize(instance, key, partition=None, **metadata):
     instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=key, partition=partition, metadata=metadata))
 

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+
+from tests.procs import free_port, wait_until
 from test_nightly_e2e import _snapshot
 
 from zqdata.settings import repo_root
@@ -37,27 +39,12 @@ PACE_SECONDS = 10.0  # between rounds of CLI calls (each call is a Python proces
 BOUND = 1500.0  # seconds: generous bound for the backfill on a shared 2-core machine; the test waits on conditions
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _bin(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
 
 def _wait(condition, what: str, bound: float = BOUND, every: float = 1.0):
-    deadline = time.monotonic() + bound
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(every)
+    return wait_until(condition, what, bound, every)
 
 
 class Service:
@@ -67,7 +54,7 @@ class Service:
         self.home = root / "dagster_home"
         self.home.mkdir(parents=True)
         shutil.copy(repo_root() / "orchestration" / "dagster.yaml", self.home / "dagster.yaml")
-        self.port = _free_port()
+        self.port = free_port()
         self.env = {
             # a new user's shell: the venv is not on PATH
             "PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": os.environ.get("HOME", "/root"), "LANG": "C.UTF-8",

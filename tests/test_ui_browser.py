@@ -33,6 +33,8 @@ from urllib.parse import urlparse
 
 import pytest
 
+from tests.procs import free_port, wait_until
+
 from zqdata.settings import repo_root
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -62,23 +64,8 @@ SEVERITY_LOOK = {  # what the UI draws for a failed check of each severity (Dags
 }
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait(condition, what: str, bound: float = LOAD_BOUND, every: float = 1.0):
-    deadline = time.monotonic() + bound
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {bound:.0f}s waiting for {what}")
-        time.sleep(every)
+    return wait_until(condition, what, bound, every)
 
 
 def _stop(proc: subprocess.Popen | None) -> None:
@@ -100,8 +87,8 @@ class UI:
         self.root = root
         self.data = root / "data"
         self.home = root / "dagster_home"
-        self.web_port = _free_port()
-        self.docs_port = _free_port()
+        self.web_port = free_port()
+        self.docs_port = free_port()
         self.web_url = f"http://127.0.0.1:{self.web_port}"
         self.docs_url = f"http://127.0.0.1:{self.docs_port}"
         self.procs: dict[str, subprocess.Popen] = {}
