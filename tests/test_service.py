@@ -173,6 +173,25 @@ def _pool_of_steps() -> dict[str, str]:
     return {node.name: node.definition.pool for node in job.graph.nodes if node.definition.pool}
 
 
+def _why_not_success(instance: dg.DagsterInstance, runs: list) -> str:
+    """Each run that did not succeed: its status and the failure messages of its event log (for the CI log)."""
+    from dagster._core.events import DagsterEventType
+
+    lines = []
+    for r in runs:
+        if r.status == dg.DagsterRunStatus.SUCCESS:
+            continue
+        lines.append(f"{r.run_id} {r.tags.get('dagster/partition')} {r.status}")
+        for rec in instance.all_logs(r.run_id, of_type={DagsterEventType.STEP_FAILURE, DagsterEventType.RUN_FAILURE,
+                                                        DagsterEventType.ENGINE_EVENT}):
+            ev = rec.dagster_event
+            if ev is not None and (ev.event_type != DagsterEventType.ENGINE_EVENT or "rror" in (ev.message or "")):
+                error = getattr(ev.event_specific_data, "error", None)
+                lines.append(f"  {ev.event_type_value} {ev.step_key or ''}: {(ev.message or '')[:200]} "
+                             f"{(error.message if error is not None else '')[:500]}")
+    return "\n".join(lines)
+
+
 def test_backfill_sensor_cli_and_consumers_at_the_same_time_without_lock_fights(service):
     svc = service
     _wait(lambda: _location_state(svc), "the code location to load", bound=600)
@@ -217,7 +236,7 @@ def test_backfill_sensor_cli_and_consumers_at_the_same_time_without_lock_fights(
 
     runs = instance.get_runs(dg.RunsFilter(tags={"dagster/backfill": backfill_id})) + [instance.get_run_by_id(r) for r in pair]
     assert {r.tags["dagster/partition"] for r in runs} == {*BACKFILL, DAY_B.isoformat()}
-    assert all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs), [(r.run_id, r.status) for r in runs]
+    assert all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs), _why_not_success(instance, runs)
 
     # the alert sensor requested the notification run after the issues the runs filed, and it succeeded
     notify = _wait(lambda: [r for r in instance.get_runs(dg.RunsFilter(job_name="quality_issue_notifications"))
