@@ -30,7 +30,8 @@ def stage_of_step(step_key: str) -> str:
         return "dbt"
     if step_key == "gov__quality__issues":
         return "alerting"  # filing the issues and queueing the agencies' messages (delivery is its own small run)
-    if step_key.startswith("gov__quality__") or step_key.endswith("gx_dataset_expectations"):
+    if (step_key == "quality_findings"  # findings and the per-dataset gate decisions (gov/quality/gate_<dataset>)
+            or step_key.startswith("gov__quality__") or step_key.endswith("gx_dataset_expectations")):
         return "checks"
     if step_key == "boundary_crossing" or step_key.startswith("ops__desensitized__"):
         return "boundary"
