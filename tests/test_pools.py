@@ -53,6 +53,22 @@ def test_nightly_instance_gives_each_pool_one_slot():
     assert cfg["concurrency"]["pools"]["default_limit"] == 1
 
 
+def _gov_held_by_another_run(instance: dg.DagsterInstance):
+    """The gov pool with one slot, held by a step of another run; returns the event log storage."""
+    storage = instance.event_log_storage
+    storage.set_concurrency_slots(GOV_POOL, 1)
+    assert storage.claim_concurrency_slot(GOV_POOL, "other-run", "gov_dbt_models").is_claimed
+    return storage
+
+
+def _run_in_thread(job: dg.JobDefinition, instance: dg.DagsterInstance) -> tuple[threading.Thread, dict]:
+    result: dict = {}
+    runner = threading.Thread(target=lambda: result.setdefault("r", job.execute_in_process(instance=instance)),
+                              daemon=True)
+    runner.start()
+    return runner, result
+
+
 def test_hold_pool_waits_while_another_step_holds_the_file():
     """A step on the ops pool that also needs gov waits while another run's step holds the gov slot."""
     entered = threading.Event()
@@ -67,12 +83,8 @@ def test_hold_pool_waits_while_another_step_holds_the_file():
         reads_both()
 
     with dg.instance_for_test(overrides={"concurrency": {"pools": {"default_limit": 1}}}) as instance:
-        storage = instance.event_log_storage
-        storage.set_concurrency_slots(GOV_POOL, 1)
-        assert storage.claim_concurrency_slot(GOV_POOL, "other-run", "gov_dbt_models").is_claimed
-        result: dict = {}
-        runner = threading.Thread(target=lambda: result.setdefault("r", both.execute_in_process(instance=instance)))
-        runner.start()
+        storage = _gov_held_by_another_run(instance)
+        runner, result = _run_in_thread(both, instance)
         deadline = time.monotonic() + 300
         while not storage.get_concurrency_info(GOV_POOL).pending_steps:  # the step asks for the gov slot ...
             assert time.monotonic() < deadline and runner.is_alive(), "the step never asked for the gov pool"
@@ -108,13 +120,8 @@ def test_hold_pool_does_not_wait_for_a_slot_assigned_to_its_own_runs_queued_step
         reads_both()
 
     with dg.instance_for_test(overrides={"concurrency": {"pools": {"default_limit": 1}}}) as instance:
-        storage = instance.event_log_storage
-        storage.set_concurrency_slots(GOV_POOL, 1)
-        assert storage.claim_concurrency_slot(GOV_POOL, "other-run", "gov_dbt_models").is_claimed
-        result: dict = {}
-        runner = threading.Thread(target=lambda: result.setdefault("r", both.execute_in_process(instance=instance)),
-                                  daemon=True)
-        runner.start()
+        _gov_held_by_another_run(instance)
+        runner, result = _run_in_thread(both, instance)
         runner.join(timeout=300)
         assert not runner.is_alive(), "hold_pool waited for a slot its own run's queued step was assigned (deadlock)"
         assert entered.is_set() and result["r"].success
