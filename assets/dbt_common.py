@@ -34,6 +34,7 @@ from dagster_dbt import (
     dbt_assets,
 )
 
+from zqdata import asset_keys
 from zqdata import column_lineage as cl
 from zqdata import dbt_guard
 from zqdata.lineage_page import lineage_page_path, lineage_page_url, update_lineage_page
@@ -266,16 +267,17 @@ def scenario_vars(registry: Registry, day: dt.date) -> dict[str, Any]:
 
 
 class ZhaoqingDbtTranslator(DagsterDbtTranslator):
-    """Asset keys gov/staging|intermediate/<model>, ops/products/<model>; sources gov/ods/<t>, ops/desensitized/<t>."""
+    """Asset keys gov/staging|intermediate/<model>, ops/products/<model>; sources gov/ods/ods_<t>,
+    ops/desensitized/desensitized_<t> (`zqdata.asset_keys`)."""
 
     def get_asset_key(self, dbt_resource_props: Mapping[str, Any]) -> dg.AssetKey:
         if dbt_resource_props["resource_type"] == "source":
             source, table = dbt_resource_props["source_name"], dbt_resource_props["name"]
             if source == "ods":
-                return dg.AssetKey(["gov", "ods", table])
+                return dg.AssetKey(asset_keys.ods(table))
             if source.startswith("scenario_"):
                 # the scenario tables are written by the boundary crossing together with ops/desensitized/<dataset>
-                return dg.AssetKey(["ops", "desensitized", table])
+                return dg.AssetKey(asset_keys.desensitized(table))
             return dg.AssetKey(["gov", source, table])  # ref.* reference tables
         fqn = dbt_resource_props.get("fqn") or []
         # fqn = [project, platform, layer, ..., model]: gov/staging/<model>, gov/intermediate/<model>, ops/products/<model>

@@ -3,11 +3,11 @@ stale, and the stale days are recomputed.
 
 Some outputs of day D read earlier days, not only D:
 - ingestion of every dataset compares the day's files with the checksums of earlier deliveries (a file delivered again
-  on a later day is a duplicate) — `gov/ods/<dataset>` of D reads `gov/ods/<dataset>` of days < D;
+  on a later day is a duplicate) — `gov/ods/ods_<dataset>` of D reads `gov/ods/ods_<dataset>` of days < D;
 - the boundary crossing applies each subject's latest consent up to D — `ops/desensitized/*` of D reads
-  `gov/ods/subject_consent` of days < D;
+  `gov/ods/ods_subject_consent` of days < D;
 - the credit profile takes each enterprise's latest social-insurance period up to D — `ops/products/<product>` of D reads
-  the scenario's `ops/desensitized/social_insurance` of days < D.
+  the scenario's `ops/desensitized/desensitized_social_insurance` of days < D.
 
 The event log says when each partition was last materialized (storage ids grow with time): day D of a reader is stale
 when any earlier day of what it reads was materialized after it. Only the event log is read, so the same planner
@@ -22,6 +22,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import dagster as dg
+
+from zqdata import asset_keys
 
 
 @dataclass(frozen=True)
@@ -38,17 +40,17 @@ def history_reads() -> list[HistoryRead]:
     from zqdata.registry import registry
 
     reg = registry()
-    reads = [HistoryRead(dg.AssetKey(["gov", "ods", code]), dg.AssetKey(["gov", "ods", code]),
+    reads = [HistoryRead(dg.AssetKey(asset_keys.ods(code)), dg.AssetKey(asset_keys.ods(code)),
                          "重复交付判定读取以往交付的校验和 duplicate files are judged against earlier deliveries")
              for code in reg.datasets]
-    consent = dg.AssetKey(["gov", "ods", "subject_consent"])
-    reads += [HistoryRead(dg.AssetKey(["ops", "desensitized", ds.code]), consent,
+    consent = dg.AssetKey(asset_keys.ods("subject_consent"))
+    reads += [HistoryRead(dg.AssetKey(asset_keys.desensitized(ds.code)), consent,
                           "出域按截至当日的最新授权过滤 consent as of the day, from all earlier consent records")
               for ds in reg.datasets.values() if ds.release and ds.consent is not None]
     for s in reg.scenarios.values():
         if "social_insurance" in s.authorized_fields:
-            reads.append(HistoryRead(dg.AssetKey(["ops", "products", s.product]),
-                                     dg.AssetKey(["ops", "desensitized", "social_insurance"]),
+            reads.append(HistoryRead(dg.AssetKey(asset_keys.product(s.product)),
+                                     dg.AssetKey(asset_keys.desensitized("social_insurance")),
                                      "产品取截至当日的最新社保缴费期 latest social-insurance period up to the day"))
     return reads
 

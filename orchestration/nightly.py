@@ -9,6 +9,7 @@ from typing import Any
 import dagster as dg
 import duckdb
 
+from zqdata import asset_keys
 from zqdata.settings import get_settings
 
 
@@ -67,7 +68,7 @@ def run_nightly(day: dt.date, instance: dg.DagsterInstance | None = None) -> tup
             meta = {k: getattr(v, "value", v) for k, v in ev.metadata.items()}
             where = (str(meta.get("agency") or ""), str(meta.get("dimension") or ""))
             summary.failed_by_agency.setdefault(where, []).append(str(meta.get("rule") or name))
-    summary.published = sorted(m.asset_key.path[-1] for m in result.get_asset_materialization_events()
+    summary.published = sorted(asset_keys.parse(m.asset_key.path)[1] for m in result.get_asset_materialization_events()
                                if m.asset_key.path[:2] == ["ops", "published"])
     notify = location.resolve_job_def(NOTIFY_JOB).execute_in_process(instance=instance, raise_on_error=False,
                                                                        run_config=_RUN_CONFIG, tags=process_tags())

@@ -85,7 +85,7 @@ def test_each_agency_gets_exactly_one_message_per_issue_and_channel_with_trace(e
         "准确性",  # Art. 20 dimension in Chinese
         f"psb/resident_population/{DAY}/part-0001.jsonl：第 2-3 行",  # delivery file and rows
         "逐级溯源",  # the trace
-        "gov/ods/resident_population",
+        "gov/ods/ods_resident_population",
         f"landing/psb/resident_population/{DAY}/",  # what to do
         "zq issues ack",
     ):

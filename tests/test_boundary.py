@@ -8,6 +8,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
+from zqdata import asset_keys
 from zqdata.authorization import AuthorizationError
 from zqdata.boundary import check_exclusions, cross_boundary, find_leaks
 from zqdata.desensitize import PseudonymKey, domain_secret, pseudonymize, released_fields
@@ -409,10 +410,10 @@ def test_boundary_asset_materializes_with_passing_blocking_checks(tmp_path, regi
     boundary = build_boundary_crossing(registry)
     assert boundary.op.name == "boundary_crossing"
     released = {ds.code for ds in registry.datasets.values() if ds.release}
-    assert {k.path[-1] for k in boundary.keys} == released
+    assert {asset_keys.parse(k.path)[1] for k in boundary.keys} == released
     assert all(spec.blocking for spec in boundary.check_specs)
     assert dg.AssetKey(["gov", "quality", "gate_water_usage"]) in boundary.asset_deps[
-        dg.AssetKey(["ops", "desensitized", "water_usage"])]
+        dg.AssetKey(asset_keys.desensitized("water_usage"))]
     result = dg.materialize([boundary], resources=_resources(tmp_path), partition_key=str(D1))
     assert result.success
     evals = result.get_asset_check_evaluations()
@@ -454,7 +455,7 @@ def test_boundary_asset_enforces_the_quality_gate_per_dataset(tmp_path, registry
     result = dg.materialize([build_boundary_crossing(registry)], resources=_resources(tmp_path), partition_key=str(D1))
     assert result.success
     assert all(e.passed for e in result.get_asset_check_evaluations())
-    meta = {m.asset_key.path[-1]: m.materialization.metadata for m in result.get_asset_materialization_events()}
+    meta = {asset_keys.parse(m.asset_key.path)[1]: m.materialization.metadata for m in result.get_asset_materialization_events()}
     assert "delivery.record_count_mismatch" in meta["water_usage"]["held_back"].value
     assert meta["water_usage"]["dagster/row_count"].value == 0
     assert meta["bus_card_swipes"]["held_back"].value == "" and meta["bus_card_swipes"]["dagster/row_count"].value == 6

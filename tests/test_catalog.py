@@ -8,6 +8,7 @@ import warnings
 import dagster as dg
 import pytest
 
+from zqdata import asset_keys
 from zqdata.registry import registry
 
 
@@ -43,24 +44,24 @@ def test_each_asset_is_owned_by_the_responsible_organisation(graph):
     for key in g.get_all_asset_keys():
         assert g.get(key).owners, f"{key.to_user_string()} has no owner"
     ds = registry().datasets["resident_population"]
-    assert _node(g, "landing", "resident_population").owners == [f"team:{ds.agency}"]
-    assert _node(g, "gov", "ods", "resident_population").owners == [f"team:{ds.agency}"]
+    assert _node(g, "landing", "delivery_resident_population").owners == [f"team:{ds.agency}"]
+    assert _node(g, "gov", "ods", "ods_resident_population").owners == [f"team:{ds.agency}"]
     assert _node(g, "gov", "staging", f"stg_{ds.agency}__resident_population").owners == [f"team:{ds.agency}"]
     assert _node(g, "gov", "intermediate", "int_resident_population").owners == ["team:data_bureau"]
     assert _node(g, "gov", "quality", "scores").owners == ["team:data_bureau"]
-    assert _node(g, "ops", "desensitized", "bus_card_swipes").owners == ["team:operator"]
+    assert _node(g, "ops", "desensitized", "desensitized_bus_card_swipes").owners == ["team:operator"]
     assert _node(g, "ops", "products", "ops_transit_ridership").owners == ["team:operator"]
 
 
 def test_classification_tags_and_column_classification_come_from_the_registry(graph):
     _, g, _ = graph
-    ods = _node(g, "gov", "ods", "resident_population")
+    ods = _node(g, "gov", "ods", "ods_resident_population")
     assert {k: ods.tags[k] for k in ("agency", "gbt43697_level", "pi", "openness")} == {
         "agency": "psb", "gbt43697_level": "core", "pi": "sensitive", "openness": "not_open"}
     columns = {c.name: c for c in _schema(ods).columns}
     cid = next(f for f in registry().datasets["resident_population"].fields if f.name == "citizen_id")
     assert columns["citizen_id"].tags["pi"] == cid.class_.pi == "sensitive"
-    ops = _node(g, "ops", "desensitized", "bus_card_swipes")
+    ops = _node(g, "ops", "desensitized", "desensitized_bus_card_swipes")
     assert ops.tags["pi"] == "desensitized"
     ops_columns = {c.name: c for c in _schema(ops).columns}
     authorized = {n for s in registry().scenarios.values() for n in s.authorized_fields.get("bus_card_swipes", [])}
@@ -72,10 +73,11 @@ def test_storage_names_say_which_database_holds_the_table(graph):
     _, g, _ = graph
     for key in g.get_all_asset_keys():
         name = g.get(key).metadata.get("dagster/table_name")
+        table = (asset_keys.parse(key.path) or ("", key.path[-1]))[1]  # the label without its layer's prefix
         if key.path[0] == "ops" and key.path[1] in ("products", "desensitized"):
-            assert name == f"ops_platform.{key.path[1]}.{key.path[2]}", (key, name)
+            assert name == f"ops_platform.{key.path[1]}.{table}", (key, name)
         elif key.path[0] == "gov" and key.path[1] in ("ods", "staging", "intermediate"):
-            assert name == f"gov_platform.{key.path[1]}.{key.path[2]}", (key, name)
+            assert name == f"gov_platform.{key.path[1]}.{table}", (key, name)
     assert _node(g, "gov", "quality", "issues").metadata["dagster/table_name"].startswith("operational_db.")
 
 
@@ -113,11 +115,28 @@ def test_a_products_lineage_shows_its_own_inputs_only(graph):
     reg = registry()
     for scenario in reg.scenarios.values():
         up = _upstream(g, dg.AssetKey(["ops", "products", scenario.product]))
-        datasets = {ds for ds in reg.datasets if any(k.path[-1] in (ds, f"int_{ds}", f"gate_{ds}")
-                                                      or k.path[-1].endswith(f"__{ds}") for k in up)}
+        names = [(asset_keys.parse(k.path) or ("", k.path[-1]))[1] for k in up]
+        datasets = {ds for ds in reg.datasets if any(n in (ds, f"int_{ds}", f"gate_{ds}") or n.endswith(f"__{ds}")
+                                                      for n in names)}
         allowed = set(scenario.authorized_fields) | {"subject_consent", "enterprise_registry"}
         assert set(scenario.authorized_fields) <= datasets, (scenario.code, datasets)
         assert datasets <= allowed, (scenario.code, datasets - allowed)
         assert not any(k.path[-1] in ("findings", "scores") for k in up), scenario.code
     transit = _upstream(g, dg.AssetKey(["ops", "products", "ops_transit_ridership"]))
     assert len(transit) < 15, sorted(k.to_user_string() for k in transit)
+
+
+def test_every_node_label_is_distinct_and_names_its_layer(graph):
+    """The lineage graph labels a node with the last part of its key: a dataset's delivery, ODS table and desensitized
+    copy (and a product and its published snapshot) must be told apart by that label alone."""
+    _, g, _ = graph
+    labels: dict[str, list[str]] = {}
+    for key in g.get_all_asset_keys():
+        labels.setdefault(key.path[-1], []).append(key.to_user_string())
+    assert {label: keys for label, keys in labels.items() if len(keys) > 1} == {}
+    assert _node(g, "landing", "delivery_resident_population") is not None
+    assert _node(g, "ops", "published", "published_transit_ridership") is not None
+    # the label parses back to what it names, and the old (bare) form still reaches the same asset
+    assert asset_keys.parse("ops/desensitized/desensitized_bus_card_swipes") == ("desensitized", "bus_card_swipes")
+    assert asset_keys.canonical("gov/ods/resident_population") == "gov/ods/ods_resident_population"
+    assert asset_keys.parse(["ops", "published", "published_transit_ridership"]) == ("published", "ops_transit_ridership")

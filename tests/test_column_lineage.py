@@ -19,7 +19,7 @@ from assets.dbt_common import (
     release_in_process_dbt,
     to_column_lineage,
 )
-from zqdata import column_lineage as cl
+from zqdata import asset_keys, column_lineage as cl
 from zqdata.ingest import ensure_gov_tables
 from zqdata.reference import intermediate_model, staging_model, sync_reference_tables
 from zqdata.registry import load_registry
@@ -115,14 +115,14 @@ def test_product_column_traces_to_scenario_column(built: dict) -> None:
 
 def test_relations_map_to_translator_asset_keys(built: dict) -> None:
     keys = {**relation_asset_keys(built["gov"]), **relation_asset_keys(built["ops"])}
-    assert keys[f"ods.{DATASET}"] == dg.AssetKey(["gov", "ods", DATASET])
+    assert keys[f"ods.{DATASET}"] == dg.AssetKey(asset_keys.ods(DATASET))
     assert keys[f"staging.{STG}"] == dg.AssetKey(["gov", "staging", STG])
     assert keys[f"intermediate.{INT}"] == dg.AssetKey(["gov", "intermediate", INT])
-    assert keys[f"scenario_{SCENARIO}.social_insurance"] == dg.AssetKey(["ops", "desensitized", "social_insurance"])
+    assert keys[f"scenario_{SCENARIO}.social_insurance"] == dg.AssetKey(asset_keys.desensitized("social_insurance"))
     assert keys[f"products.{PRODUCT}"] == dg.AssetKey(["ops", "products", PRODUCT])
     lineage = to_column_lineage({"birth_date": [(f"ods.{DATASET}", "birth_date"), ("elsewhere.t", "x")]}, keys)
     assert lineage.deps_by_column["birth_date"] == [
-        dg.TableColumnDep(asset_key=dg.AssetKey(["gov", "ods", DATASET]), column_name="birth_date")]
+        dg.TableColumnDep(asset_key=dg.AssetKey(asset_keys.ods(DATASET)), column_name="birth_date")]
 
 
 class _Log:
@@ -176,7 +176,7 @@ def test_materialization_stores_column_lineage(tmp_path: Path, monkeypatch: pyte
         metadata = event.asset_materialization.metadata
         lineage = metadata["dagster/column_lineage"].value
         assert lineage.deps_by_column["birth_date"] == [
-            dg.TableColumnDep(asset_key=dg.AssetKey(["gov", "ods", DATASET]), column_name="birth_date")]
+            dg.TableColumnDep(asset_key=dg.AssetKey(asset_keys.ods(DATASET)), column_name="birth_date")]
         schema = metadata["dagster/column_schema"].value
         assert {c.name: c.type for c in schema.columns}["birth_date"] == "DATE"
         int_lineage = instance.get_latest_materialization_event(int_key).asset_materialization.metadata[

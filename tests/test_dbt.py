@@ -15,7 +15,7 @@ from dbt.cli.main import dbtRunner
 
 from assets.dbt_common import (DBT_PROJECT_DIR, dbt_vars, keep_partial_parse, prune_run_dirs, release_in_process_dbt,
                                seed_partial_parse)
-from zqdata import standards
+from zqdata import asset_keys, standards
 from zqdata.quality.dbt_findings import collect_dbt_findings
 from zqdata.reference import intermediate_model, render_dbt_models, staging_model, sync_reference_tables
 from zqdata.registry import load_registry
@@ -415,11 +415,11 @@ def test_dagster_dbt_definitions_load(tmp_path: Path, monkeypatch: pytest.Monkey
         node = graph.get(dg.AssetKey(["gov", "intermediate", intermediate_model(code)]))
         assert node.group_name == "gov_platform" and node.description
         assert dg.AssetKey(["gov", "staging", staging_model(REG, code)]) in node.parent_keys
-        assert dg.AssetKey(["gov", "ods", code]) in graph.get(
+        assert dg.AssetKey(asset_keys.ods(code)) in graph.get(
             dg.AssetKey(["gov", "staging", staging_model(REG, code)])).parent_keys
     product = graph.get(dg.AssetKey(["ops", "products", "ops_transit_ridership"]))
     assert product.group_name == "ops_platform"
-    assert product.parent_keys == {dg.AssetKey(["ops", "desensitized", "bus_card_swipes"])}
+    assert product.parent_keys == {dg.AssetKey(asset_keys.desensitized("bus_card_swipes"))}
     checks = [c for a in defs.assets for c in a.check_specs]
     # relational rules (dbt severity error) block downstream; row-level rules only warn
     assert {c.blocking for c in checks if c.name.startswith("unique_int_")} == {True}

@@ -7,10 +7,11 @@ import dagster as dg
 import pytest
 
 from orchestration.history import HistoryRead, history_reads, stale_partitions, stale_run_requests
+from zqdata import asset_keys
 
-CONSENT = dg.AssetKey(["gov", "ods", "subject_consent"])
-RELEASED = dg.AssetKey(["ops", "desensitized", "enterprise_registry"])
-OTHER = dg.AssetKey(["gov", "ods", "water_usage"])
+CONSENT = dg.AssetKey(asset_keys.ods("subject_consent"))
+RELEASED = dg.AssetKey(asset_keys.desensitized("enterprise_registry"))
+OTHER = dg.AssetKey(asset_keys.ods("water_usage"))
 READS = [HistoryRead(RELEASED, CONSENT, "consent as of the day")]
 DAYS = ["2025-06-01", "2025-06-02", "2025-06-03", "2025-06-04"]
 
@@ -74,6 +75,6 @@ def test_run_requests_name_the_change_so_a_tick_never_asks_twice(instance, monke
 
 def test_the_pipeline_declares_its_cross_day_reads(reg):
     reads = {(r.reader.to_user_string(), r.source.to_user_string()) for r in history_reads()}
-    assert ("ops/desensitized/enterprise_registry", "gov/ods/subject_consent") in reads
-    assert ("ops/products/ops_sme_credit_profile", "ops/desensitized/social_insurance") in reads
-    assert all((f"gov/ods/{code}", f"gov/ods/{code}") in reads for code in reg.datasets)
+    assert ("ops/desensitized/desensitized_enterprise_registry", "gov/ods/ods_subject_consent") in reads
+    assert ("ops/products/ops_sme_credit_profile", "ops/desensitized/desensitized_social_insurance") in reads
+    assert all((f"gov/ods/ods_{code}", f"gov/ods/ods_{code}") in reads for code in reg.datasets)

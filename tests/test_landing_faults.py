@@ -13,7 +13,7 @@ import dagster as dg
 import pytest
 
 from test_ingest import deliver, encode, records
-from zqdata import landing
+from zqdata import asset_keys, landing
 from zqdata.ingest import ingest_delivery
 from zqdata.quality.timeliness import collect_delivery_findings, delivery_deadline, evaluate_deliveries
 from zqdata.settings import PARTITION_START, TZ
@@ -37,7 +37,7 @@ def _materialize_landing(store, keys: list[str] | None = None):
         raise_on_error=False,
     )  # fmt: skip
     metadata = {
-        m.asset_key.path[-1]: {k: v.value for k, v in m.metadata.items()}
+        asset_keys.parse(m.asset_key.path)[1]: {k: v.value for k, v in m.metadata.items()}
         for m in result.asset_materializations_for_node("source_agency_deliveries")
     } if result.success else {}
     return result, metadata

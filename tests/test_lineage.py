@@ -203,7 +203,7 @@ def test_trace_levels_follow_dbt_manifest(dbs, registry):
         },
     }
     t = lineage.trace(gov, None, registry, "gov/intermediate/int_y", lineage_ids=[lid("enterprise_registry", "part-0001.csv", 1)], manifest=manifest)
-    assert [lv.asset_key for lv in t.levels][:3] == ["gov/intermediate/int_y", "gov/staging/stg_x", "gov/ods/enterprise_registry"]
+    assert [lv.asset_key for lv in t.levels][:3] == ["gov/intermediate/int_y", "gov/staging/stg_x", "gov/ods/ods_enterprise_registry"]
     assert "gov/intermediate/int_z" not in [lv.asset_key for lv in t.levels]
 
 
@@ -243,5 +243,5 @@ def test_row_ranges(nums, text):
 
 def test_now_is_shanghai_time(dbs, registry):
     gov, _ = dbs
-    t = lineage.trace(gov, None, registry, "gov/ods/resident_population", lineage_ids=[lid("resident_population", "part-0001.jsonl", 1)], manifest={})
+    t = lineage.trace(gov, None, registry, "gov/ods/ods_resident_population", lineage_ids=[lid("resident_population", "part-0001.jsonl", 1)], manifest={})
     assert dt.datetime.fromisoformat(t.generated_at).utcoffset() == dt.timedelta(hours=8)

@@ -187,7 +187,7 @@ def test_quarantine_reason_and_row_values_are_masked_by_field(gov, registry):
         [qid, RP, DAY, json.dumps(raw, ensure_ascii=False),
          "字段「出生日期」(birth_date) 的值无法解析为日期：'1990/03/15'；必填字段「公民身份号码」(citizen_id) 为空；"
          f"联系电话 {MALFORMED_PHONE} 无法核实"])
-    t = lineage.trace(gov, None, registry, "gov/ods/resident_population", lineage_ids=[qid], manifest={})
+    t = lineage.trace(gov, None, registry, "gov/ods/ods_resident_population", lineage_ids=[qid], manifest={})
     assert_no_personal(t.to_text() + t.to_json(), extra=("1990/03/15", "端州区某路9号"))
     (row,) = t.rows
     assert row.values["phone"] == "116****3767" and row.values["birth_date"] == "30-39"  # a date DuckDB reads

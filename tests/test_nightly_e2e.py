@@ -19,6 +19,7 @@ import dagster as dg
 import duckdb
 import pytest
 
+from zqdata import asset_keys
 from zqdata.settings import repo_root
 
 DAY = dt.date(2025, 6, 1)
@@ -280,10 +281,10 @@ def test_per_dataset_gate_and_issue_lifecycle_through_real_redeliveries(tmp_path
         materialized = _materialized(result)
         assert any(k.startswith("gov/ods/") for k in materialized)
         assert "gov/quality/issues" in materialized  # the issues are filed even (especially) when the gate fails
-        assert {"ops/desensitized/bus_card_swipes", "ops/published/ops_transit_ridership"} <= materialized
+        assert {"ops/desensitized/desensitized_bus_card_swipes", "ops/published/ops_transit_ridership"} <= materialized
         assert "ops/published/ops_sme_credit_profile" not in materialized
         assert summary.published == ["ops_transit_ridership"]
-        water = instance.get_latest_materialization_event(dg.AssetKey(["ops", "desensitized", "water_usage"]))
+        water = instance.get_latest_materialization_event(dg.AssetKey(asset_keys.desensitized("water_usage")))
         assert "record_count" in water.asset_materialization.metadata["held_back"].value
         assert _ops_rows(data_dir, "desensitized.water_usage", DAY) == 0
         assert _ops_rows(data_dir, "scenario_sme_credit_profile.water_usage", DAY) == 0

@@ -39,10 +39,10 @@ AUDIT = [
 ]
 # (asset, check, partition, passed, evaluated at): what the nightly runs recorded in the event log
 CHECKS = [
-    ("ops/desensitized/enterprise_registry", "no_personal_data_leak", "2025-06-02", False, "2025-06-03 03:00"),
-    ("ops/desensitized/enterprise_registry", "no_personal_data_leak", "2025-06-03", False, "2025-06-04 03:00"),
-    ("ops/desensitized/enterprise_registry", "no_personal_data_leak", "2025-06-03", True, "2025-06-04 05:00"),  # rerun
-    ("ops/desensitized/enterprise_registry", "no_personal_data_leak", "2025-06-20", False, "2025-07-05 03:00"),  # late
+    ("ops/desensitized/desensitized_enterprise_registry", "no_personal_data_leak", "2025-06-02", False, "2025-06-03 03:00"),
+    ("ops/desensitized/desensitized_enterprise_registry", "no_personal_data_leak", "2025-06-03", False, "2025-06-04 03:00"),
+    ("ops/desensitized/desensitized_enterprise_registry", "no_personal_data_leak", "2025-06-03", True, "2025-06-04 05:00"),  # rerun
+    ("ops/desensitized/desensitized_enterprise_registry", "no_personal_data_leak", "2025-06-20", False, "2025-07-05 03:00"),  # late
     ("ops/products/ops_transit_ridership", "authorization_in_force", "2025-06-10", True, "2025-06-11 03:00"),
 ]
 
@@ -100,7 +100,7 @@ def test_quarterly_report_per_scenario(stored):
     # quality gate: enterprise_registry held back on 2025-06-02 (sme reads it, transit does not)
     assert sme.gate_holds == [("enterprise_registry", "2025-06-02", "错误级记录 10%")] and transit.gate_holds == []
     # leak gate: 06-02 blocked; 06-03 failed then passed on a rerun; 06-20's failure came after the cutoff
-    assert sme.blocks == {"ops/desensitized/enterprise_registry :: no_personal_data_leak":
+    assert sme.blocks == {"ops/desensitized/desensitized_enterprise_registry :: no_personal_data_leak":
                           {"partitions": ["2025-06-02"], "evaluations": 2}}
     assert transit.blocks == {}
     # input quality of the scenario's datasets over the quarter (2025-07-01 is Q3)
@@ -133,7 +133,7 @@ def test_a_quarter_not_over_is_provisional(stored):
     assert q.provisional and q.as_of == _t("2025-06-04 04:00")
     assert (sme.deliveries, sme.rows) == (2, 220)
     # as of 06-04 04:00 the rerun of 06-03 (05:00) had not passed yet: both partitions blocked
-    assert sme.blocks["ops/desensitized/enterprise_registry :: no_personal_data_leak"] == {
+    assert sme.blocks["ops/desensitized/desensitized_enterprise_registry :: no_personal_data_leak"] == {
         "partitions": ["2025-06-02", "2025-06-03"], "evaluations": 2}
 
 

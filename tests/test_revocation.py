@@ -11,7 +11,7 @@ import duckdb
 import pytest
 
 from test_boundary import D1, D2, ENT_A, ENT_B, ENT_C, ID_A, ID_B, SECRET, _key, build_gov
-from zqdata import publish
+from zqdata import asset_keys, publish
 from zqdata.authorization import AccessDenied, deliver_product
 from zqdata.boundary import BoundaryGateFailed, check_exclusions, cross_boundary
 from zqdata.desensitize import pseudonymize
@@ -287,7 +287,7 @@ def test_the_boundary_op_fails_with_its_failed_checks_and_materializes_nothing(t
 
     assert not result.success
     assert result.get_asset_materialization_events() == []
-    failed = {(e.asset_key.path[-1], e.check_name) for e in result.get_asset_check_evaluations() if not e.passed}
+    failed = {(asset_keys.parse(e.asset_key.path)[1], e.check_name) for e in result.get_asset_check_evaluations() if not e.passed}
     assert ("bus_card_swipes", "no_personal_data_leak") in failed
     with duckdb.connect(str(ops_path), read_only=True) as ops:
         assert ops.execute("SELECT * FROM desensitized.bus_card_swipes ORDER BY ALL").fetchall() == before

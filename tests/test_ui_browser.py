@@ -363,7 +363,7 @@ DEFINITION_HEADINGS = ("Group", "Code location", "Owners", "Kinds", "Storage", "
 
 def test_an_asset_page_shows_its_owner_and_classification(ui, browser):
     with _page(browser, "3_asset_gov_ods_resident_population") as page:
-        text = _open_asset(page, ui, "gov/ods/resident_population", "Owners")
+        text = _open_asset(page, ui, "gov/ods/ods_resident_population", "Owners")
         page.get_by_text("gbt43697_level: core", exact=True).first.wait_for()
         text = _definition(page.locator("body").inner_text())
         assert _section(text, "Owners", DEFINITION_HEADINGS) == ["psb"]  # team:psb (公安局)

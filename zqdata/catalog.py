@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from zqdata import asset_keys
 from zqdata.registry import Dataset, Registry
 
 DATA_BUREAU = "data_bureau"  # the data management agency (registry/agencies.yaml)
@@ -51,13 +52,20 @@ def team(code: str) -> str:
 
 
 def dataset_of_key(path: Sequence[str], registry: Registry) -> Dataset | None:
-    """The registered dataset an asset key is about (landing/<ds>, gov/ods/<ds>, gov/staging/stg_<agency>__<ds>,
-    gov/intermediate/int_<ds>, ops/desensitized/<ds>); None for products, reports and quality tables."""
-    last = path[-1]
+    """The registered dataset an asset key is about (landing/delivery_<ds>, gov/ods/ods_<ds>,
+    gov/staging/stg_<agency>__<ds>, gov/intermediate/int_<ds>, ops/desensitized/desensitized_<ds>); None for products,
+    reports and quality tables."""
+    last = _name(path)
     for candidate in (last, last.split("__", 1)[-1], last.removeprefix("int_")):
         if candidate in registry.datasets:
             return registry.datasets[candidate]
     return None
+
+
+def _name(path: Sequence[str]) -> str:
+    """The table, dataset or product a key names (its last part without the layer's label prefix)."""
+    parsed = asset_keys.parse(list(path))
+    return parsed[1] if parsed else path[-1]
 
 
 def classification_tags(ds: Dataset, crossing: Sequence[str] | None = None) -> dict[str, str]:
@@ -79,7 +87,7 @@ def catalog_entry(path: Sequence[str], registry: Registry) -> CatalogEntry | Non
     if path[0] == "landing" and ds is not None:
         return CatalogEntry([team(ds.agency)], classification_tags(ds), None, ds)
     if path[0] == "gov" and len(path) == 3:
-        layer, table = path[1], path[2]
+        layer, table = path[1], _name(path)
         owner = ds.agency if ds is not None and layer in ("ods", "staging") else DATA_BUREAU
         tags = classification_tags(ds) if ds is not None else {}
         storage = OPERATIONAL_TABLES.get(table, f"{GOV_DB}.{layer}.{table}") if layer == "quality" else \
@@ -91,7 +99,7 @@ def catalog_entry(path: Sequence[str], registry: Registry) -> CatalogEntry | Non
                                 f"{GOV_DB}.quality.gate_decisions")
         return CatalogEntry([team(owner)], tags, storage, ds)
     if path[0] == "ops" and len(path) == 3:
-        layer, table = path[1], path[2]
+        layer, table = path[1], _name(path)
         if layer == "desensitized" and ds is not None:
             crossing = sorted({n for s in registry.scenarios.values() for n in s.authorized_fields.get(ds.code, [])})
             return CatalogEntry([team(OPERATOR)], classification_tags(ds, crossing),

@@ -18,7 +18,7 @@ from typing import Any
 
 import duckdb
 
-from zqdata import display
+from zqdata import asset_keys, display
 from zqdata.quality.dimensions import cn_name
 from zqdata.registry import Dataset, Registry
 from zqdata.settings import TZ, repo_root
@@ -208,16 +208,16 @@ def normalize_target(target: str) -> str:
     """Asset key (`ops/products/x`) or table (`products.x`, `scenario_s.ds`, `ods.ds`, ...) → asset key string."""
     t = target.strip().strip("/")
     if "/" in t:
-        return t
+        return asset_keys.canonical(t)
     if "." not in t:
         raise TraceError(f"无法识别的溯源对象 {target!r}: give an asset key like ops/products/<model> or a table like products.<model>")
     schema, name = t.split(".", 1)
     if schema == "products":
-        return f"ops/products/{name}"
+        return asset_keys.key_string("product", name)
     if schema == "desensitized" or schema.startswith("scenario_"):
-        return f"ops/desensitized/{name}"
+        return asset_keys.key_string("desensitized", name)
     if schema in ("staging", "intermediate", "ods"):
-        return f"gov/{schema}/{name}"
+        return asset_keys.key_string(schema, name)
     if schema == "quality":
         return f"gov/quality/{name}"
     raise TraceError(f"无法识别的表 {target!r}: unknown schema {schema!r}")
@@ -243,7 +243,7 @@ def asset_levels(
         except KeyError:
             chain.append(TraceLevel("product", LEVEL_NAMES["product"], key, table, "ops"))
             ops_table = f"desensitized.{dataset}"
-        chain.append(TraceLevel("ops_dataset", LEVEL_NAMES["ops_dataset"], f"ops/desensitized/{dataset}", ops_table, "ops"))
+        chain.append(TraceLevel("ops_dataset", LEVEL_NAMES["ops_dataset"], asset_keys.key_string("desensitized", dataset), ops_table, "ops"))
     elif parts[:2] == ["ops", "desensitized"]:
         chain.append(TraceLevel("ops_dataset", LEVEL_NAMES["ops_dataset"], key, f"desensitized.{dataset}", "ops"))
     elif parts[0] == "gov" and parts[1] not in ("intermediate", "staging", "ods"):
@@ -254,8 +254,9 @@ def asset_levels(
     gov_levels = [
         *[TraceLevel("intermediate", LEVEL_NAMES["intermediate"], f"gov/intermediate/{m}", f"intermediate.{m}", "gov") for m in intermediate],
         *[TraceLevel("staging", LEVEL_NAMES["staging"], f"gov/staging/{m}", f"staging.{m}", "gov") for m in staging],
-        TraceLevel("ods", LEVEL_NAMES["ods"], f"gov/ods/{dataset}", f"ods.{dataset}", "gov"),
-        TraceLevel("delivery", LEVEL_NAMES["delivery"], f"landing/{dataset}", f"landing/{ds.agency}/{dataset}/", "landing"),
+        TraceLevel("ods", LEVEL_NAMES["ods"], asset_keys.key_string("ods", dataset), f"ods.{dataset}", "gov"),
+        TraceLevel("delivery", LEVEL_NAMES["delivery"], asset_keys.key_string("delivery", dataset),
+                   f"landing/{ds.agency}/{dataset}/", "landing"),
     ]
     kinds = ["intermediate", "staging", "ods", "delivery"]
     chain += [lv for lv in gov_levels if kinds.index(lv.kind) >= start]
@@ -511,7 +512,7 @@ def trace(
             ids = product_lineage_ids(ops_con, registry, parts[2], row_filter, max_rows)
         elif parts[:2] == ["ops", "desensitized"]:
             raw = asset_key_or_table.strip()
-            table = raw if "/" not in raw else f"desensitized.{parts[2]}"
+            table = raw if "/" not in raw else f"desensitized.{asset_keys.parse(key)[1]}"
             ids = ops_dataset_lineage_ids(ops_con, table, row_filter, max_rows)
         else:
             raise TraceError(f"按行条件溯源只支持运营侧对象 (row filters apply to ops products/datasets), got {key}")
@@ -533,7 +534,7 @@ def trace(
     sources = _sources(gov_con, registry, rows, findings)
     for lv in levels:
         if lv.kind == "delivery":
-            lv.detail = {"files": [s.delivery_file for s in sources if s.dataset in lv.asset_key.split("/", 1)[1:]]}
+            lv.detail = {"files": [s.delivery_file for s in sources if s.dataset == asset_keys.parse(lv.asset_key)[1]]}
     return Trace(
         target=key,
         generated_at=dt.datetime.now(TZ).isoformat(timespec="seconds"),

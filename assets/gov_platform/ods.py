@@ -1,4 +1,4 @@
-"""`gov/ods/<dataset>` assets: a day's delivery ingested into the gov DuckDB ODS, with quarantine and row accounting.
+"""`gov/ods/ods_<dataset>` assets: a day's delivery ingested into the gov DuckDB ODS, with quarantine and row accounting.
 
 Thin wrapper: the logic is `zqdata.ingest.ingest_delivery`.
 """
@@ -10,6 +10,7 @@ import dagster as dg
 from orchestration.partitions import daily_partitions
 from orchestration.pools import GOV_POOL
 from orchestration.resources import ObjectStoreResource, WarehouseResource, store_step_retries
+from zqdata import asset_keys
 from zqdata.ingest import IngestReport, ingest_delivery, row_accounting
 from zqdata.quality.check_info import evaluation_metadata
 from zqdata.registry import Dataset, Registry, registry
@@ -18,7 +19,7 @@ ROW_ACCOUNTING_CHECK = "row_accounting"
 
 
 def ods_key(dataset: str) -> dg.AssetKey:
-    return dg.AssetKey(["gov", "ods", dataset])
+    return dg.AssetKey(asset_keys.ods(dataset))
 
 
 def _metadata(report: IngestReport) -> dict[str, object]:
@@ -59,7 +60,7 @@ def build_ods_asset(ds: Dataset, reg: Registry) -> dg.AssetsDefinition:
         key=ods_key(ds.code),
         group_name="gov_platform",
         partitions_def=daily_partitions,
-        deps=[dg.AssetKey(["landing", ds.code])],
+        deps=[dg.AssetKey(asset_keys.delivery(ds.code))],
         pool=GOV_POOL,
         kinds={"duckdb"},
         description=(

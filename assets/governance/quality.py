@@ -8,6 +8,7 @@ import dagster as dg
 from orchestration.partitions import daily_partitions
 from orchestration.pools import GOV_POOL
 from orchestration.resources import WarehouseResource
+from zqdata import asset_keys
 from zqdata.quality.check_info import evaluation_metadata
 from zqdata.registry import registry
 from zqdata.settings import get_settings, repo_root
@@ -30,7 +31,7 @@ def _dbt_manifest() -> dict | None:
 
 def _findings_deps() -> list[dg.AssetKey]:
     reg = registry()
-    keys = [dg.AssetKey(["gov", "ods", code]) for code in reg.datasets]
+    keys = [dg.AssetKey(asset_keys.ods(code)) for code in reg.datasets]
     keys += [dg.AssetKey(["gov", "intermediate", f"int_{code}"]) for code in reg.datasets]
     return keys
 
@@ -46,7 +47,7 @@ def gate_inputs(dataset: str) -> list[dg.AssetKey]:
     from zqdata.reference import field_rules
 
     reg = registry()
-    keys = [dg.AssetKey(["gov", "ods", dataset]), dg.AssetKey(["gov", "intermediate", f"int_{dataset}"])]
+    keys = [dg.AssetKey(asset_keys.ods(dataset)), dg.AssetKey(["gov", "intermediate", f"int_{dataset}"])]
     if {"registry_reference", "registry_district"} & {r.rule for r in field_rules(reg.datasets[dataset])}:
         keys.append(dg.AssetKey(["gov", "intermediate", "int_enterprise_registry"]))
     return keys

@@ -12,6 +12,7 @@ from assets.governance.quality import gate_key
 from orchestration.partitions import daily_partitions
 from orchestration.pools import GOV_POOL, OPS_POOL, hold_pool
 from orchestration.resources import WarehouseResource
+from zqdata import asset_keys
 from zqdata.authorization import AuthorizationError, check_product_authorized
 from zqdata.boundary import (CONSENT_DATASET, BoundaryGateFailed, GateResult, check_exclusions, cross_boundary,
                              find_leaks)
@@ -30,7 +31,7 @@ class PseudonymKeyResource(dg.ConfigurableResource):
 
 
 def desensitized_key(dataset: str) -> dg.AssetKey:
-    return dg.AssetKey(["ops", "desensitized", dataset])
+    return dg.AssetKey(asset_keys.desensitized(dataset))
 
 
 def _partition_date(context) -> dt.date:
@@ -194,5 +195,5 @@ def boundary_defs() -> dg.Definitions:
 
 def product_gate_defs() -> dg.Definitions:
     """The blocking product gate checks on every registered scenario product (`ops/products/<scenario.product>`)."""
-    keys = [dg.AssetKey(["ops", "products", s.product]) for s in registry().scenarios.values()]
+    keys = [dg.AssetKey(asset_keys.product(s.product)) for s in registry().scenarios.values()]
     return dg.Definitions(asset_checks=product_gate_checks(keys))

@@ -16,6 +16,7 @@ from assets.dbt_common import (DBT_PROJECT_DIR, build_partition, dbt_project, db
 from orchestration.partitions import daily_partitions
 from orchestration.pools import GOV_POOL, OPS_POOL, hold_pool
 from orchestration.resources import WarehouseResource
+from zqdata import asset_keys
 from zqdata.boundary import held_back_on_ops
 from zqdata.dbt_guard import ops_manifest_problems, product_read_problems
 from zqdata.publish import products_reading
@@ -65,7 +66,7 @@ def not_built(context: dg.AssetExecutionContext, warehouse: WarehouseResource, d
     for product in products:
         context.log.warning(f"产品 {product} 本分区未构建：读取被质量门禁留置的数据集 {held} "
                             f"(not built: it reads a held-back dataset)")
-        yield dg.MaterializeResult(asset_key=dg.AssetKey(["ops", "products", product]), metadata={
+        yield dg.MaterializeResult(asset_key=dg.AssetKey(asset_keys.product(product)), metadata={
             "dagster/row_count": 0, "dbt_status": "excluded", "partition_rebuilt": False, "held_back_inputs": held})
 
 
@@ -124,7 +125,7 @@ def scenario_read_checks(products: list[str]) -> list[dg.AssetChecksDefinition]:
     """One blocking `reads_only_own_scenario` check per product (a REQUIRED_GATE of publishing)."""
 
     def build(product: str) -> dg.AssetChecksDefinition:
-        @dg.asset_check(asset=dg.AssetKey(["ops", "products", product]), name=SCENARIO_READ_CHECK, blocking=True,
+        @dg.asset_check(asset=dg.AssetKey(asset_keys.product(product)), name=SCENARIO_READ_CHECK, blocking=True,
                         partitions_def=daily_partitions,
                         description="一场景一授权：产品只读取本场景的数据表 scenario_<场景>.*（编译后 SQL 经 DuckDB 解析）"
                                     " (the product reads only its own scenario's tables)")

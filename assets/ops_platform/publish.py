@@ -1,4 +1,4 @@
-"""`ops/published/<product>`: write–audit–publish. A product partition that passed every gate of its run is published
+"""`ops/published/published_<product>`: write–audit–publish. A product partition that passed every gate of its run is published
 as an immutable Parquet snapshot with a manifest; consumers (`zq deliver`) read only those, never the build database.
 
 Dagster skips this step when a blocking gate fails or errors; it also checks the gates itself (enforce, don't trust):
@@ -19,17 +19,18 @@ import dagster as dg
 from orchestration.partitions import daily_partitions
 from orchestration.pools import OPS_POOL
 from orchestration.resources import WarehouseResource
+from zqdata import asset_keys
 from zqdata.registry import registry
 
 REQUIRED_GATES = ("no_personal_data_leak", "authorization_in_force", "reads_only_own_scenario")
 
 
 def published_key(product: str) -> dg.AssetKey:
-    return dg.AssetKey(["ops", "published", product])
+    return dg.AssetKey(asset_keys.published(product))
 
 
 def product_key(product: str) -> dg.AssetKey:
-    return dg.AssetKey(["ops", "products", product])
+    return dg.AssetKey(asset_keys.product(product))
 
 
 def run_gate_results(instance: dg.DagsterInstance, run_id: str, asset_key: dg.AssetKey) -> dict[str, bool]:
@@ -55,7 +56,7 @@ def gate_problems(gates: dict[str, bool]) -> list[str]:
 
 
 def build_publish_asset(product: str) -> dg.AssetsDefinition:
-    """`ops/published/<product>`: one step per product, so that one product's failed or erroring gate (its blocking
+    """`ops/published/published_<product>`: one step per product, so that one product's failed or erroring gate (its blocking
     checks fail their step) stops the publication of that product only; the others are published (issue 12)."""
     spec = dg.AssetSpec(
         key=published_key(product),

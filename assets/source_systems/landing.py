@@ -1,4 +1,4 @@
-"""`landing/<dataset>` assets: each agency's daily delivery in the landing zone (simulated for the demo, else observed).
+"""`landing/delivery_<dataset>` assets: each agency's daily delivery in the landing zone (simulated for the demo, else observed).
 
 Thin wrapper: generation lives in `zqdata.simulator`, the landing contract in `zqdata.landing`.
 """
@@ -11,6 +11,7 @@ import dagster as dg
 
 from orchestration.partitions import daily_partitions
 from orchestration.resources import ObjectStoreResource, store_step_retries
+from zqdata import asset_keys
 from zqdata.landing import (
     MANIFEST_NAME,
     arrival_time,
@@ -25,7 +26,7 @@ from zqdata.storage import ObjectStore
 
 
 def landing_key(dataset: str) -> dg.AssetKey:
-    return dg.AssetKey(["landing", dataset])
+    return dg.AssetKey(asset_keys.delivery(dataset))
 
 
 def delivery_metadata(store: ObjectStore, reg: Registry, dataset: str, day: dt.date,
@@ -107,12 +108,13 @@ def build_landing_assets(reg: Registry) -> dg.AssetsDefinition:
                 context.log.info(f"模拟交付 {day}: {settings.rows_per_day} 行, 注入缺陷 {len(defects)} 个")
             today = dt.datetime.now(TZ).date()
             for key in sorted(context.selected_asset_keys, key=lambda k: k.to_user_string()):
-                meta = delivery_metadata(object_store, reg, key.path[-1], day, today)
+                dataset = asset_keys.parse(key.path)[1]
+                meta = delivery_metadata(object_store, reg, dataset, day, today)
                 meta["simulated"] = settings.enabled
                 if meta["manifest_problem"]:
-                    context.log.warning(f"{key.path[-1]}: {meta['manifest_problem']}（入库时记录并核对 recorded at ingestion）")
+                    context.log.warning(f"{dataset}: {meta['manifest_problem']}（入库时记录并核对 recorded at ingestion）")
                 if meta["future_folders"]:
-                    context.log.warning(f"{key.path[-1]}: 交付目录日期晚于今天 future-dated delivery folders: "
+                    context.log.warning(f"{dataset}: 交付目录日期晚于今天 future-dated delivery folders: "
                                         f"{', '.join(meta['future_folders'])}")
                 results.append(dg.MaterializeResult(asset_key=key, metadata=meta))
         yield from results

@@ -14,7 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Examples: zq trace ops/products/ops_sme_credit_profile --where credit_code=9144... ; "
             "zq trace products.ops_transit_ridership --where route_id=11 --where hour=8 ; "
             "zq trace gov/quality/findings --partition 2025-05-01 --dataset resident_population --rule <rule> ; "
-            "zq trace gov/ods/enterprise_registry --id enterprise_registry/2025-05-01/part-0001.csv#12"
+            "zq trace gov/ods/ods_enterprise_registry --id enterprise_registry/2025-05-01/part-0001.csv#12"
         ),
     )
     p.add_argument("target", help="asset key (ops/products/<model>, gov/staging/<model>, ...) or table (products.<model>, ...)")

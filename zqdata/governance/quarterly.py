@@ -8,7 +8,7 @@ Sources, each named in the report:
 - deliveries, rows and refused attempts: the delivery audit log (operational DB, ``audit_deliveries``, Art. 25);
 - quality-gate holds of the scenario's input datasets: ``quality.gate_decisions`` (gov DuckDB);
 - leak and boundary blocks: the gate results are not stored in a table, only as asset check evaluations in the Dagster
-  event log (``no_personal_data_leak`` / ``exclusions_respected`` on ``ops/desensitized/<dataset>``,
+  event log (``no_personal_data_leak`` / ``exclusions_respected`` on ``ops/desensitized/desensitized_<dataset>``,
   ``no_personal_data_leak`` / ``authorization_in_force`` / ``reads_only_own_scenario`` on ``ops/products/<product>``);
 - input quality: ``quality.scores`` of the scenario's datasets (records-weighted, per Art. 20 dimension);
 - demand requests (Art. 18): the demand register, read through a guarded import; "无记录" when it does not exist yet.
@@ -27,6 +27,7 @@ from typing import Any
 import duckdb
 import sqlalchemy as sa
 
+from zqdata import asset_keys
 from zqdata.governance.reporting import (SETTLE, Report, Section, Table, as_of_for, bar_chart, iso, line_chart,
                                          number, rate, rounded)
 from zqdata.quality.dimensions import DIMENSION_KEYS, cn_name
@@ -40,7 +41,7 @@ FEE_CLASS = {
 }
 NO_FEE_SCHEDULE = "登记中未载明收费标准 (no fee schedule in the registry)"
 NO_RECORDS = "无记录"
-DATASET_CHECKS = ("no_personal_data_leak", "exclusions_respected")  # on ops/desensitized/<dataset>
+DATASET_CHECKS = ("no_personal_data_leak", "exclusions_respected")  # on ops/desensitized/desensitized_<dataset>
 PRODUCT_CHECKS = ("no_personal_data_leak", "authorization_in_force", "reads_only_own_scenario")  # on ops/products/<p>
 
 
@@ -244,7 +245,7 @@ def build_quarterly(gov_con: duckdb.DuckDBPyConnection | None, db: sa.Engine | N
         q.quality = {dim: (sum(quality.get(ds, {}).get(dim, (0, 0))[0] for ds in datasets),
                            sum(quality.get(ds, {}).get(dim, (0, 0))[1] for ds in datasets)) for dim in DIMENSION_KEYS}
         if instance is not None:
-            keys = [(f"ops/desensitized/{ds}", check) for ds in datasets for check in DATASET_CHECKS]
+            keys = [(asset_keys.key_string("desensitized", ds), check) for ds in datasets for check in DATASET_CHECKS]
             keys += [(f"ops/products/{sc.product}", check) for check in PRODUCT_CHECKS]
             for asset, check in keys:
                 failed = failed_check_partitions(instance, asset, check, start, end, as_of)
