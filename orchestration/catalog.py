@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import dagster as dg
 
-from zqdata.catalog import catalog_entry, merge_columns
+from zqdata.catalog import catalog_entry, merge_columns, with_group_label
 from zqdata.registry import Registry
 
 
 def with_catalog(spec: dg.AssetSpec, registry: Registry) -> dg.AssetSpec:
+    description = with_group_label(spec.description, spec.group_name)
     entry = catalog_entry(spec.key.path, registry)
     if entry is None:
-        return spec
+        return spec.replace_attributes(description=description)
     metadata = dict(spec.metadata or {})
     if entry.table_name:
         metadata["dagster/table_name"] = entry.table_name
@@ -25,6 +26,7 @@ def with_catalog(spec: dg.AssetSpec, registry: Registry) -> dg.AssetSpec:
             dg.TableColumn(name, type_, description=desc, tags=dict(tags) or None)
             for name, type_, desc, tags in merge_columns(columns, entry.dataset, entry.crossing)])
     return spec.replace_attributes(
+        description=description,
         owners=sorted({*(spec.owners or ()), *entry.owners}),
         tags={**(spec.tags or {}), **entry.tags},
         metadata=metadata,

@@ -140,3 +140,16 @@ def test_every_node_label_is_distinct_and_names_its_layer(graph):
     assert asset_keys.parse("ops/desensitized/desensitized_bus_card_swipes") == ("desensitized", "bus_card_swipes")
     assert asset_keys.canonical("gov/ods/resident_population") == "gov/ods/ods_resident_population"
     assert asset_keys.parse(["ops", "published", "published_transit_ridership"]) == ("published", "ops_transit_ridership")
+
+
+def test_every_description_opens_with_its_platform_in_chinese_and_english(graph):
+    """Group names are ASCII only (Dagster): the platform's name, in Chinese and English, opens each description."""
+    from zqdata.catalog import GROUP_LABELS
+
+    _, g, _ = graph
+    for key in g.get_all_asset_keys():
+        node = g.get(key)
+        label = GROUP_LABELS[node.group_name]
+        assert (node.description or "").startswith(f"【{label}】"), key.to_user_string()
+        assert node.description.count(label) == 1, key.to_user_string()
+    assert GROUP_LABELS["gov_platform"].startswith("市政务大数据平台")

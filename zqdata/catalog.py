@@ -26,6 +26,24 @@ from zqdata.registry import Dataset, Registry
 DATA_BUREAU = "data_bureau"  # the data management agency (registry/agencies.yaml)
 OPERATOR = "operator"  # the authorized operator of the operations platform
 GOV_DB, OPS_DB = "gov_platform", "ops_platform"
+#: What each asset group is, in Chinese and English. Dagster allows only ASCII in a group name, so the UI shows this
+#: where it can: it opens the description of every asset of the group.
+GROUP_LABELS = {
+    "source_systems": "数源机构 · Source agencies",
+    "gov_platform": "市政务大数据平台 · Government big-data platform",
+    "governance": "数据治理（市政务大数据平台）· Governance on the gov platform",
+    "ops_platform": "市公共数据资源运营服务平台 · Public data operations service platform",
+    "governance_reports": "监督与报告（登记、公示、评价、季报、合规）· Oversight and reports",
+}
+
+
+def with_group_label(description: str | None, group: str | None) -> str | None:
+    """``description`` opened by its group's label (once; unchanged for a group without one)."""
+    label = GROUP_LABELS.get(group or "")
+    if label is None:
+        return description
+    head = f"【{label}】"
+    return description if (description or "").startswith(head) else f"{head}{description or ''}"
 LEVEL_TAG = {"一般": "general", "重要": "important", "核心": "core"}  # GB/T 43697-2024
 _LEVEL_RANK = {"一般": 0, "重要": 1, "核心": 2}
 _PI_RANK = {"none": 0, "personal": 1, "sensitive": 2}
