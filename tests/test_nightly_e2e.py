@@ -281,8 +281,8 @@ def test_per_dataset_gate_and_issue_lifecycle_through_real_redeliveries(tmp_path
         materialized = _materialized(result)
         assert any(k.startswith("gov/ods/") for k in materialized)
         assert "gov/quality/issues" in materialized  # the issues are filed even (especially) when the gate fails
-        assert {"ops/desensitized/desensitized_bus_card_swipes", "ops/published/ops_transit_ridership"} <= materialized
-        assert "ops/published/ops_sme_credit_profile" not in materialized
+        assert {"ops/desensitized/desensitized_bus_card_swipes", "ops/published/published_transit_ridership"} <= materialized
+        assert "ops/published/published_sme_credit_profile" not in materialized
         assert summary.published == ["ops_transit_ridership"]
         water = instance.get_latest_materialization_event(dg.AssetKey(asset_keys.desensitized("water_usage")))
         assert "record_count" in water.asset_materialization.metadata["held_back"].value
