@@ -75,6 +75,14 @@ class DayEvents:
         for result in checks:
             yield from self.check(day, result, asset_key=key)
 
+    def materialize_day_only(self, day: dt.date, asset_key: dg.AssetKey, metadata: dict[str, Any]) -> Iterator[Any]:
+        """A materialization of the day alone, for a skippable asset some days of a range do not materialize (the
+        output would record every day of the range): in a range run an AssetMaterialization of the day's partition."""
+        if self.single:
+            yield dg.MaterializeResult(asset_key=asset_key, metadata=metadata)
+        else:
+            yield dg.AssetMaterialization(asset_key=asset_key, partition=day.isoformat(), metadata=metadata)
+
     def check(self, day: dt.date, result: dg.AssetCheckResult, asset_key: dg.AssetKey | None = None) -> Iterator[Any]:
         """The day's evaluation of a check, recorded against the day's partition."""
         if self.single:
