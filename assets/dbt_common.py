@@ -522,7 +522,7 @@ def ranged_dbt_events(events: Iterable[Any], day: dt.date, day_events: Any) -> I
     ad = ctx.assets_def
     for event in events:
         if isinstance(event, dg.Output):
-            key = ad.asset_key_for_output(event.output_name)
+            key = ad.keys_by_output_name[event.output_name]
             ctx.add_asset_metadata(dict(event.metadata or {}), asset_key=key, partition_key=day.isoformat())
             day_events.output_materialized(key)
         elif isinstance(event, dg.MaterializeResult):
