@@ -92,7 +92,7 @@ def findings_of_day(context: dg.AssetExecutionContext, warehouse: WarehouseResou
 
     with warehouse.gov() as con:
         summary = collect_findings(con, registry(), day, manifest, get_settings().docs_dir,
-                                   run_id=context.run.run_id)
+                                   run_id=context.run.run_id, dbt_collected=dbt_collected_in_run(context, events))
         gate = evaluate_gate(con, registry(), day)
         record_gate_decisions(con, registry(), gate)
     for code in sorted(registry().datasets):
@@ -111,6 +111,12 @@ def findings_of_day(context: dg.AssetExecutionContext, warehouse: WarehouseResou
         # a link the UI opens (served under `make ui`; a file:// URL otherwise)
         "data_docs": dg.MetadataValue.url(data_docs_url(base_url=get_settings().docs_base_url)),
     })
+
+
+def dbt_collected_in_run(context: dg.AssetExecutionContext, events: DayEvents) -> bool:
+    """A range run whose gov dbt step collected each day's dbt findings after the day's build (gov_dbt_models)."""
+    steps = context.run.step_keys_to_execute
+    return not events.single and (steps is None or "gov_dbt_models" in steps)
 
 
 def build_scores_asset() -> dg.AssetsDefinition:
