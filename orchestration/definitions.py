@@ -26,7 +26,10 @@ def defs() -> dg.Definitions:
     # code location opts into deliberately; its warning is not news to the people running the platform.
     warnings.filterwarnings("ignore", message=r"Specifying a partitions_def on an AssetCheckSpec",
                             category=dg.PreviewWarning)
-    # Every asset of the nightly job has BackfillPolicy.single_run() (issue 15: a backfill is one run over its range).
+    # Every asset of the nightly job has BackfillPolicy.single_run() (issue 15: a backfill is one run over its range);
+    # the `backfill_policy` parameter is a Dagster beta feature this code location uses deliberately.
+    warnings.filterwarnings("ignore", message=r"Parameter `backfill_policy` of .* is currently in beta",
+                            category=dg.BetaWarning)
 
     return apply_catalog(dg.Definitions.merge(
         source_defs(),
