@@ -78,7 +78,7 @@ ui: setup $(KEYFILE)
 
 # A year of small daily deliveries (ZQ_SIM_ROWS_PER_DAY, default here 1,000) through the nightly job, then the governance
 # reports of the periods it covers (disclosure and evaluation of 2025, the quarters, the compliance matrix).
-# `make history DAYS=30` for a shorter stretch. Speed is issue 15's work: today every night costs its fixed ~30–50 s.
+# `make history DAYS=30` for a shorter stretch. The nights run in ranges of 30 days, one run each (issue 15).
 history: setup $(KEYFILE)
 	ZQ_SIM_ROWS_PER_DAY=$${ZQ_SIM_ROWS_PER_DAY:-1000} $(WITH_DOCS_URL) $(WITH_KEY) $(BIN)/zq history --start 2025-05-01 \
 	  --days $(if $(filter command line,$(origin DAYS)),$(DAYS),365)

@@ -502,15 +502,40 @@ def stream_with_column_lineage(invocation: DbtCliInvocation, db_path: Path, cont
 
 
 def partitioned_dbt_assets(select: str, name: str, pool: str):
-    """`@dbt_assets` as both platforms use it: the one manifest and translator, daily partitions, one run per day
-    (dbt gets exactly one partition, `build_partition`), under the pool of the DuckDB file dbt writes."""
+    """`@dbt_assets` as both platforms use it: the one manifest and translator, daily partitions, under the pool of
+    the DuckDB file dbt writes. A backfill runs as one run over its range (issue 15); each dbt invocation still gets
+    exactly one partition (`build_partition`), the range's days in order (`ranged_dbt_events`)."""
     from orchestration.partitions import daily_partitions
 
     project = dbt_project()
     return dbt_assets(manifest=project.manifest_path, project=project, select=select, name=name,
                       dagster_dbt_translator=translator(), partitions_def=daily_partitions, pool=pool,
-                      # one partition per run, as every other asset (dagster-dbt would default to single_run)
-                      backfill_policy=dg.BackfillPolicy.multi_run(1))
+                      backfill_policy=dg.BackfillPolicy.single_run())
+
+
+def ranged_dbt_events(events: Iterable[Any], day: dt.date, day_events: Any) -> Iterator[Any]:
+    """One day's events of a dbt step, as the step records them (orchestration.ranges.DayEvents): unchanged in a
+    single-day run; in a range run each model's metadata and each test's evaluation go to the day's partition, and
+    the outputs are yielded once by `day_events.finish()`."""
+    if day_events.single:
+        yield from events
+        return
+    ctx = day_events.context
+    ad = ctx.assets_def
+    for event in events:
+        if isinstance(event, dg.Output):
+            key = ad.keys_by_output_name[event.output_name]
+            ctx.add_asset_metadata(dict(event.metadata or {}), asset_key=key, partition_key=day.isoformat())
+            day_events.output_materialized(key)
+        elif isinstance(event, dg.MaterializeResult):
+            yield from day_events.materialize(day, event.asset_key, dict(event.metadata or {}),
+                                              event.check_results or ())
+        elif isinstance(event, dg.AssetCheckResult):
+            yield from day_events.check(day, event)
+        elif isinstance(event, (dg.AssetMaterialization, dg.AssetObservation)):
+            yield event._replace(partition=day.isoformat())
+        else:
+            yield event
 
 RUN_DIRS_KEPT = 14  # per dbt asset: the newest run folders (compiled SQL, run_results.json, dbt.log) kept for audit
 
@@ -518,7 +543,8 @@ RUN_DIRS_KEPT = 14  # per dbt asset: the newest run folders (compiled SQL, run_r
 def build_partition(dbt: DbtCliResource, context: dg.AssetExecutionContext, target: str, gov_db: Path, ops_db: Path,
                     extra_vars: Mapping[str, Any] | None = None,
                     preflight: Callable[[Mapping[str, Any]], list[str]] | None = None,
-                    on_unbuilt: UnbuiltHandler | None = None, exclude: Sequence[str] = ()) -> Iterator[Any]:
+                    on_unbuilt: UnbuiltHandler | None = None, exclude: Sequence[str] = (),
+                    day: dt.date | None = None, keep_runs: int = RUN_DIRS_KEPT) -> Iterator[Any]:
     """`dbt build --target <target>` of the run's partition; its events, with column lineage, once dbt has exited.
 
     - dbt runs sealed (docs/security.md, "Sealed dbt steps"): its environment holds only the process necessities and
@@ -530,19 +556,21 @@ def build_partition(dbt: DbtCliResource, context: dg.AssetExecutionContext, targ
       --vars: a new night then changes nothing dbt parses.
     - dbt's partial-parse state is kept per target between runs (target/partial_parse/<target>.msgpack) and put in the
       run's own target folder before dbt starts, so a night re-parses only the files that changed.
-    - Run folders of this asset beyond the newest RUN_DIRS_KEPT are removed (dagster-dbt makes one per run).
+    - Run folders of this asset beyond the newest `keep_runs` are removed (dagster-dbt makes one per run; a range
+      run keeps at least one per day of the range: its checks read them after the step).
+    - `day`: the partition to build (a range run builds its days one by one); default the run's partition.
     - `on_unbuilt`: see `stream_with_column_lineage` (gov: a failing model holds back its own dataset only).
     - `exclude`: models not built this run (ops: the products reading a dataset the quality gate held back).
     """
     op_name = context.op_execution_context.op.name
     target_dir = DBT_PROJECT_DIR / "target"
-    run_dir = target_dir / f"{op_name}-{context.run.run_id[:8]}-{uuid.uuid4().hex[:7]}"
+    run_dir = target_dir / run_dir_name(op_name, context.run.run_id, None if day is None else day.isoformat())
     cache = target_dir / "partial_parse" / f"{target}.msgpack"
     seed_partial_parse(cache, run_dir)
     args = ["build", "--target", target, *(["--exclude", " ".join(exclude)] if exclude else [])]
     if extra_vars:
         args += ["--vars", json.dumps(extra_vars, ensure_ascii=False, sort_keys=True)]
-    partition = dt.date.fromisoformat(context.partition_key).isoformat()
+    partition = (day or dt.date.fromisoformat(context.partition_key)).isoformat()
     profile = dbt_guard.profile_env(target, gov_db if target == "gov" else ops_db, get_settings().duckdb_memory_limit,
                                     partition)
     try:
@@ -555,7 +583,12 @@ def build_partition(dbt: DbtCliResource, context: dg.AssetExecutionContext, targ
         yield from stream_with_column_lineage(invocation, gov_db if target == "gov" else ops_db, context, on_unbuilt)
     finally:
         keep_partial_parse(run_dir, cache)
-        prune_run_dirs(target_dir, op_name, keep=RUN_DIRS_KEPT)
+        prune_run_dirs(target_dir, op_name, keep=keep_runs)
+
+
+def run_dir_name(op_name: str, run_id: str, day: str | None = None) -> str:
+    """`<op>-<run id[:8]>-<random>`; in a range run `<op>-<run id[:8]>-<day>-<random>` (one dbt build per day)."""
+    return "-".join([op_name, run_id[:8], *([day] if day else []), uuid.uuid4().hex[:7]])
 
 
 def parse_manifest(target: str, run_dir: Path, profile: Mapping[str, str],

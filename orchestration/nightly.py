@@ -37,22 +37,49 @@ _RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
 def run_nightly(day: dt.date, instance: dg.DagsterInstance | None = None) -> tuple[dg.ExecuteInProcessResult, DaySummary]:
     """Execute `nightly_aggregation` for one partition in this process, deliver the agencies' messages (the run the
     alert sensor requests under `make ui`), and summarize both."""
+    result, summaries = _execute(day, day, instance, {})
+    return result, summaries[0]
+
+
+def run_nightly_range(start: dt.date, end: dt.date, instance: dg.DagsterInstance | None = None
+                      ) -> tuple[dg.ExecuteInProcessResult, list[DaySummary]]:
+    """Execute `nightly_aggregation` ONCE over the days [start, end] (a range run, issue 15: each step processes the
+    days in order), then the notification run; one summary per day. One day: the same as `run_nightly`."""
+    from orchestration.ranges import range_tags
+
+    return _execute(start, end, instance, {} if start == end else range_tags(start, end))
+
+
+def _execute(start: dt.date, end: dt.date, instance: dg.DagsterInstance | None,
+             tags: dict[str, str]) -> tuple[dg.ExecuteInProcessResult, list[DaySummary]]:
     from assets.governance.issues import NOTIFY_JOB
     from orchestration.definitions import defs
     from orchestration.jobs import NIGHTLY_JOB
     from orchestration.instance import ensure_instance
     from orchestration.runs import process_tags, sweep_orphaned_runs
-    from zqdata import issues, opdb
 
     location = defs()
     instance = instance or ensure_instance()
     for run_id in sweep_orphaned_runs(instance):
         print(f"已将进程不存在的运行 {run_id} 标记为失败并释放其并发池 (run of a dead process marked failed)", flush=True)
     result = location.resolve_job_def(NIGHTLY_JOB).execute_in_process(
-        partition_key=day.isoformat(), instance=instance, raise_on_error=False, run_config=_RUN_CONFIG,
-        tags=process_tags())
+        partition_key=None if tags else start.isoformat(), instance=instance, raise_on_error=False,
+        run_config=_RUN_CONFIG, tags={**process_tags(), **tags})
+    days = [start + dt.timedelta(days=i) for i in range((end - start).days + 1)]
+    summaries = [summarize_day(result, day, single=not tags) for day in days]
+    notify = location.resolve_job_def(NOTIFY_JOB).execute_in_process(instance=instance, raise_on_error=False,
+                                                                       run_config=_RUN_CONFIG, tags=process_tags())
+    for summary in summaries:
+        add_day_state(summary, _notify_text(notify))
+    return result, summaries
+
+
+def summarize_day(result: dg.ExecuteInProcessResult, day: dt.date, single: bool = True) -> DaySummary:
+    """A day's summary from the run's check evaluations and materializations (of that day's partition only)."""
     summary = DaySummary(partition=day.isoformat(), success=result.success)
     for ev in result.get_asset_check_evaluations():
+        if not single and ev.partition != day.isoformat():
+            continue
         name = f"{ev.asset_key.to_user_string()}:{ev.check_name}"
         if ev.check_name == "quality_gate":
             summary.gate_passed = ev.passed
@@ -69,13 +96,19 @@ def run_nightly(day: dt.date, instance: dg.DagsterInstance | None = None) -> tup
             where = (str(meta.get("agency") or ""), str(meta.get("dimension") or ""))
             summary.failed_by_agency.setdefault(where, []).append(str(meta.get("rule") or name))
     summary.published = sorted(asset_keys.parse(m.asset_key.path)[1] for m in result.get_asset_materialization_events()
-                               if m.asset_key.path[:2] == ["ops", "published"])
-    notify = location.resolve_job_def(NOTIFY_JOB).execute_in_process(instance=instance, raise_on_error=False,
-                                                                       run_config=_RUN_CONFIG, tags=process_tags())
-    summary.notify = _notify_text(notify)
+                               if m.asset_key.path[:2] == ["ops", "published"]
+                               and (single or m.partition == day.isoformat()))
+    return summary
+
+
+def add_day_state(summary: DaySummary, notify: str) -> None:
+    """The day's open issues and row counts as they stand now, and what the notification run did."""
+    from zqdata import issues, opdb
+
+    day = dt.date.fromisoformat(summary.partition)
+    summary.notify = notify
     summary.issues = [i for i in issues.list_issues(opdb.get_engine(), partition_date=day) if i.status not in issues.CLOSED]
     summary.stage_rows = stage_row_counts(day)
-    return result, summary
 
 
 def _notify_text(result: dg.ExecuteInProcessResult) -> str:

@@ -117,13 +117,19 @@ def fields_used(dataset: Dataset, scenarios: list[Scenario]) -> list[str]:
     return [f.name for f in dataset.fields if f.name in used]
 
 
-def consent_reference_day(gov_con: duckdb.DuckDBPyConnection, registry: Registry, partition_date: dt.date) -> dt.date:
+def consent_reference_day(gov_con: duckdb.DuckDBPyConnection, registry: Registry, partition_date: dt.date,
+                          pending: tuple[dt.date, dt.date] | None = None) -> dt.date:
     """The day whose consent and scenario state applies to every partition: the run's day, or the newest day of consent
-    records the gov platform holds when later (a backfill of an old day still honours a later revocation)."""
+    records the gov platform holds when later (a backfill of an old day still honours a later revocation).
+
+    ``pending`` (first, last): days of a range run crossed after this one. Their consent is left out here, as a
+    single-day run of this day before them would not have seen it; their own crossings apply it (and purge back)."""
     if CONSENT_DATASET not in registry.datasets:
         return partition_date
     relation = gov_relation(gov_con, registry, CONSENT_DATASET)
-    (latest,) = gov_con.execute(f"SELECT max(_partition_date) FROM {relation}").fetchone()
+    where, params = ("", []) if pending is None else (" WHERE CAST(_partition_date AS DATE) NOT BETWEEN ? AND ?",
+                                                      list(pending))
+    (latest,) = gov_con.execute(f"SELECT max(_partition_date) FROM {relation}{where}", params).fetchone()
     latest = dt.date.fromisoformat(str(latest)[:10]) if latest is not None else None
     return max(partition_date, latest) if latest else partition_date
 
@@ -307,7 +313,8 @@ def _count(gov_con: duckdb.DuckDBPyConnection, relation: str, partition_date: dt
 def cross_boundary(gov_con: duckdb.DuckDBPyConnection, ops_con: duckdb.DuckDBPyConnection, registry: Registry,
                    partition_date: dt.date | str, key: PseudonymKey, strict: bool = True,
                    gate: Gate | None = run_gates,
-                   held_back: Mapping[str, str] | Iterable[str] | None = None) -> BoundaryReport:
+                   held_back: Mapping[str, str] | Iterable[str] | None = None,
+                   pending_consent: tuple[dt.date, dt.date] | None = None) -> BoundaryReport:
     """Cross one partition gov → ops in ONE ops transaction (a failure leaves the previous state).
 
     Only the fields and datasets used by a scenario in force that day cross (data minimisation). Revocations and
@@ -319,6 +326,8 @@ def cross_boundary(gov_con: duckdb.DuckDBPyConnection, ops_con: duckdb.DuckDBPyC
     of them crosses; their partition is removed from ``desensitized.<dataset>`` and every ``scenario_*.<dataset>`` (the
     partition is not served), the other datasets cross as usual, and ``boundary.held_back`` records them for the
     products and publish steps (a product reading a held-back dataset is not published for the partition).
+
+    ``pending_consent``: the later days of a range run (see `consent_reference_day`).
 
     A revoked or expired scenario gets nothing written; with ``strict`` an AuthorizationError naming it is raised
     after the rest has been committed (``exc.report`` holds the report); otherwise it is only listed in ``report.blocked``.
@@ -344,7 +353,7 @@ def cross_boundary(gov_con: duckdb.DuckDBPyConnection, ops_con: duckdb.DuckDBPyC
             report.sources[ds.code] = f"（不可读 unreadable: {exc}）"
             unreadable.add(ds.code)
 
-    ref = report.reference_day = consent_reference_day(gov_con, registry, d)
+    ref = report.reference_day = consent_reference_day(gov_con, registry, d, pending_consent)
     in_force, live = scenarios_in_force(registry, d, ref), scenarios_live(registry, ref)
     purged_by_scenario: dict[str, list[pa.Table]] = {}
     keep_cache: dict = {}  # subject sets to keep, computed once per (scenarios, pseudonym domain)

@@ -10,9 +10,10 @@ from typing import Any
 import dagster as dg
 from dagster_dbt import DbtCliResource
 
-from assets.dbt_common import (build_partition, dbt_project, dbt_resource, dbt_source_specs, enrich_check_result,
-                               partitioned_dbt_assets, relation_asset_keys)
+from assets.dbt_common import (RUN_DIRS_KEPT, build_partition, dbt_project, dbt_resource, dbt_source_specs,
+                               enrich_check_result, partitioned_dbt_assets, ranged_dbt_events, relation_asset_keys)
 from orchestration.pools import GOV_POOL
+from orchestration.ranges import DayEvents, partition_days
 from orchestration.resources import WarehouseResource
 from zqdata.leakgate import update_identifier_index
 from zqdata.quality import check_info
@@ -29,22 +30,39 @@ def gov_dbt_assets() -> dg.AssetsDefinition:
     def gov_dbt_models(context: dg.AssetExecutionContext, dbt: DbtCliResource,
                        warehouse: WarehouseResource) -> Iterator[Any]:
         reg = registry()
-        day = dt.date.fromisoformat(context.partition_key)
-        # the code-table and range rules read the registry through ref.* (synced, never copied into dbt)
-        with warehouse.gov() as con:
-            sync_reference_tables(con, reg)
-            clear_model_failures(con, day)  # this build decides afresh which models of the partition did not build
-        # column lineage + schema are read from the gov DB once dbt has exited (never through dbt's in-process adapter)
-        events = build_partition(dbt, context, "gov", warehouse.gov_path(), warehouse.ops_path(),
-                                 on_unbuilt=functools.partial(confine_unbuilt, context, warehouse, reg, day))
-        try:
-            yield from with_check_traces(events, warehouse, reg, context.partition_key)
-        finally:  # the leak gate's index of gov identifiers gets this partition's (ODS, staging, intermediate)
-            with warehouse.gov() as con:
-                added = update_identifier_index(con, reg, day)
-            context.log.debug(f"leak-gate identifier index: {added} new values for {day}")
+        day_events = DayEvents(context, partition_days(context))
+        # a range run builds its days one by one, earliest first: each dbt build gets exactly one partition (the
+        # models' tests and quality findings are per partition, and each day's checks are recorded against it)
+        for day in day_events.days:
+            yield from ranged_dbt_events(build_gov_day(context, dbt, warehouse, reg, day, day_events), day, day_events)
+        yield from day_events.finish()
 
     return gov_dbt_models
+
+
+def build_gov_day(context: dg.AssetExecutionContext, dbt: DbtCliResource, warehouse: WarehouseResource,
+                  reg: Registry, day: dt.date, day_events: DayEvents) -> Iterator[Any]:
+    """`dbt build --target gov` of one day, with check traces; then the leak gate's identifier index for the day."""
+    # the code-table and range rules read the registry through ref.* (synced, never copied into dbt)
+    with warehouse.gov() as con:
+        sync_reference_tables(con, reg)
+        clear_model_failures(con, day)  # this build decides afresh which models of the partition did not build
+    # column lineage + schema are read from the gov DB once dbt has exited (never through dbt's in-process adapter)
+    events = build_partition(dbt, context, "gov", warehouse.gov_path(), warehouse.ops_path(),
+                             on_unbuilt=functools.partial(confine_unbuilt, context, warehouse, reg, day),
+                             day=None if day_events.single else day,
+                             keep_runs=max(RUN_DIRS_KEPT, len(day_events.days)))
+    try:
+        yield from with_check_traces(events, warehouse, reg, day.isoformat())
+        if not day_events.single:  # the next day's build replaces the stored test failures: the day's findings now
+            from zqdata.quality.dbt_findings import collect_dbt_findings
+
+            with warehouse.gov() as con:
+                collect_dbt_findings(con, _manifest(), day)
+    finally:  # the leak gate's index of gov identifiers gets this partition's (ODS, staging, intermediate)
+        with warehouse.gov() as con:
+            added = update_identifier_index(con, reg, day)
+        context.log.debug(f"leak-gate identifier index: {added} new values for {day}")
 
 
 def confine_unbuilt(context: dg.AssetExecutionContext, warehouse: WarehouseResource, reg: Registry, day: dt.date,

@@ -4,11 +4,14 @@ Thin wrapper: the logic is `zqdata.ingest.ingest_delivery`.
 """
 
 import datetime as dt
+from collections.abc import Iterator
+from typing import Any
 
 import dagster as dg
 
 from orchestration.partitions import daily_partitions
 from orchestration.pools import GOV_POOL
+from orchestration.ranges import DayEvents, partition_days
 from orchestration.resources import ObjectStoreResource, WarehouseResource, store_step_retries
 from zqdata import asset_keys
 from zqdata.ingest import IngestReport, ingest_delivery, row_accounting
@@ -60,6 +63,7 @@ def build_ods_asset(ds: Dataset, reg: Registry) -> dg.AssetsDefinition:
         key=ods_key(ds.code),
         group_name="gov_platform",
         partitions_def=daily_partitions,
+        backfill_policy=dg.BackfillPolicy.single_run(),
         deps=[dg.AssetKey(asset_keys.delivery(ds.code))],
         pool=GOV_POOL,
         kinds={"duckdb"},
@@ -81,16 +85,20 @@ def build_ods_asset(ds: Dataset, reg: Registry) -> dg.AssetsDefinition:
     )
     def _ods(
         context: dg.AssetExecutionContext, store: ObjectStoreResource, warehouse: WarehouseResource
-    ) -> dg.MaterializeResult:
-        day = dt.date.fromisoformat(context.partition_key)
-        with store_step_retries(context), warehouse.gov() as con:
-            report = ingest_delivery(con, store.get_store(), reg, ds.code, day)
-            acc = row_accounting(con, ds.code, day)
-        if report.status == "rejected":
-            raise dg.Failure(description="；".join(report.errors), metadata=_metadata(report))
-        if report.errors:
-            context.log.warning(f"{ds.code} {day}: " + "；".join(report.errors))
-        return dg.MaterializeResult(metadata=_metadata(report), check_results=[accounting_check(acc, ds.code)])
+    ) -> Iterator[Any]:
+        events = DayEvents(context, partition_days(context))
+        # a range run ingests its days in order: a day's duplicate detection reads the deliveries of the days before
+        for day in events.days:
+            with store_step_retries(context), warehouse.gov() as con:
+                report = ingest_delivery(con, store.get_store(), reg, ds.code, day)
+                acc = row_accounting(con, ds.code, day)
+            if report.status == "rejected":
+                when = "" if events.single else f"{day}: "  # a range run names the day that stopped it
+                raise dg.Failure(description=when + "；".join(report.errors), metadata=_metadata(report))
+            if report.errors:
+                context.log.warning(f"{ds.code} {day}: " + "；".join(report.errors))
+            yield from events.materialize(day, metadata=_metadata(report), check_results=[accounting_check(acc, ds.code)])
+        yield from events.finish()
 
     return _ods
 

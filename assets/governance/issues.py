@@ -17,6 +17,7 @@ import dagster as dg
 from assets.governance.quality import FINDINGS_KEY
 from orchestration.partitions import daily_partitions
 from orchestration.pools import GOV_POOL
+from orchestration.ranges import DayEvents, partition_days
 from orchestration.resources import WarehouseResource
 from zqdata.registry import registry
 
@@ -67,6 +68,7 @@ def build_issues_asset() -> dg.AssetsDefinition:
         key=ISSUES_KEY,
         group_name="governance",
         partitions_def=daily_partitions,
+        backfill_policy=dg.BackfillPolicy.single_run(),
         deps=[FINDINGS_KEY],
         pool=GOV_POOL,
         kinds={"duckdb", "sqlite"},
@@ -76,30 +78,39 @@ def build_issues_asset() -> dg.AssetsDefinition:
             " Files and updates the partition's quality issues in the operational DB and queues the agencies' messages."
         ),
     )
-    def quality_issues(context: dg.AssetExecutionContext, warehouse: WarehouseResource) -> dg.MaterializeResult:
+    def quality_issues(context: dg.AssetExecutionContext, warehouse: WarehouseResource):
         from zqdata import alerting, issues, opdb
 
         reg = registry()
         db = opdb.get_engine()
-        day = dt.date.fromisoformat(context.partition_key)
-        with warehouse.gov(read_only=True) as gov:
-            report = issues.sync_issues(gov, db, reg, day)
-        queued = alerting.enqueue(db, reg, alerting.AlertSettings.from_env())
-        current = issues.list_issues(db, partition_date=day)
-        unverified = [i for i in current if i.status not in issues.CLOSED]
-        context.log.info(f"{report.summary()}；新通知 {len(queued)} 条")
-        return dg.MaterializeResult(metadata={
-            "open_issues_by_agency": issues_table(unverified),
-            "open_issues": len(unverified),
-            "opened": len(report.opened),
-            "reopened": len(report.reopened),
-            "verified": len(report.verified),
-            "escalated": len(report.escalated),
-            "messages_queued": len(queued),
-            "operational_db": opdb.describe(db),
-        })
+        events = DayEvents(context, partition_days(context))
+        for day in events.days:  # a range run: each day's issues, earliest first (a later day may verify one)
+            with warehouse.gov(read_only=True) as gov:
+                report = issues.sync_issues(gov, db, reg, day)
+            queued = alerting.enqueue(db, reg, alerting.AlertSettings.from_env())
+            current = issues.list_issues(db, partition_date=day)
+            unverified = [i for i in current if i.status not in issues.CLOSED]
+            context.log.info(f"{day}: {report.summary()}；新通知 {len(queued)} 条")
+            yield from events.materialize(day, None, issue_metadata(unverified, report, queued, db))
+        yield from events.finish()
 
     return quality_issues
+
+
+def issue_metadata(unverified: list, report, queued: list, db) -> dict:
+    """What the issues step records for a day."""
+    from zqdata import opdb
+
+    return {
+        "open_issues_by_agency": issues_table(unverified),
+        "open_issues": len(unverified),
+        "opened": len(report.opened),
+        "reopened": len(report.reopened),
+        "verified": len(report.verified),
+        "escalated": len(report.escalated),
+        "messages_queued": len(queued),
+        "operational_db": opdb.describe(db),
+    }
 
 
 def build_notifications_asset() -> dg.AssetsDefinition:

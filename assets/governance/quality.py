@@ -7,6 +7,7 @@ import dagster as dg
 
 from orchestration.partitions import daily_partitions
 from orchestration.pools import GOV_POOL
+from orchestration.ranges import DayEvents, partition_days
 from orchestration.resources import WarehouseResource
 from zqdata import asset_keys
 from zqdata.quality.check_info import evaluation_metadata
@@ -17,10 +18,6 @@ FINDINGS_KEY = dg.AssetKey(["gov", "quality", "findings"])
 SCORES_KEY = dg.AssetKey(["gov", "quality", "scores"])
 GATE_CHECK = "quality_gate"
 GX_CHECK = "gx_dataset_expectations"
-
-
-def _day(context) -> dt.date:
-    return dt.date.fromisoformat(context.partition_key)
 
 
 def _dbt_manifest() -> dict | None:
@@ -74,37 +71,53 @@ def build_findings_asset() -> dg.AssetsDefinition:
 
     # One step: the findings of every tool, then each dataset's gate decision from them. The gate assets depend on
     # their own dataset only, so a product's lineage shows its own inputs (issue 14), not every agency's data.
-    @dg.multi_asset(name="quality_findings", specs=[findings, *gates], partitions_def=daily_partitions, pool=GOV_POOL)
+    @dg.multi_asset(name="quality_findings", specs=[findings, *gates], partitions_def=daily_partitions, pool=GOV_POOL,
+                    backfill_policy=dg.BackfillPolicy.single_run())
     def quality_findings(context: dg.AssetExecutionContext, warehouse: WarehouseResource):
-        from zqdata.quality.gx_runner import data_docs_url
-        from zqdata.quality.scores import collect_findings, evaluate_gate, record_gate_decisions
-
         manifest = _dbt_manifest()
         if manifest is None:
             context.log.warning("未找到 dbt manifest（dbt_project/target/manifest.json），本次不汇集 dbt 规则结果")
-        with warehouse.gov() as con:
-            summary = collect_findings(con, registry(), _day(context), manifest, get_settings().docs_dir,
-                                       run_id=context.run.run_id)
-            gate = evaluate_gate(con, registry(), _day(context))
-            record_gate_decisions(con, registry(), gate)
-        for code in sorted(registry().datasets):
-            yield dg.MaterializeResult(asset_key=gate_key(code), metadata={
-                "passed": code not in gate.held_back,
-                "held_back": gate.held_back.get(code, ""),
-                "error_rate": float(gate.error_rates.get(code, 0.0)),
-                "max_error_rate": float(gate.max_error_rate),
-            })
-        yield dg.MaterializeResult(asset_key=FINDINGS_KEY, metadata={
-            "findings_by_tool": dg.MetadataValue.json(summary.by_tool),
-            "deliveries": dg.MetadataValue.md(summary.delivery_markdown),
-            "dbt_findings": summary.dbt_findings if summary.dbt_findings is not None else "未汇集 (no manifest)",
-            "gx_failed_rules": dg.MetadataValue.json(summary.gx_failed),
-            "gx_batches": dg.MetadataValue.json(summary.gx_notes),
-            # a link the UI opens (served under `make ui`; a file:// URL otherwise)
-            "data_docs": dg.MetadataValue.url(data_docs_url(base_url=get_settings().docs_base_url)),
-        })
+        events = DayEvents(context, partition_days(context))
+        for day in events.days:  # a range run: each day's findings and gate decisions, earliest first
+            yield from findings_of_day(context, warehouse, manifest, day, events)
+        yield from events.finish()
 
     return quality_findings
+
+
+def findings_of_day(context: dg.AssetExecutionContext, warehouse: WarehouseResource, manifest: dict | None,
+                    day: dt.date, events: DayEvents):
+    """The findings of every tool for one day, then each dataset's gate decision from them."""
+    from zqdata.quality.gx_runner import data_docs_url
+    from zqdata.quality.scores import collect_findings, evaluate_gate, record_gate_decisions
+
+    with warehouse.gov() as con:
+        summary = collect_findings(con, registry(), day, manifest, get_settings().docs_dir,
+                                   run_id=context.run.run_id, dbt_collected=dbt_collected_in_run(context, events))
+        gate = evaluate_gate(con, registry(), day)
+        record_gate_decisions(con, registry(), gate)
+    for code in sorted(registry().datasets):
+        yield from events.materialize(day, gate_key(code), {
+            "passed": code not in gate.held_back,
+            "held_back": gate.held_back.get(code, ""),
+            "error_rate": float(gate.error_rates.get(code, 0.0)),
+            "max_error_rate": float(gate.max_error_rate),
+        })
+    yield from events.materialize(day, FINDINGS_KEY, {
+        "findings_by_tool": dg.MetadataValue.json(summary.by_tool),
+        "deliveries": dg.MetadataValue.md(summary.delivery_markdown),
+        "dbt_findings": summary.dbt_findings if summary.dbt_findings is not None else "未汇集 (no manifest)",
+        "gx_failed_rules": dg.MetadataValue.json(summary.gx_failed),
+        "gx_batches": dg.MetadataValue.json(summary.gx_notes),
+        # a link the UI opens (served under `make ui`; a file:// URL otherwise)
+        "data_docs": dg.MetadataValue.url(data_docs_url(base_url=get_settings().docs_base_url)),
+    })
+
+
+def dbt_collected_in_run(context: dg.AssetExecutionContext, events: DayEvents) -> bool:
+    """A range run whose gov dbt step collected each day's dbt findings after the day's build (gov_dbt_models)."""
+    steps = context.run.step_keys_to_execute
+    return not events.single and (steps is None or "gov_dbt_models" in steps)
 
 
 def build_scores_asset() -> dg.AssetsDefinition:
@@ -112,6 +125,7 @@ def build_scores_asset() -> dg.AssetsDefinition:
         key=SCORES_KEY,
         group_name="governance",
         partitions_def=daily_partitions,
+        backfill_policy=dg.BackfillPolicy.single_run(),
         deps=[FINDINGS_KEY],
         pool=GOV_POOL,
         kinds={"duckdb"},
@@ -129,51 +143,59 @@ def build_scores_asset() -> dg.AssetsDefinition:
             "出域到运营服务平台依赖本资产的质量门禁。"
         ),
     )
-    def quality_scores(context: dg.AssetExecutionContext, warehouse: WarehouseResource) -> dg.MaterializeResult:
-        from orchestration.sensors import trace_metadata
-        from zqdata.publish import products_reading, withdraw_partition
-        from zqdata.quality.scores import compute_scores, evaluate_gate, score_series, scores_markdown
-
-        day = _day(context)
-        with warehouse.gov() as con:
-            scores = compute_scores(con, registry(), day)
-            gate = evaluate_gate(con, registry(), day)  # recorded per dataset by the findings step (gov/quality/gate_*)
-            # 逐级溯源: a failed gate shows where its error-severity findings came from (agency, delivery, rows)
-            trace = {} if gate.passed else trace_metadata(con, None, registry(), partition_date=day, severity="error")
-        # A held-back dataset's deliveries changed and fail the gate: what was published from it came from data the
-        # agency has since replaced, so the products reading it are withdrawn (the others stay); they are published
-        # again when a delivery passes.
-        affected = products_reading(registry(), gate.held_back)
-        withdrawn = withdraw_partition(registry(), day, affected) if affected else []
-        if gate.held_back:
-            context.log.warning(f"质量门禁留置数据集 held back: {', '.join(sorted(gate.held_back))}；"
-                                f"照常出域 passed: {', '.join(gate.passed_datasets)}")
-        if withdrawn:
-            context.log.warning(f"撤回读取留置数据集的已发布产品 withdrawn: {', '.join(withdrawn)}")
-        return dg.MaterializeResult(
-            metadata={"scores": dg.MetadataValue.md(scores_markdown(scores)), "rows": scores.num_rows,
-                      # numbers of their own, so the UI plots each over the partitions (Asset → Plots)
-                      **{k: dg.MetadataValue.float(v) for k, v in score_series(scores).items()}},
-            check_results=[dg.AssetCheckResult(
-                check_name=GATE_CHECK,
-                passed=gate.passed,
-                severity=dg.AssetCheckSeverity.ERROR,
-                description=gate.description(),
-                metadata={
-                    "failures": dg.MetadataValue.md("\n".join(f"- {f}" for f in gate.failures) or "无 (none)"),
-                    "max_error_rate": gate.max_error_rate,
-                    "error_rates": dg.MetadataValue.json({k: round(v, 6) for k, v in gate.error_rates.items()}),
-                    "warnings": gate.warnings,
-                    "held_back": dg.MetadataValue.json(gate.held_back),
-                    "passed_datasets": gate.passed_datasets,
-                    "products_not_published": sorted(affected),
-                    "withdrawn_products": withdrawn,
-                    **trace,
-                },
-            )],
-        )
+    def quality_scores(context: dg.AssetExecutionContext, warehouse: WarehouseResource):
+        events = DayEvents(context, partition_days(context))
+        for day in events.days:  # a range run: each day's scores and gate check, earliest first
+            yield from events.materialize(day, None, *scores_of_day(context, warehouse, day))
+        yield from events.finish()
 
     return quality_scores
+
+
+def scores_of_day(context: dg.AssetExecutionContext, warehouse: WarehouseResource,
+                  day: dt.date) -> tuple[dict, list[dg.AssetCheckResult]]:
+    """One day's scores (the materialization's metadata) and its quality-gate check."""
+    from orchestration.sensors import trace_metadata
+    from zqdata.publish import products_reading, withdraw_partition
+    from zqdata.quality.scores import compute_scores, evaluate_gate, score_series, scores_markdown
+
+    with warehouse.gov() as con:
+        scores = compute_scores(con, registry(), day)
+        gate = evaluate_gate(con, registry(), day)  # recorded per dataset by the findings step (gov/quality/gate_*)
+        # 逐级溯源: a failed gate shows where its error-severity findings came from (agency, delivery, rows)
+        trace = {} if gate.passed else trace_metadata(con, None, registry(), partition_date=day, severity="error")
+    # A held-back dataset's deliveries changed and fail the gate: what was published from it came from data the
+    # agency has since replaced, so the products reading it are withdrawn (the others stay); they are published
+    # again when a delivery passes.
+    affected = products_reading(registry(), gate.held_back)
+    withdrawn = withdraw_partition(registry(), day, affected) if affected else []
+    if gate.held_back:
+        context.log.warning(f"质量门禁留置数据集 held back: {', '.join(sorted(gate.held_back))}；"
+                            f"照常出域 passed: {', '.join(gate.passed_datasets)}")
+    if withdrawn:
+        context.log.warning(f"撤回读取留置数据集的已发布产品 withdrawn: {', '.join(withdrawn)}")
+    return (
+        {"scores": dg.MetadataValue.md(scores_markdown(scores)), "rows": scores.num_rows,
+         # numbers of their own, so the UI plots each over the partitions (Asset → Plots)
+         **{k: dg.MetadataValue.float(v) for k, v in score_series(scores).items()}},
+        [dg.AssetCheckResult(
+            check_name=GATE_CHECK,
+            passed=gate.passed,
+            severity=dg.AssetCheckSeverity.ERROR,
+            description=gate.description(),
+            metadata={
+                "failures": dg.MetadataValue.md("\n".join(f"- {f}" for f in gate.failures) or "无 (none)"),
+                "max_error_rate": gate.max_error_rate,
+                "error_rates": dg.MetadataValue.json({k: round(v, 6) for k, v in gate.error_rates.items()}),
+                "warnings": gate.warnings,
+                "held_back": dg.MetadataValue.json(gate.held_back),
+                "passed_datasets": gate.passed_datasets,
+                "products_not_published": sorted(affected),
+                "withdrawn_products": withdrawn,
+                **trace,
+            },
+        )],
+    )
 
 
 def build_gx_check(dataset: str) -> dg.AssetChecksDefinition:
@@ -196,43 +218,52 @@ def build_gx_check(dataset: str) -> dg.AssetChecksDefinition:
                     f"近日中位数的合理性）：{model}（{registry().datasets[dataset].agency}） — Great Expectations "
                     f"dataset-level expectations; 各期望的维度见 unexpected_counts (Art. 20 dimension per expectation)",
     )
-    def gx_check(context: dg.AssetCheckExecutionContext, warehouse: WarehouseResource) -> dg.AssetCheckResult:
-        from zqdata.quality.gx_runner import data_docs_url, stored_validation, validate_dataset
-
-        from orchestration.sensors import trace_metadata
-
-        with warehouse.gov() as con:
-            v = (stored_validation(con, registry(), dataset, _day(context), context.run.run_id)
-                 or validate_dataset(con, registry(), dataset, _day(context)))
-            trace = {} if v.success else trace_metadata(con, None, registry(), partition_date=_day(context), dataset=dataset)
-        errors = [o for o in v.failed if o.severity == "error"]
-        failed_rows = max((o.unexpected_count or 0 for o in v.failed), default=0)
-        worst = (errors or v.failed or [None])[0]
-        return dg.AssetCheckResult(
-            passed=v.success,
-            severity=dg.AssetCheckSeverity.ERROR if errors or not v.present else dg.AssetCheckSeverity.WARN,
-            description=v.note if v.success else "未通过的期望：" + "；".join(o.rule for o in v.failed) or v.note,
-            metadata={
-                "batch": v.note,
-                "rows_in_partition": v.day_rows,
-                "agency": registry().datasets[dataset].agency,
-                # rule, dimension and severity of the first failed expectation (error first; each in unexpected_counts)
-                **evaluation_metadata(
-                    {"dimension": worst.dimension, "severity": worst.severity, "rule": worst.rule} if worst else {},
-                    registry().datasets[dataset].agency, v.day_rows, failed_rows if v.day_rows is not None else None),
-                "validated_by": ("gov/quality/findings（同一运行 same run）" if v.validated_by_run else "本检查 this check"),
-                "data_docs": dg.MetadataValue.url(data_docs_url(dataset=dataset, day=_day(context),
-                                                                base_url=get_settings().docs_base_url)),
-                "unexpected_counts": dg.MetadataValue.json(
-                    {o.rule: {"dimension": o.dimension, "severity": o.severity,
-                              "unexpected_count": o.unexpected_count, "element_count": o.element_count,
-                              "observed": o.observed, "success": o.success} for o in v.outcomes}),
-                **trace,
-            },
-        )
+    def gx_check(context: dg.AssetCheckExecutionContext, warehouse: WarehouseResource):
+        events = DayEvents(context, partition_days(context))
+        for day in events.days:  # a range run: each day's evaluation against its own partition
+            yield from events.check(day, gx_result(context, warehouse, dataset, day))
+        yield from events.finish()
 
     gx_check.__name__ = f"gx_{dataset}"
     return gx_check
+
+
+def gx_result(context: dg.AssetCheckExecutionContext, warehouse: WarehouseResource, dataset: str,
+              day: dt.date) -> dg.AssetCheckResult:
+    """The GX check of one dataset and day: the findings step's validation of this run, else validated here."""
+    from zqdata.quality.gx_runner import data_docs_url, stored_validation, validate_dataset
+
+    from orchestration.sensors import trace_metadata
+
+    with warehouse.gov() as con:
+        v = (stored_validation(con, registry(), dataset, day, context.run.run_id)
+             or validate_dataset(con, registry(), dataset, day))
+        trace = {} if v.success else trace_metadata(con, None, registry(), partition_date=day, dataset=dataset)
+    errors = [o for o in v.failed if o.severity == "error"]
+    failed_rows = max((o.unexpected_count or 0 for o in v.failed), default=0)
+    worst = (errors or v.failed or [None])[0]
+    return dg.AssetCheckResult(
+        passed=v.success,
+        severity=dg.AssetCheckSeverity.ERROR if errors or not v.present else dg.AssetCheckSeverity.WARN,
+        description=v.note if v.success else "未通过的期望：" + "；".join(o.rule for o in v.failed) or v.note,
+        metadata={
+            "batch": v.note,
+            "rows_in_partition": v.day_rows,
+            "agency": registry().datasets[dataset].agency,
+            # rule, dimension and severity of the first failed expectation (error first; each in unexpected_counts)
+            **evaluation_metadata(
+                {"dimension": worst.dimension, "severity": worst.severity, "rule": worst.rule} if worst else {},
+                registry().datasets[dataset].agency, v.day_rows, failed_rows if v.day_rows is not None else None),
+            "validated_by": ("gov/quality/findings（同一运行 same run）" if v.validated_by_run else "本检查 this check"),
+            "data_docs": dg.MetadataValue.url(data_docs_url(dataset=dataset, day=day,
+                                                            base_url=get_settings().docs_base_url)),
+            "unexpected_counts": dg.MetadataValue.json(
+                {o.rule: {"dimension": o.dimension, "severity": o.severity,
+                          "unexpected_count": o.unexpected_count, "element_count": o.element_count,
+                          "observed": o.observed, "success": o.success} for o in v.outcomes}),
+            **trace,
+        },
+    )
 
 
 def quality_defs() -> dg.Definitions:

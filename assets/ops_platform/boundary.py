@@ -11,6 +11,7 @@ import dagster as dg
 from assets.governance.quality import gate_key
 from orchestration.partitions import daily_partitions
 from orchestration.pools import GOV_POOL, OPS_POOL, hold_pool
+from orchestration.ranges import DayEvents, partition_days
 from orchestration.resources import WarehouseResource
 from zqdata import asset_keys
 from zqdata.authorization import AuthorizationError, check_product_authorized
@@ -34,12 +35,14 @@ def desensitized_key(dataset: str) -> dg.AssetKey:
     return dg.AssetKey(asset_keys.desensitized(dataset))
 
 
-def _partition_date(context) -> dt.date:
-    key = getattr(context, "partition_key", None) if getattr(context, "has_partition_key", False) else None
-    key = key or context.run.tags.get("dagster/partition")
+def _partition_dates(context) -> list[dt.date]:
+    """The check's day(s): its partition, the days of a range run, else the run's partition tag."""
+    if getattr(context, "has_partition_key", False) or getattr(context, "has_partition_key_range", False):
+        return partition_days(context)
+    key = context.run.tags.get("dagster/partition")
     if not key:
         raise dg.Failure("边界检查需要分区 (a partition key is required)")
-    return dt.date.fromisoformat(key)
+    return [dt.date.fromisoformat(key)]
 
 
 def build_boundary_crossing(reg: Registry) -> dg.AssetsDefinition:
@@ -76,80 +79,93 @@ def build_boundary_crossing(reg: Registry) -> dg.AssetsDefinition:
     ]
 
     @dg.multi_asset(name="boundary_crossing", specs=specs, check_specs=check_specs, partitions_def=daily_partitions,
-                    pool=OPS_POOL)
+                    pool=OPS_POOL, backfill_policy=dg.BackfillPolicy.single_run())
     def boundary_crossing(context: dg.AssetExecutionContext, warehouse: WarehouseResource,
                           pseudonym: PseudonymKeyResource) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
         """市政务大数据平台 → 运营服务平台的唯一出域操作：脱敏、场景授权字段、数据主体授权过滤。"""
-        from zqdata.publish import products_reading, published_store, withdraw_partition
-        from zqdata.quality.scores import held_back_datasets
-        from zqdata.revocation import apply_purge_to_published
-
-        d = dt.date.fromisoformat(context.partition_key)
-
-        def gate(gov_con, ops_con, registry_, day) -> GateResult:
-            # run by cross_boundary on the uncommitted crossing, before COMMIT (write–audit–publish)
-            return GateResult(exclusions={ds.code: check_exclusions(ops_con, registry_, ds.code, day) for ds in released},
-                              leaks=find_leaks(gov_con, ops_con, day, registry_))
-
-        failure: BoundaryGateFailed | None = None
-        key = pseudonym.pseudonym_key()
-        with hold_pool(context, GOV_POOL), warehouse.gov(read_only=True) as gov, warehouse.ops() as ops:
-            # the quality gate, per dataset, evaluated here from the gov findings (enforce, don't trust): the check on
-            # gov/quality/scores is not blocking, so that one dataset's failure does not hold back the others
-            held = held_back_datasets(gov, reg, d)
-            try:
-                report = cross_boundary(gov, ops, reg, d, key, strict=False, gate=gate, held_back=held)
-            except BoundaryGateFailed as exc:  # rolled back: the ops DB is as it was before this run
-                report, failure = exc.report, exc
-        leaks, exclusions = report.gate.leaks, report.gate.exclusions
-        for code, reason in report.blocked.items():
-            context.log.error(f"场景 {code} 本分区未写入 (scenario blocked, nothing written): {reason}")
-        for code, reason in report.held_back.items():
-            context.log.warning(f"质量门禁留置 {code}：本分区不出域，已从运营平台移除 (held back, partition removed): {reason}")
-        if failure is None and report.held_back:  # nothing built from a held-back dataset is served for the partition
-            withdrawn = withdraw_partition(reg, d, products_reading(reg, report.held_back), published_store())
-            if withdrawn:
-                context.log.warning(f"撤回读取留置数据集的已发布产品 withdrawn: {', '.join(withdrawn)}")
-        if failure is None:
-            # the purge is committed: the published snapshots follow (derived without the purged rows, or withdrawn)
-            published = apply_purge_to_published(published_store(), reg, report, context.run.run_id)
-            if report.purged or report.ended or any(published.values()):
-                context.log.warning(
-                    f"撤回授权/场景终止，已从全部分区清除 (consent revoked / scenario ended, purged from every "
-                    f"partition): rows {report.purged}; ended {sorted(report.ended)}; snapshots {published}")
-            for ds in released:
-                per_scenario = {s: rows[ds.code] for s, rows in report.scenario_rows.items() if ds.code in rows}
-                yield dg.MaterializeResult(asset_key=desensitized_key(ds.code), metadata={
-                    "dagster/row_count": report.released[ds.code],
-                    # "" when it crossed; else why the quality gate held it back (its partition is not on ops)
-                    "held_back": report.held_back.get(ds.code, ""),
-                    "gov_source": report.sources[ds.code],
-                    "scenario_rows": per_scenario,
-                    "consent_excluded": {s: n[ds.code] for s, n in report.consent_excluded.items() if ds.code in n},
-                    "blocked_scenarios": {s: r for s, r in report.blocked.items()
-                                          if ds.code in reg.scenarios[s].authorized_fields},
-                    "purged_rows": dg.MetadataValue.json(
-                        {t: n for t, n in report.purged.items() if t.split(".", 1)[-1] == ds.code}),
-                    "ended_scenarios": sorted(s for s in report.ended if ds.code in reg.scenarios[s].authorized_fields),
-                    "reference_day": str(report.reference_day),
-                    # which master key made this partition's pseudonyms (a public fingerprint): after a rotation,
-                    # partitions of the old key are the ones to re-run or withdraw (docs/security.md)
-                    "pseudonym_key_id": key.key_id(),
-                })
-        for ds in released:
-            problems = exclusions.get(ds.code, [])
-            yield dg.AssetCheckResult(asset_key=desensitized_key(ds.code), check_name="exclusions_respected",
-                                      passed=not problems, metadata={"problems": problems})
-            mine = [lk for lk in leaks if lk.table.split(".", 1)[1] == ds.code]
-            yield dg.AssetCheckResult(asset_key=desensitized_key(ds.code), check_name="no_personal_data_leak",
-                                      passed=not mine, metadata={
-                                          "leaks": [f"{lk.table}.{lk.column}: {lk.rows} {lk.kind} (e.g. {lk.sample})"
-                                                    for lk in mine],
-                                          "leaks_elsewhere_in_ops": len(leaks) - len(mine)})
-        if failure is not None:  # the failed checks are recorded above; no materialization claims new data
-            raise dg.Failure(description=str(failure), metadata={"problems": report.gate.problems()[:50]})
+        events = DayEvents(context, partition_days(context))
+        last = events.days[-1]
+        # a range run crosses its days in order, each as a single-day run would have: the consent of the range's
+        # later days is not yet in force for an earlier day (their crossings apply it, revocations purging back)
+        for d in events.days:
+            yield from cross_day(context, warehouse, pseudonym.pseudonym_key(), reg, released, d, events,
+                                 pending=None if d == last else (d + dt.timedelta(days=1), last))
+        yield from events.finish()
 
     return boundary_crossing
+
+
+def cross_day(context: dg.AssetExecutionContext, warehouse: WarehouseResource, key: PseudonymKey, reg: Registry,
+              released: list, d: dt.date, events: DayEvents,
+              pending: tuple[dt.date, dt.date] | None) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
+    """One day's crossing, its materializations and its two checks per dataset; dg.Failure when its gate failed."""
+    from zqdata.publish import products_reading, published_store, withdraw_partition
+    from zqdata.quality.scores import held_back_datasets
+    from zqdata.revocation import apply_purge_to_published
+
+    def gate(gov_con, ops_con, registry_, day) -> GateResult:
+        # run by cross_boundary on the uncommitted crossing, before COMMIT (write–audit–publish)
+        return GateResult(exclusions={ds.code: check_exclusions(ops_con, registry_, ds.code, day) for ds in released},
+                          leaks=find_leaks(gov_con, ops_con, day, registry_))
+
+    failure: BoundaryGateFailed | None = None
+    with hold_pool(context, GOV_POOL), warehouse.gov(read_only=True) as gov, warehouse.ops() as ops:
+        # the quality gate, per dataset, evaluated here from the gov findings (enforce, don't trust): the check on
+        # gov/quality/scores is not blocking, so that one dataset's failure does not hold back the others
+        held = held_back_datasets(gov, reg, d)
+        try:
+            report = cross_boundary(gov, ops, reg, d, key, strict=False, gate=gate, held_back=held,
+                                    pending_consent=pending)
+        except BoundaryGateFailed as exc:  # rolled back: the ops DB is as it was before this run
+            report, failure = exc.report, exc
+    leaks, exclusions = report.gate.leaks, report.gate.exclusions
+    for code, reason in report.blocked.items():
+        context.log.error(f"场景 {code} 本分区未写入 (scenario blocked, nothing written): {reason}")
+    for code, reason in report.held_back.items():
+        context.log.warning(f"质量门禁留置 {code}：本分区不出域，已从运营平台移除 (held back, partition removed): {reason}")
+    if failure is None and report.held_back:  # nothing built from a held-back dataset is served for the partition
+        withdrawn = withdraw_partition(reg, d, products_reading(reg, report.held_back), published_store())
+        if withdrawn:
+            context.log.warning(f"撤回读取留置数据集的已发布产品 withdrawn: {', '.join(withdrawn)}")
+    if failure is None:
+        # the purge is committed: the published snapshots follow (derived without the purged rows, or withdrawn)
+        published = apply_purge_to_published(published_store(), reg, report, context.run.run_id)
+        if report.purged or report.ended or any(published.values()):
+            context.log.warning(
+                f"撤回授权/场景终止，已从全部分区清除 (consent revoked / scenario ended, purged from every "
+                f"partition): rows {report.purged}; ended {sorted(report.ended)}; snapshots {published}")
+        for ds in released:
+            per_scenario = {s: rows[ds.code] for s, rows in report.scenario_rows.items() if ds.code in rows}
+            yield from events.materialize(d, desensitized_key(ds.code), {
+                "dagster/row_count": report.released[ds.code],
+                # "" when it crossed; else why the quality gate held it back (its partition is not on ops)
+                "held_back": report.held_back.get(ds.code, ""),
+                "gov_source": report.sources[ds.code],
+                "scenario_rows": per_scenario,
+                "consent_excluded": {s: n[ds.code] for s, n in report.consent_excluded.items() if ds.code in n},
+                "blocked_scenarios": {s: r for s, r in report.blocked.items()
+                                      if ds.code in reg.scenarios[s].authorized_fields},
+                "purged_rows": dg.MetadataValue.json(
+                    {t: n for t, n in report.purged.items() if t.split(".", 1)[-1] == ds.code}),
+                "ended_scenarios": sorted(s for s in report.ended if ds.code in reg.scenarios[s].authorized_fields),
+                "reference_day": str(report.reference_day),
+                # which master key made this partition's pseudonyms (a public fingerprint): after a rotation,
+                # partitions of the old key are the ones to re-run or withdraw (docs/security.md)
+                "pseudonym_key_id": key.key_id(),
+            })
+    for ds in released:
+        problems = exclusions.get(ds.code, [])
+        yield from events.check(d, dg.AssetCheckResult(
+            asset_key=desensitized_key(ds.code), check_name="exclusions_respected", passed=not problems,
+            metadata={"problems": problems}))
+        mine = [lk for lk in leaks if lk.table.split(".", 1)[1] == ds.code]
+        yield from events.check(d, dg.AssetCheckResult(
+            asset_key=desensitized_key(ds.code), check_name="no_personal_data_leak", passed=not mine, metadata={
+                "leaks": [f"{lk.table}.{lk.column}: {lk.rows} {lk.kind} (e.g. {lk.sample})" for lk in mine],
+                "leaks_elsewhere_in_ops": len(leaks) - len(mine)}))
+    if failure is not None:  # the failed checks are recorded above; no materialization claims new data
+        raise dg.Failure(description=("" if events.single else f"{d}: ") + str(failure),
+                         metadata={"problems": report.gate.problems()[:50]})
 
 
 def _product_checks(key: dg.AssetKey) -> list[dg.AssetChecksDefinition]:
@@ -157,23 +173,33 @@ def _product_checks(key: dg.AssetKey) -> list[dg.AssetChecksDefinition]:
 
     @dg.asset_check(asset=key, name="no_personal_data_leak", blocking=True, pool=OPS_POOL, partitions_def=daily_partitions,
                     description="泄露闸门：产品表不得出现原始身份证号、手机号、姓名 (leak gate)")
-    def leak_gate(context: dg.AssetCheckExecutionContext, warehouse: WarehouseResource) -> dg.AssetCheckResult:
-        d = _partition_date(context)
+    def leak_gate(context: dg.AssetCheckExecutionContext, warehouse: WarehouseResource):
+        events = DayEvents(context, _partition_dates(context))
         with hold_pool(context, GOV_POOL), warehouse.gov(read_only=True) as gov, warehouse.ops(read_only=True) as ops:
-            leaks = find_leaks(gov, ops, d, registry(), tables=[f"products.{product}"])
-        return dg.AssetCheckResult(passed=not leaks, metadata={
-            "leaks": [f"{lk.column}: {lk.rows} {lk.kind} (e.g. {lk.sample})" for lk in leaks]})
+            for d in events.days:  # a range run: each day's product partition, its evaluation against that day
+                leaks = find_leaks(gov, ops, d, registry(), tables=[f"products.{product}"])
+                yield from events.check(d, dg.AssetCheckResult(passed=not leaks, metadata={
+                    "leaks": [f"{lk.column}: {lk.rows} {lk.kind} (e.g. {lk.sample})" for lk in leaks]}))
+        yield from events.finish()
 
     @dg.asset_check(asset=key, name="authorization_in_force", blocking=True, partitions_def=daily_partitions,
                     description="一场景一授权：场景授权在该分区有效 (scenario authorization in force)")
-    def authorization_in_force(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-        try:
-            scenario = check_product_authorized(registry(), product, _partition_date(context))
-        except AuthorizationError as exc:
-            return dg.AssetCheckResult(passed=False, metadata={"reason": str(exc)})
-        return dg.AssetCheckResult(passed=True, metadata={"scenario": scenario.code})
+    def authorization_in_force(context: dg.AssetCheckExecutionContext):
+        events = DayEvents(context, _partition_dates(context))
+        for d in events.days:
+            yield from events.check(d, authorization_result(product, d))
+        yield from events.finish()
 
     return [leak_gate, authorization_in_force]
+
+
+def authorization_result(product: str, day: dt.date) -> dg.AssetCheckResult:
+    """`authorization_in_force` of a product for one day."""
+    try:
+        scenario = check_product_authorized(registry(), product, day)
+    except AuthorizationError as exc:
+        return dg.AssetCheckResult(passed=False, metadata={"reason": str(exc)})
+    return dg.AssetCheckResult(passed=True, metadata={"scenario": scenario.code})
 
 
 def product_gate_checks(product_keys: Sequence[dg.AssetKey]) -> list[dg.AssetChecksDefinition]:

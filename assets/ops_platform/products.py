@@ -11,10 +11,11 @@ from typing import Any
 import dagster as dg
 from dagster_dbt import DbtCliResource
 
-from assets.dbt_common import (DBT_PROJECT_DIR, build_partition, dbt_project, dbt_resource, enrich_check_result,
-                               partitioned_dbt_assets, scenario_vars)
+from assets.dbt_common import (DBT_PROJECT_DIR, RUN_DIRS_KEPT, build_partition, dbt_project, dbt_resource,
+                               enrich_check_result, partitioned_dbt_assets, ranged_dbt_events, scenario_vars)
 from orchestration.partitions import daily_partitions
 from orchestration.pools import GOV_POOL, OPS_POOL, hold_pool
+from orchestration.ranges import DayEvents, partition_days
 from orchestration.resources import WarehouseResource
 from zqdata import asset_keys
 from zqdata.boundary import held_back_on_ops
@@ -30,24 +31,48 @@ def ops_dbt_assets() -> dg.AssetsDefinition:
     @partitioned_dbt_assets(select="path:models/ops", name="ops_dbt_products", pool=OPS_POOL)
     def ops_dbt_products(context: dg.AssetExecutionContext, dbt: DbtCliResource,
                          warehouse: WarehouseResource) -> Iterator[Any]:
-        day = dt.date.fromisoformat(context.partition_key)
-        vars_ = scenario_vars(registry(), day)
-        # Write–audit–publish: consumers keep the partition's published snapshot (immutable, it passed its gates) while
-        # the product is rebuilt here; ops/published replaces it only when the rebuilt product passes every gate, so a
-        # failed gate leaves the previous published version untouched. (Data that must stop being served is withdrawn
-        # where that is decided: a held-back dataset by the quality gate, a revoked consent by the crossing's purge.)
-        # column lineage + schema are read from the ops DB once dbt has exited (never through dbt's in-process adapter)
-        # sealed: dbt sees only the ops DB (no gov path, no key); only registered products may be built at all
-        # a product reading a dataset the quality gate held back for the partition waits (issue 12): not built, its
-        # partition emptied (its published snapshot was withdrawn by the crossing); the other products go on
-        with warehouse.ops(read_only=True) as ops:
-            waiting = products_reading(registry(), held_back_on_ops(ops, day))
-        events = build_partition(dbt, context, "ops", warehouse.gov_path(), warehouse.ops_path(), extra_vars=vars_,
-                                 preflight=ops_preflight, exclude=waiting)
-        yield from with_product_traces(events, warehouse, context)
-        yield from not_built(context, warehouse, day, waiting)
+        day_events = DayEvents(context, partition_days(context))
+        checked: set[str] = set()  # the --vars whose parse passed the preflight in this step
+        # a range run builds its days one by one, earliest first: a product of day D reads the days up to D
+        for day in day_events.days:
+            yield from ranged_dbt_events(build_products_day(context, dbt, warehouse, day, day_events, checked), day,
+                                         day_events)
+        yield from day_events.finish()
 
     return ops_dbt_products
+
+
+def build_products_day(context: dg.AssetExecutionContext, dbt: DbtCliResource, warehouse: WarehouseResource,
+                       day: dt.date, day_events: DayEvents, checked: set[str]) -> Iterator[Any]:
+    """`dbt build --target ops` of one day, with product traces; the products waiting on a held-back input.
+
+    The preflight parse runs once per distinct --vars in a step: what it checks (registered products only) is a
+    property of the project's files and the vars, which do not change between the days of one range run."""
+    vars_ = scenario_vars(registry(), day)
+    key = json.dumps(vars_, ensure_ascii=False, sort_keys=True)
+
+    def preflight(manifest: dict[str, Any]) -> list[str]:
+        problems = ops_preflight(manifest)
+        if not problems:
+            checked.add(key)
+        return problems
+
+    # Write–audit–publish: consumers keep the partition's published snapshot (immutable, it passed its gates) while
+    # the product is rebuilt here; ops/published replaces it only when the rebuilt product passes every gate, so a
+    # failed gate leaves the previous published version untouched. (Data that must stop being served is withdrawn
+    # where that is decided: a held-back dataset by the quality gate, a revoked consent by the crossing's purge.)
+    # column lineage + schema are read from the ops DB once dbt has exited (never through dbt's in-process adapter)
+    # sealed: dbt sees only the ops DB (no gov path, no key); only registered products may be built at all
+    # a product reading a dataset the quality gate held back for the partition waits (issue 12): not built, its
+    # partition emptied (its published snapshot was withdrawn by the crossing); the other products go on
+    with warehouse.ops(read_only=True) as ops:
+        waiting = products_reading(registry(), held_back_on_ops(ops, day))
+    events = build_partition(dbt, context, "ops", warehouse.gov_path(), warehouse.ops_path(), extra_vars=vars_,
+                             preflight=None if key in checked else preflight, exclude=waiting,
+                             day=None if day_events.single else day,
+                             keep_runs=max(RUN_DIRS_KEPT, len(day_events.days)))
+    yield from with_product_traces(events, warehouse, context, day.isoformat())
+    yield from not_built(context, warehouse, day, waiting)
 
 
 def not_built(context: dg.AssetExecutionContext, warehouse: WarehouseResource, day: dt.date,
@@ -84,9 +109,11 @@ def ops_preflight(manifest: dict[str, Any]) -> list[str]:
     return ops_manifest_problems(manifest, registered_products())
 
 
-def run_folder(run_id: str, op_name: str = OPS_DBT_OP) -> Path | None:
-    """The dbt target folder of this run's ops build (build_partition names it `<op>-<run id[:8]>-<random>`)."""
-    runs = sorted((p for p in (DBT_PROJECT_DIR / "target").glob(f"{op_name}-{run_id[:8]}-*")
+def run_folder(run_id: str, op_name: str = OPS_DBT_OP, day: str | None = None) -> Path | None:
+    """The dbt target folder of this run's ops build (build_partition names it `<op>-<run id[:8]>-<random>`); in a
+    range run the day's (`<op>-<run id[:8]>-<day>-<random>`)."""
+    pattern = f"{op_name}-{run_id[:8]}-{day}-*" if day else f"{op_name}-{run_id[:8]}-*"
+    runs = sorted((p for p in (DBT_PROJECT_DIR / "target").glob(pattern)
                    if (p / "manifest.json").is_file()), key=lambda p: p.stat().st_mtime, reverse=True)
     return runs[0] if runs else None
 
@@ -129,8 +156,13 @@ def scenario_read_checks(products: list[str]) -> list[dg.AssetChecksDefinition]:
                         partitions_def=daily_partitions,
                         description="一场景一授权：产品只读取本场景的数据表 scenario_<场景>.*（编译后 SQL 经 DuckDB 解析）"
                                     " (the product reads only its own scenario's tables)")
-        def reads_only_own_scenario(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-            return scenario_read_result(product, run_folder(context.run.run_id))
+        def reads_only_own_scenario(context: dg.AssetCheckExecutionContext):
+            events = DayEvents(context, partition_days(context))
+            for day in events.days:  # a range run: the folder of each day's build
+                folder = run_folder(context.run.run_id) if events.single else run_folder(
+                    context.run.run_id, day=day.isoformat())
+                yield from events.check(day, scenario_read_result(product, folder))
+            yield from events.finish()
 
         return reads_only_own_scenario
 
@@ -138,7 +170,7 @@ def scenario_read_checks(products: list[str]) -> list[dg.AssetChecksDefinition]:
 
 
 def with_product_traces(events: Iterator[Any], warehouse: WarehouseResource,
-                        context: dg.AssetExecutionContext) -> Iterator[Any]:
+                        context: dg.AssetExecutionContext, partition_key: str | None = None) -> Iterator[Any]:
     """Attach the 逐级溯源 trace to every failed product check: the failing product rows' `_source_lineage_ids` lead
     level by level to the ops dataset, the gov models, the ODS rows, the delivery file and the agency (masked rows).
 
@@ -149,6 +181,7 @@ def with_product_traces(events: Iterator[Any], warehouse: WarehouseResource,
 
     from assets.gov_platform.dbt_models import partition_rows
 
+    partition_key = partition_key or context.partition_key
     manifest = json.loads(dbt_project().manifest_path.read_text(encoding="utf-8"))
     tests = {n["name"]: n for n in manifest.get("nodes", {}).values() if n.get("resource_type") == "test"}
     counts: dict[str, int | None] = {}
@@ -159,15 +192,15 @@ def with_product_traces(events: Iterator[Any], warehouse: WarehouseResource,
             if node is not None:
                 con = con or stack.enter_context(warehouse.ops(read_only=True))
                 event = enrich_check_result(event, node, manifest,
-                                            partition_rows(con, manifest, node, context.partition_key, counts))
+                                            partition_rows(con, manifest, node, partition_key, counts))
             if node is not None and not event.passed:
-                trace = _product_trace(node, warehouse, context, trace_metadata)
+                trace = _product_trace(node, warehouse, context, trace_metadata, partition_key)
                 event = event._replace(metadata={**event.metadata, **trace})
             yield event
 
 
 def _product_trace(node: dict[str, Any], warehouse: WarehouseResource, context: dg.AssetExecutionContext,
-                   trace_metadata) -> dict:
+                   trace_metadata, partition_key: str) -> dict:
     """The trace of one failed product test from its stored failures (empty when they carry no lineage)."""
     model = (node.get("attached_node") or "").rsplit(".", 1)[-1]
     schema, table = node.get("schema"), node.get("alias") or node.get("name")
@@ -184,7 +217,7 @@ def _product_trace(node: dict[str, Any], warehouse: WarehouseResource, context: 
         if not ids:
             return {}
         with hold_pool(context, GOV_POOL), warehouse.gov(read_only=True) as gov_con:
-            return trace_metadata(gov_con, ops_con, registry(), partition_date=context.partition_key, lineage_ids=ids,
+            return trace_metadata(gov_con, ops_con, registry(), partition_date=partition_key, lineage_ids=ids,
                                   asset_key=f"ops/products/{model}")
 
 

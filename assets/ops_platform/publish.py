@@ -18,6 +18,7 @@ import dagster as dg
 
 from orchestration.partitions import daily_partitions
 from orchestration.pools import OPS_POOL
+from orchestration.ranges import DayEvents, partition_days
 from orchestration.resources import WarehouseResource
 from zqdata import asset_keys
 from zqdata.registry import registry
@@ -33,14 +34,17 @@ def product_key(product: str) -> dg.AssetKey:
     return dg.AssetKey(asset_keys.product(product))
 
 
-def run_gate_results(instance: dg.DagsterInstance, run_id: str, asset_key: dg.AssetKey) -> dict[str, bool]:
-    """{check name: passed} of the error-severity checks evaluated on `asset_key` in this run (warnings left out)."""
+def run_gate_results(instance: dg.DagsterInstance, run_id: str, asset_key: dg.AssetKey,
+                     partition: str | None = None) -> dict[str, bool]:
+    """{check name: passed} of the error-severity checks evaluated on `asset_key` in this run (warnings left out);
+    with `partition`, only the evaluations of that partition (a range run evaluates every day of its range)."""
     from dagster._core.events import DagsterEventType
 
     out: dict[str, bool] = {}
-    for rec in instance.get_records_for_run(run_id, of_type=DagsterEventType.ASSET_CHECK_EVALUATION, limit=10_000).records:
+    for rec in instance.get_records_for_run(run_id, of_type=DagsterEventType.ASSET_CHECK_EVALUATION,
+                                            limit=100_000).records:
         ev = rec.event_log_entry.dagster_event.event_specific_data
-        if ev.asset_key != asset_key:
+        if ev.asset_key != asset_key or (partition is not None and ev.partition != partition):
             continue
         if ev.severity == dg.AssetCheckSeverity.WARN and not ev.passed:
             continue  # a failed warning does not gate
@@ -69,40 +73,50 @@ def build_publish_asset(product: str) -> dg.AssetsDefinition:
                      "门禁结果），使用方只从这里获取数据。 Immutable published snapshot of the product partition."),
     )
 
-    @dg.multi_asset(name=f"publish_{product}", specs=[spec], partitions_def=daily_partitions, pool=OPS_POOL)
+    @dg.multi_asset(name=f"publish_{product}", specs=[spec], partitions_def=daily_partitions, pool=OPS_POOL,
+                    backfill_policy=dg.BackfillPolicy.single_run())
     def publish_product(context: dg.AssetExecutionContext, warehouse: WarehouseResource) -> Iterator[dg.MaterializeResult]:
         """Publish the product partition when its gates passed in this run."""
-        from zqdata.boundary import held_back_on_ops
-        from zqdata.publish import PublishRefused, products_reading, publish_partition, published_store, withdraw
-
-        day = dt.date.fromisoformat(context.partition_key)
-        store = published_store()
-        with warehouse.ops(read_only=True) as ops:
-            held = held_back_on_ops(ops, day)  # enforce, don't trust: what the ops DB holds for the partition
-            if product in products_reading(registry(), held):
-                withdraw(store, product, day)  # in case an earlier run published it
-                inputs = sorted(set(held) & set(registry().scenario_for_product(product).authorized_fields))
-                context.log.warning(f"{product} 本分区不发布：输入数据集被质量门禁留置 (not published: input held "
-                                    f"back by the quality gate) {', '.join(f'{d}（{held[d]}）' for d in inputs)}")
-                return
-            gates = run_gate_results(context.instance, context.run.run_id, product_key(product))
-            problems = gate_problems(gates)
-            try:
-                if problems:
-                    raise PublishRefused("；".join(problems))
-                snap = publish_partition(ops, store, registry(), product, day, gates, context.run.run_id)
-            except PublishRefused as exc:  # the previous published version, if any, stays what consumers get
-                raise dg.Failure(description=f"未发布 not published (the partition stays unpublished): {product}: "
-                                             f"{exc}") from None
-        yield dg.MaterializeResult(asset_key=published_key(product), metadata={
-            "dagster/row_count": snap.row_count,
-            "snapshot": snap.key,
-            "sha256": snap.sha256,
-            "gate_results": dg.MetadataValue.json(gates),
-            "scenario": snap.scenario,
-        })
+        events = DayEvents(context, partition_days(context))
+        for day in events.days:  # a range run: each day with the gates evaluated on that day
+            yield from publish_day(context, warehouse, product, day, events)
+        yield from events.finish()
 
     return publish_product
+
+
+def publish_day(context: dg.AssetExecutionContext, warehouse: WarehouseResource, product: str, day: dt.date,
+                events: DayEvents) -> Iterator[dg.MaterializeResult]:
+    """Publish one day of the product when its gates of this run passed; nothing when an input was held back."""
+    from zqdata.boundary import held_back_on_ops
+    from zqdata.publish import PublishRefused, products_reading, publish_partition, published_store, withdraw
+
+    store = published_store()
+    with warehouse.ops(read_only=True) as ops:
+        held = held_back_on_ops(ops, day)  # enforce, don't trust: what the ops DB holds for the partition
+        if product in products_reading(registry(), held):
+            withdraw(store, product, day)  # in case an earlier run published it
+            inputs = sorted(set(held) & set(registry().scenario_for_product(product).authorized_fields))
+            context.log.warning(f"{product} 本分区不发布：输入数据集被质量门禁留置 (not published: input held "
+                                f"back by the quality gate) {', '.join(f'{d}（{held[d]}）' for d in inputs)}")
+            return
+        gates = run_gate_results(context.instance, context.run.run_id, product_key(product),
+                                 None if events.single else day.isoformat())
+        problems = gate_problems(gates)
+        try:
+            if problems:
+                raise PublishRefused("；".join(problems))
+            snap = publish_partition(ops, store, registry(), product, day, gates, context.run.run_id)
+        except PublishRefused as exc:  # the previous published version, if any, stays what consumers get
+            raise dg.Failure(description=f"未发布 not published (the partition stays unpublished): {product}: "
+                                         f"{'' if events.single else str(day) + ': '}{exc}") from None
+    yield from events.materialize_day_only(day, published_key(product), {
+        "dagster/row_count": snap.row_count,
+        "snapshot": snap.key,
+        "sha256": snap.sha256,
+        "gate_results": dg.MetadataValue.json(gates),
+        "scenario": snap.scenario,
+    })
 
 
 def publish_defs() -> dg.Definitions:

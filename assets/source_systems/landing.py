@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import dagster as dg
 
 from orchestration.partitions import daily_partitions
+from orchestration.ranges import DayEvents, partition_days
 from orchestration.resources import ObjectStoreResource, store_step_retries
 from zqdata import asset_keys
 from zqdata.landing import (
@@ -91,35 +92,46 @@ def build_landing_assets(reg: Registry) -> dg.AssetsDefinition:
         for ds in sorted(reg.datasets.values(), key=lambda d: d.code)
     ]
 
-    @dg.multi_asset(name="source_agency_deliveries", specs=specs, can_subset=True, partitions_def=daily_partitions)
+    @dg.multi_asset(name="source_agency_deliveries", specs=specs, can_subset=True, partitions_def=daily_partitions,
+                    backfill_policy=dg.BackfillPolicy.single_run())
     def source_agency_deliveries(
         context: dg.AssetExecutionContext, config: LandingConfig, store: ObjectStoreResource
     ) -> Iterator[dg.MaterializeResult]:
         """数源单位交付：启用模拟器时写入（替换）当日模拟交付，否则只观察各单位实际交付的内容。"""
-        day = dt.date.fromisoformat(context.partition_key)
+        events = DayEvents(context, partition_days(context))
         settings = config.settings()
         results = []
         with store_step_retries(context):
             object_store = store.get_store()
-            if settings.enabled:
-                # Deterministic per (seed, day): re-running rewrites the same bytes, also for datasets not selected.
-                defects = simulate_day(object_store, reg, day, settings.rows_per_day, settings.seed,
-                                       settings.defect_rate)
-                context.log.info(f"模拟交付 {day}: {settings.rows_per_day} 行, 注入缺陷 {len(defects)} 个")
-            today = dt.datetime.now(TZ).date()
-            for key in sorted(context.selected_asset_keys, key=lambda k: k.to_user_string()):
-                dataset = asset_keys.parse(key.path)[1]
-                meta = delivery_metadata(object_store, reg, dataset, day, today)
-                meta["simulated"] = settings.enabled
-                if meta["manifest_problem"]:
-                    context.log.warning(f"{dataset}: {meta['manifest_problem']}（入库时记录并核对 recorded at ingestion）")
-                if meta["future_folders"]:
-                    context.log.warning(f"{dataset}: 交付目录日期晚于今天 future-dated delivery folders: "
-                                        f"{', '.join(meta['future_folders'])}")
-                results.append(dg.MaterializeResult(asset_key=key, metadata=meta))
+            for day in events.days:  # a range run: day by day, earliest first
+                results += deliveries_of_day(context, events, object_store, reg, settings, day)
         yield from results
+        yield from events.finish()
 
     return source_agency_deliveries
+
+
+def deliveries_of_day(context: dg.AssetExecutionContext, events: DayEvents, object_store: ObjectStore, reg: Registry,
+                      settings: SimulatorSettings, day: dt.date) -> list[dg.MaterializeResult]:
+    """One day of the landing step: simulate it when enabled, then what each selected agency delivered."""
+    results: list = []
+    if settings.enabled:
+        # Deterministic per (seed, day): re-running rewrites the same bytes, also for datasets not selected.
+        defects = simulate_day(object_store, reg, day, settings.rows_per_day, settings.seed,
+                               settings.defect_rate)
+        context.log.info(f"模拟交付 {day}: {settings.rows_per_day} 行, 注入缺陷 {len(defects)} 个")
+    today = dt.datetime.now(TZ).date()
+    for key in sorted(context.selected_asset_keys, key=lambda k: k.to_user_string()):
+        dataset = asset_keys.parse(key.path)[1]
+        meta = delivery_metadata(object_store, reg, dataset, day, today)
+        meta["simulated"] = settings.enabled
+        if meta["manifest_problem"]:
+            context.log.warning(f"{dataset}: {meta['manifest_problem']}（入库时记录并核对 recorded at ingestion）")
+        if meta["future_folders"]:
+            context.log.warning(f"{dataset}: 交付目录日期晚于今天 future-dated delivery folders: "
+                                f"{', '.join(meta['future_folders'])}")
+        results += events.materialize(day, key, meta)
+    return results
 
 
 def landing_defs() -> dg.Definitions:

@@ -6,12 +6,16 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 
+RANGE_DAYS = 30  # one nightly run per this many days (issue 15): the run's fixed cost is paid once per range
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("history", help="模拟并运行一段历史（默认一年）及其治理报告 simulate and run a stretch of days, "
                                        "then the governance reports of the periods it covers")
     p.add_argument("--start", type=dt.date.fromisoformat, default=dt.date(2025, 5, 1), help="first day (YYYY-MM-DD)")
     p.add_argument("--days", type=int, default=365, help="number of days (default 365)")
+    p.add_argument("--range-days", type=int, default=RANGE_DAYS,
+                   help=f"days per run (default {RANGE_DAYS}; 1: one run per day)")
     p.add_argument("--verbose", action="store_true", help="show the raw run output instead of the log files")
     p.set_defaults(func=_run)
 
@@ -19,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     import sys
 
-    from zqdata.commands.nightly import run_day
+    from zqdata.commands.nightly import run_day, run_range
     from zqdata.preflight import partition_range_problem, preflight_problems
 
     problem = partition_range_problem(args.start, args.days) or "; ".join(preflight_problems())
@@ -30,11 +34,23 @@ def _run(args: argparse.Namespace) -> int:
     from orchestration.nightly import format_summary
     from orchestration.reports_run import run_reports
 
+    from orchestration.ranges import chunks
+
     instance, ok = ensure_instance(), True
-    for i in range(args.days):
-        _, summary = run_day(args.start + dt.timedelta(days=i), instance, verbose=args.verbose)
-        print(format_summary(summary).splitlines()[0], flush=True)  # one line per day; the full summary is in the log
-        ok = ok and summary.success
+    for first, last in chunks(args.start, args.days, max(1, args.range_days)):
+        if first == last:
+            summaries = [run_day(first, instance, verbose=args.verbose)[1]]
+        else:
+            summaries = run_range(first, last, instance, verbose=args.verbose)[1]
+            if not all(s.success for s in summaries):
+                # a failed range stops at its failing day: its days again one run each, so that one bad day does
+                # not hold back the others (what day-by-day runs give)
+                print(f"范围运行失败，逐日重跑 range run failed, its days again one by one: {first} … {last}", flush=True)
+                summaries = [run_day(first + dt.timedelta(days=i), instance, verbose=args.verbose)[1]
+                             for i in range((last - first).days + 1)]
+        for summary in summaries:
+            print(format_summary(summary).splitlines()[0], flush=True)  # one line per day; the full summary: the log
+            ok = ok and summary.success
     end = args.start + dt.timedelta(days=args.days - 1)
     for line in run_reports(instance, args.start, end):
         print(line, flush=True)

@@ -38,6 +38,26 @@ def run_day(day: dt.date, instance=None, verbose: bool = False):
             sys.stdout.flush()
 
 
+def run_range(start: dt.date, end: dt.date, instance=None, verbose: bool = False):
+    """`run_nightly_range` of the days [start, end] (one run), its raw output to a log file as `run_day`'s."""
+    import contextlib
+    import sys
+
+    from orchestration.nightly import run_nightly_range
+    from zqdata.settings import TZ, get_settings
+
+    if verbose:
+        return run_nightly_range(start, end, instance)
+    log = get_settings().data_dir / "logs" / f"nightly-{start}_{end}-{dt.datetime.now(TZ):%Y%m%dT%H%M%S}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print(f"运行 running {start} … {end}（一次运行 one run；原始输出 raw output → {log}）", flush=True)
+    with open(log, "a", encoding="utf-8") as fh, contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
+        try:
+            return run_nightly_range(start, end, instance)
+        finally:
+            sys.stdout.flush()
+
+
 def _run(args: argparse.Namespace) -> int:
     import sys
 

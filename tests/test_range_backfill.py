@@ -1,0 +1,165 @@
+"""Range backfills (issue 15): five days run as ONE range run give the tables and published snapshots of five
+single-day runs, and each day's checks are recorded against its own partition.
+
+Two data folders, the same simulated deliveries (seed, small volume): one `run_nightly_range` over the five days, five
+`run_nightly` in order. Every table of both DuckDB files is compared by an order-independent checksum
+(zqdata.lakes.table_checksum) without the columns that record when or in which run something happened; the published
+snapshots are compared by the checksum of their rows.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+from pathlib import Path
+
+import dagster as dg
+import duckdb
+import pytest
+
+START = dt.date(2025, 6, 1)
+DAYS = 5
+ROWS_PER_DAY = 300
+# Columns that record when, or in which run, something happened, not what the data is.
+RUN_COLUMNS = {"_ingested_at", "ingested_at", "quarantined_at", "decided_at", "validated_at", "recorded_at", "run_id"}
+
+pytestmark = pytest.mark.slow
+
+
+def _env(mp: pytest.MonkeyPatch, data_dir: Path) -> None:
+    mp.setenv("ZQ_DATA_DIR", str(data_dir))
+    mp.setenv("ZQ_STORE_BACKEND", "local")
+    for var in ("ZQ_LANDING_DIR", "ZQ_GOV_DB", "ZQ_OPS_DB", "ZQ_PUBLISH_BACKEND", "ZQ_OPDB_URL"):
+        mp.delenv(var, raising=False)
+    mp.setenv("ZQ_PSEUDONYM_KEY", "range-test-key-not-a-secret-0123456789")
+    mp.setenv("ZQ_SIMULATE", "1")
+    mp.setenv("ZQ_SIM_ROWS_PER_DAY", str(ROWS_PER_DAY))
+    mp.setenv("ZQ_SIM_DEFECT_RATE", "0.01")
+    mp.setenv("ZQ_SIM_SEED", "7")
+
+
+def _days() -> list[dt.date]:
+    return [START + dt.timedelta(days=i) for i in range(DAYS)]
+
+
+def table_checksums(db: Path) -> dict[str, tuple[int, int, int]]:
+    """{schema.table: checksum} of every table in the file, run-time columns left out."""
+    from zqdata.lakes import table_checksum
+
+    out = {}
+    with duckdb.connect(str(db), read_only=True) as con:
+        tables = con.execute("select table_schema, table_name from information_schema.tables "
+                             "where table_type = 'BASE TABLE' order by 1, 2").fetchall()
+        for schema, table in tables:
+            cols = [c for (c,) in con.execute(
+                "select column_name from information_schema.columns where table_schema = ? and table_name = ? "
+                "order by ordinal_position", [schema, table]).fetchall() if c not in RUN_COLUMNS]
+            con.execute(f'create or replace temp view _zq_cmp as select {", ".join(chr(34) + c + chr(34) for c in cols)} '
+                        f'from "{schema}"."{table}"')
+            out[f"{schema}.{table}"] = table_checksum(con, "_zq_cmp")
+    return out
+
+
+def published_checksums() -> dict[str, tuple[int, int, int]]:
+    """{product/day: checksum of the served snapshot's rows} in the current data folder."""
+    from zqdata.lakes import table_checksum
+    from zqdata.publish import current_snapshot, published_days, published_store, read_snapshot
+    from zqdata.registry import registry
+
+    store, out = published_store(), {}
+    for product in sorted({s.product for s in registry().scenarios.values()}):
+        for day in published_days(store, product):
+            snap = current_snapshot(store, product, day)
+            with duckdb.connect() as con:
+                import pyarrow.parquet as pq
+
+                con.register("_zq_snap", pq.read_table(io.BytesIO(read_snapshot(store, snap))))
+                out[f"{product}/{day}"] = table_checksum(con, "_zq_snap")
+    return out
+
+
+def _run(data_dir: Path, as_range: bool) -> dict:
+    from orchestration.nightly import run_nightly, run_nightly_range
+
+    mp = pytest.MonkeyPatch()
+    _env(mp, data_dir)
+    try:
+        with dg.instance_for_test() as instance:
+            if as_range:
+                result, summaries = run_nightly_range(_days()[0], _days()[-1], instance=instance)
+                runs = [result]
+            else:
+                pairs = [run_nightly(day, instance=instance) for day in _days()]
+                runs, summaries = [r for r, _ in pairs], [s for _, s in pairs]
+            evaluations = [(e.asset_key.to_user_string(), e.check_name, e.partition, e.passed)
+                           for r in runs for e in r.get_asset_check_evaluations()]
+            materialized = [(m.asset_key.to_user_string(), m.partition) for r in runs
+                            for m in r.get_asset_materialization_events()]
+            from orchestration.history import stale_partitions
+
+            return {
+                "stale": stale_partitions(instance),
+                "success": [r.success for r in runs],
+                "run_ids": [r.run_id for r in runs],
+                "summaries": summaries,
+                "evaluations": evaluations,
+                "materialized": materialized,
+                "gov": table_checksums(data_dir / "warehouse" / "gov_platform.duckdb"),
+                "ops": table_checksums(data_dir / "warehouse" / "ops_platform.duckdb"),
+                "published": published_checksums(),
+            }
+    finally:
+        mp.undo()
+
+
+@pytest.fixture(scope="module")
+def both(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
+    ranged = _run(tmp_path_factory.mktemp("range") / "data", as_range=True)
+    single = _run(tmp_path_factory.mktemp("single") / "data", as_range=False)
+    return ranged, single
+
+
+def test_range_is_one_successful_run(both):
+    ranged, single = both
+    assert ranged["success"] == [True] and len(ranged["run_ids"]) == 1
+    assert single["success"] == [True] * DAYS
+
+
+def test_no_day_of_the_range_is_stale_afterwards(both):
+    """The history planner (orchestration.history) finds no day that read an earlier day materialized after it."""
+    ranged, _ = both
+    assert ranged["stale"] == []
+
+
+@pytest.mark.parametrize("db", ["gov", "ops"])
+def test_every_table_identical_to_day_by_day(both, db):
+    ranged, single = both
+    assert set(ranged[db]) == set(single[db])
+    differing = {t: (ranged[db][t], single[db][t]) for t in ranged[db] if ranged[db][t] != single[db][t]}
+    assert not differing, f"{db} tables differ between the range run and the single-day runs: {differing}"
+
+
+def test_published_snapshots_identical_to_day_by_day(both):
+    ranged, single = both
+    assert ranged["published"], "nothing was published"
+    assert ranged["published"] == single["published"]
+
+
+def test_each_days_checks_recorded_against_its_partition(both):
+    ranged, single = both
+    days = {d.isoformat() for d in _days()}
+    assert {p for *_, p, _ in ranged["evaluations"]} == days  # no evaluation without a partition
+    # the same checks with the same outcomes, day by day
+    assert sorted(ranged["evaluations"]) == sorted(single["evaluations"])
+
+
+def test_each_day_materialized_once_per_asset(both):
+    ranged, single = both
+    assert sorted(ranged["materialized"]) == sorted(single["materialized"])
+
+
+def test_range_summaries_match_day_by_day(both):
+    ranged, single = both
+    for r, s in zip(ranged["summaries"], single["summaries"], strict=True):
+        assert (r.partition, r.checks_passed, sorted(r.checks_failed), r.gate_passed, r.published) == (
+            s.partition, s.checks_passed, sorted(s.checks_failed), s.gate_passed, s.published)
