@@ -407,7 +407,7 @@ def to_column_schema(columns: Mapping[str, str]) -> dg.TableSchema:
 
 
 def add_column_lineage(events: list[Any], manifest: Mapping[str, Any], db_path: Path,
-                       log: logging.Logger) -> list[Any]:
+                       log: logging.Logger, domain: str | None = None) -> list[Any]:
     """The model events with `dagster/column_lineage` and `dagster/column_schema` added; other events unchanged.
 
     Lineage is best effort: a model whose lineage fails gets a warning and no lineage, the run goes on.
@@ -418,7 +418,7 @@ def add_column_lineage(events: list[Any], manifest: Mapping[str, Any], db_path: 
     if not model_ids:
         return events
     try:
-        columns = cl.read_relation_columns_file(db_path, cl.relations_to_read(manifest, model_ids))
+        columns = cl.read_relation_columns_file(db_path, cl.relations_to_read(manifest, model_ids), domain)
         result = cl.manifest_column_lineage(manifest, columns, model_ids)
         keys = relation_asset_keys(manifest)
     except Exception as e:  # noqa: BLE001 - lineage must never fail the dbt run
@@ -460,7 +460,8 @@ UnbuiltHandler = Callable[[Mapping[str, Any], Mapping[str, Any]], "list[Any] | N
 
 
 def stream_with_column_lineage(invocation: DbtCliInvocation, db_path: Path, context: dg.AssetExecutionContext,
-                               on_unbuilt: UnbuiltHandler | None = None) -> Iterator[Any]:
+                               on_unbuilt: UnbuiltHandler | None = None, *, domain: str | None = None
+                               ) -> Iterator[Any]:
     """`invocation.stream()` buffered, then re-yielded with column lineage; a dbt failure is re-raised afterwards.
 
     The schema is read with a plain read-only connection after the dbt subprocess exits: dagster-dbt's in-process
@@ -482,7 +483,7 @@ def stream_with_column_lineage(invocation: DbtCliInvocation, db_path: Path, cont
         context.log.warning(f"读取 dbt 运行清单失败，无列级血缘 (no run manifest): {type(e).__name__}: {e}")
         manifest = None
     if manifest is not None:
-        events = add_column_lineage(events, manifest, db_path, context.log)
+        events = add_column_lineage(events, manifest, db_path, context.log, domain)
     if failure is not None and on_unbuilt is not None and manifest is not None:
         try:
             run_results = invocation.get_artifact("run_results.json")
@@ -535,22 +536,24 @@ def build_partition(dbt: DbtCliResource, context: dg.AssetExecutionContext, targ
     op_name = context.op_execution_context.op.name
     target_dir = DBT_PROJECT_DIR / "target"
     run_dir = target_dir / f"{op_name}-{context.run.run_id[:8]}-{uuid.uuid4().hex[:7]}"
-    cache = target_dir / "partial_parse" / f"{target}.msgpack"
+    profile_target = dbt_guard.dbt_target(target)  # gov/ops, or gov_lake/ops_lake (ZQ_WAREHOUSE=ducklake)
+    cache = target_dir / "partial_parse" / f"{profile_target}.msgpack"
     seed_partial_parse(cache, run_dir)
-    args = ["build", "--target", target, *(["--exclude", " ".join(exclude)] if exclude else [])]
+    args = ["build", "--target", profile_target, *(["--exclude", " ".join(exclude)] if exclude else [])]
     if extra_vars:
         args += ["--vars", json.dumps(extra_vars, ensure_ascii=False, sort_keys=True)]
     partition = dt.date.fromisoformat(context.partition_key).isoformat()
-    profile = dbt_guard.profile_env(target, gov_db if target == "gov" else ops_db, get_settings().duckdb_memory_limit,
-                                    partition)
+    profile = dbt_guard.profile_env(profile_target, gov_db if target == "gov" else ops_db,
+                                    get_settings().duckdb_memory_limit, partition)
     try:
         if preflight is not None:
-            problems = preflight(parse_manifest(target, run_dir, profile, extra_vars))
+            problems = preflight(parse_manifest(profile_target, run_dir, profile, extra_vars))
             if problems:
                 raise dg.Failure(description="dbt 构建前检查未通过，未运行 dbt (refused before dbt ran):\n"
                                              + "\n".join(problems), metadata={"problems": problems})
         invocation = sealed_cli(dbt, args, profile, context=context, target_path=run_dir)
-        yield from stream_with_column_lineage(invocation, gov_db if target == "gov" else ops_db, context, on_unbuilt)
+        yield from stream_with_column_lineage(invocation, gov_db if target == "gov" else ops_db, context, on_unbuilt,
+                                              domain=target)
     finally:
         keep_partial_parse(run_dir, cache)
         prune_run_dirs(target_dir, op_name, keep=RUN_DIRS_KEPT)
