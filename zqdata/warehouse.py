@@ -46,7 +46,15 @@ def connect(domain: str, path: Path | str | None = None, read_only: bool = False
 
     limit = memory_limit or get_settings().duckdb_memory_limit
     if lake_mode():
-        return lakes.connect_lake(domain, read_only=read_only, memory_limit=limit)
+        try:
+            return lakes.connect_lake(domain, read_only=read_only, memory_limit=limit)
+        except duckdb.InvalidInputException as exc:
+            if not read_only or "does not exist" not in str(exc):
+                raise
+            # a reader before the first writer (a DuckDB file is created by its first connection too): the lake's
+            # catalog tables are created once, empty, then it is opened read-only
+            lakes.connect_lake(domain, memory_limit=limit).close()
+            return lakes.connect_lake(domain, read_only=True, memory_limit=limit)
     file = Path(path or domain_path(domain))
     file.parent.mkdir(parents=True, exist_ok=True)
     con = duckdb.connect(str(file), read_only=read_only)
