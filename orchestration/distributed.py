@@ -139,6 +139,9 @@ def platform(base: Path | None = None, rows_per_day: int | None = None,
             problems = lakes.lake_settings_problems(env)
             if problems:
                 raise RuntimeError("; ".join(problems))
+            # the instance's tables are created once, before runs and workers open it at the same time
+            subprocess.run([sys.executable, "-m", "orchestration.instance"], cwd=repo_root(), env=env, check=True,
+                           capture_output=True)
             yield Platform(env=env, base=base)
     finally:
         if owned:
@@ -240,6 +243,14 @@ def run_day(day: str, backfill_id: str) -> dict:
                         tags={"dagster/partition": day, BACKFILL_TAG: backfill_id}, raise_on_error=False) as result:
         failures = [f"{e.step_key}: {e.event_specific_data.error.message.strip().splitlines()[-1]}"
                     for e in result.all_events if e.is_step_failure]
+        for e in result.all_events:
+            error = getattr(e.event_specific_data, "error", None) if e.event_type_value == "PIPELINE_FAILURE" else None
+            while error is not None:
+                failures.append(f"run: {error.message.strip()}")
+                error = error.cause
+        failures += [f"engine: {e.message}" for e in result.all_events
+                     if e.event_type_value == "ENGINE_EVENT" and e.engine_event_data
+                     and e.engine_event_data.error is not None]
         return {"day": day, "run_id": result.run_id, "success": result.success,
                 "seconds": round(time.monotonic() - started, 1), "failures": failures}
 
@@ -316,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--date", default="2025-06-01")
     parser.add_argument("--days", type=int, default=3)
     parser.add_argument("--rows-per-day", type=int, default=None)
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="keep the data, logs and instance in this folder (default: a temporary one, removed)")
     parser.add_argument("--run-day", help=argparse.SUPPRESS)
     parser.add_argument("--backfill-id", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -334,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     days = [(first + dt.timedelta(days=i)).isoformat() for i in range(args.days)]
     started = time.monotonic()
     try:
-        with platform(rows_per_day=args.rows_per_day) as p, workers(p):
+        with platform(args.keep, rows_per_day=args.rows_per_day) as p, workers(p):
             print(f"服务就绪 services ready in {time.monotonic() - started:.0f}s: PostgreSQL, S3 (moto), Redis, "
                   f"workers {', '.join(f'{n} [{WORKERS[n][0]}]' for n in WORKERS)}", flush=True)
             outcomes = backfill(p, days)

@@ -58,8 +58,30 @@ def step_queue(step_key: str, pool: str | None, tagged: str | None = None) -> st
     return BOUNDARY_QUEUE  # unknown: the worker that holds both domains
 
 
+def _submit_step(app, plan_context, step, queue: str, priority: int, known_state):
+    """dagster-celery's ``_submit_task`` with the queue's own name as routing key: dagster-celery sends
+    ``<queue>.execute_plan``, which only its ``dagster`` queue (declared with the pattern ``dagster.#``) receives; a
+    worker started with ``-Q gov`` binds the key ``gov``, and the broker would drop the task."""
+    from dagster._grpc.types import ExecuteStepArgs
+    from dagster._serdes import pack_value
+    from dagster_celery.tasks import create_task
+
+    args = ExecuteStepArgs(
+        job_origin=plan_context.reconstructable_job.get_python_origin(),
+        run_id=plan_context.dagster_run.run_id,
+        step_keys_to_execute=[step.key],
+        instance_ref=plan_context.instance.get_ref(),
+        retry_mode=plan_context.executor.retries.for_inner_plan(),
+        known_state=known_state,
+        print_serialized_events=True,
+    )
+    signature = create_task(app).si(execute_step_args_packed=pack_value(args),
+                                    executable_dict=plan_context.reconstructable_job.to_dict())
+    return signature.apply_async(priority=priority, queue=queue, routing_key=queue)
+
+
 def _celery_executor_def() -> dg.ExecutorDefinition:
-    from dagster_celery.executor import CELERY_CONFIG, CeleryExecutor, _submit_task
+    from dagster_celery.executor import CELERY_CONFIG, CeleryExecutor
     from dagster_celery.tags import DAGSTER_CELERY_QUEUE_TAG
     from dagster._core.execution.retries import RetryMode
 
@@ -71,7 +93,7 @@ def _celery_executor_def() -> dg.ExecutorDefinition:
 
             def submit(app, context, step, _default_queue, priority, known_state):
                 queue = step_queue(step.key, step.pool, step.tags.get(DAGSTER_CELERY_QUEUE_TAG))
-                return _submit_task(app, context, step, queue, priority, known_state)
+                return _submit_step(app, context, step, queue, priority, known_state)
 
             return core_celery_execution_loop(plan_context, execution_plan, step_execution_fn=submit)
 
@@ -93,6 +115,18 @@ def celery_app_args(environ: dict[str, str] | None = None) -> dict:
     if not broker:
         raise ValueError(f"{EXECUTOR_ENV}=celery needs {BROKER_ENV} (e.g. redis://127.0.0.1:6379/0)")
     return {"broker": broker, "backend": env.get(BACKEND_ENV) or broker}
+
+
+def nightly_retry_policy() -> dg.RetryPolicy | None:
+    """None on the embedded default (a DuckDB file has one writer: nothing races). With the warehouse on DuckLakes,
+    steps of concurrent days may commit to one table at once; DuckLake refuses the later commit when the two do not
+    merge (``zqdata.lakes.run_in_transaction``), and the step's writes are idempotent per partition: the step runs
+    again, with jittered backoff."""
+    from zqdata.lakes import warehouse_mode
+
+    if warehouse_mode() != "ducklake":
+        return None
+    return dg.RetryPolicy(max_retries=3, delay=5, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS)
 
 
 def nightly_executor() -> dg.ExecutorDefinition:

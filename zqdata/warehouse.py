@@ -8,6 +8,7 @@ Dagster resource that opens a warehouse (the CLI, column lineage, the nightly su
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import duckdb
@@ -76,3 +77,27 @@ def connect_read_only_waiting(domain: str, path: Path | str | None = None,
 
     return connect_read_only(path or domain_path(domain), wait_seconds)
 
+
+
+def tables(con: duckdb.DuckDBPyConnection) -> list[tuple[str, str]]:
+    """(schema, table) of every base table of the connected warehouse (its own catalog only)."""
+    return [tuple(r) for r in con.execute(
+        "SELECT table_schema, table_name FROM information_schema.tables WHERE table_catalog = current_database() "
+        "AND table_type = 'BASE TABLE' ORDER BY 1, 2").fetchall()]
+
+
+def domain_checksums(con: duckdb.DuckDBPyConnection, ignore_columns: Iterable[str] = (),
+                     ignore_types: Iterable[str] = ()) -> dict[str, tuple[int, int, int]]:
+    """``lakes.table_checksum`` of every table of the connected warehouse, without the columns named in
+    ``ignore_columns`` or whose type starts with one of ``ignore_types`` (what records when, not what): two warehouses
+    holding the same data, one in DuckDB files and one in DuckLakes, give equal dicts."""
+    ignored, types = {c.lower() for c in ignore_columns}, tuple(t.upper() for t in ignore_types)
+    out = {}
+    for schema, table in tables(con):
+        name = f'"{schema}"."{table}"'
+        cols = [c for c, t in con.execute(
+            "SELECT column_name, data_type FROM information_schema.columns WHERE table_catalog = current_database() "
+            "AND table_schema = ? AND table_name = ? ORDER BY ordinal_position", [schema, table]).fetchall()
+            if c.lower() not in ignored and not str(t).upper().startswith(types)]
+        out[f"{schema}.{table}"] = lakes.table_checksum(con, name, cols)
+    return out
