@@ -599,3 +599,56 @@ def test_d_dbt_builds_an_incremental_model_into_the_lake(lake_env: dict, tmp_pat
                         "schema => 'intermediate')").fetchone()[0]
     assert files >= 0  # tiny results may be inlined in the catalog (DuckLake's data inlining, 10 rows)
     con.close()
+
+
+# -- (e) the statements the platform runs that DuckLake restricts, in the forms that work on both ------------------
+
+@pytest.mark.parametrize("storage", ["duckdb_file", "ducklake"])
+def test_e_delete_and_upsert_forms_run_on_a_file_and_on_a_lake(storage: str, lake_env: dict, tmp_path: Path) -> None:
+    """DuckLake has no DELETE … RETURNING, no rowid, no PRIMARY KEY / ON CONFLICT: revocation's deletes select their
+    rows first and the leak gate's identifier index is kept unique by update-then-insert. Same results on both."""
+    import datetime as dt
+
+    import pyarrow as pa
+
+    from zqdata import revocation
+    from zqdata.leakgate import INDEX_SCHEMA, INDEX_TABLE
+
+    con = (duckdb.connect(str(tmp_path / "ops.duckdb")) if storage == "duckdb_file"
+           else lakes.connect_lake("ops", environ=lake_env))
+    con.execute("CREATE SCHEMA IF NOT EXISTS desensitized")
+    con.execute("CREATE SCHEMA IF NOT EXISTS products")
+    con.execute("CREATE OR REPLACE TABLE desensitized.people AS SELECT 'L' || range AS _lineage_id, "
+                "DATE '2025-06-01' + (range % 2)::INTEGER AS _partition_date, 'p' || (range % 5) AS subject "
+                "FROM range(10)")
+    con.execute("CREATE OR REPLACE TABLE products.flows AS SELECT DATE '2025-06-01' + (range % 2)::INTEGER "
+                "AS _partition_date, ['L' || range, 'L' || (range + 1)] AS _source_lineage_ids FROM range(0, 10, 2)")
+    purged = revocation.purge_subjects(con, "desensitized", "people", "subject",
+                                       pa.table({"subject": ["p0", "p1", "p2"]}))
+    assert sorted(purged.column("_lineage_id").to_pylist()) == ["L3", "L4", "L8", "L9"]
+    assert con.execute("SELECT count(*) FROM desensitized.people").fetchone() == (6,)
+    days = revocation.purge_product(con, "flows", purged)  # rows built from L3/L4 (row 2: L2,L3; row 4: L4,L5), L8
+    assert sorted(days) == [dt.date(2025, 6, 1)] * 3
+    assert con.execute("SELECT count(*) FROM products.flows").fetchone() == (2,)
+    assert revocation.empty_table(con, "desensitized", "people").num_rows == 6
+    assert con.execute("SELECT count(*) FROM desensitized.people").fetchone() == (0,)
+
+    # the identifier index's upsert: an earlier day wins, a value is held once
+    con.execute(f"CREATE SCHEMA IF NOT EXISTS {INDEX_SCHEMA}")
+    con.execute(f"CREATE OR REPLACE TABLE {INDEX_SCHEMA}.{INDEX_TABLE} (kind VARCHAR NOT NULL, value VARCHAR NOT NULL, "
+                "first_day DATE NOT NULL)")
+    con.execute(f"INSERT INTO {INDEX_SCHEMA}.{INDEX_TABLE} VALUES ('name', 'A', DATE '2025-06-03')")
+    con.execute("CREATE OR REPLACE TEMP TABLE _zq_new_identifiers AS SELECT * FROM (VALUES ('name', 'A', "
+                "DATE '2025-06-01'), ('name', 'B', DATE '2025-06-02')) v(kind, value, first_day)")
+
+    def upsert(c: duckdb.DuckDBPyConnection, _attempt: int) -> None:
+        c.execute(f"UPDATE {INDEX_SCHEMA}.{INDEX_TABLE} AS i SET first_day = n.first_day FROM _zq_new_identifiers n "
+                  "WHERE i.kind = n.kind AND i.value = n.value AND n.first_day < i.first_day")
+        c.execute(f"INSERT INTO {INDEX_SCHEMA}.{INDEX_TABLE} SELECT * FROM _zq_new_identifiers n WHERE NOT EXISTS "
+                  f"(SELECT 1 FROM {INDEX_SCHEMA}.{INDEX_TABLE} i WHERE i.kind = n.kind AND i.value = n.value)")
+
+    lakes.run_in_transaction(con, upsert)
+    lakes.run_in_transaction(con, upsert)  # idempotent
+    assert con.execute(f"SELECT value, first_day::VARCHAR FROM {INDEX_SCHEMA}.{INDEX_TABLE} ORDER BY 1").fetchall() \
+        == [("A", "2025-06-01"), ("B", "2025-06-02")]
+    con.close()
