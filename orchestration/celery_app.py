@@ -1,4 +1,5 @@
-"""The Celery app of the workers (``ZQ_EXECUTOR=celery``): ``celery -A orchestration.celery_app worker -Q gov,boundary``.
+"""The Celery app of the workers (``ZQ_EXECUTOR=celery``):
+``celery -A orchestration.celery_app worker -Q gov,boundary``.
 
 Broker and backend from the same environment variables as the executor (orchestration/executors.py), so a worker and
 the runs it serves cannot disagree; dagster-celery's own settings (prefetch 1, priorities) as its CLI would set them.

@@ -7,7 +7,8 @@ from orchestration.partitions import REPORTS_GROUP, daily_partitions
 
 # In-process (embedded default): steps of one night run one after another; across runs, every step that opens a
 # warehouse file holds that file's concurrency pool (orchestration/pools.py), so concurrent runs queue instead of
-# fighting for DuckDB's lock. ZQ_EXECUTOR=celery: steps on Celery workers, one queue per domain (orchestration/executors.py).
+# fighting for DuckDB's lock. ZQ_EXECUTOR=celery: steps on Celery workers, one queue per domain
+# (orchestration/executors.py).
 NIGHTLY_JOB = "nightly_aggregation"
 
 # Notification delivery is its own small job (requested by the alert sensor; `zq nightly` runs it after the night).
