@@ -109,3 +109,13 @@ def test_hold_pool_holds_nothing_on_a_lake(lake_mode) -> None:
 
     with hold_pool(object(), "zq_gov_duckdb"):  # no instance is asked: a lake takes concurrent writers
         pass
+
+
+def test_a_model_that_lost_a_lake_commit_race_fails_the_step_instead_of_holding_its_dataset_back() -> None:
+    from zqdata.quality.model_failures import lost_commit_race
+
+    raced = {"results": [{"unique_id": "model.zhaoqing.stg_x", "status": "error", "message":
+                          "Runtime Error\n  TransactionContext Error: Failed to commit: Transaction conflict - "
+                          "attempting to create table \"stg_x\" in schema \"staging\""}]}
+    assert lost_commit_race(raced)
+    assert not lost_commit_race({"results": [{"status": "error", "message": "Conversion Error: '…'"}]})
