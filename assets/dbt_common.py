@@ -477,6 +477,8 @@ def stream_with_column_lineage(invocation: DbtCliInvocation, db_path: Path, cont
         events.extend(invocation.stream())
     except Exception as e:  # noqa: BLE001 - re-raised below, after the successful models are recorded
         failure = e
+    if failure is not None:
+        _retry_if_lost_commit_race(invocation, context, failure)
     try:
         manifest = invocation.get_artifact("manifest.json")
     except Exception as e:  # noqa: BLE001
@@ -495,6 +497,32 @@ def stream_with_column_lineage(invocation: DbtCliInvocation, db_path: Path, cont
     yield from events
     if failure is not None:
         raise failure
+
+
+LAKE_RACE_RETRIES = 5  # a dbt build that lost a DuckLake commit race to a concurrent day runs again up to this often
+
+
+def _retry_if_lost_commit_race(invocation: DbtCliInvocation, context: dg.AssetExecutionContext,
+                               failure: BaseException) -> None:
+    """On a DuckLake, a model or a test (its stored failures) that lost a commit race to a concurrent day is not the
+    data's fault: the whole step runs again (idempotent per partition) before any of its results is reported, so no
+    check fails and no dataset is held back for it. Nothing to do on DuckDB files, where steps never race."""
+    from zqdata.lakes import warehouse_mode
+    from zqdata.quality.model_failures import lost_commit_race
+
+    if warehouse_mode() != "ducklake":
+        return
+    try:
+        run_results = invocation.get_artifact("run_results.json")
+    except Exception:  # noqa: BLE001 - no results: the failure is handled as before
+        return
+    if lost_commit_race(run_results):
+        import random
+
+        wait = round(random.uniform(2.0, 10.0), 1)
+        context.log.warning(f"dbt 提交与并发运行冲突，{wait} 秒后重跑本步骤 (a dbt commit lost a race with a concurrent "
+                            f"day: the step runs again in {wait}s)")
+        raise dg.RetryRequested(max_retries=LAKE_RACE_RETRIES, seconds_to_wait=wait) from failure
 
 
 # ---------------------------------------------------------------- one partition's dbt build
