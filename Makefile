@@ -19,7 +19,7 @@ DBT_MANIFEST := dbt_project/target/manifest.json
 DOCS_PORT := 3001
 WITH_DOCS_URL = ZQ_DOCS_BASE_URL="$${ZQ_DOCS_BASE_URL:-http://127.0.0.1:$(DOCS_PORT)}"
 
-.PHONY: setup nightly test ui bench dbt-parse clean test-services history
+.PHONY: setup nightly test ui bench dbt-parse clean test-services history distributed
 
 setup: $(STAMP) $(DBT_MANIFEST) $(DAGSTER_HOME)/dagster.yaml
 
@@ -54,11 +54,13 @@ test: setup test-services
 	$(BIN)/pytest -q --durations=15
 
 # What the tests start themselves needs its programs, from Debian's packages: PostgreSQL (the operational DB in
-# production mode; the tests start their own server on loopback) and Chromium (the governance reports opened offline,
+# production mode; the tests start their own server on loopback), Redis (the Celery broker of the distributed
+# tests) and Chromium (the governance reports opened offline,
 # driven by Playwright without its own browser download). Installed when missing and we may (root).
 test-services:
 	@missing=""; \
 	ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
 	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
@@ -66,6 +68,13 @@ test-services:
 	      echo "warning: could not install$$missing; their tests will be skipped (CI fails the PostgreSQL ones)"; \
 	  else echo "note:$$missing not installed; their tests are skipped"; fi; \
 	fi
+
+# The production mode on this machine (issue 16): PostgreSQL, Redis (Debian's packages, installed when missing and
+# root), an S3 stand-in and two Celery workers on loopback; a backfill of DIST_DAYS days (in parallel on the two
+# workers), its summary; everything it started is stopped again, also on failure or Ctrl-C (orchestration/distributed.py).
+DIST_DAYS ?= 3
+distributed: setup $(KEYFILE)
+	$(WITH_KEY) $(BIN)/python -m orchestration.distributed --date $(DATE) --days $(DIST_DAYS)
 
 # The published folder (GX Data Docs, column-lineage page, reports) is served on 127.0.0.1:3001 while the UI runs, so
 # the UI's links open with one click (a browser does not follow file:// links from an http:// page).

@@ -409,7 +409,7 @@ def to_column_schema(columns: Mapping[str, str]) -> dg.TableSchema:
 
 
 def add_column_lineage(events: list[Any], manifest: Mapping[str, Any], db_path: Path,
-                       log: logging.Logger) -> list[Any]:
+                       log: logging.Logger, domain: str | None = None) -> list[Any]:
     """The model events with `dagster/column_lineage` and `dagster/column_schema` added; other events unchanged.
 
     Lineage is best effort: a model whose lineage fails gets a warning and no lineage, the run goes on.
@@ -420,7 +420,7 @@ def add_column_lineage(events: list[Any], manifest: Mapping[str, Any], db_path: 
     if not model_ids:
         return events
     try:
-        columns = cl.read_relation_columns_file(db_path, cl.relations_to_read(manifest, model_ids))
+        columns = cl.read_relation_columns_file(db_path, cl.relations_to_read(manifest, model_ids), domain)
         result = cl.manifest_column_lineage(manifest, columns, model_ids)
         keys = relation_asset_keys(manifest)
     except Exception as e:  # noqa: BLE001 - lineage must never fail the dbt run
@@ -462,7 +462,8 @@ UnbuiltHandler = Callable[[Mapping[str, Any], Mapping[str, Any]], "list[Any] | N
 
 
 def stream_with_column_lineage(invocation: DbtCliInvocation, db_path: Path, context: dg.AssetExecutionContext,
-                               on_unbuilt: UnbuiltHandler | None = None) -> Iterator[Any]:
+                               on_unbuilt: UnbuiltHandler | None = None, *, domain: str | None = None
+                               ) -> Iterator[Any]:
     """`invocation.stream()` buffered, then re-yielded with column lineage; a dbt failure is re-raised afterwards.
 
     The schema is read with a plain read-only connection after the dbt subprocess exits: dagster-dbt's in-process
@@ -478,13 +479,15 @@ def stream_with_column_lineage(invocation: DbtCliInvocation, db_path: Path, cont
         events.extend(invocation.stream())
     except Exception as e:  # noqa: BLE001 - re-raised below, after the successful models are recorded
         failure = e
+    if failure is not None:
+        _retry_if_lost_commit_race(invocation, context, failure)
     try:
         manifest = invocation.get_artifact("manifest.json")
     except Exception as e:  # noqa: BLE001
         context.log.warning(f"读取 dbt 运行清单失败，无列级血缘 (no run manifest): {type(e).__name__}: {e}")
         manifest = None
     if manifest is not None:
-        events = add_column_lineage(events, manifest, db_path, context.log)
+        events = add_column_lineage(events, manifest, db_path, context.log, domain)
     if failure is not None and on_unbuilt is not None and manifest is not None:
         try:
             run_results = invocation.get_artifact("run_results.json")
@@ -496,6 +499,32 @@ def stream_with_column_lineage(invocation: DbtCliInvocation, db_path: Path, cont
     yield from events
     if failure is not None:
         raise failure
+
+
+LAKE_RACE_RETRIES = 5  # a dbt build that lost a DuckLake commit race to a concurrent day runs again up to this often
+
+
+def _retry_if_lost_commit_race(invocation: DbtCliInvocation, context: dg.AssetExecutionContext,
+                               failure: BaseException) -> None:
+    """On a DuckLake, a model or a test (its stored failures) that lost a commit race to a concurrent day is not the
+    data's fault: the whole step runs again (idempotent per partition) before any of its results is reported, so no
+    check fails and no dataset is held back for it. Nothing to do on DuckDB files, where steps never race."""
+    from zqdata.lakes import warehouse_mode
+    from zqdata.quality.model_failures import lost_commit_race
+
+    if warehouse_mode() != "ducklake":
+        return
+    try:
+        run_results = invocation.get_artifact("run_results.json")
+    except Exception:  # noqa: BLE001 - no results: the failure is handled as before
+        return
+    if lost_commit_race(run_results):
+        import random
+
+        wait = round(random.uniform(2.0, 10.0), 1)
+        context.log.warning(f"dbt 提交与并发运行冲突，{wait} 秒后重跑本步骤 (a dbt commit lost a race with a concurrent "
+                            f"day: the step runs again in {wait}s)")
+        raise dg.RetryRequested(max_retries=LAKE_RACE_RETRIES, seconds_to_wait=wait) from failure
 
 
 # ---------------------------------------------------------------- one partition's dbt build
@@ -565,22 +594,24 @@ def build_partition(dbt: DbtCliResource, context: dg.AssetExecutionContext, targ
     op_name = context.op_execution_context.op.name
     target_dir = DBT_PROJECT_DIR / "target"
     run_dir = target_dir / run_dir_name(op_name, context.run.run_id, None if day is None else day.isoformat())
-    cache = target_dir / "partial_parse" / f"{target}.msgpack"
+    profile_target = dbt_guard.dbt_target(target)  # gov/ops, or gov_lake/ops_lake (ZQ_WAREHOUSE=ducklake)
+    cache = target_dir / "partial_parse" / f"{profile_target}.msgpack"
     seed_partial_parse(cache, run_dir)
-    args = ["build", "--target", target, *(["--exclude", " ".join(exclude)] if exclude else [])]
+    args = ["build", "--target", profile_target, *(["--exclude", " ".join(exclude)] if exclude else [])]
     if extra_vars:
         args += ["--vars", json.dumps(extra_vars, ensure_ascii=False, sort_keys=True)]
     partition = (day or dt.date.fromisoformat(context.partition_key)).isoformat()
-    profile = dbt_guard.profile_env(target, gov_db if target == "gov" else ops_db, get_settings().duckdb_memory_limit,
-                                    partition)
+    profile = dbt_guard.profile_env(profile_target, gov_db if target == "gov" else ops_db,
+                                    get_settings().duckdb_memory_limit, partition)
     try:
         if preflight is not None:
-            problems = preflight(parse_manifest(target, run_dir, profile, extra_vars))
+            problems = preflight(parse_manifest(profile_target, run_dir, profile, extra_vars))
             if problems:
                 raise dg.Failure(description="dbt 构建前检查未通过，未运行 dbt (refused before dbt ran):\n"
                                              + "\n".join(problems), metadata={"problems": problems})
         invocation = sealed_cli(dbt, args, profile, context=context, target_path=run_dir)
-        yield from stream_with_column_lineage(invocation, gov_db if target == "gov" else ops_db, context, on_unbuilt)
+        yield from stream_with_column_lineage(invocation, gov_db if target == "gov" else ops_db, context, on_unbuilt,
+                                              domain=target)
     finally:
         keep_partial_parse(run_dir, cache)
         prune_run_dirs(target_dir, op_name, keep=keep_runs)

@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import dagster as dg
-import duckdb
 
 from zqdata import asset_keys
 from zqdata.settings import get_settings
@@ -122,11 +121,13 @@ def _notify_text(result: dg.ExecuteInProcessResult) -> str:
     return f"已发送 {meta.get('sent', 0)} 条，失败待重试 {meta.get('failed', 0)} 条；邮件 → {where}"
 
 
-def _counts(db_path, platform: str, day: dt.date) -> list[tuple[str, str, int]]:
-    if not db_path.exists():
+def _counts(domain: str, db_path, platform: str, day: dt.date) -> list[tuple[str, str, int]]:
+    from zqdata import warehouse
+
+    if not warehouse.exists(domain, db_path):
         return []
     out = []
-    with duckdb.connect(str(db_path), read_only=True) as con:
+    with warehouse.connect(domain, db_path, read_only=True) as con:
         tables = con.execute(
             """
             select t.table_schema, t.table_name,
@@ -134,7 +135,8 @@ def _counts(db_path, platform: str, day: dt.date) -> list[tuple[str, str, int]]:
                    bool_or(c.column_name = 'partition_date') as partitioned_plain
             from information_schema.tables t
             join information_schema.columns c using (table_catalog, table_schema, table_name)
-            where t.table_schema not in ('information_schema', 'pg_catalog') and t.table_schema not like 'dq_audit%'
+            where t.table_catalog = current_database()  -- a lake's connection also sees its in-memory catalog
+              and t.table_schema not in ('information_schema', 'pg_catalog') and t.table_schema not like 'dq_audit%'
             group by all order by 1, 2
             """
         ).fetchall()
@@ -150,7 +152,7 @@ def _counts(db_path, platform: str, day: dt.date) -> list[tuple[str, str, int]]:
 def stage_row_counts(day: dt.date) -> list[tuple[str, str, int]]:
     """Rows of the partition in every table of both platforms (tables without a partition column: all rows)."""
     s = get_settings()
-    return _counts(s.gov_db, "市政务大数据平台 gov", day) + _counts(s.ops_db, "运营服务平台 ops", day)
+    return _counts("gov", s.gov_db, "市政务大数据平台 gov", day) + _counts("ops", s.ops_db, "运营服务平台 ops", day)
 
 
 def format_summary(summary: DaySummary) -> str:

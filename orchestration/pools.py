@@ -7,6 +7,8 @@ The instance gives every pool the limit 1 (`concurrency.pools.default_limit` in 
 Dagster gives a step one pool. The few steps that open both files (the boundary crossing, the product leak gates, a
 failed product check's trace) declare the ops pool and take the gov pool inside the step (`hold_pool`): always ops
 first, then gov, and no gov-only step ever takes the ops pool, so two steps can never wait on each other.
+With ``ZQ_WAREHOUSE=ducklake`` (issue 16) the warehouse takes several writers: `hold_pool` holds nothing and the
+distributed instance gives the pools as many slots as there are workers.
 Nothing outside a run step (sensor ticks, schedules, the code server, the CLI, consumers) opens a warehouse file to
 write: they use the operational database (zqdata.opdb) and published snapshots (zqdata.publish).
 """
@@ -37,6 +39,13 @@ def hold_pool(context: dg.OpExecutionContext | dg.AssetExecutionContext | dg.Ass
     """
     from dagster._core.execution.plan.instance_concurrency_context import InstanceConcurrencyContext
 
+    from zqdata.lakes import warehouse_mode
+
+    if warehouse_mode() == "ducklake":
+        # A DuckLake takes concurrent writers (commits that lost a race are retried): nothing to serialize here; the
+        # declared pools of a distributed instance are sized for the workers (orchestration/distributed.py)
+        yield
+        return
     op_ctx = getattr(context, "op_execution_context", context)
     run = op_ctx.run
     key = f"{op_ctx.get_step_execution_context().step.key}@{pool}"

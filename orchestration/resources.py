@@ -9,6 +9,7 @@ from pathlib import Path
 import dagster as dg
 import duckdb
 
+from zqdata import warehouse
 from zqdata.settings import get_settings
 
 
@@ -17,6 +18,9 @@ class WarehouseResource(dg.ConfigurableResource):
 
     Every connection gets DuckDB's `memory_limit` (``ZQ_DUCKDB_MEMORY_LIMIT``, settings): beyond it DuckDB spills to
     `<db>.tmp`, so a step's memory does not grow with the day's volume.
+
+    ``ZQ_WAREHOUSE=ducklake`` (issue 16): the two domains are DuckLakes instead (``zqdata.lakes``), attached as
+    ``gov_platform`` / ``ops_platform``; the environment alone decides (``zqdata.warehouse.connect``).
     """
 
     gov_db: str = ""
@@ -28,21 +32,21 @@ class WarehouseResource(dg.ConfigurableResource):
     def ops_path(self) -> Path:
         return Path(self.ops_db) if self.ops_db else get_settings().ops_db
 
+    def gov_exists(self) -> bool:
+        return warehouse.exists("gov", self.gov_path())
+
     @contextlib.contextmanager
     def gov(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
-        yield from _connect(self.gov_path(), read_only, get_settings().duckdb_memory_limit)
+        yield from _connect("gov", self.gov_path(), read_only)
 
     @contextlib.contextmanager
     def ops(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
-        yield from _connect(self.ops_path(), read_only, get_settings().duckdb_memory_limit)
+        yield from _connect("ops", self.ops_path(), read_only)
 
 
-def _connect(path: Path, read_only: bool, memory_limit: str) -> Iterator[duckdb.DuckDBPyConnection]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    con = duckdb.connect(str(path), read_only=read_only)
+def _connect(domain: str, path: Path, read_only: bool) -> Iterator[duckdb.DuckDBPyConnection]:
+    con = warehouse.connect(domain, path, read_only)
     try:
-        # SET, not connect(config=...): a file already open in this process with another config would refuse it
-        con.execute(f"SET memory_limit = '{memory_limit}'")  # validated by get_settings()
         yield con
     finally:
         con.close()

@@ -29,7 +29,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from zqdata import lakes
+from zqdata import lakes, loopback
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES_MISSING = [p for names in lakes.EXTENSION_PACKAGES.values() for p in names[:1]
@@ -39,7 +39,7 @@ needs_extensions = pytest.mark.skipif(
     reason=f"DuckDB extension packages not installed ({', '.join(PACKAGES_MISSING)}): "
            "pip install -c constraints.txt -e .  (the production-mode dependencies of pyproject.toml)")
 
-GOV_BUCKET, OPS_BUCKET = "zq-gov-lake", "zq-ops-lake"
+GOV_BUCKET, OPS_BUCKET = loopback.BUCKETS["gov"], loopback.BUCKETS["ops"]
 
 
 # -- without services: the settings, the workers' environments, the extension files --------------------------------
@@ -230,56 +230,13 @@ def test_ducklake_conflict_rules(tmp_path: Path) -> None:
 
 # -- the services: PostgreSQL (two catalogs, two roles) and moto with IAM (two buckets, two users) -------------------
 
-def _pg_admin(url: str):
-    import psycopg2
-
-    port = int(url.rsplit(":", 1)[1].split("/")[0])
-    con = psycopg2.connect(host="127.0.0.1", port=port, user="zq", dbname="zq")
-    con.autocommit = True
-    return con, port
-
-
-def _require_password_auth(cur) -> None:
-    """The test server trusts loopback (pgserver.py); the lake roles must authenticate with their password, as in
-    production: scram for every role but the admin ``zq``."""
-    cur.execute("SHOW hba_file")
-    hba = Path(cur.fetchone()[0])
-    hba.write_text("local all zq trust\nhost all zq 127.0.0.1/32 trust\n"
-                   "local all all scram-sha-256\nhost all all 127.0.0.1/32 scram-sha-256\n")
-    cur.execute("SELECT pg_reload_conf()")
-
-
-def _moto_iam(endpoint: str) -> dict[str, tuple[str, str]]:
-    """Buckets and IAM users (each allowed on its own bucket only), then IAM enforced from the next request on."""
-    import boto3
-
-    admin = {"endpoint_url": endpoint, "region_name": "us-east-1", "aws_access_key_id": "admin",
-             "aws_secret_access_key": "admin"}
-    iam, s3 = boto3.client("iam", **admin), boto3.client("s3", **admin)
-    keys = {}
-    for domain, bucket in (("gov", GOV_BUCKET), ("ops", OPS_BUCKET)):
-        s3.create_bucket(Bucket=bucket)
-        iam.create_user(UserName=f"zq-{domain}")
-        policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": [
-            f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"]}]}
-        iam.put_user_policy(UserName=f"zq-{domain}", PolicyName="own-bucket", PolicyDocument=json.dumps(policy))
-        key = iam.create_access_key(UserName=f"zq-{domain}")["AccessKey"]
-        keys[domain] = (key["AccessKeyId"], key["SecretAccessKey"])
-    req = urllib.request.Request(endpoint + "/moto-api/reset-auth", data=b"0", method="POST",
-                                 headers={"Content-Type": "text/plain"})
-    with urllib.request.urlopen(req, timeout=10) as resp:
-        assert json.loads(resp.read())["status"] == "ok"
-    return keys
-
-
 @pytest.fixture(scope="module")
 def lake_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """The environment of a boundary worker (both domains) against the loopback services."""
     if PACKAGES_MISSING:
         pytest.skip(f"DuckDB extension packages not installed ({', '.join(PACKAGES_MISSING)}): "
                     "pip install -c constraints.txt -e .  (the production-mode dependencies of pyproject.toml)")
-    from pgserver import pg_bin, postgres_server
-    from s3server import moto_executable, moto_server
+    from zqdata.loopback import moto_executable, moto_server, pg_bin, postgres_server, provision_lakes
 
     if pg_bin() is None:
         if os.environ.get("CI"):
@@ -289,33 +246,11 @@ def lake_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str
         pytest.skip("moto_server not installed in the venv")
     started = time.monotonic()
     with postgres_server() as url, moto_server() as (hostport, _proc):
-        con, port = _pg_admin(url)
-        cur = con.cursor()
-        passwords = {}
-        for domain in lakes.DOMAINS:
-            passwords[domain] = f"{domain}-catalog-{os.urandom(6).hex()}"
-            cur.execute(f"CREATE ROLE zq_{domain}_lake LOGIN PASSWORD '{passwords[domain]}'")
-            cur.execute(f"CREATE DATABASE {domain}_catalog OWNER zq_{domain}_lake")
-            cur.execute(f"REVOKE ALL ON DATABASE {domain}_catalog FROM PUBLIC")
-        _require_password_auth(cur)
-        con.close()
-        keys = _moto_iam(f"http://{hostport}")
-        ext = tmp_path_factory.mktemp("duckdb-extensions")
-        env = {
-            "ZQ_WAREHOUSE": "ducklake",
-            "ZQ_S3_ENDPOINT": f"http://{hostport}",
-            "ZQ_S3_REGION": "us-east-1",
-            "ZQ_DUCKDB_EXTENSION_DIR": str(ext),
-            "ZQ_DUCKDB_TEMP_DIR": str(tmp_path_factory.mktemp("spill")),
-            "ZQ_DUCKDB_MEMORY_LIMIT": "1GB",
-            "_PG_PORT": str(port),  # for the tests' own attempts only
-        }
-        for domain, bucket in (("gov", GOV_BUCKET), ("ops", OPS_BUCKET)):
-            d = domain.upper()
-            env[f"ZQ_{d}_LAKE_CATALOG"] = f"dbname={domain}_catalog host=127.0.0.1 port={port} user=zq_{domain}_lake"
-            env[f"ZQ_{d}_LAKE_CATALOG_PASSWORD"] = passwords[domain]
-            env[f"ZQ_{d}_LAKE_DATA"] = f"s3://{bucket}/warehouse/"
-            env[f"ZQ_{d}_S3_KEY_ID"], env[f"ZQ_{d}_S3_SECRET"] = keys[domain]
+        # the catalogs, roles, buckets and IAM users of `make distributed` (zqdata/loopback.py)
+        env = provision_lakes(url, hostport, tmp_path_factory.mktemp("duckdb-extensions"),
+                              tmp_path_factory.mktemp("spill"))
+        env["ZQ_DUCKDB_MEMORY_LIMIT"] = "1GB"
+        env["_PG_PORT"] = url.rsplit(":", 1)[1].split("/")[0]  # for the tests' own attempts only
         assert lakes.lake_settings_problems(env) == []
         print(f"\n[lakes] PostgreSQL + moto (IAM) ready in {time.monotonic() - started:.1f}s")
         yield env
@@ -663,4 +598,57 @@ def test_d_dbt_builds_an_incremental_model_into_the_lake(lake_env: dict, tmp_pat
     files = con.execute("SELECT count(*) FROM ducklake_list_files('gov_platform', 'int_daily_deliveries', "
                         "schema => 'intermediate')").fetchone()[0]
     assert files >= 0  # tiny results may be inlined in the catalog (DuckLake's data inlining, 10 rows)
+    con.close()
+
+
+# -- (e) the statements the platform runs that DuckLake restricts, in the forms that work on both ------------------
+
+@pytest.mark.parametrize("storage", ["duckdb_file", "ducklake"])
+def test_e_delete_and_upsert_forms_run_on_a_file_and_on_a_lake(storage: str, lake_env: dict, tmp_path: Path) -> None:
+    """DuckLake has no DELETE … RETURNING, no rowid, no PRIMARY KEY / ON CONFLICT: revocation's deletes select their
+    rows first and the leak gate's identifier index is kept unique by update-then-insert. Same results on both."""
+    import datetime as dt
+
+    import pyarrow as pa
+
+    from zqdata import revocation
+    from zqdata.leakgate import INDEX_SCHEMA, INDEX_TABLE
+
+    con = (duckdb.connect(str(tmp_path / "ops.duckdb")) if storage == "duckdb_file"
+           else lakes.connect_lake("ops", environ=lake_env))
+    con.execute("CREATE SCHEMA IF NOT EXISTS desensitized")
+    con.execute("CREATE SCHEMA IF NOT EXISTS products")
+    con.execute("CREATE OR REPLACE TABLE desensitized.people AS SELECT 'L' || range AS _lineage_id, "
+                "DATE '2025-06-01' + (range % 2)::INTEGER AS _partition_date, 'p' || (range % 5) AS subject "
+                "FROM range(10)")
+    con.execute("CREATE OR REPLACE TABLE products.flows AS SELECT DATE '2025-06-01' + (range % 2)::INTEGER "
+                "AS _partition_date, ['L' || range, 'L' || (range + 1)] AS _source_lineage_ids FROM range(0, 10, 2)")
+    purged = revocation.purge_subjects(con, "desensitized", "people", "subject",
+                                       pa.table({"subject": ["p0", "p1", "p2"]}))
+    assert sorted(purged.column("_lineage_id").to_pylist()) == ["L3", "L4", "L8", "L9"]
+    assert con.execute("SELECT count(*) FROM desensitized.people").fetchone() == (6,)
+    days = revocation.purge_product(con, "flows", purged)  # rows built from L3/L4 (row 2: L2,L3; row 4: L4,L5), L8
+    assert sorted(days) == [dt.date(2025, 6, 1)] * 3
+    assert con.execute("SELECT count(*) FROM products.flows").fetchone() == (2,)
+    assert revocation.empty_table(con, "desensitized", "people").num_rows == 6
+    assert con.execute("SELECT count(*) FROM desensitized.people").fetchone() == (0,)
+
+    # the identifier index's upsert: an earlier day wins, a value is held once
+    con.execute(f"CREATE SCHEMA IF NOT EXISTS {INDEX_SCHEMA}")
+    con.execute(f"CREATE OR REPLACE TABLE {INDEX_SCHEMA}.{INDEX_TABLE} (kind VARCHAR NOT NULL, value VARCHAR NOT NULL, "
+                "first_day DATE NOT NULL)")
+    con.execute(f"INSERT INTO {INDEX_SCHEMA}.{INDEX_TABLE} VALUES ('name', 'A', DATE '2025-06-03')")
+    con.execute("CREATE OR REPLACE TEMP TABLE _zq_new_identifiers AS SELECT * FROM (VALUES ('name', 'A', "
+                "DATE '2025-06-01'), ('name', 'B', DATE '2025-06-02')) v(kind, value, first_day)")
+
+    def upsert(c: duckdb.DuckDBPyConnection, _attempt: int) -> None:
+        c.execute(f"UPDATE {INDEX_SCHEMA}.{INDEX_TABLE} AS i SET first_day = n.first_day FROM _zq_new_identifiers n "
+                  "WHERE i.kind = n.kind AND i.value = n.value AND n.first_day < i.first_day")
+        c.execute(f"INSERT INTO {INDEX_SCHEMA}.{INDEX_TABLE} SELECT * FROM _zq_new_identifiers n WHERE NOT EXISTS "
+                  f"(SELECT 1 FROM {INDEX_SCHEMA}.{INDEX_TABLE} i WHERE i.kind = n.kind AND i.value = n.value)")
+
+    lakes.run_in_transaction(con, upsert)
+    lakes.run_in_transaction(con, upsert)  # idempotent
+    assert con.execute(f"SELECT value, first_day::VARCHAR FROM {INDEX_SCHEMA}.{INDEX_TABLE} ORDER BY 1").fetchall() \
+        == [("A", "2025-06-01"), ("B", "2025-06-02")]
     con.close()

@@ -55,16 +55,24 @@ def read_relation_columns(con: duckdb.DuckDBPyConnection, relations: Iterable[st
     return out
 
 
-def read_relation_columns_file(path: str | Path, relations: Iterable[str] | None = None) -> RelationColumns:
-    """`read_relation_columns` on a read-only connection closed right away (dbt must have finished writing)."""
-    try:
-        con = duckdb.connect(str(path), read_only=True)
-    except duckdb.ConnectionException as e:
-        if "different configuration" not in str(e):
-            raise
-        # this process already holds the file with the default configuration (an in-process dbt adapter, an open
-        # resource): DuckDB only lets us share that instance; we still only read
-        con = duckdb.connect(str(path))
+def read_relation_columns_file(path: str | Path, relations: Iterable[str] | None = None,
+                               domain: str | None = None) -> RelationColumns:
+    """`read_relation_columns` on a read-only connection closed right away (dbt must have finished writing).
+
+    With ``domain`` and ``ZQ_WAREHOUSE=ducklake``: that domain's lake instead of the file (zqdata.warehouse)."""
+    from zqdata import warehouse
+
+    if domain is not None and warehouse.lake_mode():
+        con = warehouse.connect(domain, read_only=True)
+    else:
+        try:
+            con = duckdb.connect(str(path), read_only=True)
+        except duckdb.ConnectionException as e:
+            if "different configuration" not in str(e):
+                raise
+            # this process already holds the file with the default configuration (an in-process dbt adapter, an
+            # open resource): DuckDB only lets us share that instance; we still only read
+            con = duckdb.connect(str(path))
     try:
         return read_relation_columns(con, relations)
     finally:

@@ -35,12 +35,32 @@ PROCESS_PREFIXES = ("LC_", "PYTHON", "DBT_")
 DENIED_PREFIXES = ("DBT_ENV_", "DBT_CLOUD_")
 
 
+LAKE_TARGETS = {"gov_lake": "gov", "ops_lake": "ops"}  # ZQ_WAREHOUSE=ducklake: profiles.yml's targets per domain
+
+
+def dbt_target(domain: str) -> str:
+    """The profiles.yml target of a domain's dbt step: ``gov`` / ``ops`` (DuckDB files, the embedded default), or
+    ``gov_lake`` / ``ops_lake`` when ``ZQ_WAREHOUSE=ducklake``; the environment alone decides."""
+    from zqdata import lakes
+
+    if domain not in PROFILE_DB_VARS:
+        raise ValueError(f"未知的 dbt 目标 (unknown dbt target): {domain!r}")
+    return f"{domain}_lake" if lakes.warehouse_mode() == "ducklake" else domain
+
+
 def profile_env(target: str, db_path: Any, memory_limit: str, partition_date: str | None = None) -> dict[str, str]:
-    """What profiles.yml reads for `target`: that target's DuckDB file and the memory limit (and the partition)."""
-    if target not in PROFILE_DB_VARS:
+    """What profiles.yml reads for `target`: that target's DuckDB file and the memory limit (and the partition).
+    A ``*_lake`` target: that domain's lake only (``zqdata.lakes.dbt_environment``) instead of the file."""
+    if target in LAKE_TARGETS:
+        from zqdata import lakes
+
+        env = lakes.dbt_environment(LAKE_TARGETS[target])
+    elif target in PROFILE_DB_VARS:
+        env = {PROFILE_DB_VARS[target]: str(db_path)}
+    else:
         raise ValueError(f"未知的 dbt 目标 (unknown dbt target): {target!r}")
-    env = {PROFILE_DB_VARS[target]: str(db_path), "ZQ_DUCKDB_MEMORY_LIMIT": str(memory_limit),
-           "DBT_USE_COLORS": "false"}  # plain text in the run's logs (no ANSI escape codes)
+    env.update({"ZQ_DUCKDB_MEMORY_LIMIT": str(memory_limit),
+                "DBT_USE_COLORS": "false"})  # plain text in the run's logs (no ANSI escape codes)
     if partition_date is not None:
         env["ZQ_PARTITION_DATE"] = str(partition_date)
     return env

@@ -488,10 +488,12 @@ def run_in_transaction(con: duckdb.DuckDBPyConnection, work: Callable[[duckdb.Du
     raise AssertionError("unreachable")
 
 
-def table_checksum(con: duckdb.DuckDBPyConnection, table: str) -> tuple[int, int, int]:
+def table_checksum(con: duckdb.DuckDBPyConnection, table: str,
+                   columns: Iterable[str] | None = None) -> tuple[int, int, int]:
     """Order-independent checksum of a table: (rows, sum of row hashes mod 2^64, xor of row hashes). Two tables with
-    the same rows in any order, in any storage (DuckDB file or DuckLake), give the same triple."""
-    cols = [r[0] for r in con.execute(f"DESCRIBE {table}").fetchall()]
+    the same rows in any order, in any storage (DuckDB file or DuckLake), give the same triple. ``columns``: only
+    these (default all), e.g. without the columns that record when a row was written."""
+    cols = list(columns) if columns is not None else [r[0] for r in con.execute(f"DESCRIBE {table}").fetchall()]
     row = "hash(" + ", ".join(f'"{c}"' for c in cols) + ")"
     n, total, xor = con.execute(
         f"SELECT count(*), coalesce(sum({row}::HUGEINT) % 18446744073709551616, 0), coalesce(bit_xor({row}), 0) "

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from zqdata import standards
+from zqdata.lakes import run_in_transaction
 from zqdata.desensitize import quote_ident
 from zqdata.registry import Registry
 
@@ -120,20 +121,34 @@ def update_identifier_index(gov_con: duckdb.DuckDBPyConnection, registry: Regist
     gate then looks for more values than gov holds, never fewer. Runs on a writable gov connection; returns rows added."""
     if not _index_ready(gov_con):
         gov_con.execute(f"CREATE SCHEMA IF NOT EXISTS {INDEX_SCHEMA}")
+        # No PRIMARY KEY / ON CONFLICT: a DuckLake (ZQ_WAREHOUSE=ducklake) has no constraints. (kind, value) stays
+        # unique by the update-then-insert below, one transaction; the gate reads values, never counts rows.
         gov_con.execute(f"CREATE TABLE IF NOT EXISTS {INDEX_SCHEMA}.{INDEX_TABLE} (kind VARCHAR NOT NULL, "
-                        "value VARCHAR NOT NULL, first_day DATE NOT NULL, PRIMARY KEY (kind, value))")
+                        "value VARCHAR NOT NULL, first_day DATE NOT NULL)")
         partition_date, datasets, schemas = None, None, _GOV_LAYERS  # the first time: everything already held
     selects = _personal_value_selects(gov_con, registry, schemas, datasets)
     if not selects:
         return 0
     where = "length(value) >= 2" + ("" if partition_date is None else " AND day = $zq_partition")
-    before = gov_con.execute(f"SELECT count(*) FROM {INDEX_SCHEMA}.{INDEX_TABLE}").fetchone()[0]
+    index = f"{INDEX_SCHEMA}.{INDEX_TABLE}"
     gov_con.execute(
-        f"INSERT INTO {INDEX_SCHEMA}.{INDEX_TABLE} SELECT kind, value, min(day) FROM ({' UNION ALL '.join(selects)}) "
-        f"WHERE {where} GROUP BY kind, value "
-        "ON CONFLICT (kind, value) DO UPDATE SET first_day = least(first_day, excluded.first_day)",
+        f"CREATE OR REPLACE TEMP TABLE _zq_new_identifiers AS SELECT kind, value, min(day) AS first_day "
+        f"FROM ({' UNION ALL '.join(selects)}) WHERE {where} GROUP BY kind, value",
         {} if partition_date is None else {"zq_partition": partition_date})
-    return gov_con.execute(f"SELECT count(*) FROM {INDEX_SCHEMA}.{INDEX_TABLE}").fetchone()[0] - before
+
+    def upsert(con: duckdb.DuckDBPyConnection, _attempt: int) -> int:
+        before = con.execute(f"SELECT count(*) FROM {index}").fetchone()[0]
+        con.execute(f"UPDATE {index} AS i SET first_day = n.first_day FROM _zq_new_identifiers n "
+                    "WHERE i.kind = n.kind AND i.value = n.value AND n.first_day < i.first_day")
+        con.execute(f"INSERT INTO {index} SELECT n.kind, n.value, n.first_day FROM _zq_new_identifiers n "
+                    f"WHERE NOT EXISTS (SELECT 1 FROM {index} i WHERE i.kind = n.kind AND i.value = n.value)")
+        return con.execute(f"SELECT count(*) FROM {index}").fetchone()[0] - before
+
+    try:  # a concurrent night's commit on a DuckLake: run again (lakes.run_in_transaction); a DuckDB file never races
+        added, _ = run_in_transaction(gov_con, upsert)
+    finally:
+        gov_con.execute("DROP TABLE IF EXISTS _zq_new_identifiers")
+    return added
 
 
 def gov_personal_values(gov_con: duckdb.DuckDBPyConnection, registry: Registry, partition_date: dt.date) -> pa.Table:

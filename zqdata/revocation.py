@@ -32,7 +32,16 @@ if TYPE_CHECKING:
     from zqdata.storage import ObjectStore
 
 REVOKED_REASON = "consent revoked"
-_RETURNING = "RETURNING _lineage_id, _partition_date"
+_RETURNING = "_lineage_id, _partition_date"
+
+
+def _delete_returning(con: duckdb.DuckDBPyConnection, target: str, where: str, columns: str) -> pa.Table:
+    """``DELETE FROM target where RETURNING columns`` in a form a DuckLake runs too (it has no RETURNING for
+    deletes): the rows' columns are selected first, then the same DELETE, in the caller's transaction."""
+    rows = con.execute(f"SELECT {columns} FROM {target} {where}").fetch_arrow_table()
+    if rows.num_rows:
+        con.execute(f"DELETE FROM {target} {where}")
+    return rows
 
 
 def _empty_returning() -> pa.Table:
@@ -79,10 +88,10 @@ def purge_subjects(ops_con: duckdb.DuckDBPyConnection, schema: str, table: str, 
     col = quote_ident(subject_field)
     ops_con.register("_zq_keep_subjects", keep)
     try:
-        return ops_con.execute(
-            f"DELETE FROM {quote_ident(schema)}.{quote_ident(table)} WHERE NOT EXISTS (SELECT 1 FROM _zq_keep_subjects "
-            f"AS k WHERE CAST(k.{col} AS VARCHAR) = CAST({quote_ident(table)}.{col} AS VARCHAR)) {_RETURNING}"
-        ).fetch_arrow_table()
+        return _delete_returning(
+            ops_con, f"{quote_ident(schema)}.{quote_ident(table)}",
+            f"WHERE NOT EXISTS (SELECT 1 FROM _zq_keep_subjects "
+            f"AS k WHERE CAST(k.{col} AS VARCHAR) = CAST({quote_ident(table)}.{col} AS VARCHAR))", _RETURNING)
     finally:
         ops_con.unregister("_zq_keep_subjects")
 
@@ -91,7 +100,7 @@ def empty_table(ops_con: duckdb.DuckDBPyConnection, schema: str, table: str) -> 
     """Delete every row of ``schema.table`` (when it exists); returns the deleted rows' lineage ids and partitions."""
     if not table_exists(ops_con, schema, table):
         return _empty_returning()
-    return ops_con.execute(f"DELETE FROM {quote_ident(schema)}.{quote_ident(table)} {_RETURNING}").fetch_arrow_table()
+    return _delete_returning(ops_con, f"{quote_ident(schema)}.{quote_ident(table)}", "", _RETURNING)
 
 
 def scenario_tables(ops_con: duckdb.DuckDBPyConnection, code: str) -> list[str]:
@@ -107,8 +116,7 @@ def purge_product(ops_con: duckdb.DuckDBPyConnection, product: str, purged: pa.T
         return []
     target = f"products.{quote_ident(product)}"
     if purged is None:
-        rows = ops_con.execute(f"DELETE FROM {target} RETURNING _partition_date").fetchall()
-        return [r[0] for r in rows]
+        return _delete_returning(ops_con, target, "", "_partition_date").column(0).to_pylist()
     if purged.num_rows == 0:
         return []
     cols = {c for (c,) in ops_con.execute("SELECT column_name FROM information_schema.columns WHERE table_schema = "
@@ -116,13 +124,13 @@ def purge_product(ops_con: duckdb.DuckDBPyConnection, product: str, purged: pa.T
     ops_con.register("_zq_purged_rows", purged)
     try:
         if "_source_lineage_ids" in cols:
-            sql = (f"DELETE FROM {target} WHERE rowid IN (SELECT rid FROM (SELECT rowid AS rid, "
-                   f"unnest(_source_lineage_ids) AS id FROM {target}) AS u "
-                   f"WHERE u.id IN (SELECT _lineage_id FROM _zq_purged_rows)) RETURNING _partition_date")
+            # no rowid (a DuckLake has none): a row goes when any of its lineage ids is a purged row's
+            where = ("WHERE list_has_any(_source_lineage_ids, "
+                     "(SELECT list(CAST(_lineage_id AS VARCHAR)) FROM _zq_purged_rows))")
         else:  # no row-level lineage: the days that used a purged row go whole (rebuilt by their next run)
-            sql = (f"DELETE FROM {target} WHERE CAST(_partition_date AS DATE) IN "
-                   f"(SELECT DISTINCT CAST(_partition_date AS DATE) FROM _zq_purged_rows) RETURNING _partition_date")
-        return [r[0] for r in ops_con.execute(sql).fetchall()]
+            where = ("WHERE CAST(_partition_date AS DATE) IN "
+                     "(SELECT DISTINCT CAST(_partition_date AS DATE) FROM _zq_purged_rows)")
+        return _delete_returning(ops_con, target, where, "_partition_date").column(0).to_pylist()
     finally:
         ops_con.unregister("_zq_purged_rows")
 

@@ -92,7 +92,7 @@ def _gov_read_only(warehouse: WarehouseResource):
 
     import duckdb
 
-    if warehouse.gov_path().exists():
+    if warehouse.gov_exists():
         return warehouse.gov(read_only=True)
     return contextlib.closing(duckdb.connect())
 

@@ -25,9 +25,21 @@ from zqdata.registry import Registry, registry
 class PseudonymKeyResource(dg.ConfigurableResource):
     """The HMAC key for pseudonymization, from ZQ_PSEUDONYM_KEY only (GB/T 35273 §6.2: kept apart from the data)."""
 
-    key: str
+    key: str = ""
+
+    @classmethod
+    def from_env(cls) -> "PseudonymKeyResource":
+        """Bound to ``ZQ_PSEUDONYM_KEY`` where it is set. Where it is not — an ops or gov Celery worker, which must not
+        hold it (``zqdata.lakes.domain_environment``) — the resource still loads, so the job's other steps run there,
+        and only a step that asks for the key fails."""
+        import os
+
+        return cls(key=dg.EnvVar(KEY_ENV)) if os.environ.get(KEY_ENV) else cls()
 
     def pseudonym_key(self) -> PseudonymKey:
+        if not self.key:
+            raise dg.Failure(description=f"{KEY_ENV} 未设置：只有边界工作进程持有假名化密钥 (the pseudonymization "
+                                         "key is not set in this process: the boundary step runs on the boundary worker)")
         return PseudonymKey.from_secret(self.key)
 
 
@@ -215,7 +227,7 @@ def boundary_defs() -> dg.Definitions:
     """
     return dg.Definitions(
         assets=[build_boundary_crossing(registry())],
-        resources={"pseudonym": PseudonymKeyResource(key=dg.EnvVar(KEY_ENV))},
+        resources={"pseudonym": PseudonymKeyResource.from_env()},
     )
 
 

@@ -20,6 +20,7 @@ from orchestration.resources import WarehouseResource
 from zqdata import asset_keys
 from zqdata.boundary import held_back_on_ops
 from zqdata.dbt_guard import ops_manifest_problems, product_read_problems
+from zqdata.lakes import worker_domains
 from zqdata.publish import products_reading
 from zqdata.registry import registry
 
@@ -216,6 +217,9 @@ def _product_trace(node: dict[str, Any], warehouse: WarehouseResource, context: 
             f'select distinct unnest(_source_lineage_ids) from "{schema}"."{table}" order by 1 limit 50').fetchall()]
         if not ids:
             return {}
+        if "gov" not in worker_domains():  # an ops-only worker (ZQ_WORKER_DOMAINS=ops) holds no gov credential
+            return {"trace": "溯源需政务域凭据，本工作进程仅持有运营域 (trace needs the gov domain; this worker holds "
+                             "ops only: `zq trace` on a boundary host)"}
         with hold_pool(context, GOV_POOL), warehouse.gov(read_only=True) as gov_con:
             return trace_metadata(gov_con, ops_con, registry(), partition_date=partition_key, lineage_ids=ids,
                                   asset_key=f"ops/products/{model}")

@@ -44,14 +44,14 @@ def _gov_read_only():
     it is missing or still locked after the wait."""
     import duckdb
 
-    from zqdata.readonly import connect_read_only
+    from zqdata import warehouse
     from zqdata.settings import get_settings
 
     path = get_settings().gov_db
-    if not path.exists():
+    if not warehouse.exists("gov", path):
         raise SystemExit(f"市政务大数据平台数据库不存在 gov DB not found: {path}")
     try:
-        return connect_read_only(path)
+        return warehouse.connect_read_only_waiting("gov", path)
     except duckdb.IOException as exc:
         raise SystemExit(f"无法只读打开市政务大数据平台数据库（仍被运行中的作业写入，请稍后重试） gov DB busy: {exc}") from None
 

@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
 
     from zqdata import lineage
-    from zqdata.readonly import connect_read_only
+    from zqdata import warehouse
     from zqdata.registry import registry
     from zqdata.settings import get_settings
 
@@ -43,11 +43,11 @@ def _run(args: argparse.Namespace) -> int:
             return 2
         k, v = w.split("=", 1)
         row_filter[k.strip()] = v.strip()
-    if not s.gov_db.exists():
+    if not warehouse.exists("gov", s.gov_db):
         print(f"市政务大数据平台数据库不存在 gov DB not found: {s.gov_db}")
         return 1
-    gov = connect_read_only(s.gov_db)
-    ops = connect_read_only(s.ops_db) if s.ops_db.exists() else None
+    gov = warehouse.connect_read_only_waiting("gov", s.gov_db)
+    ops = warehouse.connect_read_only_waiting("ops", s.ops_db) if warehouse.exists("ops", s.ops_db) else None
     try:
         findings = None
         if args.partition:

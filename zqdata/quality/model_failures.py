@@ -61,6 +61,13 @@ def unbuilt_models(run_results: Mapping[str, Any], manifest: Mapping[str, Any]) 
     return out
 
 
+def lost_commit_race(run_results: Mapping[str, Any]) -> bool:
+    """A model failed because a DuckLake refused its commit (a concurrent day committed to the same table first,
+    ``zqdata.lakes.run_in_transaction``): not the data's fault. The step fails and runs again (its retry policy);
+    nothing is held back for it."""
+    return any("transaction conflict" in str(r.get("message") or "").lower() for r in run_results.get("results", []))
+
+
 def isolable(unbuilt: Iterable[UnbuiltModel], registry: Registry, models_selected: int) -> dict[str, str] | None:
     """{model: dataset} when the failure can be confined to datasets; None when it cannot (the step must fail)."""
     from zqdata.quality.scores import dataset_of_model

@@ -1,0 +1,121 @@
+"""The mode switches of issue 16 without services: the embedded default is untouched, the distributed mode is chosen
+by the environment only (warehouse, dbt target, executor, queues, retry policy, pools)."""
+
+from __future__ import annotations
+
+import pytest
+
+from zqdata import dbt_guard
+
+LAKE_ENV = {
+    "ZQ_WAREHOUSE": "ducklake",
+    "ZQ_GOV_LAKE_CATALOG": "dbname=gov_catalog host=db.example user=zq_gov_lake",
+    "ZQ_GOV_LAKE_CATALOG_PASSWORD": "gov-catalog-password-0001",
+    "ZQ_GOV_LAKE_DATA": "s3://zq-gov-lake/warehouse/",
+    "ZQ_GOV_S3_KEY_ID": "GOVKEYID0001",
+    "ZQ_GOV_S3_SECRET": "gov-s3-secret-0001",
+    "ZQ_OPS_LAKE_CATALOG": "dbname=ops_catalog host=db.example user=zq_ops_lake",
+    "ZQ_OPS_LAKE_CATALOG_PASSWORD": "ops-catalog-password-0001",
+    "ZQ_OPS_LAKE_DATA": "s3://zq-ops-lake/warehouse/",
+    "ZQ_OPS_S3_KEY_ID": "OPSKEYID0001",
+    "ZQ_OPS_S3_SECRET": "ops-s3-secret-0001",
+    "ZQ_S3_ENDPOINT": "http://minio.example:9000",
+}
+
+
+@pytest.fixture
+def lake_mode(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    for name, value in LAKE_ENV.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("ZQ_DUCKDB_EXTENSION_DIR", str(tmp_path / "ext"))
+
+
+def test_embedded_default_is_unchanged(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    import dagster as dg
+
+    from orchestration.executors import nightly_executor, nightly_retry_policy
+    from zqdata import warehouse
+
+    for name in ("ZQ_WAREHOUSE", "ZQ_EXECUTOR"):
+        monkeypatch.delenv(name, raising=False)
+    assert dbt_guard.dbt_target("gov") == "gov" and dbt_guard.dbt_target("ops") == "ops"
+    assert dbt_guard.profile_env("gov", "/d/gov.duckdb", "1GB", "2025-06-01") == {
+        "ZQ_GOV_DB": "/d/gov.duckdb", "ZQ_DUCKDB_MEMORY_LIMIT": "1GB", "DBT_USE_COLORS": "false",
+        "ZQ_PARTITION_DATE": "2025-06-01"}
+    assert nightly_executor() is dg.in_process_executor and nightly_retry_policy() is None
+    assert not warehouse.lake_mode() and not warehouse.exists("gov", tmp_path / "absent.duckdb")
+    with warehouse.connect("gov", tmp_path / "w" / "gov.duckdb") as con:  # the file, as before
+        assert con.execute("SELECT current_database(), current_setting('memory_limit')").fetchone()[0] == "gov"
+
+
+def test_lake_mode_selects_the_lake_targets_with_one_domain_each(lake_mode) -> None:
+    assert dbt_guard.dbt_target("gov") == "gov_lake" and dbt_guard.dbt_target("ops") == "ops_lake"
+    ops = dbt_guard.profile_env("ops_lake", "/ignored", "1GB", "2025-06-01")
+    assert ops["ZQ_LAKE_S3_KEY_ID"] == "OPSKEYID0001" and ops["ZQ_LAKE_DATA"] == "s3://zq-ops-lake/warehouse/"
+    assert not {v for k, v in LAKE_ENV.items() if k.startswith("ZQ_GOV_")} & set(ops.values())
+    sealed = dbt_guard.sealed_env({**LAKE_ENV, "PATH": "/usr/bin"}, ops)
+    assert not [k for k in sealed if k.startswith(("ZQ_GOV_", "ZQ_OPS_"))]
+    from orchestration.executors import nightly_retry_policy
+
+    assert nightly_retry_policy().max_retries == 3
+
+
+def test_profiles_have_a_lake_target_per_domain() -> None:
+    import yaml
+
+    from zqdata.settings import repo_root
+
+    outputs = yaml.safe_load((repo_root() / "dbt_project" / "profiles.yml").read_text())["zhaoqing"]["outputs"]
+    for domain in ("gov", "ops"):
+        lake = outputs[f"{domain}_lake"]
+        assert lake["database"] == lake["attach"][0]["alias"] == f"{domain}_platform"
+        assert lake["threads"] == 1 and lake["config_options"]["lock_configuration"] is True
+        assert outputs[domain]["config_options"]["enable_external_access"] is False  # embedded: as before
+
+
+@pytest.mark.parametrize("step, pool, queue", [
+    ("gov__ods__water_usage", "zq_gov_duckdb", "gov"),
+    ("gov_dbt_models", "zq_gov_duckdb", "gov"),
+    ("source_agency_deliveries", None, "gov"),
+    ("boundary_crossing", "zq_ops_duckdb", "boundary"),
+    ("ops__products__ops_transit_ridership_no_personal_data_leak", "zq_ops_duckdb", "boundary"),
+    ("ops_dbt_products", "zq_ops_duckdb", "ops"),
+    ("publish_ops_transit_ridership", "zq_ops_duckdb", "ops"),
+    ("ops__products__ops_transit_ridership_authorization_in_force", None, "ops"),
+    ("something_new", None, "boundary"),
+])
+def test_each_step_goes_to_the_queue_of_its_domains(step: str, pool: str | None, queue: str) -> None:
+    from orchestration.executors import step_queue
+
+    assert step_queue(step, pool) == queue
+
+
+def test_celery_mode_needs_a_broker_and_uses_the_domain_queue_executor(monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestration.executors import nightly_executor
+
+    monkeypatch.setenv("ZQ_EXECUTOR", "celery")
+    monkeypatch.delenv("ZQ_CELERY_BROKER", raising=False)
+    with pytest.raises(ValueError, match="ZQ_CELERY_BROKER"):
+        nightly_executor()
+    monkeypatch.setenv("ZQ_CELERY_BROKER", "redis://127.0.0.1:6379/0")
+    assert nightly_executor().name == "zq_celery"
+    monkeypatch.setenv("ZQ_EXECUTOR", "kubernetes")
+    with pytest.raises(ValueError, match="unknown ZQ_EXECUTOR"):
+        nightly_executor()
+
+
+def test_hold_pool_holds_nothing_on_a_lake(lake_mode) -> None:
+    from orchestration.pools import hold_pool
+
+    with hold_pool(object(), "zq_gov_duckdb"):  # no instance is asked: a lake takes concurrent writers
+        pass
+
+
+def test_a_model_that_lost_a_lake_commit_race_fails_the_step_instead_of_holding_its_dataset_back() -> None:
+    from zqdata.quality.model_failures import lost_commit_race
+
+    raced = {"results": [{"unique_id": "model.zhaoqing.stg_x", "status": "error", "message":
+                          "Runtime Error\n  TransactionContext Error: Failed to commit: Transaction conflict - "
+                          "attempting to create table \"stg_x\" in schema \"staging\""}]}
+    assert lost_commit_race(raced)
+    assert not lost_commit_race({"results": [{"status": "error", "message": "Conversion Error: '…'"}]})

@@ -1,0 +1,103 @@
+"""One way to open a security domain's warehouse, whatever the mode (issue 16).
+
+Embedded default: the domain's DuckDB file (``ZQ_GOV_DB`` / ``ZQ_OPS_DB``), exactly as before. ``ZQ_WAREHOUSE=ducklake``:
+the domain's DuckLake (``zqdata.lakes.connect_lake``), attached under the file's catalog name (``gov_platform`` /
+``ops_platform``), so 3-part names and ``current_database()`` read the same in both modes. Every place outside the
+Dagster resource that opens a warehouse (the CLI, column lineage, the nightly summary) goes through here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import duckdb
+
+from zqdata import lakes
+
+DOMAINS = lakes.DOMAINS
+
+
+def lake_mode() -> bool:
+    """True when ``ZQ_WAREHOUSE=ducklake`` (the warehouse is two DuckLakes, not two DuckDB files)."""
+    return lakes.warehouse_mode() == "ducklake"
+
+
+def domain_path(domain: str) -> Path:
+    """The DuckDB file of ``domain`` in the embedded mode (settings)."""
+    from zqdata.settings import get_settings
+
+    lakes._check_domain(domain)
+    s = get_settings()
+    return s.gov_db if domain == "gov" else s.ops_db
+
+
+def exists(domain: str, path: Path | str | None = None) -> bool:
+    """Whether the domain's warehouse exists: its file (embedded), always for a configured lake."""
+    return True if lake_mode() else Path(path or domain_path(domain)).exists()
+
+
+def connect(domain: str, path: Path | str | None = None, read_only: bool = False,
+            memory_limit: str | None = None) -> duckdb.DuckDBPyConnection:
+    """A connection to the domain's warehouse with DuckDB's memory limit (settings when not given).
+
+    Embedded: ``path`` (default the domain's file; its folder is made, as before) opened with ``SET memory_limit`` (not
+    ``config=``: a file already open in this process with another configuration would refuse it)."""
+    from zqdata.settings import get_settings
+
+    limit = memory_limit or get_settings().duckdb_memory_limit
+    if lake_mode():
+        try:
+            return lakes.connect_lake(domain, read_only=read_only, memory_limit=limit)
+        except duckdb.InvalidInputException as exc:
+            if not read_only or "does not exist" not in str(exc):
+                raise
+            # a reader before the first writer (a DuckDB file is created by its first connection too): the lake's
+            # catalog tables are created once, empty, then it is opened read-only
+            lakes.connect_lake(domain, memory_limit=limit).close()
+            return lakes.connect_lake(domain, read_only=True, memory_limit=limit)
+    file = Path(path or domain_path(domain))
+    file.parent.mkdir(parents=True, exist_ok=True)
+    con = duckdb.connect(str(file), read_only=read_only)
+    try:
+        con.execute(f"SET memory_limit = '{limit}'")  # validated by get_settings()
+    except BaseException:
+        con.close()
+        raise
+    return con
+
+
+def connect_read_only_waiting(domain: str, path: Path | str | None = None,
+                              wait_seconds: float | None = None) -> duckdb.DuckDBPyConnection:
+    """Read-only, from outside a run (the CLI): a DuckDB file waits (bounded) while a step writes it
+    (``zqdata.readonly``); a lake has no such lock, its readers see the last committed snapshot."""
+    if lake_mode():
+        return lakes.connect_lake(domain, read_only=True)
+    from zqdata.readonly import connect_read_only
+
+    return connect_read_only(path or domain_path(domain), wait_seconds)
+
+
+
+def tables(con: duckdb.DuckDBPyConnection) -> list[tuple[str, str]]:
+    """(schema, table) of every base table of the connected warehouse (its own catalog only)."""
+    return [tuple(r) for r in con.execute(
+        "SELECT table_schema, table_name FROM information_schema.tables WHERE table_catalog = current_database() "
+        "AND table_type = 'BASE TABLE' ORDER BY 1, 2").fetchall()]
+
+
+def domain_checksums(con: duckdb.DuckDBPyConnection, ignore_columns: Iterable[str] = (),
+                     ignore_types: Iterable[str] = ()) -> dict[str, tuple[int, int, int]]:
+    """``lakes.table_checksum`` of every table of the connected warehouse, without the columns named in
+    ``ignore_columns`` or whose type starts with one of ``ignore_types`` (what records when, not what): two warehouses
+    holding the same data, one in DuckDB files and one in DuckLakes, give equal dicts."""
+    ignored, types = {c.lower() for c in ignore_columns}, tuple(t.upper() for t in ignore_types)
+    out = {}
+    for schema, table in tables(con):
+        name = f'"{schema}"."{table}"'
+        cols = [c for c, t in con.execute(
+            "SELECT column_name, data_type FROM information_schema.columns WHERE table_catalog = current_database() "
+            "AND table_schema = ? AND table_name = ? ORDER BY ordinal_position", [schema, table]).fetchall()
+            if c.lower() not in ignored and not str(t).upper().startswith(types)]
+        out[f"{schema}.{table}"] = lakes.table_checksum(con, name, cols)
+    return out
