@@ -532,14 +532,15 @@ def _retry_if_lost_commit_race(invocation: DbtCliInvocation, context: dg.AssetEx
 
 def partitioned_dbt_assets(select: str, name: str, pool: str):
     """`@dbt_assets` as both platforms use it: the one manifest and translator, daily partitions, under the pool of
-    the DuckDB file dbt writes. A backfill runs as one run over its range (issue 15); each dbt invocation still gets
+    the DuckDB file dbt writes. An embedded backfill runs as one run over its range (issue 15; a lake: one per day); each dbt invocation still gets
     exactly one partition (`build_partition`), the range's days in order (`ranged_dbt_events`)."""
     from orchestration.partitions import daily_partitions
+    from orchestration.ranges import nightly_backfill_policy
 
     project = dbt_project()
     return dbt_assets(manifest=project.manifest_path, project=project, select=select, name=name,
                       dagster_dbt_translator=translator(), partitions_def=daily_partitions, pool=pool,
-                      backfill_policy=dg.BackfillPolicy.single_run())
+                      backfill_policy=nightly_backfill_policy())
 
 
 def ranged_dbt_events(events: Iterable[Any], day: dt.date, day_events: Any) -> Iterator[Any]:

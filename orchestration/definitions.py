@@ -26,7 +26,8 @@ def defs() -> dg.Definitions:
     # code location opts into deliberately; its warning is not news to the people running the platform.
     warnings.filterwarnings("ignore", message=r"Specifying a partitions_def on an AssetCheckSpec",
                             category=dg.PreviewWarning)
-    # Every asset of the nightly job has BackfillPolicy.single_run() (issue 15: a backfill is one run over its range);
+    # Every asset of the nightly job has a backfill policy (orchestration/ranges.nightly_backfill_policy: embedded, one
+    # run over the range, issue 15; on the lakes, one run per day, issue 16);
     # the `backfill_policy` parameter is a Dagster beta feature this code location uses deliberately.
     warnings.filterwarnings("ignore", message=r"Parameter `backfill_policy` of .* is currently in beta",
                             category=dg.BetaWarning)

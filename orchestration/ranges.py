@@ -21,6 +21,17 @@ from typing import Any
 
 import dagster as dg
 
+def nightly_backfill_policy() -> dg.BackfillPolicy:
+    """How a backfill of the nightly assets is cut into runs, by the warehouse mode (environment only).
+
+    Embedded (two DuckDB files, one writing process each): one run over the whole range, whose fixed costs are paid
+    once. DuckLake (`ZQ_WAREHOUSE=ducklake`, issue 16: several writers per domain): one run per day, so the workers run
+    the days side by side."""
+    from zqdata.lakes import warehouse_mode
+
+    return dg.BackfillPolicy.single_run() if warehouse_mode() == "duckdb" else dg.BackfillPolicy.multi_run(1)
+
+
 RANGE_START_TAG = "dagster/asset_partition_range_start"
 RANGE_END_TAG = "dagster/asset_partition_range_end"
 

@@ -119,3 +119,15 @@ def test_a_model_that_lost_a_lake_commit_race_fails_the_step_instead_of_holding_
                           "attempting to create table \"stg_x\" in schema \"staging\""}]}
     assert lost_commit_race(raced)
     assert not lost_commit_race({"results": [{"status": "error", "message": "Conversion Error: '…'"}]})
+
+
+def test_a_backfill_is_one_range_run_embedded_and_one_run_per_day_on_the_lakes(monkeypatch: pytest.MonkeyPatch,
+                                                                             lake_mode) -> None:
+    """Issue 15 (embedded: the fixed costs once per range) and issue 16 (lakes: days side by side on the workers)."""
+    import dagster as dg
+
+    from orchestration.ranges import nightly_backfill_policy
+
+    assert nightly_backfill_policy() == dg.BackfillPolicy.multi_run(1)
+    monkeypatch.delenv("ZQ_WAREHOUSE")
+    assert nightly_backfill_policy() == dg.BackfillPolicy.single_run()

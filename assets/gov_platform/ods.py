@@ -11,7 +11,7 @@ import dagster as dg
 
 from orchestration.partitions import daily_partitions
 from orchestration.pools import GOV_POOL
-from orchestration.ranges import DayEvents, partition_days
+from orchestration.ranges import DayEvents, nightly_backfill_policy, partition_days
 from orchestration.resources import ObjectStoreResource, WarehouseResource, store_step_retries
 from zqdata import asset_keys
 from zqdata.ingest import IngestReport, ingest_delivery, row_accounting
@@ -63,7 +63,7 @@ def build_ods_asset(ds: Dataset, reg: Registry) -> dg.AssetsDefinition:
         key=ods_key(ds.code),
         group_name="gov_platform",
         partitions_def=daily_partitions,
-        backfill_policy=dg.BackfillPolicy.single_run(),
+        backfill_policy=nightly_backfill_policy(),
         deps=[dg.AssetKey(asset_keys.delivery(ds.code))],
         pool=GOV_POOL,
         kinds={"duckdb"},

@@ -17,7 +17,7 @@ import dagster as dg
 from assets.governance.quality import FINDINGS_KEY
 from orchestration.partitions import daily_partitions
 from orchestration.pools import GOV_POOL
-from orchestration.ranges import DayEvents, partition_days
+from orchestration.ranges import DayEvents, nightly_backfill_policy, partition_days
 from orchestration.resources import WarehouseResource
 from zqdata.registry import registry
 
@@ -68,7 +68,7 @@ def build_issues_asset() -> dg.AssetsDefinition:
         key=ISSUES_KEY,
         group_name="governance",
         partitions_def=daily_partitions,
-        backfill_policy=dg.BackfillPolicy.single_run(),
+        backfill_policy=nightly_backfill_policy(),
         deps=[FINDINGS_KEY],
         pool=GOV_POOL,
         kinds={"duckdb", "sqlite"},

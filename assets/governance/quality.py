@@ -7,7 +7,7 @@ import dagster as dg
 
 from orchestration.partitions import daily_partitions
 from orchestration.pools import GOV_POOL
-from orchestration.ranges import DayEvents, partition_days
+from orchestration.ranges import DayEvents, nightly_backfill_policy, partition_days
 from orchestration.resources import WarehouseResource
 from zqdata import asset_keys
 from zqdata.quality.check_info import evaluation_metadata
@@ -72,7 +72,7 @@ def build_findings_asset() -> dg.AssetsDefinition:
     # One step: the findings of every tool, then each dataset's gate decision from them. The gate assets depend on
     # their own dataset only, so a product's lineage shows its own inputs (issue 14), not every agency's data.
     @dg.multi_asset(name="quality_findings", specs=[findings, *gates], partitions_def=daily_partitions, pool=GOV_POOL,
-                    backfill_policy=dg.BackfillPolicy.single_run())
+                    backfill_policy=nightly_backfill_policy())
     def quality_findings(context: dg.AssetExecutionContext, warehouse: WarehouseResource):
         manifest = _dbt_manifest()
         if manifest is None:
@@ -125,7 +125,7 @@ def build_scores_asset() -> dg.AssetsDefinition:
         key=SCORES_KEY,
         group_name="governance",
         partitions_def=daily_partitions,
-        backfill_policy=dg.BackfillPolicy.single_run(),
+        backfill_policy=nightly_backfill_policy(),
         deps=[FINDINGS_KEY],
         pool=GOV_POOL,
         kinds={"duckdb"},

@@ -18,7 +18,7 @@ import dagster as dg
 
 from orchestration.partitions import daily_partitions
 from orchestration.pools import OPS_POOL
-from orchestration.ranges import DayEvents, partition_days
+from orchestration.ranges import DayEvents, nightly_backfill_policy, partition_days
 from orchestration.resources import WarehouseResource
 from zqdata import asset_keys
 from zqdata.registry import registry
@@ -74,7 +74,7 @@ def build_publish_asset(product: str) -> dg.AssetsDefinition:
     )
 
     @dg.multi_asset(name=f"publish_{product}", specs=[spec], partitions_def=daily_partitions, pool=OPS_POOL,
-                    backfill_policy=dg.BackfillPolicy.single_run())
+                    backfill_policy=nightly_backfill_policy())
     def publish_product(context: dg.AssetExecutionContext, warehouse: WarehouseResource) -> Iterator[dg.MaterializeResult]:
         """Publish the product partition when its gates passed in this run."""
         events = DayEvents(context, partition_days(context))

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import dagster as dg
 
 from orchestration.partitions import daily_partitions
-from orchestration.ranges import DayEvents, partition_days
+from orchestration.ranges import DayEvents, nightly_backfill_policy, partition_days
 from orchestration.resources import ObjectStoreResource, store_step_retries
 from zqdata import asset_keys
 from zqdata.landing import (
@@ -93,7 +93,7 @@ def build_landing_assets(reg: Registry) -> dg.AssetsDefinition:
     ]
 
     @dg.multi_asset(name="source_agency_deliveries", specs=specs, can_subset=True, partitions_def=daily_partitions,
-                    backfill_policy=dg.BackfillPolicy.single_run())
+                    backfill_policy=nightly_backfill_policy())
     def source_agency_deliveries(
         context: dg.AssetExecutionContext, config: LandingConfig, store: ObjectStoreResource
     ) -> Iterator[dg.MaterializeResult]:
