@@ -11,7 +11,7 @@ import duckdb
 import pytest
 
 from test_boundary import D1, D2, ENT_A, ENT_B, ENT_C, ID_A, ID_B, SECRET, _key, build_gov
-from zqdata import asset_keys, publish
+from zqdata import asset_keys, publish, revocation
 from zqdata.authorization import AccessDenied, deliver_product
 from zqdata.boundary import BoundaryGateFailed, check_exclusions, cross_boundary
 from zqdata.desensitize import pseudonymize
@@ -291,3 +291,50 @@ def test_the_boundary_op_fails_with_its_failed_checks_and_materializes_nothing(t
     assert ("bus_card_swipes", "no_personal_data_leak") in failed
     with duckdb.connect(str(ops_path), read_only=True) as ops:
         assert ops.execute("SELECT * FROM desensitized.bus_card_swipes ORDER BY ALL").fetchall() == before
+
+
+def test_the_nightly_purge_looks_only_for_subjects_who_lost_consent(tmp_path):
+    """Issue 15: the purge must not cost what the table's history costs every night. With the keep set of the last
+    purge recorded, a night with no lost consent deletes nothing outside tonight's partition and a lost consent
+    removes that subject from every partition — the same rows the full anti-join removes."""
+    import pyarrow as pa
+
+    def table(con):
+        con.execute("CREATE SCHEMA IF NOT EXISTS desensitized")
+        con.execute("CREATE OR REPLACE TABLE desensitized.people AS SELECT 'L' || range AS _lineage_id, "
+                    "DATE '2025-06-01' + (range % 30)::INTEGER AS _partition_date, 'p' || (range % 10) AS subject "
+                    "FROM range(300)")
+
+    def keep(*gone):
+        return pa.table({"subject": [f"p{i}" for i in range(10) if i not in gone]})
+
+    day = dt.date(2025, 6, 30)
+    con, full = duckdb.connect(str(tmp_path / "ops.duckdb")), duckdb.connect(str(tmp_path / "full.duckdb"))
+    table(con)
+    table(full)
+    stats: dict = {}
+    assert revocation.purge_subjects(con, "desensitized", "people", "subject", keep(), day, stats).num_rows == 0
+    assert stats["mode"] == "full"  # nothing recorded yet: the whole table once
+    assert revocation.purge_subjects(con, "desensitized", "people", "subject", keep(), day, stats).num_rows == 0
+    assert stats == {"mode": "incremental", "lost_subjects": 0}
+
+    deleted = revocation.purge_subjects(con, "desensitized", "people", "subject", keep(3), day, stats)
+    assert stats == {"mode": "incremental", "lost_subjects": 1}
+    expected = revocation.purge_subjects(full, "desensitized", "people", "subject", keep(3))  # no day: anti-join
+    assert sorted(deleted.column("_lineage_id").to_pylist()) == sorted(expected.column("_lineage_id").to_pylist())
+    # from every partition holding p3, none of them tonight's
+    assert set(deleted.column("_partition_date").to_pylist()) == {dt.date(2025, 6, d) for d in (4, 14, 24)}
+    assert con.execute("SELECT count(*) FROM desensitized.people WHERE subject = 'p3'").fetchone() == (0,)
+
+    # tonight's partition was written under tonight's consent and is checked against the whole keep set
+    con.execute("INSERT INTO desensitized.people VALUES ('T1', DATE '2025-06-30', 'p3'), ('T2', DATE '2025-06-30', 'x')")
+    deleted = revocation.purge_subjects(con, "desensitized", "people", "subject", keep(3), day, stats)
+    assert sorted(deleted.column("_lineage_id").to_pylist()) == ["T1", "T2"] and stats["lost_subjects"] == 0
+    assert con.execute("SELECT subject FROM revocation.kept_subjects ORDER BY 1").fetchall() == [
+        (f"p{i}",) for i in range(10) if i != 3]
+
+    # a night that wrote the table without a purge by subject: the next purge looks at the whole table again
+    revocation.forget_kept(con, "desensitized", "people")
+    con.execute("INSERT INTO desensitized.people VALUES ('O1', DATE '2025-06-02', 'y')")
+    deleted = revocation.purge_subjects(con, "desensitized", "people", "subject", keep(3), day, stats)
+    assert deleted.column("_lineage_id").to_pylist() == ["O1"] and stats["mode"] == "full"

@@ -388,7 +388,10 @@ def cross_boundary(gov_con: duckdb.DuckDBPyConnection, ops_con: duckdb.DuckDBPyC
                 keep = revocation.keep_subjects(gov_con, registry, ds, [s.code for s in live_users], ref, key,
                                                 "desensitized", keep_cache)
                 purged(f"desensitized.{ds.code}",
-                       revocation.purge_subjects(ops_con, "desensitized", ds.code, ds.consent.subject_field, keep))
+                       revocation.purge_subjects(ops_con, "desensitized", ds.code, ds.consent.subject_field, keep,
+                                                 d))
+            else:  # not purged by subject tonight: the next purge looks at the whole table again
+                revocation.forget_kept(ops_con, "desensitized", ds.code)
 
         for scenario in registry.scenarios.values():
             try:
@@ -436,7 +439,9 @@ def cross_boundary(gov_con: duckdb.DuckDBPyConnection, ops_con: duckdb.DuckDBPyC
                                                     f"scenario_{scenario.code}", keep_cache)
                     purged(f"scenario_{scenario.code}.{ds_code}",
                            revocation.purge_subjects(ops_con, f"scenario_{scenario.code}", ds_code,
-                                                     ds.consent.subject_field, keep), scenario.code)
+                                                     ds.consent.subject_field, keep, d), scenario.code)
+                else:
+                    revocation.forget_kept(ops_con, f"scenario_{scenario.code}", ds_code)
             if not blocked:
                 report.scenario_rows[scenario.code] = rows
                 report.consent_excluded[scenario.code] = dropped

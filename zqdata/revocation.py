@@ -79,19 +79,78 @@ def keep_subjects(gov_con: duckdb.DuckDBPyConnection, registry: Registry, datase
     return keep
 
 
+#: The keep set last applied to each ops table (``relation`` = ``schema.table``), as the subjects appear on ops
+#: (pseudonyms or kept codes: nothing gov does not already send). Bounded by the consenting population, not by history.
+KEPT_SUBJECTS = "revocation.kept_subjects"
+#: The tables whose keep set is recorded (an empty keep set is a valid state, so it is marked apart).
+KEPT_RELATIONS = "revocation.kept_relations"
+
+
+def _ensure_kept_state(ops_con: duckdb.DuckDBPyConnection) -> None:
+    ops_con.execute("CREATE SCHEMA IF NOT EXISTS revocation")
+    ops_con.execute(f"CREATE TABLE IF NOT EXISTS {KEPT_SUBJECTS} (relation VARCHAR, subject VARCHAR)")
+    ops_con.execute(f"CREATE TABLE IF NOT EXISTS {KEPT_RELATIONS} (relation VARCHAR)")
+
+
+def forget_kept(ops_con: duckdb.DuckDBPyConnection, schema: str, table: str) -> None:
+    """The table was written tonight without a purge by subject: its next purge checks the whole table."""
+    if table_exists(ops_con, "revocation", "kept_relations"):
+        ops_con.execute(f"DELETE FROM {KEPT_RELATIONS} WHERE relation = ?", [f"{schema}.{table}"])
+
+
 def purge_subjects(ops_con: duckdb.DuckDBPyConnection, schema: str, table: str, subject_field: str,
-                   keep: pa.Table) -> pa.Table:
+                   keep: pa.Table, partition_date: dt.date | None = None, stats: dict | None = None) -> pa.Table:
     """Delete, from every partition of ``schema.table``, the rows whose subject is not in ``keep``; returns their
-    ``_lineage_id`` and ``_partition_date`` (one set-based DELETE)."""
+    ``_lineage_id`` and ``_partition_date``.
+
+    Nothing here may cost what the table's history costs every night (issue 15). The table holds, by construction,
+    only subjects of the keep set applied last time (``KEPT_SUBJECTS``) and the rows written for ``partition_date``
+    tonight; so only the subjects that LOST consent since (that set minus tonight's ``keep``) are looked for in the
+    whole table — no statement on the table when nobody did — and tonight's partition is checked against ``keep``.
+    Without a recorded set (first night, a table from before this state existed) or without ``partition_date``, one
+    anti-join over the whole table, as before. Either way the table then holds only subjects of ``keep``, which is
+    recorded in the same transaction. ``stats`` (optional) gets ``mode`` (full / incremental) and ``lost_subjects``."""
     if not table_exists(ops_con, schema, table):
         return _empty_returning()
-    col = quote_ident(subject_field)
+    target, relation = f"{quote_ident(schema)}.{quote_ident(table)}", f"{schema}.{table}"
+    col, subject = quote_ident(subject_field), f"CAST({quote_ident(table)}.{quote_ident(subject_field)} AS VARCHAR)"
+    not_kept = f"NOT EXISTS (SELECT 1 FROM _zq_keep_subjects AS k WHERE CAST(k.{col} AS VARCHAR) = {subject})"
+    _ensure_kept_state(ops_con)
+    recorded = partition_date is not None and ops_con.execute(
+        f"SELECT count(*) FROM {KEPT_RELATIONS} WHERE relation = ?", [relation]).fetchone()[0] > 0
     ops_con.register("_zq_keep_subjects", keep)
     try:
-        return _delete_returning(
-            ops_con, f"{quote_ident(schema)}.{quote_ident(table)}",
-            f"WHERE NOT EXISTS (SELECT 1 FROM _zq_keep_subjects "
-            f"AS k WHERE CAST(k.{col} AS VARCHAR) = CAST({quote_ident(table)}.{col} AS VARCHAR))", _RETURNING)
+        if not recorded:
+            deleted = _delete_returning(ops_con, target, f"WHERE {not_kept}", _RETURNING)
+            ops_con.execute(f"DELETE FROM {KEPT_SUBJECTS} WHERE relation = ?", [relation])
+            ops_con.execute(f"INSERT INTO {KEPT_SUBJECTS} SELECT DISTINCT ?, CAST({col} AS VARCHAR) "
+                            f"FROM _zq_keep_subjects WHERE {col} IS NOT NULL", [relation])
+            ops_con.execute(f"DELETE FROM {KEPT_RELATIONS} WHERE relation = ?", [relation])
+            ops_con.execute(f"INSERT INTO {KEPT_RELATIONS} VALUES (?)", [relation])
+            lost = 0
+        else:
+            lost_subjects = ops_con.execute(
+                f"SELECT subject FROM {KEPT_SUBJECTS} WHERE relation = ? "
+                f"EXCEPT SELECT CAST({col} AS VARCHAR) FROM _zq_keep_subjects", [relation]).fetch_arrow_table()
+            lost = lost_subjects.num_rows
+            tonight = f"CAST(_partition_date AS DATE) = DATE '{partition_date.isoformat()}'"
+            parts = [_delete_returning(ops_con, target, f"WHERE {tonight} AND {not_kept}", _RETURNING)]
+            ops_con.register("_zq_lost_subjects", lost_subjects)
+            try:
+                if lost:
+                    parts.append(_delete_returning(
+                        ops_con, target, f"WHERE {subject} IN (SELECT subject FROM _zq_lost_subjects)", _RETURNING))
+                    ops_con.execute(f"DELETE FROM {KEPT_SUBJECTS} WHERE relation = ? AND subject IN "
+                                    "(SELECT subject FROM _zq_lost_subjects)", [relation])
+            finally:
+                ops_con.unregister("_zq_lost_subjects")
+            ops_con.execute(f"INSERT INTO {KEPT_SUBJECTS} SELECT ?, s FROM (SELECT DISTINCT CAST({col} AS VARCHAR) AS s "
+                            f"FROM _zq_keep_subjects WHERE {col} IS NOT NULL EXCEPT SELECT subject FROM {KEPT_SUBJECTS} "
+                            "WHERE relation = ?)", [relation, relation])
+            deleted = pa.concat_tables([t.cast(_empty_returning().schema) for t in parts])
+        if stats is not None:
+            stats.update(mode="incremental" if recorded else "full", lost_subjects=lost)
+        return deleted
     finally:
         ops_con.unregister("_zq_keep_subjects")
 
