@@ -171,8 +171,15 @@ def test_profiles_lock_both_targets_and_need_only_their_own_file() -> None:
     import yaml
 
     outputs = yaml.safe_load((DBT_PROJECT_DIR / "profiles.yml").read_text(encoding="utf-8"))["zhaoqing"]["outputs"]
+    assert {"gov", "ops"} <= set(outputs)
     for name, out in outputs.items():
         opts = out["config_options"]
+        if name.endswith("_lake"):  # ZQ_WAREHOUSE=ducklake: reaches PostgreSQL and S3 (test_distributed_settings.py)
+            domain, other = name.removesuffix("_lake"), {"gov_lake": "ops", "ops_lake": "gov"}[name]
+            assert opts["lock_configuration"] is True and "settings" not in out, name
+            assert out["attach"][0]["alias"] == f"{domain}_platform" and f"{other}_platform" not in json.dumps(out)
+            assert not [v for v in ("ZQ_GOV_", "ZQ_OPS_") if v in json.dumps(out)], name  # domain-neutral names
+            continue
         assert opts["enable_external_access"] is False and opts["lock_configuration"] is True, name
         assert "settings" not in out  # dbt-duckdb re-SETs `settings` on every cursor: refused once locked
         other = {"gov": "ZQ_OPS_DB", "ops": "ZQ_GOV_DB"}[name]
