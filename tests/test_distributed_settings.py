@@ -118,6 +118,8 @@ def test_a_model_that_lost_a_lake_commit_race_fails_the_step_instead_of_holding_
                           "Runtime Error\n  TransactionContext Error: Failed to commit: Transaction conflict - "
                           "attempting to create table \"stg_x\" in schema \"staging\""}]}
     assert lost_commit_race(raced)
+    assert lost_commit_race({"results": [{"status": "error", "message": "Runtime Error in model int_x\n  Catalog Error: "
+                                          "Table with name \"int_x\" already exists!"}]})
     assert not lost_commit_race({"results": [{"status": "error", "message": "Conversion Error: '…'"}]})
 
 

@@ -15,6 +15,7 @@ from assets.dbt_common import (RUN_DIRS_KEPT, build_partition, dbt_project, dbt_
 from orchestration.pools import GOV_POOL
 from orchestration.ranges import DayEvents, partition_days
 from orchestration.resources import WarehouseResource
+from zqdata.lakes import warehouse_mode
 from zqdata.leakgate import update_identifier_index
 from zqdata.quality import check_info
 from zqdata.quality.model_failures import (clear_model_failures, isolable, lost_commit_race, record_model_failures,
@@ -74,7 +75,7 @@ def confine_unbuilt(context: dg.AssetExecutionContext, warehouse: WarehouseResou
 
     Each unbuilt model gets a materialization that says so (`dbt_status`, 0 rows, `partition_rebuilt: false`): its
     partition now holds nothing, which is what downstream sees, and the steps of the other datasets are not skipped."""
-    if lost_commit_race(run_results):
+    if warehouse_mode() == "ducklake" and lost_commit_race(run_results):
         context.log.warning("dbt 模型提交与并发运行冲突，本步骤将重试 (a model lost a DuckLake commit race with a "
                             "concurrent day: the step fails and runs again; nothing is held back)")
         return None

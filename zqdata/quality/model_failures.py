@@ -65,7 +65,12 @@ def lost_commit_race(run_results: Mapping[str, Any]) -> bool:
     """A model failed because a DuckLake refused its commit (a concurrent day committed to the same table first,
     ``zqdata.lakes.run_in_transaction``): not the data's fault. The step fails and runs again (its retry policy);
     nothing is held back for it."""
-    return any("transaction conflict" in str(r.get("message") or "").lower() for r in run_results.get("results", []))
+    def raced(message: str) -> bool:
+        # a commit refused, or the first build of a model created by a concurrent day between dbt's check and its
+        # CREATE TABLE (dbt then runs the incremental path on the next attempt)
+        return "transaction conflict" in message or ("catalog error" in message and "already exists" in message)
+
+    return any(raced(str(r.get("message") or "").lower()) for r in run_results.get("results", []))
 
 
 def isolable(unbuilt: Iterable[UnbuiltModel], registry: Registry, models_selected: int) -> dict[str, str] | None:
