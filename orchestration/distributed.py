@@ -139,9 +139,10 @@ def platform(base: Path | None = None, rows_per_day: int | None = None,
             problems = lakes.lake_settings_problems(env)
             if problems:
                 raise RuntimeError("; ".join(problems))
-            # the instance's tables are created once, before runs and workers open it at the same time
-            subprocess.run([sys.executable, "-m", "orchestration.instance"], cwd=repo_root(), env=env, check=True,
-                           capture_output=True)
+            # the instance's tables and the pools' rows are created once, before runs and workers open them at the
+            # same time (three runs initializing a pool's limit at once on PostgreSQL abort each other's transaction)
+            subprocess.run([sys.executable, "-m", "orchestration.distributed", "--prepare-instance"], cwd=repo_root(),
+                           env=env, check=True, capture_output=True)
             yield Platform(env=env, base=base)
     finally:
         if owned:
@@ -229,6 +230,16 @@ def reconstructable_nightly():
     repo = ReconstructableRepository.for_module("orchestration.definitions", "defs",
                                                 working_directory=str(repo_root()))
     return repo.get_reconstructable_job(NIGHTLY_JOB)
+
+
+def prepare_instance() -> None:
+    """Create the instance's storage and each warehouse pool's limit row (``POOL_LIMIT``) in this one process."""
+    from orchestration.instance import ensure_instance
+    from orchestration.pools import POOLS
+
+    instance = ensure_instance()
+    for pool in POOLS:
+        instance.event_log_storage.set_concurrency_slots(pool, POOL_LIMIT)
 
 
 def run_day(day: str, backfill_id: str) -> dict:
@@ -331,7 +342,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep the data, logs and instance in this folder (default: a temporary one, removed)")
     parser.add_argument("--run-day", help=argparse.SUPPRESS)
     parser.add_argument("--backfill-id", help=argparse.SUPPRESS)
+    parser.add_argument("--prepare-instance", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.prepare_instance:
+        prepare_instance()
+        return 0
     if args.run_day:  # the orchestrating process of one run (started by `backfill`)
         print(json.dumps(run_day(args.run_day, args.backfill_id), ensure_ascii=False), flush=True)
         return 0
