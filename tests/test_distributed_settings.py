@@ -120,6 +120,10 @@ def test_a_model_that_lost_a_lake_commit_race_fails_the_step_instead_of_holding_
     assert lost_commit_race(raced)
     assert lost_commit_race({"results": [{"status": "error", "message": "Runtime Error in model int_x\n  Catalog Error: "
                                           "Table with name \"int_x\" already exists!"}]})
+    assert lost_commit_race({"results": [{"status": "error", "message": (  # DuckLake's own retries exhausted
+        "Runtime Error in test stg_x__required__y\n  TransactionContext Error: Failed to commit: Failed to commit "
+        "DuckLake transaction.\n  Exceeded the maximum retry count of 10 set by the ducklake_max_retry_count setting."
+        "\n  ... ERROR:  duplicate key value violates unique constraint \"ducklake_snapshot_pkey\"")}]})
     assert not lost_commit_race({"results": [{"status": "error", "message": "Conversion Error: '…'"}]})
 
 

@@ -68,7 +68,11 @@ def lost_commit_race(run_results: Mapping[str, Any]) -> bool:
     def raced(message: str) -> bool:
         # a commit refused, or the first build of a model created by a concurrent day between dbt's check and its
         # CREATE TABLE (dbt then runs the incremental path on the next attempt)
-        return "transaction conflict" in message or ("catalog error" in message and "already exists" in message)
+        # DuckLake gave up after its own retries (`ducklake_max_retry_count`) when concurrent days committed snapshots
+        # at once (the catalog's "duplicate key ... ducklake_snapshot_pkey"): found by the distributed equality test
+        return ("transaction conflict" in message or ("catalog error" in message and "already exists" in message)
+                or "failed to commit ducklake transaction" in message
+                or ("duplicate key value" in message and "ducklake_" in message))
 
     return any(raced(str(r.get("message") or "").lower()) for r in run_results.get("results", []))
 
