@@ -235,11 +235,12 @@ def reconstructable_nightly():
 def prepare_instance() -> None:
     """Create the instance's storage and each warehouse pool's limit row (``POOL_LIMIT``) in this one process."""
     from orchestration.instance import ensure_instance
-    from orchestration.pools import POOLS
+    from orchestration.pools import GOV_DBT_POOL, POOLS
 
     instance = ensure_instance()
     for pool in POOLS:
         instance.event_log_storage.set_concurrency_slots(pool, POOL_LIMIT)
+    instance.event_log_storage.set_concurrency_slots(GOV_DBT_POOL, 1)  # one gov dbt build at a time (pools.py)
 
 
 def run_day(day: str, backfill_id: str) -> dict:

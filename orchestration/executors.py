@@ -45,13 +45,13 @@ def executor_kind(environ: dict[str, str] | None = None) -> str:
 
 def step_queue(step_key: str, pool: str | None, tagged: str | None = None) -> str:
     """The Celery queue of a step: its ``dagster-celery/queue`` tag when set, else by the domains it opens."""
-    from orchestration.pools import GOV_POOL, OPS_POOL
+    from orchestration.pools import GOV_DBT_POOL, GOV_POOL, OPS_POOL
 
     if tagged:
         return tagged
     if step_key in BOUNDARY_STEPS or step_key.endswith(BOUNDARY_SUFFIXES):
         return BOUNDARY_QUEUE
-    if pool == GOV_POOL or step_key in GOV_STEPS:
+    if pool in (GOV_POOL, GOV_DBT_POOL) or step_key in GOV_STEPS:
         return GOV_QUEUE
     if pool == OPS_POOL or step_key.startswith(OPS_PREFIXES):
         return OPS_QUEUE

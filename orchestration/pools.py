@@ -24,6 +24,18 @@ import dagster as dg
 GOV_POOL = "zq_gov_duckdb"  # 市政务大数据平台 gov_platform.duckdb
 OPS_POOL = "zq_ops_duckdb"  # 运营服务平台 ops_platform.duckdb
 POOLS = (GOV_POOL, OPS_POOL)
+# Lake mode only (ZQ_WAREHOUSE=ducklake): the days of a backfill run side by side, but one gov dbt build at a time.
+# dbt's store-failures tables (dq_audit.<test>) are one per test, shared by every day: a day's build and the collection
+# of its failures into quality.findings (same step) must not interleave with another day's build — found by the
+# distributed equality test (a day's failing rows lost). Limit 1, set by orchestration/distributed.prepare_instance.
+GOV_DBT_POOL = "zq_gov_dbt"
+
+
+def gov_dbt_pool() -> str:
+    """The pool of the gov dbt step: the gov file's (embedded) or GOV_DBT_POOL (lakes)."""
+    from zqdata.lakes import warehouse_mode
+
+    return GOV_POOL if warehouse_mode() == "duckdb" else GOV_DBT_POOL
 CLAIM_POLL_MAX_SECONDS = 5.0  # how often a waiting step asks again at most (Dagster's own back-off starts lower)
 # A claim made inside a step that already holds the other pool goes ahead of queued steps: it is holding a file
 HOLD_PRIORITY = 1_000_000

@@ -30,7 +30,7 @@ SEED_ENV = {"ZQ_SIMULATE": "1", "ZQ_SIM_ROWS_PER_DAY": str(ROWS_PER_DAY), "ZQ_SI
 # Columns that record when or by which run something was written, not what the data is.
 RUN_COLUMNS = ("_ingested_at", "ingested_at", "quarantined_at", "created_at", "updated_at", "updated_at_run",
                "arrived_at", "run_id", "_run_id", "evaluated_at", "computed_at", "synced_at", "checked_at",
-               "recorded_at", "built_at", "failed_at", "published_at", "loaded_at")
+               "recorded_at", "built_at", "failed_at", "published_at", "loaded_at", "decided_at", "validated_at")
 RUN_TYPES = ("TIMESTAMP",)
 # The leak gate's identifier index: one row per (kind, value) and its first day; concurrent days on a DuckLake may
 # each add a value before seeing the other's commit, so it is compared by its content (kind, value, first day).
@@ -146,7 +146,12 @@ def test_the_same_days_embedded_and_distributed_give_the_same_tables_and_issues(
     assert hosts == {"boundary", "ops"}, hosts  # both workers took steps
     print(f"\n[distributed] embedded {embedded['seconds']:.0f}s (days in turn), distributed "
           f"{distributed['seconds']:.0f}s (days at once on 2 workers)")
-    lake = {domain: _checksums(domain) for domain in ("gov", "ops")}
+    # dq_audit.<test>: dbt's store-failures table holds the failing rows of the LAST build of each test, whichever day
+    # that was (days in turn embedded, in any order distributed); what is kept of it is quality.findings, compared
+    lake = {domain: {t: v for t, v in _checksums(domain).items() if not t.startswith("dq_audit.")}
+            for domain in ("gov", "ops")}
+    embedded = {**embedded, **{d: {t: v for t, v in embedded[d].items() if not t.startswith("dq_audit.")}
+                               for d in ("gov", "ops")}}
     only = {d: sorted(set(lake[d]) ^ set(embedded[d])) for d in lake}
     differ = {d: {t: (embedded[d][t], lake[d][t]) for t in lake[d] if t in embedded[d] and lake[d][t] != embedded[d][t]}
               for d in lake}

@@ -137,3 +137,16 @@ def test_a_backfill_is_one_range_run_embedded_and_one_run_per_day_on_the_lakes(m
     assert nightly_backfill_policy() == dg.BackfillPolicy.multi_run(1)
     monkeypatch.delenv("ZQ_WAREHOUSE")
     assert nightly_backfill_policy() == dg.BackfillPolicy.single_run()
+
+
+def test_one_gov_dbt_build_at_a_time_on_the_lakes_and_on_the_gov_queue(monkeypatch: pytest.MonkeyPatch,
+                                                                    lake_mode) -> None:
+    """Concurrent days share dbt's store-failures tables: on the lakes the gov dbt step has a pool of its own (limit 1,
+    distributed.prepare_instance), still sent to the gov queue; embedded it stays in the gov file's pool."""
+    from orchestration.executors import GOV_QUEUE, step_queue
+    from orchestration.pools import GOV_DBT_POOL, GOV_POOL, gov_dbt_pool
+
+    assert gov_dbt_pool() == GOV_DBT_POOL
+    assert step_queue("gov_dbt_models", GOV_DBT_POOL) == GOV_QUEUE
+    monkeypatch.delenv("ZQ_WAREHOUSE")
+    assert gov_dbt_pool() == GOV_POOL

@@ -12,7 +12,7 @@ from dagster_dbt import DbtCliResource
 
 from assets.dbt_common import (RUN_DIRS_KEPT, build_partition, dbt_project, dbt_resource, dbt_source_specs,
                                enrich_check_result, partitioned_dbt_assets, ranged_dbt_events, relation_asset_keys)
-from orchestration.pools import GOV_POOL
+from orchestration.pools import gov_dbt_pool
 from orchestration.ranges import DayEvents, partition_days
 from orchestration.resources import WarehouseResource
 from zqdata.lakes import warehouse_mode
@@ -28,7 +28,7 @@ from zqdata.registry import Registry, registry
 def gov_dbt_assets() -> dg.AssetsDefinition:
     """gov/staging/<model> and gov/intermediate/<model>, daily partitioned; dbt tests are asset checks."""
 
-    @partitioned_dbt_assets(select="path:models/gov", name="gov_dbt_models", pool=GOV_POOL)
+    @partitioned_dbt_assets(select="path:models/gov", name="gov_dbt_models", pool=gov_dbt_pool())
     def gov_dbt_models(context: dg.AssetExecutionContext, dbt: DbtCliResource,
                        warehouse: WarehouseResource) -> Iterator[Any]:
         reg = registry()
