@@ -338,3 +338,28 @@ def test_the_nightly_purge_looks_only_for_subjects_who_lost_consent(tmp_path):
     con.execute("INSERT INTO desensitized.people VALUES ('O1', DATE '2025-06-02', 'y')")
     deleted = revocation.purge_subjects(con, "desensitized", "people", "subject", keep(3), day, stats)
     assert deleted.column("_lineage_id").to_pylist() == ["O1"] and stats["mode"] == "full"
+
+
+def test_a_crossing_with_an_older_consent_state_keeps_the_newer_one(tmp_path):
+    """Concurrent days (lakes) or a range re-run: a crossing whose reference day is older than the state already
+    applied must not purge with its older keep set (it would delete later grantees from later partitions); its own
+    partition is checked against the newer state. Found by the distributed equality test."""
+    import pyarrow as pa
+
+    con = duckdb.connect(str(tmp_path / "ops.duckdb"))
+    con.execute("CREATE SCHEMA desensitized")
+    con.execute("CREATE TABLE desensitized.people (_lineage_id VARCHAR, _partition_date DATE, subject VARCHAR)")
+    con.execute("INSERT INTO desensitized.people VALUES ('A3', DATE '2025-06-03', 'a'), ('N3', DATE '2025-06-03', 'n')")
+    d1, d3 = dt.date(2025, 6, 1), dt.date(2025, 6, 3)
+    stats: dict = {}
+    # day 3 crossed first with the consent of day 3: n granted on day 2
+    revocation.purge_subjects(con, "desensitized", "people", "subject", pa.table({"subject": ["a", "n"]}), d3, stats,
+                              reference_day=d3)
+    # day 1 crosses after it, with consent as of day 1 (n not yet granted; r granted then, revoked by day 3)
+    con.execute("INSERT INTO desensitized.people VALUES ('A1', DATE '2025-06-01', 'a'), ('R1', DATE '2025-06-01', 'r')")
+    deleted = revocation.purge_subjects(con, "desensitized", "people", "subject", pa.table({"subject": ["a", "r"]}), d1,
+                                        stats, reference_day=d1)
+    assert stats["mode"] == "newer state kept"
+    assert deleted.column("_lineage_id").to_pylist() == ["R1"]  # r revoked by day 3: not kept in day 1 either
+    assert sorted(r[0] for r in con.execute("SELECT _lineage_id FROM desensitized.people").fetchall()) == [
+        "A1", "A3", "N3"]  # n's day-3 row stays: the older state does not take a later grant back

@@ -389,7 +389,7 @@ def cross_boundary(gov_con: duckdb.DuckDBPyConnection, ops_con: duckdb.DuckDBPyC
                                                 "desensitized", keep_cache)
                 purged(f"desensitized.{ds.code}",
                        revocation.purge_subjects(ops_con, "desensitized", ds.code, ds.consent.subject_field, keep,
-                                                 d))
+                                                 d, reference_day=ref))
             else:  # not purged by subject tonight: the next purge looks at the whole table again
                 revocation.forget_kept(ops_con, "desensitized", ds.code)
 
@@ -439,7 +439,7 @@ def cross_boundary(gov_con: duckdb.DuckDBPyConnection, ops_con: duckdb.DuckDBPyC
                                                     f"scenario_{scenario.code}", keep_cache)
                     purged(f"scenario_{scenario.code}.{ds_code}",
                            revocation.purge_subjects(ops_con, f"scenario_{scenario.code}", ds_code,
-                                                     ds.consent.subject_field, keep, d), scenario.code)
+                                                     ds.consent.subject_field, keep, d, reference_day=ref), scenario.code)
                 else:
                     revocation.forget_kept(ops_con, f"scenario_{scenario.code}", ds_code)
             if not blocked:

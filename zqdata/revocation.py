@@ -89,7 +89,7 @@ KEPT_RELATIONS = "revocation.kept_relations"
 def _ensure_kept_state(ops_con: duckdb.DuckDBPyConnection) -> None:
     ops_con.execute("CREATE SCHEMA IF NOT EXISTS revocation")
     ops_con.execute(f"CREATE TABLE IF NOT EXISTS {KEPT_SUBJECTS} (relation VARCHAR, subject VARCHAR)")
-    ops_con.execute(f"CREATE TABLE IF NOT EXISTS {KEPT_RELATIONS} (relation VARCHAR)")
+    ops_con.execute(f"CREATE TABLE IF NOT EXISTS {KEPT_RELATIONS} (relation VARCHAR, reference_day DATE)")
 
 
 def forget_kept(ops_con: duckdb.DuckDBPyConnection, schema: str, table: str) -> None:
@@ -99,7 +99,8 @@ def forget_kept(ops_con: duckdb.DuckDBPyConnection, schema: str, table: str) -> 
 
 
 def purge_subjects(ops_con: duckdb.DuckDBPyConnection, schema: str, table: str, subject_field: str,
-                   keep: pa.Table, partition_date: dt.date | None = None, stats: dict | None = None) -> pa.Table:
+                   keep: pa.Table, partition_date: dt.date | None = None, stats: dict | None = None,
+                   reference_day: dt.date | None = None) -> pa.Table:
     """Delete, from every partition of ``schema.table``, the rows whose subject is not in ``keep``; returns their
     ``_lineage_id`` and ``_partition_date``.
 
@@ -116,8 +117,19 @@ def purge_subjects(ops_con: duckdb.DuckDBPyConnection, schema: str, table: str, 
     col, subject = quote_ident(subject_field), f"CAST({quote_ident(table)}.{quote_ident(subject_field)} AS VARCHAR)"
     not_kept = f"NOT EXISTS (SELECT 1 FROM _zq_keep_subjects AS k WHERE CAST(k.{col} AS VARCHAR) = {subject})"
     _ensure_kept_state(ops_con)
-    recorded = partition_date is not None and ops_con.execute(
-        f"SELECT count(*) FROM {KEPT_RELATIONS} WHERE relation = ?", [relation]).fetchone()[0] > 0
+    recorded_ref = ops_con.execute(f"SELECT max(reference_day), count(*) FROM {KEPT_RELATIONS} WHERE relation = ?",
+                                   [relation]).fetchone() if partition_date is not None else (None, 0)
+    recorded = recorded_ref[1] > 0
+    if recorded and reference_day is not None and recorded_ref[0] is not None and recorded_ref[0] > reference_day:
+        # A crossing that already applied a NEWER consent state (a concurrent day on the lakes, a range re-run): that
+        # state stands; tonight's partition is checked against it, and nothing else changes.
+        tonight = f"CAST(_partition_date AS DATE) = DATE '{partition_date.isoformat()}'"
+        rel = relation.replace("'", "''")
+        deleted = _delete_returning(ops_con, target, f"WHERE {tonight} AND NOT EXISTS (SELECT 1 FROM {KEPT_SUBJECTS} "
+                                    f"AS k WHERE k.relation = '{rel}' AND k.subject = {subject})", _RETURNING)
+        if stats is not None:
+            stats.update(mode="newer state kept", lost_subjects=0)
+        return deleted
     ops_con.register("_zq_keep_subjects", keep)
     try:
         if not recorded:
@@ -126,7 +138,7 @@ def purge_subjects(ops_con: duckdb.DuckDBPyConnection, schema: str, table: str, 
             ops_con.execute(f"INSERT INTO {KEPT_SUBJECTS} SELECT DISTINCT ?, CAST({col} AS VARCHAR) "
                             f"FROM _zq_keep_subjects WHERE {col} IS NOT NULL", [relation])
             ops_con.execute(f"DELETE FROM {KEPT_RELATIONS} WHERE relation = ?", [relation])
-            ops_con.execute(f"INSERT INTO {KEPT_RELATIONS} VALUES (?)", [relation])
+            ops_con.execute(f"INSERT INTO {KEPT_RELATIONS} VALUES (?, ?)", [relation, reference_day])
             lost = 0
         else:
             lost_subjects = ops_con.execute(
@@ -148,6 +160,7 @@ def purge_subjects(ops_con: duckdb.DuckDBPyConnection, schema: str, table: str, 
                             f"FROM _zq_keep_subjects WHERE {col} IS NOT NULL EXCEPT SELECT subject FROM {KEPT_SUBJECTS} "
                             "WHERE relation = ?)", [relation, relation])
             deleted = pa.concat_tables([t.cast(_empty_returning().schema) for t in parts])
+            ops_con.execute(f"UPDATE {KEPT_RELATIONS} SET reference_day = ? WHERE relation = ?", [reference_day, relation])
         if stats is not None:
             stats.update(mode="incremental" if recorded else "full", lost_subjects=lost)
         return deleted
