@@ -363,3 +363,48 @@ def test_a_crossing_with_an_older_consent_state_keeps_the_newer_one(tmp_path):
     assert deleted.column("_lineage_id").to_pylist() == ["R1"]  # r revoked by day 3: not kept in day 1 either
     assert sorted(r[0] for r in con.execute("SELECT _lineage_id FROM desensitized.people").fetchall()) == [
         "A1", "A3", "N3"]  # n's day-3 row stays: the older state does not take a later grant back
+
+
+def _scenario_state(ops) -> dict[str, set[tuple[str, str]]]:
+    tables = [f"{s}.{t}" for s, t in ops.execute(
+        "SELECT table_schema, table_name FROM information_schema.tables WHERE table_schema IN "
+        "('desensitized', 'scenario_sme_credit_profile') AND table_name <> 'subject_consent'").fetchall()]
+    state = {}
+    for t in sorted(tables):
+        cols = {c[0] for c in ops.execute(f"DESCRIBE {t}").fetchall()}
+        if "credit_code" in cols:
+            state[t] = {(r[0], str(r[1])) for r in ops.execute(f"SELECT credit_code, _partition_date FROM {t}").fetchall()}
+    return state
+
+
+@pytest.mark.parametrize("order", [(D1, D2, D3), (D3, D1, D2), (D2, D3, D1)])
+def test_a_subject_revoked_then_granted_again_keeps_no_rows_of_the_days_between_in_any_order(tmp_path, registry,
+                                                                                          monkeypatch, order):
+    """ENT_B granted on day 1, revoked on day 2, granted again on day 3. Night by night, day 2's crossing purges its
+    rows of days 1–2 and day 3 crosses it again: rows of day 3 only. Days crossed in another order (concurrent days on
+    the lakes, where every day's consent is already on gov) must end the same: a day's rows cross only for subjects
+    whose consent held at the end of EVERY day from theirs to the reference day, not only at both ends (found by the
+    distributed equality test)."""
+    later = {D2: ("C8", "revoked"), D3: ("C9", "granted")}
+
+    def run(sub: str, days, nightly: bool) -> dict:
+        monkeypatch.setenv("ZQ_DATA_DIR", str(tmp_path / sub))
+        gov_path, ops_path = tmp_path / sub / "gov.duckdb", tmp_path / sub / "ops.duckdb"
+        gov_path.parent.mkdir(parents=True)
+        build_gov(gov_path, registry, [D1, D2, D3])
+        gov, ops = duckdb.connect(str(gov_path)), duckdb.connect(str(ops_path))
+        for day in days:
+            # night by night each day's consent arrives with it; otherwise every day's is on gov before any crossing
+            for d, (cid, status) in later.items():
+                if (d == day) if nightly else (day == days[0]):
+                    consent(gov, cid, "enterprise", ENT_B, "sme_credit_profile", status, d)
+            cross_boundary(gov, ops, registry, day, _key(), strict=False)
+        state = _scenario_state(ops)
+        gov.close()
+        ops.close()
+        return state
+
+    sequential = run("nightly", (D1, D2, D3), nightly=True)
+    expected_b = {(ENT_B, str(D3))}
+    assert {r for r in sequential["scenario_sme_credit_profile.enterprise_registry"] if r[0] == ENT_B} == expected_b
+    assert run("concurrent", order, nightly=False) == sequential

@@ -192,15 +192,59 @@ def _granted_for_any_sql(gov_con: duckdb.DuckDBPyConnection, registry: Registry,
                          dataset: Dataset, partition_date: dt.date,
                          reference_day: dt.date | None = None) -> tuple[str, dict]:
     """Subjects whose latest consent record (as of the end of the day) for any of ``scenarios`` is a grant, and with a
-    later ``reference_day`` whose latest record as of that day still is (a later revocation applies to earlier days)."""
+    later ``reference_day`` whose consent held at the end of EVERY day up to it (a later revocation applies to earlier
+    days; see `lapsed_subjects_sql`)."""
     subject = f"src.{quote_ident(dataset.consent.subject_field)}"
     inner, params = granted_subjects_sql(gov_con, registry, scenarios, dataset.consent.subject_type, partition_date)
     sql = f"{subject} IN ({inner})"
     if reference_day is not None and reference_day > partition_date:
-        later, more = granted_subjects_sql(gov_con, registry, scenarios, dataset.consent.subject_type, reference_day,
-                                           suffix="_ref")
-        sql, params = f"{sql} AND {subject} IN ({later})", {**params, **more}
+        lapsed, more = lapsed_subjects_sql(gov_con, registry, scenarios, dataset.consent.subject_type, partition_date,
+                                           reference_day)
+        sql, params = f"{sql} AND {subject} NOT IN ({lapsed})", {**params, **more}
     return sql, params
+
+
+def lapsed_subjects_sql(gov_con: duckdb.DuckDBPyConnection, registry: Registry, scenarios: list[str],
+                        subject_type: str, after: dt.date, through: dt.date) -> tuple[str, dict]:
+    """``SELECT subject_id``: subjects who, at the end of some day in (``after``, ``through``], held no grant for any of
+    ``scenarios`` (as `granted_subjects_sql` sees that day).
+
+    Night by night, each day's crossing purges with that day's consent, so a subject revoked on day 2 and granted again
+    on day 3 keeps no rows of days 1–2. A crossing of day 1 that already sees day 3's consent (days crossed concurrently
+    on the lakes, a backfill of an old day) must drop the same rows, whatever order the days run in: checking both ends
+    would keep them. A record counts from the day it is both delivered and effective, so the state can change only on
+    such days; they are checked for the subjects with a record then — bounded by the consent records of the window."""
+    relation = gov_relation(gov_con, registry, CONSENT_DATASET)
+    cols = _check_columns(gov_con, relation, ["subject_type", "subject_id", "scenario_code", "status", "effective_at",
+                                              "_partition_date"])
+    etype = cols["effective_at"].upper()
+    if "TIME ZONE" in etype:
+        effective, eff_day = "c.effective_at", f"CAST(c.effective_at AT TIME ZONE '{TZ.key}' AS DATE)"
+    elif etype.startswith("TIMESTAMP"):
+        effective, eff_day = "c.effective_at", "CAST(c.effective_at AS DATE)"  # naive = Beijing time (registry)
+    else:
+        effective = "TRY_CAST(c.effective_at AS TIMESTAMP)"
+        eff_day = f"CAST({effective} AS DATE)"
+    sql = f"""
+        WITH known AS (
+            SELECT trim(c.subject_id) AS subject_id, trim(c.scenario_code) AS scenario, lower(trim(c.status)) AS status,
+                   {effective} AS eff, CAST(c._partition_date AS DATE) AS pd,
+                   greatest(CAST(c._partition_date AS DATE), {eff_day}) AS known_day
+            FROM {relation} AS c
+            WHERE trim(c.scenario_code) IN (SELECT unnest($zq_lapse_scenarios::VARCHAR[]))
+              AND lower(trim(c.subject_type)) = $zq_lapse_subject_type AND trim(c.subject_id) IS NOT NULL
+              AND CAST(c._partition_date AS DATE) <= $zq_lapse_through AND {eff_day} <= $zq_lapse_through
+        ), changes AS (
+            SELECT DISTINCT subject_id, known_day AS day FROM known WHERE known_day > $zq_lapse_after
+        ), latest AS (
+            SELECT ch.subject_id, ch.day, k.status,
+                   row_number() OVER (PARTITION BY ch.subject_id, ch.day, k.scenario
+                                      ORDER BY k.eff DESC, (k.status = 'revoked') DESC, k.pd DESC) AS rn
+            FROM changes AS ch JOIN known AS k ON k.subject_id = ch.subject_id AND k.known_day <= ch.day
+        )
+        SELECT subject_id FROM latest WHERE rn = 1 GROUP BY subject_id, day HAVING NOT bool_or(status = 'granted')"""
+    return sql, {"zq_lapse_scenarios": scenarios, "zq_lapse_subject_type": subject_type,
+                 "zq_lapse_after": after, "zq_lapse_through": through}
 
 
 def granted_subjects_sql(gov_con: duckdb.DuckDBPyConnection, registry: Registry, scenarios: list[str],
