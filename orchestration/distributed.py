@@ -37,7 +37,6 @@ from pathlib import Path
 from zqdata import lakes, loopback
 from zqdata.settings import repo_root
 
-BACKFILL_TAG = "dagster/backfill"
 WORKERS = {  # name -> (queues, domains held)
     "boundary": ("gov,boundary", ("gov", "ops")),
     "ops": ("ops", ("ops",)),
@@ -235,12 +234,13 @@ def reconstructable_nightly():
 def prepare_instance() -> None:
     """Create the instance's storage and each warehouse pool's limit row (``POOL_LIMIT``) in this one process."""
     from orchestration.instance import ensure_instance
-    from orchestration.pools import GOV_DBT_POOL, POOLS
+    from orchestration.pools import BOUNDARY_POOL, GOV_DBT_POOL, POOLS
 
     instance = ensure_instance()
     for pool in POOLS:
         instance.event_log_storage.set_concurrency_slots(pool, POOL_LIMIT)
-    instance.event_log_storage.set_concurrency_slots(GOV_DBT_POOL, 1)  # one gov dbt build at a time (pools.py)
+    for pool in (GOV_DBT_POOL, BOUNDARY_POOL):  # one gov dbt build, one crossing at a time (pools.py)
+        instance.event_log_storage.set_concurrency_slots(pool, 1)
 
 
 def run_day(day: str, backfill_id: str) -> dict:
@@ -248,6 +248,7 @@ def run_day(day: str, backfill_id: str) -> dict:
     import dagster as dg
 
     from orchestration.instance import ensure_instance
+    from orchestration.ordering import BACKFILL_TAG
 
     instance = ensure_instance()
     started = time.monotonic()

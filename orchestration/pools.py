@@ -36,6 +36,20 @@ def gov_dbt_pool() -> str:
     from zqdata.lakes import warehouse_mode
 
     return GOV_POOL if warehouse_mode() == "duckdb" else GOV_DBT_POOL
+# Lake mode only: one boundary crossing at a time. A crossing reads the consent state last applied to each ops table
+# (revocation.kept_*) and rewrites it with the table in one transaction; under DuckLake's snapshot isolation two
+# concurrent crossings would each apply their own, and the later commit's older view of the table wins — found by the
+# distributed equality test (day-3 SME rows missing). Limit 1, set by orchestration/distributed.prepare_instance.
+BOUNDARY_POOL = "zq_boundary"
+
+
+def boundary_pool() -> str:
+    """The pool of the boundary crossing: the ops file's (embedded; it takes the gov pool inside) or BOUNDARY_POOL."""
+    from zqdata.lakes import warehouse_mode
+
+    return OPS_POOL if warehouse_mode() == "duckdb" else BOUNDARY_POOL
+
+
 CLAIM_POLL_MAX_SECONDS = 5.0  # how often a waiting step asks again at most (Dagster's own back-off starts lower)
 # A claim made inside a step that already holds the other pool goes ahead of queued steps: it is holding a file
 HOLD_PRIORITY = 1_000_000

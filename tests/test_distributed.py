@@ -137,9 +137,6 @@ def distributed(tmp_path_factory: pytest.TempPathFactory):
             mp.undo()
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "issue 16, open: the SME scenario's consent-gated ops tables still depend on the order of concurrent days' "
-    "crossings, and quality.gx_results differs in content (stop 21's note); every other table is equal"))
 def test_the_same_days_embedded_and_distributed_give_the_same_tables_and_issues(embedded, distributed) -> None:
     outcomes = distributed["outcomes"]
     assert all(o["success"] for o in outcomes), outcomes

@@ -74,6 +74,9 @@ def build_findings_asset() -> dg.AssetsDefinition:
     @dg.multi_asset(name="quality_findings", specs=[findings, *gates], partitions_def=daily_partitions, pool=GOV_POOL,
                     backfill_policy=nightly_backfill_policy())
     def quality_findings(context: dg.AssetExecutionContext, warehouse: WarehouseResource):
+        from orchestration.ordering import wait_for_earlier_days
+
+        wait_for_earlier_days(context, "quality_findings")  # a backfill's days side by side: history in day order
         manifest = _dbt_manifest()
         if manifest is None:
             context.log.warning("未找到 dbt manifest（dbt_project/target/manifest.json），本次不汇集 dbt 规则结果")

@@ -10,7 +10,7 @@ import dagster as dg
 
 from assets.governance.quality import gate_key
 from orchestration.partitions import daily_partitions
-from orchestration.pools import GOV_POOL, OPS_POOL, hold_pool
+from orchestration.pools import GOV_POOL, OPS_POOL, boundary_pool, hold_pool
 from orchestration.ranges import DayEvents, nightly_backfill_policy, partition_days
 from orchestration.resources import WarehouseResource
 from zqdata import asset_keys
@@ -91,7 +91,7 @@ def build_boundary_crossing(reg: Registry) -> dg.AssetsDefinition:
     ]
 
     @dg.multi_asset(name="boundary_crossing", specs=specs, check_specs=check_specs, partitions_def=daily_partitions,
-                    pool=OPS_POOL, backfill_policy=nightly_backfill_policy())
+                    pool=boundary_pool(), backfill_policy=nightly_backfill_policy())
     def boundary_crossing(context: dg.AssetExecutionContext, warehouse: WarehouseResource,
                           pseudonym: PseudonymKeyResource) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
         """市政务大数据平台 → 运营服务平台的唯一出域操作：脱敏、场景授权字段、数据主体授权过滤。"""
