@@ -77,7 +77,49 @@ def _submit_step(app, plan_context, step, queue: str, priority: int, known_state
     )
     signature = create_task(app).si(execute_step_args_packed=pack_value(args),
                                     executable_dict=plan_context.reconstructable_job.to_dict())
-    return signature.apply_async(priority=priority, queue=queue, routing_key=queue)
+    return StepResult(signature.apply_async(priority=priority, queue=queue, routing_key=queue), plan_context, step)
+
+
+class StepResult:
+    """A step's Celery result as dagster-celery's loop reads it (``ready``/``get``/``revoke``), with one difference:
+    a task that ended without the step's own events (its worker process killed: ``WorkerLostError``; any error the
+    task raised outside the step) becomes the step's STEP_FAILURE, recorded with its cause.
+
+    dagster-celery instead keeps the error aside and stops submitting steps, so a run with steps left that do not
+    depend on the lost one never completes (found by the worker-kill test: the run hung until its bound). With the
+    failure event the run goes on as after any failed step: downstream skipped, the rest run, the run fails, and its
+    partition is re-run."""
+
+    def __init__(self, result, plan_context, step) -> None:
+        self._result, self._context, self._step = result, plan_context, step
+
+    def ready(self) -> bool:
+        return self._result.ready()
+
+    def revoke(self, *args, **kwargs):
+        return self._result.revoke(*args, **kwargs)
+
+    def get(self, *args, **kwargs):
+        import sys
+
+        from celery.exceptions import TaskRevokedError
+        from dagster._core.events import DagsterEvent
+        from dagster._core.execution.plan.objects import ErrorSource, StepFailureData
+        from dagster._serdes import serialize_value
+        from dagster._utils.error import serializable_error_info_from_exc_info
+
+        try:
+            return self._result.get(*args, **kwargs)
+        except TaskRevokedError:
+            raise
+        except Exception:
+            error = serializable_error_info_from_exc_info(sys.exc_info())
+            event = DagsterEvent.step_failure_event(
+                self._context.for_step(self._step),
+                StepFailureData(error=error, user_failure_data=None, error_source=ErrorSource.FRAMEWORK_ERROR),
+                message=f"步骤 {self._step.key} 的 Celery 任务未完成（工作进程丢失？） the Celery task of step "
+                        f"{self._step.key} ended without its result: {error.message.strip().splitlines()[-1]}")
+            return [serialize_value(event)]
 
 
 def _celery_executor_def() -> dg.ExecutorDefinition:
