@@ -201,3 +201,15 @@ def test_a_backfills_days_side_by_side_judge_history_in_day_order() -> None:
         assert earlier_days_pending(instance, day3, "quality_findings") == []
         alone = instance.create_run_for_job(nightly, tags={"dagster/partition": "2025-06-09"})
         assert earlier_days_pending(instance, alone, "quality_findings") == []  # not a backfill: never waits
+
+
+def test_on_the_lakes_a_days_dbt_findings_are_collected_with_its_build(monkeypatch: pytest.MonkeyPatch,
+                                                                        lake_mode) -> None:
+    """dbt's store-failures tables hold the last build's rows, whichever day: with days side by side on the lakes,
+    another day's build may come between a day's build and its findings step (the distributed equality test lost a
+    day-3 finding so); embedded, only a range run's days follow one another so."""
+    from zqdata.quality.dbt_findings import collected_with_build
+
+    assert collected_with_build(single_day=True) and collected_with_build(single_day=False)
+    monkeypatch.delenv("ZQ_WAREHOUSE")
+    assert not collected_with_build(single_day=True) and collected_with_build(single_day=False)

@@ -56,9 +56,9 @@ def build_gov_day(context: dg.AssetExecutionContext, dbt: DbtCliResource, wareho
                              keep_runs=max(RUN_DIRS_KEPT, len(day_events.days)))
     try:
         yield from with_check_traces(events, warehouse, reg, day.isoformat())
-        if not day_events.single:  # the next day's build replaces the stored test failures: the day's findings now
-            from zqdata.quality.dbt_findings import collect_dbt_findings
+        from zqdata.quality.dbt_findings import collect_dbt_findings, collected_with_build
 
+        if collected_with_build(day_events.single):  # another day's build may come next: the findings now
             with warehouse.gov() as con:
                 collect_dbt_findings(con, _manifest(), day)
     finally:  # the leak gate's index of gov identifiers gets this partition's (ODS, staging, intermediate)

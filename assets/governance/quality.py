@@ -118,9 +118,12 @@ def findings_of_day(context: dg.AssetExecutionContext, warehouse: WarehouseResou
 
 
 def dbt_collected_in_run(context: dg.AssetExecutionContext, events: DayEvents) -> bool:
-    """A range run whose gov dbt step collected each day's dbt findings after the day's build (gov_dbt_models)."""
+    """The run's gov dbt step collected each day's dbt findings right after the day's build (`collected_with_build`:
+    a range run, or days side by side on the lakes)."""
+    from zqdata.quality.dbt_findings import collected_with_build
+
     steps = context.run.step_keys_to_execute
-    return not events.single and (steps is None or "gov_dbt_models" in steps)
+    return collected_with_build(events.single) and (steps is None or "gov_dbt_models" in steps)
 
 
 def build_scores_asset() -> dg.AssetsDefinition:

@@ -61,6 +61,17 @@ def _drop_rows_no_longer_delivered(con: duckdb.DuckDBPyConnection, day: dt.date)
             [day, dataset, day])
 
 
+def collected_with_build(single_day: bool) -> bool:
+    """Whether a day's dbt findings are collected right after its build, in the gov dbt step, instead of in the
+    findings step. dbt's store-failures tables (dq_audit.<test>) hold the LAST build's failing rows, whichever day:
+    when builds of other days can come between a day's build and its findings step — the days of a range run, the days
+    of a backfill side by side on the lakes — the findings step would read another day's rows (found by
+    test_range_backfill, then by the distributed equality test: a day-3 range finding lost)."""
+    from zqdata.lakes import warehouse_mode
+
+    return not single_day or warehouse_mode() == "ducklake"
+
+
 def collect_dbt_findings(con: duckdb.DuckDBPyConnection, manifest: Mapping[str, Any], partition_date: str | dt.date) -> int:
     """Replace the partition's dbt findings with the stored failures of every tagged test; returns the rows written.
 
