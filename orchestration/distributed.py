@@ -264,6 +264,9 @@ def run_day(day: str, backfill_id: str) -> dict:
         failures += [f"engine: {e.message}" for e in result.all_events
                      if e.event_type_value == "ENGINE_EVENT" and e.engine_event_data
                      and e.engine_event_data.error is not None]
+        # A run that has ended holds no pool slot, even one claimed for a step whose worker died mid-step (it would
+        # keep the partition's re-run waiting on a pool of limit 1 for ever)
+        instance.event_log_storage.free_concurrency_slots_for_run(result.run_id)
         return {"day": day, "run_id": result.run_id, "success": result.success,
                 "seconds": round(time.monotonic() - started, 1), "failures": failures}
 
