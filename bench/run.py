@@ -180,6 +180,38 @@ def measure_fixed_cost(root: Path, first: dt.date, rows: int = FIXED_ROWS, night
     return res
 
 
+def measure_distributed(root: Path, rows: int, day: dt.date, sizes: list[dict]) -> dict:
+    """The night of ``rows`` in the production mode on this machine (issue 16): `make distributed`'s platform
+    (PostgreSQL, moto as S3, Redis, two Celery workers, two DuckLakes) for one day, on deliveries simulated before, as
+    the embedded sizes are; compared with the embedded night of the same size (``sizes``) when it was measured."""
+    import re
+
+    base = root / f"distributed-{rows}"
+    shutil.rmtree(base, ignore_errors=True)
+    (base / "data").mkdir(parents=True)
+    log = base / "bench.log"
+    out: dict = {"rows_per_day": rows, "partition": day.isoformat(), "workers": 2, "log": str(log),
+                 "git_commit": _git_commit(), "measured_at": dt.datetime.now(TZ).isoformat(timespec="seconds")}
+    out["simulate_seconds"] = round(simulate(base / "data", day, 1, rows, log), 3)
+    env = {**os.environ, "ZQ_SIMULATE": "0", "PYTHONUNBUFFERED": "1"}
+    rc, secs = _run([sys.executable, "-m", "orchestration.distributed", "--date", day.isoformat(), "--days", "1",
+                     "--keep", str(base)], env, log)
+    out["rc"], out["wall_seconds"] = rc, round(secs, 1)  # services started and stopped included
+    text = log.read_text(encoding="utf-8", errors="replace")
+    ready = re.search(r"services ready in (\d+)s", text)
+    run = re.search(r"-- \S+: (成功 success|失败 FAILED) in ([\d.]+)s", text)
+    out["services_seconds"] = int(ready.group(1)) if ready else None
+    out["run_seconds"] = float(run.group(2)) if run else None
+    out["success"] = bool(run and run.group(1).startswith("成功"))
+    embedded = next((x for x in sizes if x.get("rows_per_day") == rows and x.get("pipeline")), None)
+    if embedded and out["run_seconds"]:
+        out["embedded_job_seconds"] = embedded["pipeline"]["days"][0]["job_seconds"]
+        out["embedded_measured_at"] = embedded.get("measured_at")
+        out["ratio_vs_embedded"] = round(out["run_seconds"] / out["embedded_job_seconds"], 2)
+    shutil.rmtree(base / "data" / "landing", ignore_errors=True)
+    return out
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -373,6 +405,26 @@ def render_markdown(results: dict) -> str:
                          + " | ".join(_fmt(x["stages"].get(s)) for s in STAGE_ORDER) + " |")
         lines += ["", f"Median warm night: **{_fmt(f.get('warm_job_seconds'), ' s')}**. Its slowest steps (median s): "
                   + ", ".join(f"`{k}` {_fmt(v)}" for v, k in top) + ".", ""]
+    dist = results.get("distributed")
+    if dist:
+        lines += [
+            f"## Distributed mode: one night of {dist['rows_per_day']:,} rows on {dist.get('workers', 2)} workers",
+            "",
+            f"Measured {dist.get('measured_at', '?')} at commit {dist.get('git_commit', '?')} with `make distributed`'s "
+            "platform on this one machine (PostgreSQL, moto as the S3 stand-in, Redis, two Celery workers, two "
+            "DuckLakes), deliveries simulated before the run as for the embedded sizes.",
+            "",
+            "| measure | value |",
+            "|---|---:|",
+            f"| run (the night's job) | {_fmt(dist.get('run_seconds'), ' s')} |",
+            f"| services started (PostgreSQL, S3, Redis, workers) | {_fmt(dist.get('services_seconds'), ' s')} |",
+            f"| whole command, services stopped | {_fmt(dist.get('wall_seconds'), ' s')} |",
+            f"| embedded night, same size ({dist.get('embedded_measured_at') or 'not measured'}) | "
+            f"{_fmt(dist.get('embedded_job_seconds'), ' s')} |",
+            f"| distributed ÷ embedded | {_fmt(dist.get('ratio_vs_embedded'))} |",
+            f"| succeeded | {'yes' if dist.get('success') else 'no (see ' + dist.get('log', 'the log') + ')'} |",
+            "",
+        ]
     c = results.get("code_location")
     if c:
         lines += [
@@ -489,7 +541,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--date", type=dt.date.fromisoformat, default=dt.date.fromisoformat(env.get("BENCH_DATE") or DEFAULT_DATE.isoformat()))
     p.add_argument("--dir", type=Path, default=Path(env.get("BENCH_DIR") or "/tmp/zq-bench"))
     p.add_argument("--docs", type=Path, default=repo_root() / "docs")
-    p.add_argument("--skip", default="", help="comma-separated parts to skip: sizes,days,fixed,codeloc")
+    p.add_argument("--distributed-rows", type=int, default=int(env.get("BENCH_DISTRIBUTED_ROWS") or 10_000_000),
+                   help="rows of the night measured in distributed mode (0: not measured)")
+    p.add_argument("--skip", default="",
+                   help="comma-separated parts to skip: sizes,days,fixed,distributed,codeloc")
     p.add_argument("--report-only", action="store_true", help="re-render docs/benchmark.md from docs/benchmark.json")
     p.add_argument("--merge", action="store_true",
                    help="keep the other parts of docs/benchmark.json, replacing only what this run measures")
@@ -531,6 +586,11 @@ def main(argv: list[str] | None = None) -> int:
     if "fixed" not in skip:
         print(f"[bench] fixed cost: {FIXED_NIGHTS} nights of {FIXED_ROWS:,} rows …", file=sys.stderr, flush=True)
         results["fixed_cost"] = measure_fixed_cost(args.dir, args.date)
+        _save(results, args.docs)
+    if "distributed" not in skip and args.distributed_rows > 0:
+        print(f"[bench] distributed: one night of {args.distributed_rows:,} rows on 2 workers …", file=sys.stderr,
+              flush=True)
+        results["distributed"] = measure_distributed(args.dir, args.distributed_rows, args.date, results["sizes"])
         _save(results, args.docs)
     if "codeloc" not in skip:
         print("[bench] code location and UI …", file=sys.stderr, flush=True)
