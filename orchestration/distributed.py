@@ -271,12 +271,26 @@ def run_day(day: str, backfill_id: str) -> dict:
                 "seconds": round(time.monotonic() - started, 1), "failures": failures}
 
 
+def run_notifications() -> dict:
+    """The notification run the alert sensor requests after a night in the service (orchestration/sensors.py): the
+    agencies' messages delivered, retried, escalated. It uses the operational database only (in this process)."""
+    from assets.governance.issues import NOTIFY_JOB
+    from orchestration.definitions import defs
+    from orchestration.instance import ensure_instance
+
+    result = defs().resolve_job_def(NOTIFY_JOB).execute_in_process(instance=ensure_instance(), raise_on_error=False)
+    return {"run_id": result.run_id, "success": result.success}
+
+
+def _orchestrator(p: Platform, args: list[str]) -> subprocess.Popen:
+    """A process of this module with the environment of both domains (a run's orchestrator, the notification run)."""
+    return subprocess.Popen([sys.executable, "-m", "orchestration.distributed", *args], cwd=repo_root(),
+                            env=p.worker_env(("gov", "ops")), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
 def start_run_process(p: Platform, day: str, backfill_id: str) -> subprocess.Popen:
-    env = p.worker_env(("gov", "ops"))
-    return subprocess.Popen([sys.executable, "-m", "orchestration.distributed", "--run-day", day,
-                             "--backfill-id", backfill_id],
-                            cwd=repo_root(), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    return _orchestrator(p, ["--run-day", day, "--backfill-id", backfill_id])
 
 
 def backfill(p: Platform, days: list[str], bound: float = 3600.0) -> list[dict]:
@@ -293,6 +307,13 @@ def backfill(p: Platform, days: list[str], bound: float = 3600.0) -> list[dict]:
                                  "failures": [f"run process exited {proc.returncode}: {err.strip()[-2000:]}"]})
             else:
                 outcomes.append(json.loads(lines[-1]))
+        # then the agencies' messages, as the alert sensor requests them after a night in the service
+        proc = procs["notify"] = _orchestrator(p, ["--notify"])
+        out, err = proc.communicate(timeout=bound)
+        lines = [line for line in out.splitlines() if line.startswith("{")]
+        if proc.returncode != 0 or not lines or not json.loads(lines[-1])["success"]:
+            outcomes.append({"day": "notify", "success": False, "run_id": None, "seconds": None,
+                             "failures": [f"notification run failed ({proc.returncode}): {err.strip()[-2000:]}"]})
     finally:
         for proc in procs.values():
             stop_process(proc, grace=10)
@@ -348,9 +369,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-day", help=argparse.SUPPRESS)
     parser.add_argument("--backfill-id", help=argparse.SUPPRESS)
     parser.add_argument("--prepare-instance", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--notify", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.prepare_instance:
         prepare_instance()
+        return 0
+    if args.notify:  # the notification run after the days (started by `backfill`)
+        print(json.dumps(run_notifications()), flush=True)
         return 0
     if args.run_day:  # the orchestrating process of one run (started by `backfill`)
         print(json.dumps(run_day(args.run_day, args.backfill_id), ensure_ascii=False), flush=True)
