@@ -39,6 +39,9 @@ IDENTIFIER_INDEX = "leakgate.gov_identifiers"
 # (deliveries seen, check history) may record the re-run itself.
 DATA_SCHEMAS = ("ods", "quarantine", "staging", "intermediate", "desensitized", "products")
 
+# Generous on a shared 2-core machine (a backfill here takes 400–1,100 s), yet a hang cannot take the whole CI run's time
+BOUND = 1800.0
+
 pytestmark = pytest.mark.slow
 
 
@@ -129,7 +132,7 @@ def distributed(tmp_path_factory: pytest.TempPathFactory):
         _env(mp, p.env)
         try:
             started = time.monotonic()
-            outcomes = dist.backfill(p, [d.isoformat() for d in DAYS])
+            outcomes = dist.backfill(p, [d.isoformat() for d in DAYS], bound=BOUND)
             seconds = time.monotonic() - started
             print("\n" + "\n".join(dist.summary_lines(outcomes)))
             yield {"platform": p, "outcomes": outcomes, "seconds": seconds}
@@ -207,7 +210,7 @@ def test_a_worker_killed_mid_step_fails_the_run_publishes_nothing_half_and_the_r
         children = wait_until(lambda: _pool_children(worker.pid), "the boundary worker's pool processes", 60)
         for child in children:  # the step is in one of them: the worker loses its process mid-step
             os.kill(child, signal.SIGKILL)
-        out, err = proc.communicate(timeout=1200)
+        out, err = proc.communicate(timeout=BOUND)
     finally:
         if proc.poll() is None:
             dist.stop_process(proc)
@@ -218,7 +221,7 @@ def test_a_worker_killed_mid_step_fails_the_run_publishes_nothing_half_and_the_r
     assert _published(get_settings().data_dir) == published
 
     # the worker replaces its pool processes; the partition's re-run succeeds and gives the same tables
-    rerun = dist.backfill(p, [day])
+    rerun = dist.backfill(p, [day], bound=BOUND)
     assert rerun[0]["success"], rerun
     assert data_path() == before
     assert _published(get_settings().data_dir) == published
