@@ -336,8 +336,13 @@ def test_a_failed_check_shows_partition_dimension_severity_and_trace(ui, browser
             tag = result.locator(".BaseTag").filter(has_text="Failed").first
             assert tag.locator("[role=img]").first.get_attribute("aria-label") == icon
             assert colour in (tag.get_attribute("style") or ""), tag.get_attribute("style")
-            about = _section(page.locator("body").inner_text(), "About", ("Latest execution",))
-            assert any(wording in line for line in about), about
+            # the description may arrive after the rest of the page (seen once on CI: only Dagster's own line there)
+            def about() -> list[str]:
+                return _section(page.locator("body").inner_text(), "About", ("Latest execution",))
+
+            with contextlib.suppress(AssertionError):
+                _wait(lambda: any(wording in line for line in about()), "the check's description", 60, 0.5)
+            assert any(wording in line for line in about()), about()
             # the trace: agencies named, the JSON and the Markdown trace down to the delivery file and agency
             assert _metadata_value(page, "source_agencies") not in ("", "-")
             assert _metadata_value(page, "trace_json") == "[Show JSON]"
