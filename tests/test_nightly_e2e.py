@@ -6,6 +6,7 @@ blocked day are separate runs. Volumes are small: the job's behaviour, not its s
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import shutil
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import dagster as dg
 import duckdb
@@ -708,10 +710,18 @@ def _dbt_children(pid: int) -> list[int]:
     return [int(p) for p in out if "dbt" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")] if out else []
 
 
+@contextlib.contextmanager
+def _instance(home: Path):
+    """The instance of `home` as its processes open it: with DAGSTER_HOME set (the embedded event log's files are
+    `$DAGSTER_HOME/history/runs`, orchestration/event_log.py)."""
+    with mock.patch.dict(os.environ, {"DAGSTER_HOME": str(home)}), dg.DagsterInstance.get() as instance:
+        yield instance
+
+
 def _kill_when(proc: subprocess.Popen, home: Path, step_prefix: str, wal: Path | None) -> list[int]:
     """SIGKILL `proc` once a step starting with `step_prefix` has begun writing; returns dbt children seen."""
     deadline = time.monotonic() + WAIT_S
-    with dg.DagsterInstance.from_config(str(home)) as instance:
+    with _instance(home) as instance:
         while not any(s.startswith(step_prefix) for s in _started_steps(instance)):
             assert proc.poll() is None, f"zq nightly ended before {step_prefix} started"
             assert time.monotonic() < deadline, f"{step_prefix} never started"
@@ -763,7 +773,7 @@ def test_kill_9_at_ingestion_dbt_and_boundary_then_rerun_equals_an_undisturbed_r
             time.sleep(0.1)
     rerun = _zq_nightly(env)
     assert rerun.wait(timeout=3 * WAIT_S) == 0
-    with dg.DagsterInstance.from_config(str(home)) as instance:
+    with _instance(home) as instance:
         runs = instance.get_runs(filters=dg.RunsFilter(job_name="nightly_aggregation"))
         statuses = sorted(r.status.value for r in runs)
         assert statuses == ["FAILURE"] * faults + ["SUCCESS"], statuses  # no run left STARTED

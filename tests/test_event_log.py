@@ -1,0 +1,145 @@
+"""The embedded default's event log keeps its SQLite connections (issue 15, fixed cost of a night;
+orchestration/event_log.py): same files and schema as Dagster's own SQLite event log, one connection per run file
+instead of one per statement group, bounded, safe beside other processes."""
+
+from __future__ import annotations
+
+import multiprocessing
+import shutil
+from pathlib import Path
+
+import dagster as dg
+import pytest
+from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventLogStorage
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+
+from orchestration import event_log
+from orchestration.event_log import PooledSqliteEventLogStorage
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dg.op
+def emit(context) -> int:
+    for i in range(40):
+        context.log.info(f"event {i}")
+    return 1
+
+
+@dg.job
+def chatty() -> None:
+    emit()
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    shutil.copy(REPO / "orchestration" / "dagster.yaml", tmp_path / "dagster.yaml")
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
+    return tmp_path
+
+
+class Connects:
+    """Counts the new SQLite connections this process opens to event-log files (`history/runs/*.db`)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, dbapi_connection, _record) -> None:
+        files = [row[2] for row in dbapi_connection.execute("PRAGMA database_list").fetchall()]
+        self.count += any(Path(f).parent.name == "runs" for f in files if f)
+
+    def __enter__(self) -> Connects:
+        event.listen(Engine, "connect", self)
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        event.remove(Engine, "connect", self)
+
+
+def _run_chatty(instance: dg.DagsterInstance) -> str:
+    result = chatty.execute_in_process(instance=instance)
+    assert result.success
+    return result.run_id
+
+
+def test_the_instance_file_gives_the_pooled_event_log_where_dagster_keeps_it(home):
+    with dg.DagsterInstance.get() as instance:
+        assert isinstance(instance.event_log_storage, PooledSqliteEventLogStorage)
+        run_id = _run_chatty(instance)
+    assert (home / "history" / "runs" / f"{run_id}.db").is_file()
+    # Dagster's own SQLite event log reads the same files: an instance keeps its history either way
+    plain = SqliteEventLogStorage(str(home / "history" / "runs"))
+    messages = [e.user_message for e in plain.get_logs_for_run(run_id)]
+    assert sum(m.startswith("event ") for m in messages) == 40
+
+
+def test_a_run_opens_a_handful_of_connections_not_one_per_event(home):
+    with dg.DagsterInstance.get() as instance, Connects() as pooled:
+        _run_chatty(instance)
+    plain_home = home / "plain"
+    plain_home.mkdir()
+    with dg.DagsterInstance.from_config(str(plain_home)) as instance, Connects() as plain:  # Dagster's default
+        assert type(instance.event_log_storage).__name__ == "SqliteEventLogStorage"
+        _run_chatty(instance)
+    assert plain.count > 40, plain.count  # one per event (40 log lines and the run's own): the cost this storage removes
+    assert pooled.count <= 3, pooled.count  # the run's file and the index, once each
+
+
+def test_connections_are_synchronous_normal(home):
+    with dg.DagsterInstance.get() as instance:
+        run_id = _run_chatty(instance)
+        with instance.event_log_storage.run_connection(run_id) as conn:
+            assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL (FULL is 2)
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+
+
+def test_the_kept_engines_are_bounded_and_an_evicted_run_is_still_read(home, monkeypatch):
+    monkeypatch.setattr(event_log, "KEPT_SHARDS", 3)
+    with dg.DagsterInstance.get() as instance:
+        runs = [_run_chatty(instance) for _ in range(5)]
+        storage = instance.event_log_storage
+        assert len(storage._engines) <= 3
+        assert runs[0] not in storage._engines
+        assert len(storage.get_logs_for_run(runs[0])) == len(storage.get_logs_for_run(runs[-1]))
+
+
+def _write_events(home: str, run_id: str, n: int) -> None:
+    storage = PooledSqliteEventLogStorage(str(Path(home) / "history" / "runs"))
+    for i in range(n):
+        storage.store_event(dg.EventLogEntry(error_info=None, level="INFO", user_message=f"other {i}",
+                                             run_id=run_id, timestamp=1.0 + i))
+
+
+def test_events_written_by_another_process_are_read_by_a_kept_connection(home):
+    with dg.DagsterInstance.get() as instance:
+        run_id = _run_chatty(instance)
+        storage = instance.event_log_storage
+        before = len(storage.get_logs_for_run(run_id))  # the run's file now has a kept engine in this process
+        proc = multiprocessing.get_context("spawn").Process(target=_write_events, args=(str(home), run_id, 7))
+        proc.start()
+        proc.join(timeout=300)
+        assert proc.exitcode == 0
+        assert len(storage.get_logs_for_run(run_id)) == before + 7
+
+
+def test_wipe_closes_the_kept_engines_and_removes_the_history(home):
+    with dg.DagsterInstance.get() as instance:
+        run_id = _run_chatty(instance)
+        storage = instance.event_log_storage
+        assert storage._engines
+        assert run_id in storage._engines
+        storage.wipe()
+        assert run_id not in storage._engines  # (the index is created again by the wipe itself)
+        assert not (home / "history" / "runs" / f"{run_id}.db").exists()
+        assert storage.get_logs_for_run(run_id) == []
+
+
+def test_a_forked_child_does_not_reuse_the_parents_connections(home):
+    with dg.DagsterInstance.get() as instance:
+        run_id = _run_chatty(instance)
+        storage = instance.event_log_storage
+        parent_engine = storage._engines[run_id]
+        storage._engines_pid = -1  # as seen from a forked child: the pid the engines were made in is not its own
+        assert len(storage.get_logs_for_run(run_id)) > 40
+        assert storage._engines[run_id] is not parent_engine
