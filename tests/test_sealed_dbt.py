@@ -126,6 +126,26 @@ from {{{{ scenario_source('transit_ridership', 'bus_card_swipes', ['route_id']) 
             or "the configuration has been locked" in _messages(run))
 
 
+def test_b_a_hook_armed_on_one_date_is_refused_by_that_days_own_preflight(project) -> None:
+    """The sealed environment holds the day being built, and a model can declare a hook only on some date: the
+    preflight of one day says nothing of another, so every build (each day of a range run too) has its own."""
+    armed = (dt.date.fromisoformat(DAY) + dt.timedelta(days=1)).isoformat()
+    _write(project, "ops_transit_ridership", f"""{{% if env_var('ZQ_PARTITION_DATE', '') == '{armed}' %}}
+{{{{ config(pre_hook="attach '{project.gov}' as gov_file (read_only)") }}}}
+{{% endif %}}
+select route_id, cast(_partition_date as date) as _partition_date
+from {{{{ scenario_source('transit_ridership', 'bus_card_swipes', ['route_id']) }}}}
+""")
+    vars_ = dbt_vars(REG, DAY, scenarios=True)
+
+    def problems_on(day: str) -> list[str]:
+        profile = dbt_guard.profile_env("ops", project.ops, get_settings().duckdb_memory_limit, day)
+        return ops_preflight(dbt_common.parse_manifest("ops", project.run / day, profile, vars_))
+
+    assert problems_on(DAY) == []
+    assert any("hooks are not allowed" in p for p in problems_on(armed)), problems_on(armed)
+
+
 # ---------------------------------------------------------------- (c) the environment: sealed
 
 def test_c_the_pseudonym_key_and_the_gov_path_are_not_in_the_ops_dbt_environment(project) -> None:

@@ -33,30 +33,22 @@ def ops_dbt_assets() -> dg.AssetsDefinition:
     def ops_dbt_products(context: dg.AssetExecutionContext, dbt: DbtCliResource,
                          warehouse: WarehouseResource) -> Iterator[Any]:
         day_events = DayEvents(context, partition_days(context))
-        checked: set[str] = set()  # the --vars whose parse passed the preflight in this step
         # a range run builds its days one by one, earliest first: a product of day D reads the days up to D
         for day in day_events.days:
-            yield from ranged_dbt_events(build_products_day(context, dbt, warehouse, day, day_events, checked), day,
-                                         day_events)
+            yield from ranged_dbt_events(build_products_day(context, dbt, warehouse, day, day_events), day, day_events)
         yield from day_events.finish()
 
     return ops_dbt_products
 
 
 def build_products_day(context: dg.AssetExecutionContext, dbt: DbtCliResource, warehouse: WarehouseResource,
-                       day: dt.date, day_events: DayEvents, checked: set[str]) -> Iterator[Any]:
+                       day: dt.date, day_events: DayEvents) -> Iterator[Any]:
     """`dbt build --target ops` of one day, with product traces; the products waiting on a held-back input.
 
-    The preflight parse runs once per distinct --vars in a step: what it checks (registered products only) is a
-    property of the project's files and the vars, which do not change between the days of one range run."""
+    Every build is preceded by its own preflight parse, also each day of a range run: the parse runs in the build's
+    sealed environment, which holds the day (ZQ_PARTITION_DATE), and a model can make what it declares depend on it
+    (a hook armed on one date): a parse of another day proves nothing about this one (tests/test_sealed_dbt.py)."""
     vars_ = scenario_vars(registry(), day)
-    key = json.dumps(vars_, ensure_ascii=False, sort_keys=True)
-
-    def preflight(manifest: dict[str, Any]) -> list[str]:
-        problems = ops_preflight(manifest)
-        if not problems:
-            checked.add(key)
-        return problems
 
     # Write–audit–publish: consumers keep the partition's published snapshot (immutable, it passed its gates) while
     # the product is rebuilt here; ops/published replaces it only when the rebuilt product passes every gate, so a
@@ -69,7 +61,7 @@ def build_products_day(context: dg.AssetExecutionContext, dbt: DbtCliResource, w
     with warehouse.ops(read_only=True) as ops:
         waiting = products_reading(registry(), held_back_on_ops(ops, day))
     events = build_partition(dbt, context, "ops", warehouse.gov_path(), warehouse.ops_path(), extra_vars=vars_,
-                             preflight=None if key in checked else preflight, exclude=waiting,
+                             preflight=ops_preflight, exclude=waiting,
                              day=None if day_events.single else day,
                              keep_runs=max(RUN_DIRS_KEPT, len(day_events.days)))
     yield from with_product_traces(events, warehouse, context, day.isoformat())
