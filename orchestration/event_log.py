@@ -69,15 +69,15 @@ class PooledSqliteEventLogStorage(SqliteEventLogStorage):
                           config_value: dict[str, Any]) -> PooledSqliteEventLogStorage:
         return cls(inst_data=inst_data, **config_value)
 
-    def _engine(self, shard: str) -> tuple[Engine, bool]:
-        """The kept engine of `shard` (created on first use); True when it was created now. Called under `_db_lock`."""
+    def _engine(self, shard: str) -> Engine:
+        """The kept engine of `shard` (created on first use). Called under `_db_lock`."""
         if self._engines_pid != os.getpid():  # a forked child: the parent's connections are not ours
             self._engines = OrderedDict()
             self._engines_pid = os.getpid()
         engine = self._engines.get(shard)
         if engine is not None:
             self._engines.move_to_end(shard)
-            return engine, False
+            return engine
         engine = create_engine(self.conn_string_for_shard(shard), pool_size=1, max_overflow=2,
                                connect_args={"timeout": SQLITE_BUSY_TIMEOUT_SECONDS})
         event.listen(engine, "connect", _synchronous_normal)
@@ -85,13 +85,13 @@ class PooledSqliteEventLogStorage(SqliteEventLogStorage):
         while len(self._engines) > KEPT_SHARDS:
             _, old = self._engines.popitem(last=False)
             old.dispose()
-        return engine, True
+        return engine
 
     @contextlib.contextmanager
     def _connect(self, shard: str) -> Iterator[Connection]:  # type: ignore[override]
         with self._db_lock:
             check.str_param(shard, "shard")
-            engine, _ = self._engine(shard)
+            engine = self._engine(shard)
             if shard not in self._initialized_dbs:
                 self._initdb(engine)
                 self._initialized_dbs.add(shard)
