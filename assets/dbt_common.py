@@ -574,7 +574,8 @@ def build_partition(dbt: DbtCliResource, context: dg.AssetExecutionContext, targ
                     extra_vars: Mapping[str, Any] | None = None,
                     preflight: Callable[[Mapping[str, Any]], list[str]] | None = None,
                     on_unbuilt: UnbuiltHandler | None = None, exclude: Sequence[str] = (),
-                    day: dt.date | None = None, keep_runs: int = RUN_DIRS_KEPT) -> Iterator[Any]:
+                    day: dt.date | None = None, keep_runs: int = RUN_DIRS_KEPT,
+                    last_day: dt.date | None = None) -> Iterator[Any]:
     """`dbt build --target <target>` of the run's partition; its events, with column lineage, once dbt has exited.
 
     - dbt runs sealed (docs/security.md, "Sealed dbt steps"): its environment holds only the process necessities and
@@ -588,22 +589,27 @@ def build_partition(dbt: DbtCliResource, context: dg.AssetExecutionContext, targ
       run's own target folder before dbt starts, so a night re-parses only the files that changed.
     - Run folders of this asset beyond the newest `keep_runs` are removed (dagster-dbt makes one per run; a range
       run keeps at least one per day of the range: its checks read them after the step).
-    - `day`: the partition to build (a range run builds its days one by one); default the run's partition.
+    - `day`: the partition to build; default the run's partition. With `last_day` (a later day): ONE build of the
+      days [day, last_day] (ZQ_PARTITION_START/END, macros/partition.sql; gov in a range run, issue 15), whose
+      events the caller splits by day.
     - `on_unbuilt`: see `stream_with_column_lineage` (gov: a failing model holds back its own dataset only).
     - `exclude`: models not built this run (ops: the products reading a dataset the quality gate held back).
     """
     op_name = context.op_execution_context.op.name
     target_dir = DBT_PROJECT_DIR / "target"
-    run_dir = target_dir / run_dir_name(op_name, context.run.run_id, None if day is None else day.isoformat())
+    first = day or dt.date.fromisoformat(context.partition_key)
+    ranged = last_day is not None and last_day != first
+    label = None if day is None else (f"{first}..{last_day}" if ranged else first.isoformat())
+    run_dir = target_dir / run_dir_name(op_name, context.run.run_id, label)
     profile_target = dbt_guard.dbt_target(target)  # gov/ops, or gov_lake/ops_lake (ZQ_WAREHOUSE=ducklake)
     cache = target_dir / "partial_parse" / f"{profile_target}.msgpack"
     seed_partial_parse(cache, run_dir)
     args = ["build", "--target", profile_target, *(["--exclude", " ".join(exclude)] if exclude else [])]
     if extra_vars:
         args += ["--vars", json.dumps(extra_vars, ensure_ascii=False, sort_keys=True)]
-    partition = (day or dt.date.fromisoformat(context.partition_key)).isoformat()
     profile = dbt_guard.profile_env(profile_target, gov_db if target == "gov" else ops_db,
-                                    get_settings().duckdb_memory_limit, partition)
+                                    get_settings().duckdb_memory_limit, None if ranged else first.isoformat(),
+                                    (first.isoformat(), last_day.isoformat()) if ranged else None)
     try:
         if preflight is not None:
             problems = preflight(parse_manifest(profile_target, run_dir, profile, extra_vars))
@@ -619,7 +625,8 @@ def build_partition(dbt: DbtCliResource, context: dg.AssetExecutionContext, targ
 
 
 def run_dir_name(op_name: str, run_id: str, day: str | None = None) -> str:
-    """`<op>-<run id[:8]>-<random>`; in a range run `<op>-<run id[:8]>-<day>-<random>` (one dbt build per day)."""
+    """`<op>-<run id[:8]>-<random>`; in a range run `<op>-<run id[:8]>-<day>-<random>` (a build per day) or
+    `<op>-<run id[:8]>-<first>..<last>-<random>` (one build over the range)."""
     return "-".join([op_name, run_id[:8], *([day] if day else []), uuid.uuid4().hex[:7]])
 
 

@@ -48,8 +48,10 @@ def dbt_target(domain: str) -> str:
     return f"{domain}_lake" if lakes.warehouse_mode() == "ducklake" else domain
 
 
-def profile_env(target: str, db_path: Any, memory_limit: str, partition_date: str | None = None) -> dict[str, str]:
-    """What profiles.yml reads for `target`: that target's DuckDB file and the memory limit (and the partition).
+def profile_env(target: str, db_path: Any, memory_limit: str, partition_date: str | None = None,
+                partition_range: tuple[str, str] | None = None) -> dict[str, str]:
+    """What profiles.yml reads for `target`: that target's DuckDB file and the memory limit (and the partition: one
+    day, or the first and last day of a range build, macros/partition.sql).
     A ``*_lake`` target: that domain's lake only (``zqdata.lakes.dbt_environment``) instead of the file."""
     if target in LAKE_TARGETS:
         from zqdata import lakes
@@ -63,6 +65,8 @@ def profile_env(target: str, db_path: Any, memory_limit: str, partition_date: st
                 "DBT_USE_COLORS": "false"})  # plain text in the run's logs (no ANSI escape codes)
     if partition_date is not None:
         env["ZQ_PARTITION_DATE"] = str(partition_date)
+    if partition_range is not None:
+        env["ZQ_PARTITION_START"], env["ZQ_PARTITION_END"] = (str(d) for d in partition_range)
     return env
 
 

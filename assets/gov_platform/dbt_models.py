@@ -33,10 +33,14 @@ def gov_dbt_assets() -> dg.AssetsDefinition:
                        warehouse: WarehouseResource) -> Iterator[Any]:
         reg = registry()
         day_events = DayEvents(context, partition_days(context))
-        # a range run builds its days one by one, earliest first: each dbt build gets exactly one partition (the
-        # models' tests and quality findings are per partition, and each day's checks are recorded against it)
+        # a range run builds its days with ONE dbt build over the range (issue 15), each day's check results and
+        # findings split from it by `_partition_date`; when that build fails, its days are built one by one, exactly
+        # as single-day runs (a failing model then holds back its own day's dataset only)
+        by_day = None if day_events.single else build_gov_range(context, dbt, warehouse, reg, day_events)
         for day in day_events.days:
-            yield from ranged_dbt_events(build_gov_day(context, dbt, warehouse, reg, day, day_events), day, day_events)
+            events = by_day[day] if by_day is not None else build_gov_day(context, dbt, warehouse, reg, day,
+                                                                           day_events)
+            yield from ranged_dbt_events(events, day, day_events)
         yield from day_events.finish()
 
     return gov_dbt_models
@@ -65,6 +69,92 @@ def build_gov_day(context: dg.AssetExecutionContext, dbt: DbtCliResource, wareho
         with warehouse.gov() as con:
             added = update_identifier_index(con, reg, day)
         context.log.debug(f"leak-gate identifier index: {added} new values for {day}")
+
+
+def build_gov_range(context: dg.AssetExecutionContext, dbt: DbtCliResource, warehouse: WarehouseResource,
+                    reg: Registry, day_events: DayEvents) -> dict[dt.date, list[Any]] | None:
+    """ONE `dbt build --target gov` over the range's days (ZQ_PARTITION_START/END): {day: that day's events}, as
+    a build of the day alone would have given them (each test's result and failed rows from its stored failures of
+    the day, with its trace; the day's findings collected; the leak gate's index updated). None when the range form
+    does not apply (DuckLake: backfills run a day per run) or the build failed: its days are then built one by one."""
+    from zqdata.quality.dbt_findings import collect_dbt_findings
+
+    days = day_events.days
+    if warehouse_mode() != "duckdb":
+        return None
+    with warehouse.gov() as con:
+        sync_reference_tables(con, reg)
+        for day in days:
+            clear_model_failures(con, day)
+    try:
+        events = list(build_partition(dbt, context, "gov", warehouse.gov_path(), warehouse.ops_path(),
+                                      day=days[0], last_day=days[-1]))
+    except Exception as e:  # noqa: BLE001 - the days are built one by one instead, which reports the failure
+        context.log.warning(f"{days[0]}..{days[-1]} 区间构建失败，改为逐日构建 (the range build failed; each day is "
+                            f"built on its own, as a single-day run): {type(e).__name__}: {str(e)[:500]}")
+        return None
+    manifest = _manifest()
+    with warehouse.gov() as con:
+        split = split_by_day(con, events, manifest, days)
+        if split is None:
+            context.log.warning("有测试的失败行不含分区日期，改为逐日构建 (a test's stored failures have no "
+                                "_partition_date: each day is built on its own)")
+            return None
+        for day in days:
+            collect_dbt_findings(con, manifest, day)
+            added = update_identifier_index(con, reg, day)
+            context.log.debug(f"leak-gate identifier index: {added} new values for {day}")
+    return {day: list(with_check_traces(iter(split[day]), warehouse, reg, day.isoformat(), findings_collected=True))
+            for day in days}
+
+
+def split_by_day(con: Any, events: list[Any], manifest: Mapping[str, Any],
+                 days: list[dt.date]) -> dict[dt.date, list[Any]] | None:
+    """A range build's events as each day's own build would have given them: every model event on each day; every
+    test's result per day, failed when its stored failures (dq_audit, every row with its `_partition_date`) hold rows
+    of that day. None when a failing test's stored failures cannot be told apart by day."""
+    tests = {n["name"]: n for n in manifest.get("nodes", {}).values() if n.get("resource_type") == "test"}
+    out: dict[dt.date, list[Any]] = {day: [] for day in days}
+    for event in events:
+        if not (isinstance(event, dg.AssetCheckResult) and event.check_name in tests):
+            for day in days:
+                out[day].append(event)
+            continue
+        node = tests[event.check_name]
+        total = event.metadata.get("dagster_dbt/failed_row_count")
+        total = int(getattr(total, "value", total) or 0)
+        per_day = failures_by_day(con, node, total)
+        if per_day is None:
+            return None
+        for day in days:
+            out[day].append(day_check_result(event, node, per_day.get(day, 0)))
+    return out
+
+
+def failures_by_day(con: Any, node: Mapping[str, Any], total: int) -> dict[dt.date, int] | None:
+    """{day: failing rows} of a test from its stored failures; None when they cannot be split by day (no
+    `_partition_date`, or not the rows dbt counted)."""
+    if total == 0:
+        return {}
+    schema, table = node.get("schema"), node.get("alias") or node.get("name")
+    try:
+        rows = con.execute(f'select cast(_partition_date as date), count(*) from "{schema}"."{table}" group by 1'
+                           ).fetchall()
+    except Exception:  # noqa: BLE001 - no table, or no _partition_date: not splittable
+        return None
+    counts = {day: int(n) for day, n in rows}
+    return counts if sum(counts.values()) == total and None not in counts else None
+
+
+def day_check_result(event: dg.AssetCheckResult, node: Mapping[str, Any], failed: int) -> dg.AssetCheckResult:
+    """dagster-dbt's check result of a range build, for one day with `failed` failing rows: the status dbt gives a
+    test with that many failures under its own severity (pass, or warn / fail)."""
+    warn = str((node.get("config") or {}).get("severity", "error")).lower() == "warn"
+    status = "pass" if failed == 0 else ("warn" if warn else "fail")
+    metadata = {**event.metadata, "status": dg.MetadataValue.text(status),
+                "dagster_dbt/failed_row_count": dg.MetadataValue.int(failed)}
+    return event._replace(passed=failed == 0, metadata=metadata,
+                          severity=dg.AssetCheckSeverity.WARN if status == "warn" else dg.AssetCheckSeverity.ERROR)
 
 
 def confine_unbuilt(context: dg.AssetExecutionContext, warehouse: WarehouseResource, reg: Registry, day: dt.date,
@@ -98,11 +188,12 @@ def confine_unbuilt(context: dg.AssetExecutionContext, warehouse: WarehouseResou
 
 
 def with_check_traces(events: Iterator[Any], warehouse: WarehouseResource, reg: Registry,
-                      partition_key: str) -> Iterator[Any]:
+                      partition_key: str, findings_collected: bool = False) -> Iterator[Any]:
     """Attach the 逐级溯源 trace (agency → delivery file → rows) to every failed dbt check, as the UI shows it.
 
     The events arrive after dbt has exited (they are buffered for column lineage), so the gov DB is free: the
-    partition's dbt failures are collected into quality.findings once, then each failed check is traced by its rule.
+    partition's dbt failures are collected into quality.findings once (unless `findings_collected`), then each failed
+    check is traced by its rule.
     """
     from orchestration.sensors import trace_metadata
     from zqdata.quality.dbt_findings import collect_dbt_findings
@@ -110,7 +201,7 @@ def with_check_traces(events: Iterator[Any], warehouse: WarehouseResource, reg: 
     manifest = _manifest()
     tests = {n["name"]: n for n in manifest.get("nodes", {}).values() if n.get("resource_type") == "test"}
     con = None
-    collected = False
+    collected = findings_collected
     counts: dict[str, int | None] = {}
     with contextlib.ExitStack() as stack:
         for event in events:

@@ -1,8 +1,9 @@
-{#- dbt's `where` test config, with `__partition_date__` replaced by zq_partition_date() when the test runs. -#}
+{#- dbt's `where` test config, with `__zq_partition__` replaced by the build's partition filter (zq_in_partition) when
+    the test runs: one day, or each day of a range build, whose failures then keep their own `_partition_date`. -#}
 {% macro get_where_subquery(relation) -%}
     {%- set where = config.get('where') -%}
     {%- if where -%}
-        {%- set where = where | replace('__partition_date__', zq_partition_date()) -%}
+        {%- set where = where | replace('__zq_partition__', zq_in_partition('_partition_date')) -%}
         {%- set filtered -%}
             (select * from {{ relation }} where {{ where }}) dbt_subquery
         {%- endset -%}

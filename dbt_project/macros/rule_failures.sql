@@ -12,7 +12,7 @@
         {#- reads the ODS (the value as delivered) because staging holds the normalized value -#}
         select {{ zq_failure_columns(column_name, column_name) }}
         from {{ source('ods', kw['dataset']) }}
-        where cast(_partition_date as date) = date '{{ zq_partition_date() }}'
+        where {{ zq_in_partition('_partition_date') }}
           and _lineage_id in (select _lineage_id from {{ relation }})
           and not {{ zq_is_standard_format(column_name, kw['kind']) }}
     {%- elif rule == 'duplicate_key' -%}
@@ -50,7 +50,7 @@
 {%- endmacro %}
 
 {% macro zq_duplicate_key_failures(relation, columns) -%}
-    {#- 一致性: every row sharing its primary key with another row of the partition (none of them can be trusted) -#}
+    {#- 一致性: every row sharing its primary key with another row of its partition day (none of them can be trusted) -#}
     select {{ zq_failure_columns(columns | join('+'), "concat_ws('|', " ~ (columns | join(', ')) ~ ")") }}
     from (
         select *, count(*) over (partition by _partition_date, {{ columns | join(', ') }}) as _key_rows
@@ -60,26 +60,34 @@
     where _key_rows > 1
 {%- endmacro %}
 
-{% macro zq_registry_as_of() -%}
-    {#- the enterprise registry as of the partition day: the latest valid daily snapshot on or before it -#}
-    (select credit_code, district_code from {{ ref('int_enterprise_registry') }}
-     where _partition_date = (select max(_partition_date) from {{ ref('int_enterprise_registry') }}
-                              where _partition_date <= date '{{ zq_partition_date() }}'))
+{% macro zq_registry_as_of(relation) -%}
+    {#- the enterprise registry as of each partition day of `relation` (`_as_of_day`): the latest valid daily snapshot
+        on or before that day. Per row's day, so a range build judges each day as that day's own build did. -#}
+    (select snap._as_of_day, r.credit_code, r.district_code
+     from (select d._as_of_day, max(s._partition_date) as _snapshot
+           from (select distinct cast(_partition_date as date) as _as_of_day from {{ relation }}) d
+           join (select distinct _partition_date from {{ ref('int_enterprise_registry') }}) s
+             on s._partition_date <= d._as_of_day
+           group by d._as_of_day) snap
+     join {{ ref('int_enterprise_registry') }} r on r._partition_date = snap._snapshot)
 {%- endmacro %}
 
 {% macro zq_registry_reference_failures(relation, column_name) -%}
     {#- 一致性: the credit code must be a (valid) enterprise of the day's registry -#}
     select {{ zq_failure_columns(column_name, column_name) }}
-    from {{ relation }}
+    from (select * from {{ relation }}) t
     where {{ column_name }} is not null
-      and {{ column_name }} not in (select credit_code from {{ zq_registry_as_of() }} registry)
+      and not exists (select 1 from {{ zq_registry_as_of(relation) }} registry
+                      where registry._as_of_day = cast(t._partition_date as date)
+                        and registry.credit_code = t.{{ column_name }})
 {%- endmacro %}
 
 {% macro zq_registry_district_failures(relation, column_name, credit_column) -%}
     {#- 一致性: the district agrees with the registry's district for the same credit code -#}
     select {{ zq_failure_columns(column_name, "t." ~ column_name ~ " || ' ≠ ' || registry.district_code") }}
     from (select * from {{ relation }}) t
-    join {{ zq_registry_as_of() }} registry on registry.credit_code = t.{{ credit_column }}
+    join {{ zq_registry_as_of(relation) }} registry
+      on registry.credit_code = t.{{ credit_column }} and registry._as_of_day = cast(t._partition_date as date)
     where t.{{ column_name }} is not null and t.{{ column_name }} <> registry.district_code
 {%- endmacro %}
 
@@ -88,7 +96,7 @@
         (read from the project graph, so the tests in the .yml are the only list of rules) -#}
     {%- set parts = [] -%}
     {%- if execute -%}
-        {%- set relation = "(select * from " ~ ref(staging_model) ~ " where _partition_date = date '" ~ zq_partition_date() ~ "')" -%}
+        {%- set relation = "(select * from " ~ ref(staging_model) ~ " where " ~ zq_in_partition('_partition_date') ~ ")" -%}
         {%- for node in graph.nodes.values() -%}
             {%- set tm = node.get('test_metadata') or {} -%}
             {%- set meta = (node.get('config') or {}).get('meta') or node.get('meta') or {} -%}

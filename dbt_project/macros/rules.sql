@@ -72,8 +72,8 @@
 {%- endmacro %}
 
 {% macro zq_is_in_partition_day(col) -%}
-    {#- 时效性: the event happened on the partition day (Beijing time; staging already converted to Asia/Shanghai) -#}
-    ({{ col }} is null or cast({{ col }} as date) = date '{{ zq_partition_date() }}')
+    {#- 时效性: the event happened on its row's partition day (Beijing time; staging already converted to Asia/Shanghai) -#}
+    ({{ col }} is null or cast({{ col }} as date) = cast(_partition_date as date))
 {%- endmacro %}
 
 {% macro zq_is_present(col) -%}

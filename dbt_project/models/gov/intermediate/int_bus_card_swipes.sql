@@ -5,7 +5,7 @@
 with staged as (
 
     select * from {{ ref('stg_transport__bus_card_swipes') }}
-    where _partition_date = date '{{ zq_partition_date() }}'
+    where {{ zq_in_partition('_partition_date') }}
 
 ),
 

@@ -5,7 +5,7 @@
 with staged as (
 
     select * from {{ ref('stg_psb__resident_population') }}
-    where _partition_date = date '{{ zq_partition_date() }}'
+    where {{ zq_in_partition('_partition_date') }}
 
 ),
 

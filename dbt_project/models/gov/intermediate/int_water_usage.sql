@@ -6,7 +6,7 @@
 with staged as (
 
     select * from {{ ref('stg_water__water_usage') }}
-    where _partition_date = date '{{ zq_partition_date() }}'
+    where {{ zq_in_partition('_partition_date') }}
 
 ),
 

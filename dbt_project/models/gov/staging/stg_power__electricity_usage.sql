@@ -2,7 +2,7 @@
 with source as (
 
     select * from {{ source('ods', 'electricity_usage') }}
-    where cast(_partition_date as date) = date '{{ zq_partition_date() }}'
+    where {{ zq_in_partition('_partition_date') }}
 
 ),
 
