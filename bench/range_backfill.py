@@ -19,18 +19,26 @@ import time
 from pathlib import Path
 
 
-def measure(first: dt.date, days: int, mode: str) -> dict:
+def measure(first: dt.date, days: int, mode: str, range_days: int | None = None, home: bool = False) -> dict:
+    """`range`: the days as range runs of `range_days` days each (default: one run over all of them), one after
+    the other as `zq history` runs them; `single`: one run per day. `home`: in the instance of $DAGSTER_HOME (the
+    nights after it then see the event history of these), else in a throw-away instance."""
+    import contextlib
+
     import dagster as dg
 
     from bench.stages import step_windows, summarize_stages
     from orchestration.nightly import run_nightly, run_nightly_range
+    from orchestration.ranges import chunks
 
-    last = first + dt.timedelta(days=days - 1)
-    with dg.instance_for_test() as instance:
+    with (contextlib.nullcontext(dg.DagsterInstance.get()) if home else dg.instance_for_test()) as instance:
         t0 = time.monotonic()
         if mode == "range":
-            result, summaries = run_nightly_range(first, last, instance)
-            results = [result]
+            results, summaries = [], []
+            for a, b in chunks(first, days, range_days or days):
+                result, day_summaries = run_nightly_range(a, b, instance)
+                results.append(result)
+                summaries += day_summaries
         else:
             pairs = [run_nightly(first + dt.timedelta(days=i), instance) for i in range(days)]
             results, summaries = [r for r, _ in pairs], [s for _, s in pairs]
@@ -42,7 +50,8 @@ def measure(first: dt.date, days: int, mode: str) -> dict:
             job_seconds += end - start
             for stage, v in summarize_stages(windows, None, 1).items():
                 stages[stage] = round(stages.get(stage, 0.0) + v["seconds"], 3)
-    return {"mode": mode, "days": days, "runs": len(results), "success": all(r.success for r in results),
+    return {"mode": mode, "days": days, "range_days": (range_days or days) if mode == "range" else 1,
+            "runs": len(results), "success": all(r.success for r in results),
             "wall_seconds": round(wall, 1), "job_seconds": round(job_seconds, 1),
             "seconds_per_day": round(wall / days, 1), "stage_seconds": stages,
             "days_ok": sum(s.success for s in summaries)}
@@ -54,15 +63,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--days", type=int, default=5)
     p.add_argument("--rows", type=int, default=1000)
     p.add_argument("--mode", choices=("single", "range"), required=True)
+    p.add_argument("--range-days", type=int, default=None,
+                   help="range mode: days per range run (default: all the days in one run)")
     p.add_argument("--out", type=Path)
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="the data folder (default: a new temporary one); with it the runs use $DAGSTER_HOME's instance")
     args = p.parse_args(argv)
-    data = Path(tempfile.mkdtemp(prefix="zq-range-bench-")) / "data"
+    data = args.data_dir or Path(tempfile.mkdtemp(prefix="zq-range-bench-")) / "data"
     os.environ.update({"ZQ_DATA_DIR": str(data), "ZQ_SIMULATE": "1", "ZQ_SIM_ROWS_PER_DAY": str(args.rows),
                        "ZQ_SIM_SEED": "7", "ZQ_STORE_BACKEND": "local"})
     os.environ.setdefault("ZQ_PSEUDONYM_KEY", "bench-key-not-a-secret-0123456789abcdef")
     for var in ("ZQ_LANDING_DIR", "ZQ_GOV_DB", "ZQ_OPS_DB"):
         os.environ.pop(var, None)
-    out = {**measure(args.date, args.days, args.mode), "rows_per_day": args.rows, "data_dir": str(data)}
+    out = {**measure(args.date, args.days, args.mode, args.range_days, home=args.data_dir is not None),
+           "rows_per_day": args.rows,
+           "data_dir": str(data)}
     print(json.dumps(out, ensure_ascii=False), flush=True)
     if args.out:
         args.out.write_text(json.dumps(out, ensure_ascii=False, indent=1), encoding="utf-8")

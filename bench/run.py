@@ -1,9 +1,11 @@
-"""`make bench`: the nightly path at 1/5/10 million rows a day vs the bare-DuckDB floor, days 1..N, code-location load.
+"""`make bench`: the nightly path at 1/5/10 million rows a day vs the bare-DuckDB floor, days 1..N, the fixed cost of
+small nights, a year of backfill and the day after it, distributed mode, code-location load.
 
 Every measurement runs in its own child process under ``BENCH_DIR`` (default /tmp/zq-bench, never the repo), so peak
 memory is per measurement. Results: docs/benchmark.json (written after each measurement) and docs/benchmark.md.
 Overrides (env or flags): BENCH_SIZES / SIZES (comma-separated rows per day), BENCH_DAYS / DAYS (≥ 7 asked for),
-BENCH_DAY_ROWS (rows per day of the day series), BENCH_DIR, BENCH_DATE.
+BENCH_DAY_ROWS (rows per day of the day series), BENCH_DIR, BENCH_DATE, BENCH_YEAR_DAYS / BENCH_YEAR_ROWS /
+BENCH_YEAR_AFTER_ROWS (the backfill part: 365 days of 20,000 rows, then a day of 1,000,000; it takes hours).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ DEFAULT_DATE = dt.date(2025, 6, 1)
 DISK_FACTOR = 4.0  # landing + gov + ops + baseline copies, over the landing size (measured at 1 M: ~3×)
 DEFECT_RATE = 0.01  # the simulator's default for the nightly job
 FIXED_ROWS, FIXED_NIGHTS = 1_000, 4  # the fixed-cost measurement: small nights, the first one cold
+YEAR_DAYS, YEAR_ROWS, YEAR_AFTER_ROWS = 365, 20_000, 1_000_000  # (b) a year of backfill, (c) the day after it
+YEAR_TARGET_SECONDS = 15 * 60
 
 
 # ------------------------------------------------------------------------------------------- environment
@@ -177,6 +181,45 @@ def measure_fixed_cost(root: Path, first: dt.date, rows: int = FIXED_ROWS, night
     res["warm_job_seconds"] = median([d["job_seconds"] for d in warm])
     res["warm_stages"] = {s: median([d["stages"].get(s) for d in warm]) for s in STAGE_ORDER
                           if any(s in d["stages"] for d in warm)}
+    return res
+
+
+def measure_year(root: Path, first: dt.date, days: int, rows: int, after_rows: int, sizes: list[dict]) -> dict:
+    """(b) A backfill of `days` days at `rows` rows/day as `zq history` runs it (range runs of 30 days, the deliveries
+    simulated inside the runs), wall time and per day; (c) the day after it at `after_rows` rows in the same
+    warehouse and Dagster instance, against day 1 of that size on a fresh warehouse (the `sizes` part)."""
+    from zqdata.commands.history import RANGE_DAYS
+
+    data_dir = root / "year"
+    shutil.rmtree(data_dir, ignore_errors=True)
+    data_dir.mkdir(parents=True)
+    log, out = data_dir / "bench.log", data_dir / "backfill.json"
+    env = _env(data_dir)
+    rc, wall = _run([sys.executable, "-m", "bench.range_backfill", "--date", first.isoformat(), "--days", str(days),
+                     "--rows", str(rows), "--mode", "range", "--range-days", str(RANGE_DAYS), "--data-dir",
+                     str(data_dir), "--out", str(out)], env, log)
+    backfill = json.loads(out.read_text(encoding="utf-8")) if out.exists() else {}
+    res: dict = {"days": days, "rows_per_day": rows, "range_days": RANGE_DAYS, "rc": rc,
+                 "wall_seconds": backfill.get("wall_seconds"), "process_seconds": round(wall, 1),
+                 "seconds_per_day": backfill.get("seconds_per_day"), "runs": backfill.get("runs"),
+                 "success": backfill.get("success"), "stage_seconds": backfill.get("stage_seconds"),
+                 "git_commit": _git_commit(), "measured_at": dt.datetime.now(TZ).isoformat(timespec="seconds"),
+                 "warehouse_bytes": _dir_bytes(data_dir / "warehouse"), "log": str(log)}
+    if after_rows and rc == 0:
+        day = first + dt.timedelta(days=days)
+        simulate(data_dir, day, 1, after_rows, log)
+        pj = data_dir / "after.json"
+        rc_after, _ = _run([sys.executable, "-m", "bench.stages", "--date", day.isoformat(), "--days", "1", "--rows",
+                            str(after_rows), "--out", str(pj)], env, log)
+        after = (json.loads(pj.read_text(encoding="utf-8")).get("days") or [None])[0] if pj.exists() else None
+        day_1 = next((s["pipeline"]["days"][0] for s in sizes if s.get("rows_per_day") == after_rows
+                      and (s.get("pipeline") or {}).get("days")), None)
+        res["after"] = {"partition": day.isoformat(), "rows_per_day": after_rows, "rc": rc_after,
+                        "job_seconds": after and after["job_seconds"], "success": bool(after and after["success"]),
+                        "stages": after and {k: v["seconds"] for k, v in after["stages"].items()},
+                        "day_1_job_seconds": day_1 and day_1["job_seconds"]}
+        if after and day_1 and after["success"]:
+            res["after"]["vs_day_1"] = round(after["job_seconds"] / day_1["job_seconds"], 3)
     return res
 
 
@@ -405,6 +448,31 @@ def render_markdown(results: dict) -> str:
                          + " | ".join(_fmt(x["stages"].get(s)) for s in STAGE_ORDER) + " |")
         lines += ["", f"Median warm night: **{_fmt(f.get('warm_job_seconds'), ' s')}**. Its slowest steps (median s): "
                   + ", ".join(f"`{k}` {_fmt(v)}" for v, k in top) + ".", ""]
+    y = results.get("year")
+    if y:
+        a_ = y.get("after") or {}
+        stages = y.get("stage_seconds") or {}
+        lines += [
+            f"## A backfill of {y['days']} days at {y['rows_per_day']:,} rows/day, and the day after it",
+            "",
+            f"Measured {y.get('measured_at', '?')} at commit {y.get('git_commit', '?')}: `python -m bench.range_backfill "
+            f"--mode range --range-days {y.get('range_days')}` in a fresh data folder ({y.get('runs')} range runs, the "
+            "deliveries simulated inside the runs as `zq history` does; wall time includes the notification runs), "
+            f"then day {y['days'] + 1} at {a_.get('rows_per_day', 0):,} rows in the same warehouse and instance "
+            "(`bench.stages`).",
+            "",
+            "| measure | value |",
+            "|---|---:|",
+            f"| backfill wall time | {_fmt(y.get('wall_seconds'), ' s')} |",
+            f"| per day | {_fmt(y.get('seconds_per_day'), ' s')} |",
+            f"| succeeded | {'yes' if y.get('success') else 'no (see ' + y.get('log', 'the log') + ')'} |",
+            "| stage seconds, summed over the runs | " + ", ".join(f"{k} {_fmt(v)}" for k, v in stages.items()) + " |",
+            f"| warehouse after it | {_fmt((y.get('warehouse_bytes') or 0) / 1e6, ' MB')} |",
+            f"| day {y['days'] + 1} at {a_.get('rows_per_day', 0):,} rows, job | {_fmt(a_.get('job_seconds'), ' s')} |",
+            f"| day 1 at that size on a fresh warehouse (sizes part) | {_fmt(a_.get('day_1_job_seconds'), ' s')} |",
+            f"| ratio | {'–' if a_.get('vs_day_1') is None else format(a_['vs_day_1'], '.3f')} |",
+            "",
+        ]
     dist = results.get("distributed")
     if dist:
         lines += [
@@ -499,6 +567,18 @@ def _targets(results: dict) -> list[str]:
         span = len(d["days"]) - 2
         rows.append((f"(same, trend over days 2..{len(d['days'])} × {span} days)", f"{d['rows_per_day']:,} rows/day",
                      _fmt(100 * tr * span, " %"), tr * span <= 0.10))
+    y = results.get("year") or {}
+    if y.get("wall_seconds") is not None and y.get("success"):
+        per_year = y["wall_seconds"] / y["days"] * YEAR_DAYS
+        at = f"{y['days']} days × {y['rows_per_day']:,} rows/day" + (
+            "" if y["days"] >= YEAR_DAYS else f", {YEAR_DAYS} days extrapolated: {_fmt(per_year / 60, ' min')}")
+        rows.append((f"{YEAR_DAYS} days × {YEAR_ROWS:,} rows/day backfill ≤ 15 min", at,
+                     _fmt(y["wall_seconds"] / 60, " min"), y["days"] >= YEAR_DAYS and per_year <= YEAR_TARGET_SECONDS))
+    a_ = y.get("after") or {}
+    if a_.get("vs_day_1") is not None:
+        rows.append((f"day {y['days'] + 1} (after {y['days']} days) ÷ day 1 ≤ 1.10",
+                     f"{a_['rows_per_day']:,} rows/day", f"{a_['vs_day_1']:.3f} ×",
+                     y["days"] >= YEAR_DAYS and a_["vs_day_1"] <= 1.10))
     f = results.get("fixed_cost") or {}
     if f.get("warm_job_seconds") is not None:
         rows.append((f"{f['rows_per_day']:,}-row night, whole job (warm code location) ≤ 10 s", "median warm night",
@@ -544,7 +624,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--distributed-rows", type=int, default=int(env.get("BENCH_DISTRIBUTED_ROWS") or 10_000_000),
                    help="rows of the night measured in distributed mode (0: not measured)")
     p.add_argument("--skip", default="",
-                   help="comma-separated parts to skip: sizes,days,fixed,distributed,codeloc")
+                   help="comma-separated parts to skip: sizes,days,fixed,year,distributed,codeloc")
+    p.add_argument("--year-days", type=int, default=int(env.get("BENCH_YEAR_DAYS") or YEAR_DAYS),
+                   help=f"the backfill part: days (default {YEAR_DAYS}; 0: not measured)")
+    p.add_argument("--year-rows", type=int, default=int(env.get("BENCH_YEAR_ROWS") or YEAR_ROWS))
+    p.add_argument("--year-after-rows", type=int, default=int(env.get("BENCH_YEAR_AFTER_ROWS") or YEAR_AFTER_ROWS),
+                   help="rows of the day after the backfill (0: not measured)")
     p.add_argument("--report-only", action="store_true", help="re-render docs/benchmark.md from docs/benchmark.json")
     p.add_argument("--merge", action="store_true",
                    help="keep the other parts of docs/benchmark.json, replacing only what this run measures")
@@ -586,6 +671,12 @@ def main(argv: list[str] | None = None) -> int:
     if "fixed" not in skip:
         print(f"[bench] fixed cost: {FIXED_NIGHTS} nights of {FIXED_ROWS:,} rows …", file=sys.stderr, flush=True)
         results["fixed_cost"] = measure_fixed_cost(args.dir, args.date)
+        _save(results, args.docs)
+    if "year" not in skip and args.year_days > 0:
+        print(f"[bench] backfill: {args.year_days} days of {args.year_rows:,} rows, then a day of "
+              f"{args.year_after_rows:,} …", file=sys.stderr, flush=True)
+        results["year"] = measure_year(args.dir, args.date, args.year_days, args.year_rows, args.year_after_rows,
+                                       results.get("sizes") or [])
         _save(results, args.docs)
     if "distributed" not in skip and args.distributed_rows > 0:
         print(f"[bench] distributed: one night of {args.distributed_rows:,} rows on 2 workers …", file=sys.stderr,

@@ -138,3 +138,24 @@ def test_stage_mapping_of_known_step_names():
     assert stages.stage_of_step("boundary_crossing") == "boundary"
     assert stages.stage_of_step("ops_dbt_products") == "products"
     assert stages.stage_of_step("something_new") == "other"
+
+
+def test_a_shortened_year_of_backfill_is_reported_as_extrapolated_and_never_as_met():
+    """The backfill target is for 365 days: a shorter measurement (BENCH_YEAR_DAYS) shows its extrapolation to a
+    year and does not count as meeting the target, nor does the day after it."""
+    from bench.run import _targets
+
+    def rows(days: int, wall: float, ratio: float) -> dict[str, str]:
+        year = {"days": days, "rows_per_day": 20_000, "wall_seconds": wall, "success": True,
+                "after": {"rows_per_day": 1_000_000, "vs_day_1": ratio}}
+        lines = [line for line in _targets({"year": year}) if line.startswith("| ")][1:]
+        return {"backfill" if "backfill" in line else "after": line for line in lines}
+
+    short = rows(10, 100.0, 1.05)
+    assert "365 days extrapolated" in short["backfill"] and short["backfill"].endswith("| **no** |")
+    assert short["after"].startswith("| day 11 (after 10 days)") and short["after"].endswith("| **no** |")
+    year = rows(365, 800.0, 1.05)
+    assert "extrapolated" not in year["backfill"] and year["backfill"].endswith("| yes |")
+    assert year["after"].endswith("| yes |")
+    assert rows(365, 901.0, 1.11)["backfill"].endswith("| **no** |") and rows(365, 901.0, 1.11)["after"].endswith(
+        "| **no** |")
