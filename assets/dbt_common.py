@@ -567,6 +567,58 @@ def ranged_dbt_events(events: Iterable[Any], day: dt.date, day_events: Any) -> I
         else:
             yield event
 
+
+# ---------------------------------------------------------------- one build over a range, split by day (issue 15)
+
+def split_by_day(con: Any, events: list[Any], manifest: Mapping[str, Any],
+                 days: list[dt.date]) -> dict[dt.date, list[Any]] | None:
+    """A range build's events (gov or ops) as each day's own build would have given them: every model event on each
+    day; every test's result per day, failed when its stored failures (dq_audit, every row with its `_partition_date`)
+    hold rows of that day. None when a failing test's stored failures cannot be told apart by day."""
+    tests = {n["name"]: n for n in manifest.get("nodes", {}).values() if n.get("resource_type") == "test"}
+    out: dict[dt.date, list[Any]] = {day: [] for day in days}
+    for event in events:
+        if not (isinstance(event, dg.AssetCheckResult) and event.check_name in tests):
+            for day in days:
+                out[day].append(event)
+            continue
+        node = tests[event.check_name]
+        total = event.metadata.get("dagster_dbt/failed_row_count")
+        total = int(getattr(total, "value", total) or 0)
+        per_day = failures_by_day(con, node, total)
+        if per_day is None:
+            return None
+        for day in days:
+            out[day].append(day_check_result(event, node, per_day.get(day, 0)))
+    return out
+
+
+def failures_by_day(con: Any, node: Mapping[str, Any], total: int) -> dict[dt.date, int] | None:
+    """{day: failing rows} of a test from its stored failures; None when they cannot be split by day (no
+    `_partition_date`, or not the rows dbt counted)."""
+    if total == 0:
+        return {}
+    schema, table = node.get("schema"), node.get("alias") or node.get("name")
+    try:
+        rows = con.execute(f'select cast(_partition_date as date), count(*) from "{schema}"."{table}" group by 1'
+                           ).fetchall()
+    except Exception:  # noqa: BLE001 - no table, or no _partition_date: not splittable
+        return None
+    counts = {day: int(n) for day, n in rows}
+    return counts if sum(counts.values()) == total and None not in counts else None
+
+
+def day_check_result(event: dg.AssetCheckResult, node: Mapping[str, Any], failed: int) -> dg.AssetCheckResult:
+    """dagster-dbt's check result of a range build, for one day with `failed` failing rows: the status dbt gives a
+    test with that many failures under its own severity (pass, or warn / fail)."""
+    warn = str((node.get("config") or {}).get("severity", "error")).lower() == "warn"
+    status = "pass" if failed == 0 else ("warn" if warn else "fail")
+    metadata = {**event.metadata, "status": dg.MetadataValue.text(status),
+                "dagster_dbt/failed_row_count": dg.MetadataValue.int(failed)}
+    return event._replace(passed=failed == 0, metadata=metadata,
+                          severity=dg.AssetCheckSeverity.WARN if status == "warn" else dg.AssetCheckSeverity.ERROR)
+
+
 RUN_DIRS_KEPT = 14  # per dbt asset: the newest run folders (compiled SQL, run_results.json, dbt.log) kept for audit
 
 

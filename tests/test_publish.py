@@ -311,3 +311,48 @@ def test_concurrent_appenders_in_four_processes_keep_one_valid_chain(opdb):
     assert audit.verify_chain(opdb) == []
     for w in range(workers):  # every append is there, in each worker's own order
         assert [r.row_count for r in chain if r.consumer == f"worker{w}"] == list(range(PER_WORKER))
+
+
+def test_a_range_runs_gates_are_read_per_day_from_every_page_of_its_evaluations():
+    """The gate results of a range run come from ONE pass over the run's check evaluations, page by page (a year's
+    range holds more evaluations than a page), each day with its own results; a failed warning does not gate."""
+    from types import SimpleNamespace
+
+    import dagster as dg
+
+    from assets.ops_platform import publish
+
+    product = dg.AssetKey(["ops", "products", "p"])
+    evaluations = []
+    for i in range(25):
+        day = f"2025-06-{i + 1:02d}"
+        evaluations += [(product, day, "no_personal_data_leak", i != 20, dg.AssetCheckSeverity.ERROR),
+                        (product, day, "style", False, dg.AssetCheckSeverity.WARN),
+                        (dg.AssetKey(["ops", "products", "other"]), day, "no_personal_data_leak", False,
+                         dg.AssetCheckSeverity.ERROR)]
+
+    class Instance:
+        queries = 0
+
+        def get_records_for_run(self, run_id, cursor=None, of_type=None, limit=None, ascending=True):
+            self.queries += 1
+            start = int(cursor or 0)
+            page = evaluations[start:start + limit]
+            records = [SimpleNamespace(event_log_entry=SimpleNamespace(dagster_event=SimpleNamespace(
+                event_specific_data=SimpleNamespace(asset_key=k, partition=d, check_name=n, passed=ok, severity=sev))))
+                for k, d, n, ok, sev in page]
+            return SimpleNamespace(records=records, cursor=str(start + len(page)),
+                                   has_more=start + len(page) < len(evaluations))
+
+    instance = Instance()
+    old, publish.GATE_PAGE = publish.GATE_PAGE, 7
+    try:
+        by_day = publish.run_gate_results_by_partition(instance, "run", product)
+        merged = publish.run_gate_results(instance, "run", product)
+    finally:
+        publish.GATE_PAGE = old
+    assert instance.queries == 2 * 11  # 75 evaluations in pages of 7, twice
+    assert set(by_day) == {f"2025-06-{i + 1:02d}" for i in range(25)}
+    assert by_day["2025-06-21"] == {"no_personal_data_leak": False}  # the last pages are read too
+    assert all(g == {"no_personal_data_leak": True} for d, g in by_day.items() if d != "2025-06-21")
+    assert merged == {"no_personal_data_leak": False}  # a single-day run's view: every evaluation of the run

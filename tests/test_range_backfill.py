@@ -110,6 +110,8 @@ def _run(data_dir: Path, as_range: bool) -> dict:
                 "summaries": summaries,
                 "gov_builds": sorted(d.name for r in runs for d in (REPO / "dbt_project" / "target").glob(
                     f"gov_dbt_models-{r.run_id[:8]}-*") if d.is_dir()),
+                "ops_builds": sorted(d.name for r in runs for d in (REPO / "dbt_project" / "target").glob(
+                    f"ops_dbt_products-{r.run_id[:8]}-*") if d.is_dir()),
                 "evaluations": evaluations,
                 "materialized": materialized,
                 "gov": table_checksums(data_dir / "warehouse" / "gov_platform.duckdb"),
@@ -140,6 +142,15 @@ def test_the_range_builds_its_gov_models_once(both):
     first, last = _days()[0].isoformat(), _days()[-1].isoformat()
     assert len(ranged["gov_builds"]) == 1 and f"-{first}..{last}-" in ranged["gov_builds"][0]
     assert len(single["gov_builds"]) == DAYS
+
+
+def test_the_range_builds_its_products_once_per_stretch_of_equal_authorizations(both):
+    """The five days share their authorizations and hold nothing back: one ops build (and its preflight) over the
+    range, not one per day."""
+    ranged, single = both
+    first, last = _days()[0].isoformat(), _days()[-1].isoformat()
+    assert len(ranged["ops_builds"]) == 1 and f"-{first}..{last}-" in ranged["ops_builds"][0]
+    assert len(single["ops_builds"]) == DAYS
 
 
 def test_no_day_of_the_range_is_stale_afterwards(both):

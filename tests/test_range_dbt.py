@@ -180,7 +180,7 @@ def _node(name: str, severity: str) -> dict:
 def test_a_range_builds_check_results_are_split_by_the_days_of_their_failing_rows() -> None:
     import dagster as dg
 
-    from assets.gov_platform.dbt_models import split_by_day
+    from assets.dbt_common import split_by_day
 
     d1, d2, d3 = (dt.date.fromisoformat(d) for d in DAYS)
     con = duckdb.connect()
@@ -210,7 +210,7 @@ def test_a_range_builds_check_results_are_split_by_the_days_of_their_failing_row
 def test_failures_that_cannot_be_told_apart_by_day_send_the_range_back_to_day_by_day_builds() -> None:
     """No `_partition_date` in a failing test's stored rows, or not the rows dbt counted: no split (the gov step
     then builds the days one by one)."""
-    from assets.gov_platform.dbt_models import split_by_day
+    from assets.dbt_common import split_by_day
 
     con = duckdb.connect()
     con.execute("create schema dq_audit")

@@ -12,7 +12,8 @@ import dagster as dg
 from dagster_dbt import DbtCliResource
 
 from assets.dbt_common import (DBT_PROJECT_DIR, RUN_DIRS_KEPT, build_partition, dbt_project, dbt_resource,
-                               enrich_check_result, partitioned_dbt_assets, ranged_dbt_events, scenario_vars)
+                               enrich_check_result, partitioned_dbt_assets, ranged_dbt_events, scenario_vars,
+                               split_by_day)
 from orchestration.partitions import daily_partitions
 from orchestration.pools import GOV_POOL, OPS_POOL, hold_pool
 from orchestration.ranges import DayEvents, partition_days
@@ -33,9 +34,15 @@ def ops_dbt_assets() -> dg.AssetsDefinition:
     def ops_dbt_products(context: dg.AssetExecutionContext, dbt: DbtCliResource,
                          warehouse: WarehouseResource) -> Iterator[Any]:
         day_events = DayEvents(context, partition_days(context))
-        # a range run builds its days one by one, earliest first: a product of day D reads the days up to D
-        for day in day_events.days:
-            yield from ranged_dbt_events(build_products_day(context, dbt, warehouse, day, day_events), day, day_events)
+        # a range run builds its days in stretches of days with the same authorizations and held-back inputs, ONE
+        # dbt build (with its own preflight) per stretch, its results split by day (issue 15); a stretch of one day,
+        # or one whose build failed, is built day by day, earliest first (a product of day D reads the days up to D)
+        for days in [day_events.days] if day_events.single else product_stretches(warehouse, day_events.days):
+            by_day = None if len(days) == 1 else build_products_range(context, dbt, warehouse, days)
+            for day in days:
+                events = by_day[day] if by_day is not None else build_products_day(context, dbt, warehouse, day,
+                                                                                   day_events)
+                yield from ranged_dbt_events(events, day, day_events)
         yield from day_events.finish()
 
     return ops_dbt_products
@@ -66,6 +73,60 @@ def build_products_day(context: dg.AssetExecutionContext, dbt: DbtCliResource, w
                              keep_runs=max(RUN_DIRS_KEPT, len(day_events.days)))
     yield from with_product_traces(events, warehouse, context, day.isoformat())
     yield from not_built(context, warehouse, day, waiting)
+
+
+def product_inputs(warehouse: WarehouseResource, days: list[dt.date]) -> list[tuple[dict[str, Any], list[str]]]:
+    """Per day: the products' dbt vars (the authorizations in force that day) and the products waiting on an input the
+    quality gate held back for the day."""
+    reg = registry()
+    with warehouse.ops(read_only=True) as ops:
+        return [(scenario_vars(reg, day), products_reading(reg, held_back_on_ops(ops, day))) for day in days]
+
+
+def product_stretches(warehouse: WarehouseResource, days: list[dt.date]) -> list[list[dt.date]]:
+    """The days in runs of consecutive days with the same authorizations and the same products waiting: each run of
+    days can be one build (the same --vars and --exclude)."""
+    out: list[tuple[list[dt.date], Any]] = []
+    for day, (vars_, waiting) in zip(days, product_inputs(warehouse, days), strict=True):
+        key = (json.dumps(vars_, sort_keys=True, ensure_ascii=False), sorted(waiting))
+        if out and out[-1][1] == key:
+            out[-1][0].append(day)
+        else:
+            out.append(([day], key))
+    return [stretch for stretch, _ in out]
+
+
+def build_products_range(context: dg.AssetExecutionContext, dbt: DbtCliResource, warehouse: WarehouseResource,
+                         days: list[dt.date]) -> dict[dt.date, list[Any]] | None:
+    """ONE `dbt build --target ops` over a stretch of days (`product_stretches`), preceded by its own preflight in
+    the same sealed environment (it holds the range): {day: that day's events}, as a build of the day alone would
+    have given them (each test's result from its stored failures of the day, the product traces of the day, the
+    products left waiting). None when the build failed: the days are then built one by one (a refused preflight is
+    not a build failure: it fails the step)."""
+    [(vars_, waiting)] = product_inputs(warehouse, days[:1])
+    try:
+        events = list(build_partition(dbt, context, "ops", warehouse.gov_path(), warehouse.ops_path(),
+                                      extra_vars=vars_, preflight=ops_preflight, exclude=waiting,
+                                      day=days[0], last_day=days[-1]))
+    except dg.Failure as e:
+        if "problems" in (e.metadata or {}):
+            raise  # refused before dbt ran: a model the guard does not allow stops the run, not only this stretch
+        context.log.warning(f"{days[0]}..{days[-1]} 产品区间构建失败，改为逐日构建 (the products' range build failed; "
+                            f"each day is built on its own): {str(e.description)[:500]}")
+        return None
+    except Exception as e:  # noqa: BLE001 - the days are built one by one instead, which reports the failure
+        context.log.warning(f"{days[0]}..{days[-1]} 产品区间构建失败，改为逐日构建 (the products' range build failed; "
+                            f"each day is built on its own): {type(e).__name__}: {str(e)[:500]}")
+        return None
+    manifest = json.loads(dbt_project().manifest_path.read_text(encoding="utf-8"))
+    with warehouse.ops(read_only=True) as ops:
+        split = split_by_day(ops, events, manifest, days)
+    if split is None:
+        context.log.warning("有产品测试的失败行不含分区日期，改为逐日构建 (a product test's stored failures have no "
+                            "_partition_date: each day is built on its own)")
+        return None
+    return {day: [*with_product_traces(iter(split[day]), warehouse, context, day.isoformat()),
+                  *not_built(context, warehouse, day, waiting)] for day in days}
 
 
 def not_built(context: dg.AssetExecutionContext, warehouse: WarehouseResource, day: dt.date,
@@ -104,11 +165,20 @@ def ops_preflight(manifest: dict[str, Any]) -> list[str]:
 
 def run_folder(run_id: str, op_name: str = OPS_DBT_OP, day: str | None = None) -> Path | None:
     """The dbt target folder of this run's ops build (build_partition names it `<op>-<run id[:8]>-<random>`); in a
-    range run the day's (`<op>-<run id[:8]>-<day>-<random>`)."""
-    pattern = f"{op_name}-{run_id[:8]}-{day}-*" if day else f"{op_name}-{run_id[:8]}-*"
-    runs = sorted((p for p in (DBT_PROJECT_DIR / "target").glob(pattern)
-                   if (p / "manifest.json").is_file()), key=lambda p: p.stat().st_mtime, reverse=True)
+    range run the one that built the day: the day's own (`<op>-<run id[:8]>-<day>-<random>`) or its stretch's
+    (`<op>-<run id[:8]>-<first>..<last>-<random>`)."""
+    prefix = f"{op_name}-{run_id[:8]}-"
+    runs = sorted((p for p in (DBT_PROJECT_DIR / "target").glob(f"{prefix}*")
+                   if (p / "manifest.json").is_file() and (day is None or _built_day(p.name[len(prefix):], day))),
+                  key=lambda p: p.stat().st_mtime, reverse=True)
     return runs[0] if runs else None
+
+
+def _built_day(label: str, day: str) -> bool:
+    """Whether a run folder's label (`<day>-<random>` or `<first>..<last>-<random>`) covers `day` (ISO dates)."""
+    days = label.rsplit("-", 1)[0]
+    first, _, last = days.partition("..")
+    return first <= day <= (last or first) if len(first) == 10 else False
 
 
 def scenario_read_result(product: str, run_dir: Path | None) -> dg.AssetCheckResult:
@@ -205,8 +275,11 @@ def _product_trace(node: dict[str, Any], warehouse: WarehouseResource, context: 
             [schema, table]).fetchall()}
         if "_source_lineage_ids" not in columns:
             return {}
+        # the failures of the partition only (a range build stores every day's)
+        day = " where cast(_partition_date as date) = ?" if "_partition_date" in columns else ""
         ids = [i for (i,) in ops_con.execute(
-            f'select distinct unnest(_source_lineage_ids) from "{schema}"."{table}" order by 1 limit 50').fetchall()]
+            f'select distinct unnest(_source_lineage_ids) from "{schema}"."{table}"{day} order by 1 limit 50',
+            [partition_key] if day else []).fetchall()]
         if not ids:
             return {}
         if "gov" not in worker_domains():  # an ops-only worker (ZQ_WORKER_DOMAINS=ops) holds no gov credential

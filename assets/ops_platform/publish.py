@@ -34,22 +34,47 @@ def product_key(product: str) -> dg.AssetKey:
     return dg.AssetKey(asset_keys.product(product))
 
 
+GATE_PAGE = 10_000  # check evaluations read per query
+
+
 def run_gate_results(instance: dg.DagsterInstance, run_id: str, asset_key: dg.AssetKey,
                      partition: str | None = None) -> dict[str, bool]:
     """{check name: passed} of the error-severity checks evaluated on `asset_key` in this run (warnings left out);
     with `partition`, only the evaluations of that partition (a range run evaluates every day of its range)."""
+    by_partition = run_gate_results_by_partition(instance, run_id, asset_key)
+    if partition is not None:
+        return by_partition.get(partition, {})
+    out: dict[str, bool] = {}
+    for gates in by_partition.values():
+        for name, passed in gates.items():
+            out[name] = out.get(name, True) and passed
+    return out
+
+
+def run_gate_results_by_partition(instance: dg.DagsterInstance, run_id: str,
+                                  asset_key: dg.AssetKey) -> dict[str | None, dict[str, bool]]:
+    """{partition: {check name: passed}} of the error-severity checks evaluated on `asset_key` in this run, read in
+    one pass over the run's evaluations (page by page). A range run's publication reads them once for all its days:
+    read per day, every day re-read the whole range's evaluations (1.5-1.7 s a product a day at 30 days, growing with
+    the range)."""
     from dagster._core.events import DagsterEventType
 
-    out: dict[str, bool] = {}
-    for rec in instance.get_records_for_run(run_id, of_type=DagsterEventType.ASSET_CHECK_EVALUATION,
-                                            limit=100_000).records:
-        ev = rec.event_log_entry.dagster_event.event_specific_data
-        if ev.asset_key != asset_key or (partition is not None and ev.partition != partition):
-            continue
-        if ev.severity == dg.AssetCheckSeverity.WARN and not ev.passed:
-            continue  # a failed warning does not gate
-        out[ev.check_name] = out.get(ev.check_name, True) and bool(ev.passed)
-    return out
+    out: dict[str | None, dict[str, bool]] = {}
+    cursor = None
+    while True:
+        page = instance.get_records_for_run(run_id, cursor=cursor, of_type=DagsterEventType.ASSET_CHECK_EVALUATION,
+                                            limit=GATE_PAGE)
+        for rec in page.records:
+            ev = rec.event_log_entry.dagster_event.event_specific_data
+            if ev.asset_key != asset_key:
+                continue
+            if ev.severity == dg.AssetCheckSeverity.WARN and not ev.passed:
+                continue  # a failed warning does not gate
+            gates = out.setdefault(ev.partition, {})
+            gates[ev.check_name] = gates.get(ev.check_name, True) and bool(ev.passed)
+        if not page.has_more:
+            return out
+        cursor = page.cursor
 
 
 def gate_problems(gates: dict[str, bool]) -> list[str]:
@@ -78,16 +103,21 @@ def build_publish_asset(product: str) -> dg.AssetsDefinition:
     def publish_product(context: dg.AssetExecutionContext, warehouse: WarehouseResource) -> Iterator[dg.MaterializeResult]:
         """Publish the product partition when its gates passed in this run."""
         events = DayEvents(context, partition_days(context))
-        for day in events.days:  # a range run: each day with the gates evaluated on that day
-            yield from publish_day(context, warehouse, product, day, events)
+        # a range run: each day with the gates evaluated on that day (the run's evaluations read once for all days)
+        by_day = None if events.single else run_gate_results_by_partition(context.instance, context.run.run_id,
+                                                                          product_key(product))
+        for day in events.days:
+            yield from publish_day(context, warehouse, product, day, events,
+                                   None if by_day is None else by_day.get(day.isoformat(), {}))
         yield from events.finish()
 
     return publish_product
 
 
 def publish_day(context: dg.AssetExecutionContext, warehouse: WarehouseResource, product: str, day: dt.date,
-                events: DayEvents) -> Iterator[dg.MaterializeResult]:
-    """Publish one day of the product when its gates of this run passed; nothing when an input was held back."""
+                events: DayEvents, gates: dict[str, bool] | None = None) -> Iterator[dg.MaterializeResult]:
+    """Publish one day of the product when its gates of this run passed; nothing when an input was held back.
+    `gates`: the day's gate results when already read (a range run), else read from the run's evaluations."""
     from zqdata.boundary import held_back_on_ops
     from zqdata.publish import PublishRefused, products_reading, publish_partition, published_store, withdraw
 
@@ -100,8 +130,9 @@ def publish_day(context: dg.AssetExecutionContext, warehouse: WarehouseResource,
             context.log.warning(f"{product} 本分区不发布：输入数据集被质量门禁留置 (not published: input held "
                                 f"back by the quality gate) {', '.join(f'{d}（{held[d]}）' for d in inputs)}")
             return
-        gates = run_gate_results(context.instance, context.run.run_id, product_key(product),
-                                 None if events.single else day.isoformat())
+        if gates is None:
+            gates = run_gate_results(context.instance, context.run.run_id, product_key(product),
+                                     None if events.single else day.isoformat())
         problems = gate_problems(gates)
         try:
             if problems:

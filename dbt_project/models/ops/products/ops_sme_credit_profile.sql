@@ -1,10 +1,12 @@
 -- 普惠金融中小企业信用画像: one row per consenting enterprise per partition.
 -- Lineage: _source_lineage_ids lists the input rows (enterprise, latest social insurance, the day's meter readings).
+-- Every row is computed from its own day (`_partition_date`), so one build over several days (a range run) gives
+-- each day what a build of that day alone gives.
 with enterprises as (
 
     select * from {{ scenario_source('sme_credit_profile', 'enterprise_registry',
         ['credit_code', 'ent_name', 'district_code', 'reg_capital_wan', 'status', 'established_date']) }}
-    where cast(_partition_date as date) = date '{{ zq_partition_date() }}'
+    where {{ zq_in_partition('_partition_date') }}
 
 ),
 
@@ -12,48 +14,51 @@ social_insurance as (
 
     select * from {{ scenario_source('sme_credit_profile', 'social_insurance',
         ['credit_code', 'period', 'insured_headcount', 'contribution_yuan']) }}
-    where cast(_partition_date as date) <= date '{{ zq_partition_date() }}'
+    where cast(_partition_date as date) <= date '{{ zq_partition_range()[1] }}'
 
 ),
 
 electricity as (
 
     select * from {{ scenario_source('sme_credit_profile', 'electricity_usage', ['credit_code', 'reading_date', 'kwh']) }}
-    where cast(_partition_date as date) = date '{{ zq_partition_date() }}'
+    where {{ zq_in_partition('_partition_date') }}
 
 ),
 
 water as (
 
     select * from {{ scenario_source('sme_credit_profile', 'water_usage', ['credit_code', 'reading_date', 'cubic_meters']) }}
-    where cast(_partition_date as date) = date '{{ zq_partition_date() }}'
+    where {{ zq_in_partition('_partition_date') }}
 
 ),
 
 latest_social_insurance as (
 
-    -- the most recent contribution period delivered up to the partition day
-    select credit_code, period, insured_headcount, contribution_yuan, _lineage_id
-    from social_insurance
+    -- for each enterprise row's day: the most recent contribution period delivered up to that day
+    select e._day, si.credit_code, si.period, si.insured_headcount, si.contribution_yuan, si._lineage_id
+    from (select distinct credit_code, cast(_partition_date as date) as _day from enterprises) e
+    join social_insurance si on si.credit_code = e.credit_code and cast(si._partition_date as date) <= e._day
     qualify row_number() over (
-        partition by credit_code order by period desc, cast(_partition_date as date) desc, _lineage_id desc) = 1
+        partition by e._day, si.credit_code
+        order by si.period desc, cast(si._partition_date as date) desc, si._lineage_id desc) = 1
 
 ),
 
 daily_electricity as (
 
-    select credit_code, sum(cast(kwh as decimal(18, 4))) as kwh, list(_lineage_id order by _lineage_id) as lineage_ids
+    select credit_code, cast(_partition_date as date) as _day, sum(cast(kwh as decimal(18, 4))) as kwh,
+           list(_lineage_id order by _lineage_id) as lineage_ids
     from electricity
-    group by credit_code
+    group by credit_code, cast(_partition_date as date)
 
 ),
 
 daily_water as (
 
-    select credit_code, sum(cast(cubic_meters as decimal(18, 4))) as cubic_meters,
+    select credit_code, cast(_partition_date as date) as _day, sum(cast(cubic_meters as decimal(18, 4))) as cubic_meters,
            list(_lineage_id order by _lineage_id) as lineage_ids
     from water
-    group by credit_code
+    group by credit_code, cast(_partition_date as date)
 
 ),
 
@@ -79,9 +84,9 @@ final as (
         ) as _source_lineage_ids,
         cast(e._partition_date as date) as _partition_date
     from enterprises e
-    left join latest_social_insurance si on si.credit_code = e.credit_code
-    left join daily_electricity el on el.credit_code = e.credit_code
-    left join daily_water wa on wa.credit_code = e.credit_code
+    left join latest_social_insurance si on si.credit_code = e.credit_code and si._day = cast(e._partition_date as date)
+    left join daily_electricity el on el.credit_code = e.credit_code and el._day = cast(e._partition_date as date)
+    left join daily_water wa on wa.credit_code = e.credit_code and wa._day = cast(e._partition_date as date)
 
 )
 

@@ -5,7 +5,7 @@ with swipes as (
 
     select * from {{ scenario_source('transit_ridership', 'bus_card_swipes',
         ['card_id', 'route_id', 'swipe_time', 'fare_yuan']) }}
-    where cast(_partition_date as date) = date '{{ zq_partition_date() }}'
+    where {{ zq_in_partition('_partition_date') }}
 
 ),
 
