@@ -222,3 +222,18 @@ def test_failures_that_cannot_be_told_apart_by_day_send_the_range_back_to_day_by
     assert split_by_day(con, [_check("dated", 2)], manifest, days) is None  # dbt counted 2, the table holds 1
     assert split_by_day(con, [_check("dated", 1)], manifest, days) is not None
     assert split_by_day(con, [_check("undated", 0)], manifest, days) is not None  # nothing failed: nothing to split
+
+
+def test_products_are_built_once_per_stretch_of_days_with_the_same_authorizations_and_held_back_inputs(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A range's product builds: a new build where the authorizations in force change (a scenario starts or ends)
+    or the products waiting on a held-back input change, and only there."""
+    from assets.ops_platform import products
+
+    days = [dt.date(2025, 5, 1) + dt.timedelta(days=i) for i in range(7)]
+    a = {"authorized_fields": {"s": {"d": ["x"]}}, "k_anonymity": 5}
+    b = {"authorized_fields": {"s": {"d": ["x", "y"]}}, "k_anonymity": 5}
+    inputs = [(a, []), (a, []), (b, []), (b, ["p"]), (b, ["p"]), (b, []), ({**a}, [])]
+    monkeypatch.setattr(products, "product_inputs", lambda warehouse, ds: inputs[:len(ds)])
+    stretches = products.product_stretches(None, days)
+    assert [[d.day for d in s] for s in stretches] == [[1, 2], [3], [4, 5], [6], [7]]
