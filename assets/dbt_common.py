@@ -532,8 +532,9 @@ def _retry_if_lost_commit_race(invocation: DbtCliInvocation, context: dg.AssetEx
 
 def partitioned_dbt_assets(select: str, name: str, pool: str):
     """`@dbt_assets` as both platforms use it: the one manifest and translator, daily partitions, under the pool of
-    the DuckDB file dbt writes. An embedded backfill runs as one run over its range (issue 15; a lake: one per day); each dbt invocation still gets
-    exactly one partition (`build_partition`), the range's days in order (`ranged_dbt_events`)."""
+    the DuckDB file dbt writes. An embedded backfill runs as one run over its range (issue 15; a lake: one per day):
+    one dbt build over the range's days (gov), or over each stretch of them (ops), its events split by day
+    (`split_by_day`) and recorded per day (`ranged_dbt_events`)."""
     from orchestration.partitions import daily_partitions
     from orchestration.ranges import nightly_backfill_policy
 
@@ -680,6 +681,16 @@ def run_dir_name(op_name: str, run_id: str, day: str | None = None) -> str:
     """`<op>-<run id[:8]>-<random>`; in a range run `<op>-<run id[:8]>-<day>-<random>` (a build per day) or
     `<op>-<run id[:8]>-<first>..<last>-<random>` (one build over the range)."""
     return "-".join([op_name, run_id[:8], *([day] if day else []), uuid.uuid4().hex[:7]])
+
+
+def run_dir_covers(name: str, op_name: str, run_id: str, day: str) -> bool:
+    """Whether the run folder `name` (`run_dir_name`) is this run's build of `day`: the day's own
+    (`<op>-<run>-<day>-<random>`) or a range's that holds it (`<op>-<run>-<first>..<last>-<random>`)."""
+    prefix = f"{op_name}-{run_id[:8]}-"
+    if not name.startswith(prefix):
+        return False
+    first, _, last = name[len(prefix):].rsplit("-", 1)[0].partition("..")
+    return len(first) == 10 and first <= day <= (last or first)
 
 
 def parse_manifest(target: str, run_dir: Path, profile: Mapping[str, str],

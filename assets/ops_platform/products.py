@@ -12,8 +12,8 @@ import dagster as dg
 from dagster_dbt import DbtCliResource
 
 from assets.dbt_common import (DBT_PROJECT_DIR, RUN_DIRS_KEPT, build_partition, dbt_project, dbt_resource,
-                               enrich_check_result, partitioned_dbt_assets, ranged_dbt_events, scenario_vars,
-                               split_by_day)
+                               enrich_check_result, partitioned_dbt_assets, ranged_dbt_events, run_dir_covers,
+                               scenario_vars, split_by_day)
 from orchestration.partitions import daily_partitions
 from orchestration.pools import GOV_POOL, OPS_POOL, hold_pool
 from orchestration.ranges import DayEvents, partition_days
@@ -167,18 +167,11 @@ def run_folder(run_id: str, op_name: str = OPS_DBT_OP, day: str | None = None) -
     """The dbt target folder of this run's ops build (build_partition names it `<op>-<run id[:8]>-<random>`); in a
     range run the one that built the day: the day's own (`<op>-<run id[:8]>-<day>-<random>`) or its stretch's
     (`<op>-<run id[:8]>-<first>..<last>-<random>`)."""
-    prefix = f"{op_name}-{run_id[:8]}-"
-    runs = sorted((p for p in (DBT_PROJECT_DIR / "target").glob(f"{prefix}*")
-                   if (p / "manifest.json").is_file() and (day is None or _built_day(p.name[len(prefix):], day))),
+    runs = sorted((p for p in (DBT_PROJECT_DIR / "target").glob(f"{op_name}-{run_id[:8]}-*")
+                   if (p / "manifest.json").is_file()
+                   and (day is None or run_dir_covers(p.name, op_name, run_id, day))),
                   key=lambda p: p.stat().st_mtime, reverse=True)
     return runs[0] if runs else None
-
-
-def _built_day(label: str, day: str) -> bool:
-    """Whether a run folder's label (`<day>-<random>` or `<first>..<last>-<random>`) covers `day` (ISO dates)."""
-    days = label.rsplit("-", 1)[0]
-    first, _, last = days.partition("..")
-    return first <= day <= (last or first) if len(first) == 10 else False
 
 
 def scenario_read_result(product: str, run_dir: Path | None) -> dg.AssetCheckResult:
