@@ -18,7 +18,7 @@ from zqdata.quality.gx_runner import (
     EXPECTED_DROPS,
     GX_RESULT_FORMAT,
     DatasetValidation,
-    _ephemeral_context,
+    ephemeral_context,
     _outcomes,
     data_docs_url,
     external_references,
@@ -42,7 +42,7 @@ def tiny_validations(label: bool = True) -> list[DatasetValidation]:
     """Validations made as gx_runner.validate_dataset makes them: an in-memory pandas batch in the ephemeral context."""
     import great_expectations as gx
 
-    ctx = _ephemeral_context()
+    ctx = ephemeral_context()
     out = []
     for dataset, model, frame in BATCHES:
         suite = gx.ExpectationSuite(name=f"zq_{dataset}", expectations=[
@@ -189,6 +189,48 @@ def test_only_the_known_unbundled_resources_are_dropped_and_rewriting_is_idempot
     assert {p: p.read_bytes() for p in built.rglob("*.html")} == before
     assert (built / "static" / "vendor" / "jquery.min.js").is_file()
     assert EXPECTED_DROPS and index.is_file()
+
+
+def _validations_of(day: dt.date) -> list[DatasetValidation]:
+    out = tiny_validations(label=False)
+    for v in out:
+        v.day = day
+    return out
+
+
+def _page(site: Path, dataset: str, day: dt.date) -> Path:
+    return next(site.glob(f"validations/zq_{dataset}/{run_name(dataset, day)}/*/*.html"))
+
+
+def test_a_nights_data_docs_render_its_own_pages_link_the_others_and_list_the_latest_days(tmp_path, monkeypatch):
+    """Issue 15: a night's Data Docs cost does not grow with history. Earlier nights' pages are neither rendered nor
+    copied again (their published file is the same file, hard-linked), the index lists the latest days only, and an
+    old partition run again still gets its page rendered."""
+    from zqdata.quality import gx_runner
+
+    monkeypatch.setattr(gx_runner, "DATA_DOCS_INDEX_DAYS", 2)
+    days = [DAY + dt.timedelta(days=i) for i in range(3)]
+    built = tmp_path / "gx" / "project" / "gx" / "uncommitted" / "data_docs" / "local_site"
+    index = render_data_docs(_validations_of(days[0]), tmp_path)
+    first_built = _page(built, "water_usage", days[0])
+    written = first_built.stat().st_mtime_ns
+    published = _page(index.parent, "water_usage", days[0]).resolve()
+    content, inode = published.read_bytes(), published.stat().st_ino
+    for day in days[1:]:
+        index = render_data_docs(_validations_of(day), tmp_path)
+    assert first_built.stat().st_mtime_ns == written  # not rendered again
+    again = _page(index.parent, "water_usage", days[0]).resolve()
+    assert again != published and again.read_bytes() == content
+    assert again.stat().st_ino == inode  # the same file in the new copy: linked, not copied
+    html = index.read_text(encoding="utf-8")
+    assert run_name("water_usage", days[2]) in html and run_name("water_usage", days[1]) in html
+    assert run_name("water_usage", days[0]) not in html  # beyond the index's days; its page stays published
+    assert external_references(index.parent) == []
+
+    render_data_docs(_validations_of(days[0]), tmp_path)  # the oldest day run again
+    assert first_built.stat().st_mtime_ns > written
+    rerun = _page(index.parent, "water_usage", days[0]).resolve()
+    assert rerun.stat().st_ino != inode and external_references(index.parent) == []
 
 
 def test_rewriting_maps_cdn_libraries_and_drops_everything_else(tmp_path):

@@ -275,21 +275,15 @@ def asset_levels(
 
 
 def table_exists(con: duckdb.DuckDBPyConnection, schema: str, table: str) -> bool:
-    return bool(
-        con.execute(
-            "select count(*) from information_schema.tables where table_schema = ? and table_name = ?", [schema, table]
-        ).fetchone()[0]
-    )
+    from zqdata.warehouse import table_exists as exists
+
+    return exists(con, schema, table)
 
 
 def _columns(con: duckdb.DuckDBPyConnection, schema: str, table: str) -> list[str]:
-    return [
-        r[0]
-        for r in con.execute(
-            "select column_name from information_schema.columns where table_schema = ? and table_name = ? order by ordinal_position",
-            [schema, table],
-        ).fetchall()
-    ]
+    from zqdata.warehouse import table_columns
+
+    return table_columns(con, schema).get((schema, table), [])
 
 
 def fetch_dicts(con: duckdb.DuckDBPyConnection, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:

@@ -86,6 +86,26 @@ def tables(con: duckdb.DuckDBPyConnection) -> list[tuple[str, str]]:
         "AND table_type = 'BASE TABLE' ORDER BY 1, 2").fetchall()]
 
 
+def table_exists(con: duckdb.DuckDBPyConnection, schema: str, table: str) -> bool:
+    """Whether a table or view `schema.table` exists. DuckDB's own catalog functions: a filtered
+    information_schema.tables query took ~10 ms, ~1.5 ms this way, and a trace asks once per delivery it names."""
+    return bool(con.execute(
+        "select exists(select 1 from duckdb_tables() where schema_name = ? and table_name = ? "
+        "union all select 1 from duckdb_views() where schema_name = ? and view_name = ?)",
+        [schema, table, schema, table]).fetchone()[0])
+
+
+def table_columns(con: duckdb.DuckDBPyConnection, schema: str | None = None) -> dict[tuple[str, str], list[str]]:
+    """{(schema, table): its columns in order} of every table and view (of one schema), in one catalog query."""
+    out: dict[tuple[str, str], list[str]] = {}
+    where = " where schema_name = ?" if schema else ""
+    for s, t, c in con.execute(
+            f"select schema_name, table_name, column_name from duckdb_columns(){where} "
+            "order by database_name, schema_name, table_name, column_index", [schema] if schema else []).fetchall():
+        out.setdefault((s, t), []).append(c)
+    return out
+
+
 def domain_checksums(con: duckdb.DuckDBPyConnection, ignore_columns: Iterable[str] = (),
                      ignore_types: Iterable[str] = ()) -> dict[str, tuple[int, int, int]]:
     """``lakes.table_checksum`` of every table of the connected warehouse, without the columns named in

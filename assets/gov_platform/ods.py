@@ -87,20 +87,29 @@ def build_ods_asset(ds: Dataset, reg: Registry) -> dg.AssetsDefinition:
         context: dg.AssetExecutionContext, store: ObjectStoreResource, warehouse: WarehouseResource
     ) -> Iterator[Any]:
         events = DayEvents(context, partition_days(context))
-        # a range run ingests its days in order: a day's duplicate detection reads the deliveries of the days before
-        for day in events.days:
-            with store_step_retries(context), warehouse.gov() as con:
-                report = ingest_delivery(con, store.get_store(), reg, ds.code, day)
-                acc = row_accounting(con, ds.code, day)
-            if report.status == "rejected":
-                when = "" if events.single else f"{day}: "  # a range run names the day that stopped it
-                raise dg.Failure(description=when + "；".join(report.errors), metadata=_metadata(report))
-            if report.errors:
-                context.log.warning(f"{ds.code} {day}: " + "；".join(report.errors))
-            yield from events.materialize(day, metadata=_metadata(report), check_results=[accounting_check(acc, ds.code)])
+        # a range run ingests its days in order: a day's duplicate detection reads the deliveries of the days before.
+        # One connection for them: closing one checkpoints the file (~55 ms a day and dataset), each day still commits
+        # on its own.
+        with warehouse.gov() as con:
+            for day in events.days:
+                yield from ingest_day(context, con, store, reg, ds, day, events)
         yield from events.finish()
 
     return _ods
+
+
+def ingest_day(context: dg.AssetExecutionContext, con: Any, store: ObjectStoreResource, reg: Registry, ds: Dataset,
+               day: dt.date, events: DayEvents) -> Iterator[Any]:
+    """One day's delivery of the dataset into its ODS, with its row accounting; dg.Failure when it was rejected."""
+    with store_step_retries(context):
+        report = ingest_delivery(con, store.get_store(), reg, ds.code, day)
+        acc = row_accounting(con, ds.code, day)
+    if report.status == "rejected":
+        when = "" if events.single else f"{day}: "  # a range run names the day that stopped it
+        raise dg.Failure(description=when + "；".join(report.errors), metadata=_metadata(report))
+    if report.errors:
+        context.log.warning(f"{ds.code} {day}: " + "；".join(report.errors))
+    yield from events.materialize(day, metadata=_metadata(report), check_results=[accounting_check(acc, ds.code)])
 
 
 def ods_defs() -> dg.Definitions:

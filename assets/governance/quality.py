@@ -75,38 +75,47 @@ def build_findings_asset() -> dg.AssetsDefinition:
                     backfill_policy=nightly_backfill_policy())
     def quality_findings(context: dg.AssetExecutionContext, warehouse: WarehouseResource):
         from orchestration.ordering import wait_for_earlier_days
+        from zqdata.quality.gx_runner import ephemeral_context, render_data_docs
 
         wait_for_earlier_days(context, "quality_findings")  # a backfill's days side by side: history in day order
         manifest = _dbt_manifest()
         if manifest is None:
             context.log.warning("未找到 dbt manifest（dbt_project/target/manifest.json），本次不汇集 dbt 规则结果")
         events = DayEvents(context, partition_days(context))
+        gx_context, validations, out = ephemeral_context(), [], []
         for day in events.days:  # a range run: each day's findings and gate decisions, earliest first
-            yield from findings_of_day(context, warehouse, manifest, day, events)
+            out += findings_of_day(context, warehouse, manifest, day, events, gx_context, validations)
+        # Data Docs once for the step's days (a range run rendered and published the whole site once a day), before
+        # the events that link to its pages
+        render_data_docs(validations, get_settings().docs_dir)
+        yield from out
         yield from events.finish()
 
     return quality_findings
 
 
 def findings_of_day(context: dg.AssetExecutionContext, warehouse: WarehouseResource, manifest: dict | None,
-                    day: dt.date, events: DayEvents):
-    """The findings of every tool for one day, then each dataset's gate decision from them."""
+                    day: dt.date, events: DayEvents, gx_context, validations: list) -> list:
+    """The findings of every tool for one day, then each dataset's gate decision from them: the day's events. Its GX
+    validations (in `gx_context`) are added to `validations`, for the step's Data Docs."""
     from zqdata.quality.gx_runner import data_docs_url
     from zqdata.quality.scores import collect_findings, evaluate_gate, record_gate_decisions
 
     with warehouse.gov() as con:
-        summary = collect_findings(con, registry(), day, manifest, get_settings().docs_dir,
-                                   run_id=context.run.run_id, dbt_collected=dbt_collected_in_run(context, events))
+        summary = collect_findings(con, registry(), day, manifest, run_id=context.run.run_id,
+                                   dbt_collected=dbt_collected_in_run(context, events), gx_context=gx_context)
         gate = evaluate_gate(con, registry(), day)
         record_gate_decisions(con, registry(), gate)
+    validations += summary.validations
+    out = []
     for code in sorted(registry().datasets):
-        yield from events.materialize(day, gate_key(code), {
+        out += events.materialize(day, gate_key(code), {
             "passed": code not in gate.held_back,
             "held_back": gate.held_back.get(code, ""),
             "error_rate": float(gate.error_rates.get(code, 0.0)),
             "max_error_rate": float(gate.max_error_rate),
         })
-    yield from events.materialize(day, FINDINGS_KEY, {
+    out += events.materialize(day, FINDINGS_KEY, {
         "findings_by_tool": dg.MetadataValue.json(summary.by_tool),
         "deliveries": dg.MetadataValue.md(summary.delivery_markdown),
         "dbt_findings": summary.dbt_findings if summary.dbt_findings is not None else "未汇集 (no manifest)",
@@ -115,6 +124,7 @@ def findings_of_day(context: dg.AssetExecutionContext, warehouse: WarehouseResou
         # a link the UI opens (served under `make ui`; a file:// URL otherwise)
         "data_docs": dg.MetadataValue.url(data_docs_url(base_url=get_settings().docs_base_url)),
     })
+    return out
 
 
 def dbt_collected_in_run(context: dg.AssetExecutionContext, events: DayEvents) -> bool:
@@ -226,25 +236,28 @@ def build_gx_check(dataset: str) -> dg.AssetChecksDefinition:
     )
     def gx_check(context: dg.AssetCheckExecutionContext, warehouse: WarehouseResource):
         events = DayEvents(context, partition_days(context))
-        for day in events.days:  # a range run: each day's evaluation against its own partition
-            yield from events.check(day, gx_result(context, warehouse, dataset, day))
+        results = []
+        with warehouse.gov() as con:  # one connection for the days (opening and closing one: ~40 ms)
+            for day in events.days:  # a range run: each day's evaluation against its own partition
+                results.append((day, gx_result(context, con, dataset, day)))
+        for day, result in results:
+            yield from events.check(day, result)
         yield from events.finish()
 
     gx_check.__name__ = f"gx_{dataset}"
     return gx_check
 
 
-def gx_result(context: dg.AssetCheckExecutionContext, warehouse: WarehouseResource, dataset: str,
-              day: dt.date) -> dg.AssetCheckResult:
-    """The GX check of one dataset and day: the findings step's validation of this run, else validated here."""
+def gx_result(context: dg.AssetCheckExecutionContext, con, dataset: str, day: dt.date) -> dg.AssetCheckResult:
+    """The GX check of one dataset and day (`con`: the gov DB): the findings step's validation of this run, else
+    validated here."""
     from zqdata.quality.gx_runner import data_docs_url, stored_validation, validate_dataset
 
     from orchestration.sensors import trace_metadata
 
-    with warehouse.gov() as con:
-        v = (stored_validation(con, registry(), dataset, day, context.run.run_id)
-             or validate_dataset(con, registry(), dataset, day))
-        trace = {} if v.success else trace_metadata(con, None, registry(), partition_date=day, dataset=dataset)
+    v = (stored_validation(con, registry(), dataset, day, context.run.run_id)
+         or validate_dataset(con, registry(), dataset, day))
+    trace = {} if v.success else trace_metadata(con, None, registry(), partition_date=day, dataset=dataset)
     errors = [o for o in v.failed if o.severity == "error"]
     failed_rows = max((o.unexpected_count or 0 for o in v.failed), default=0)
     worst = (errors or v.failed or [None])[0]

@@ -46,12 +46,13 @@ def _drop_rows_no_longer_delivered(con: duckdb.DuckDBPyConnection, day: dt.date)
     """Keep only dbt findings of rows the partition's ODS holds now. A test that did not run in the latest build (its
     model failed, or only `dbt run` was used) keeps its stored failures table from an earlier build of the same
     partition; after a redelivery those rows may no longer exist, and their findings must not (issue 12, finding 5)."""
+    from zqdata.warehouse import table_exists
+
     datasets = [d for (d,) in con.execute(
         "select distinct dataset from quality.findings where tool = 'dbt' and partition_date = ? and dataset is not null",
         [day]).fetchall()]
     for dataset in datasets:
-        if not con.execute("select count(*) from information_schema.tables where table_schema = 'ods' and table_name = ?",
-                           [dataset]).fetchone()[0]:
+        if not table_exists(con, "ods", dataset):
             continue  # no ODS to compare with (not a gov DB of the ingestion layout)
         ods = '"ods"."' + dataset.replace('"', '""') + '"'
         con.execute(
@@ -80,9 +81,9 @@ def collect_dbt_findings(con: duckdb.DuckDBPyConnection, manifest: Mapping[str, 
     day = dt.date.fromisoformat(str(partition_date))
     con.execute("create schema if not exists quality")
     con.execute(_FINDINGS_DDL)
-    stored = {
-        (s, t) for s, t in con.execute("select table_schema, table_name from information_schema.tables").fetchall()
-    }
+    from zqdata.warehouse import table_columns
+
+    stored = table_columns(con)  # one catalog query (one per test took 0.25 s a day)
     selects: list[str] = []
     params: list[Any] = []
     for node in manifest.get("nodes", {}).values():
@@ -94,9 +95,7 @@ def collect_dbt_findings(con: duckdb.DuckDBPyConnection, manifest: Mapping[str, 
         table = (node.get("schema"), node.get("alias") or node.get("name"))
         if table not in stored:
             continue
-        columns = {c for (c,) in con.execute(
-            "select column_name from information_schema.columns where table_schema = ? and table_name = ?",
-            list(table)).fetchall()}
+        columns = set(stored[table])
         if not set(LINEAGE_COLUMNS) <= columns:
             # relational tests on intermediate models fail the dbt build (blocking checks); no row lineage to record
             continue

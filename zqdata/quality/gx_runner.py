@@ -77,6 +77,7 @@ class DatasetValidation:
     outcomes: list[ExpectationOutcome] = field(default_factory=list)
     present: bool = True  # the staging model exists (False: nothing could be validated)
     validated_by_run: str | None = None  # set when read back: the run whose validation this is
+    day: dt.date | None = None  # the partition validated (set by validate_dataset)
 
     @property
     def success(self) -> bool:
@@ -240,7 +241,7 @@ def load_batch(con: duckdb.DuckDBPyConnection, registry: Registry, dataset: str,
     return frame, day_rows, sampled
 
 
-def _ephemeral_context():
+def ephemeral_context():
     import great_expectations as gx
     from great_expectations.data_context.types.base import (
         DataContextConfig,
@@ -301,10 +302,11 @@ def validate_dataset(con: duckdb.DuckDBPyConnection, registry: Registry, dataset
     baseline = load_baseline(con, dataset, day)
     if not _columns(con, model):
         return DatasetValidation(dataset, ds.agency, model, build_suite(registry, dataset, baseline), None, present=False,
-                                 note=f"标准化模型 staging.{model} 不存在，未能执行 GX 校验 (staging model missing)")
+                                 note=f"标准化模型 staging.{model} 不存在，未能执行 GX 校验 (staging model missing)",
+                                 day=day)
     frame, day_rows, sampled = load_batch(con, registry, dataset, day, max_rows)
     suite = build_suite(registry, dataset, baseline, partition_rows=day_rows)
-    ctx = ctx or _ephemeral_context()
+    ctx = ctx or ephemeral_context()
     source = ctx.data_sources.add_or_update_pandas(f"gov_staging_{dataset}")
     asset = source.add_dataframe_asset(name=model)
     batch = asset.add_batch_definition_whole_dataframe(f"{model}_{day}").get_batch(batch_parameters={"dataframe": frame})
@@ -313,7 +315,8 @@ def validate_dataset(con: duckdb.DuckDBPyConnection, registry: Registry, dataset
     result = batch.validate(suite, result_format=GX_RESULT_FORMAT)
     label_result(result, dataset, model, day)
     note = f"抽样 sampled {len(frame)}/{day_rows} 行（按主键哈希）" if sampled else f"全量 {day_rows} 行"
-    return DatasetValidation(dataset, ds.agency, model, suite, result, day_rows, len(frame), sampled, note, _outcomes(result))
+    return DatasetValidation(dataset, ds.agency, model, suite, result, day_rows, len(frame), sampled, note,
+                             _outcomes(result), day=day)
 
 
 GX_RESULT_FORMAT = {"result_format": "SUMMARY", "partial_unexpected_count": 0}
@@ -344,17 +347,18 @@ def gx_findings(validations: list[DatasetValidation], day: dt.date) -> list[dict
 
 
 def run_gx(con: duckdb.DuckDBPyConnection, registry: Registry, day: dt.date,
-           max_rows: int | None = None, run_id: str | None = None) -> list[DatasetValidation]:
+           max_rows: int | None = None, run_id: str | None = None, ctx=None) -> list[DatasetValidation]:
     """Validate every dataset, store profiles, results and findings (tool 'gx', replacing the partition's).
 
     ``run_id``: the Dagster run validating; its GX asset checks read the stored results (`stored_validation`).
+    ``ctx``: an ephemeral GX context to reuse (a range run validates its days in one; making one takes ~0.2 s).
     """
     from zqdata.quality.scores import ensure_quality_tables, register_rules
     from zqdata.quality.timeliness import write_findings
 
     ensure_quality_tables(con)
     ensure_gx_tables(con)
-    ctx = _ephemeral_context()
+    ctx = ctx or ephemeral_context()
     validations = []
     for code in registry.datasets:
         v = validate_dataset(con, registry, code, day, max_rows, ctx)
@@ -433,12 +437,23 @@ def label_result(result, dataset: str, model: str, day: dt.date) -> None:
     result.meta["batch_spec"] = {**(batch_spec if isinstance(batch_spec, dict) else {}), "data_asset_name": model}
 
 
-def render_data_docs(validations: list[DatasetValidation], docs_dir: Path, day: dt.date) -> Path:
-    """Render Data Docs for the partition's validation results; returns ``<docs_dir>/gx/site/index.html``.
+# The index lists the validations of the latest DATA_DOCS_INDEX_DAYS days (per dataset validated): GX reads every
+# result it lists, so an unbounded index costs more each day of history. Older pages stay, linked from their checks.
+DATA_DOCS_INDEX_DAYS = 31
+
+
+def render_data_docs(validations: list[DatasetValidation], docs_dir: Path, day: dt.date | None = None) -> Path:
+    """Render Data Docs for validation results (each of its own partition, ``v.day``, else ``day``); returns
+    ``<docs_dir>/gx/site/index.html``. A range run renders its days at once.
 
     GX writes its project (stores) and builds the site in place under ``<docs_dir>/gx/project``; the site is then made
     to work offline (`make_site_offline`) and published as a copy switched atomically (``gx/site``, a symlink), so a
-    reader never sees a half-built site."""
+    reader never sees a half-built site.
+
+    The cost does not grow with history (issue 15): only these results' pages and their suites' pages are rendered
+    (the others were rendered when their partition ran), the index reads the latest `DATA_DOCS_INDEX_DAYS` days, only
+    the files written by this build are made offline, and the published copy hard-links the files it shares with the
+    previous one (a year of pages is 2,500 files, rewritten and copied every night before)."""
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
     from great_expectations.data_context.types.resource_identifiers import (
@@ -459,32 +474,63 @@ def render_data_docs(validations: list[DatasetValidation], docs_dir: Path, day: 
     ctx = gx.get_context(mode="file", project_root_dir=str(root))
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
     sites = ctx.variables.data_docs_sites or {}  # a copy: set back below
-    if ctx.variables.analytics_enabled is not False or any(s.get("show_how_to_buttons", True) for s in sites.values()):
-        for site in sites.values():
-            site["show_how_to_buttons"] = False  # GX's tutorial links and banner, useless without internet
+    index_limit = DATA_DOCS_INDEX_DAYS * max(1, len({v.dataset for v in validations}))
+    if (ctx.variables.analytics_enabled is not False
+            or any(_site_settings(s, index_limit) != s for s in sites.values())):
+        sites = {name: _site_settings(s, index_limit) for name, s in sites.items()}
         ctx.variables.data_docs_sites = sites
         ctx.enable_analytics(False)  # saves both in the project's great_expectations.yml (analytics_enabled: false)
+    rendered: set = set()
     for v in validations:
+        v_day = v.day or day
+        if v_day is None:
+            raise ValueError(f"{v.dataset}: 校验结果没有分区日期 (a validation without its partition day)")
         ctx.suites.add_or_update(gx.ExpectationSuite(name=v.suite.name, expectations=[e.copy() for e in v.suite.expectations],
                                                      meta=dict(v.suite.meta or {})))
+        rendered.add(ExpectationSuiteIdentifier(name=v.suite.name))
         if v.result is None:
             continue
         if not v.result.meta.get("run_id"):
-            label_result(v.result, v.dataset, v.model, day)  # a result not made by validate_dataset
+            label_result(v.result, v.dataset, v.model, v_day)  # a result not made by validate_dataset
         key = ValidationResultIdentifier(
             expectation_suite_identifier=ExpectationSuiteIdentifier(name=v.suite.name),
-            run_id=run_identifier(v.dataset, day),
-            batch_identifier=f"{v.model}-{day.isoformat()}",
+            run_id=run_identifier(v.dataset, v_day),
+            batch_identifier=f"{v.model}-{v_day.isoformat()}",
         )
         ctx.validation_results_store.set(key, v.result)
-    sites = ctx.build_data_docs()
-    built = Path(sites["local_site"].removeprefix("file://"))
-    dropped = make_site_offline(built.parent)
+        rendered.add(key)
+    before = _file_stamps(root)
+    # a set: GX tests each stored key's membership (a list would be compared key by key)
+    built_sites = ctx.build_data_docs(resource_identifiers=rendered or None)
+    built = Path(built_sites["local_site"].removeprefix("file://"))
+    written = {p for p, stamp in _file_stamps(built.parent).items() if before.get(p) != stamp}
+    dropped = make_site_offline(built.parent, only=written)
     unexpected = sorted(set(dropped) - EXPECTED_DROPS)
     if unexpected:  # a GX upgrade requests something new: the pages may miss a library (see data_docs_vendor/README)
         logging.getLogger(__name__).warning("Data Docs 离线化删除了未知的外部引用 (unknown external references dropped): %s",
                                             unexpected)
-    return publish_site(built.parent, Path(docs_dir) / "gx") / built.name
+    return publish_site(built.parent, Path(docs_dir) / "gx", written=written) / built.name
+
+
+def _file_stamps(folder: Path) -> dict[Path, tuple[int, int]]:
+    """{file: (modification time, size)} of every file under `folder`."""
+    out = {}
+    for parent, _dirs, files in os.walk(folder):
+        for name in files:
+            st = os.stat(os.path.join(parent, name))
+            out[Path(parent) / name] = (st.st_mtime_ns, st.st_size)
+    return out
+
+
+def _site_settings(site: dict, index_limit: int) -> dict:
+    """A Data Docs site's settings as this project builds it: no tutorial links (useless offline), an index bounded to
+    `index_limit` results, every requested validation page rendered, however old (GX applies the index's limit to the
+    pages too unless told otherwise: a re-run of an old partition would get no page), and no profiling section."""
+    index = {**(site.get("site_index_builder") or {}), "validation_results_limit": index_limit}
+    sections = dict(site.get("site_section_builders") or {})
+    sections["validations"] = {**(sections.get("validations") or {}), "validation_results_limit": None}
+    sections["profiling"] = "None"  # no profiler runs here; GX's profiling section listed every validation again
+    return {**site, "show_how_to_buttons": False, "site_index_builder": index, "site_section_builders": sections}
 
 
 def data_docs_url(docs_dir: Path | str | None = None, dataset: str | None = None, day: dt.date | None = None,
@@ -570,12 +616,13 @@ _STATIC_REF = re.compile(r"""(?P<attr>\s(?:src|href)\s*=\s*['"])(?:\./|(?:\.\./)
 _NEWSLETTER_FOOTER = re.compile(r"<footer>(?:(?!</footer>).)*?newsletter(?:(?!</footer>).)*?</footer>", re.I | re.S)
 
 
-def make_site_offline(site: Path) -> list[str]:
+def make_site_offline(site: Path, only: set[Path] | None = None) -> list[str]:
     """Rewrite a built Data Docs site so it loads nothing from outside the machine; returns the URLs dropped.
 
     The libraries GX's templates take from CDNs are replaced by the copies in ``data_docs_vendor/`` (copied to
     ``static/vendor/``); GX's remote logo, which carries the data context id (a tracking image), by the logo GX copies
     into ``static/images/``; every other external script, stylesheet, image, CSS url() and link is removed. Idempotent.
+    ``only``: the files to rewrite (those a build wrote; the others were made offline by the build that wrote them).
     """
     site = Path(site)
     vendor = site / SITE_VENDOR_DIR
@@ -583,12 +630,16 @@ def make_site_offline(site: Path) -> list[str]:
     for name in set(VENDORED.values()):
         shutil.copyfile(VENDOR_DIR / name, vendor / name)
     dropped: set[str] = set()
-    for page in site.rglob("*.html"):
+
+    def written(path: Path) -> bool:
+        return only is None or path in only
+
+    for page in filter(written, site.rglob("*.html")):
         text = page.read_text(encoding="utf-8")
         new = _offline_html(text, os.path.relpath(site, page.parent).replace(os.sep, "/"), site, dropped)
         if new != text:
             page.write_text(new, encoding="utf-8")
-    for sheet in site.rglob("*.css"):
+    for sheet in filter(written, site.rglob("*.css")):
         if sheet.parent == vendor:
             continue
         text = sheet.read_text(encoding="utf-8")
@@ -687,20 +738,41 @@ def external_references(site: Path) -> list[tuple[str, str]]:
     return out
 
 
-def publish_site(built: Path, root: Path, keep: int = 2) -> Path:
+def publish_site(built: Path, root: Path, keep: int = 2, written: set[Path] | None = None) -> Path:
     """Copy a built site to ``root/sites/<new>`` and switch the ``root/site`` symlink to it in one rename; the older
-    copies beyond ``keep`` are removed (a reader that opened one keeps its files on Linux). Returns ``root/site``."""
-    import shutil
+    copies beyond ``keep`` are removed (a reader that opened one keeps its files on Linux). Returns ``root/site``.
+
+    ``written``: the files of `built` its last build wrote. Any other file with the size and time of the previous
+    copy's is that file, and is hard-linked instead of copied (published copies are never written to; a build rewrites
+    its own files in place, so those are always copied). None: everything is copied."""
     import time
     import uuid
 
     sites = root / "sites"
     sites.mkdir(parents=True, exist_ok=True)
-    target = sites / f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"  # names sort in the order they were made
-    shutil.copytree(built, target)
     link, tmp = root / "site", root / f".site-{uuid.uuid4().hex[:8]}"
+    previous = link.resolve() if link.is_symlink() and written is not None else None
+    target = sites / f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"  # names sort in the order they were made
+    _copy_site(built, target, previous, written or set())
     os.symlink(target.relative_to(root), tmp)
     os.replace(tmp, link)  # atomic: readers see the old site or the new one, never a mix
     for old in sorted((p for p in sites.iterdir() if p.is_dir() and p != target), key=lambda p: p.name)[:-(keep - 1) or None]:
         shutil.rmtree(old, ignore_errors=True)
     return link
+
+
+def _copy_site(built: Path, target: Path, previous: Path | None, written: set[Path]) -> None:
+    for folder, _dirs, files in os.walk(built):
+        rel = Path(folder).relative_to(built)
+        (target / rel).mkdir(parents=True, exist_ok=True)
+        for name in files:
+            src, dst = Path(folder) / name, target / rel / name
+            if previous is not None and src not in written:
+                try:
+                    s, p = src.stat(), (previous / rel / name).stat()
+                    if (s.st_size, s.st_mtime_ns) == (p.st_size, p.st_mtime_ns):  # copy2 keeps the time
+                        os.link(previous / rel / name, dst)
+                        continue
+                except OSError:  # not in the previous copy (or a filesystem without hard links): copied
+                    pass
+            shutil.copy2(src, dst)

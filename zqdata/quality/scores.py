@@ -168,8 +168,9 @@ order by g.agency, g.dataset, g.dimension
 
 
 def _has_table(con: duckdb.DuckDBPyConnection, schema: str, table: str) -> bool:
-    return bool(con.execute("select count(*) from information_schema.tables where table_schema = ? and table_name = ?",
-                            [schema, table]).fetchone()[0])
+    from zqdata.warehouse import table_exists
+
+    return table_exists(con, schema, table)
 
 
 def _deliveries_source(con: duckdb.DuckDBPyConnection) -> str:
@@ -371,17 +372,19 @@ class FindingsSummary:
     gx_notes: dict[str, str] = field(default_factory=dict)
     data_docs: str | None = None
     by_tool: dict[str, int] = field(default_factory=dict)
+    validations: list = field(default_factory=list)  # the GX validations (gx_runner.DatasetValidation)
 
 
 def collect_findings(con: duckdb.DuckDBPyConnection, registry: Registry, partition_date: dt.date,
                      manifest: dict | None = None, docs_dir=None, now: dt.datetime | None = None,
-                     run_id: str | None = None, dbt_collected: bool = False) -> FindingsSummary:
+                     run_id: str | None = None, dbt_collected: bool = False, gx_context=None) -> FindingsSummary:
     """The partition's findings from every tool run after ingestion: delivery timeliness, dbt tests, GX suites.
 
     Ingestion has already written its own ('pandera', 'delivery') findings; each tool replaces only its own rows.
     ``docs_dir`` given: Data Docs for the partition's GX results are rendered under ``<docs_dir>/gx``.
     ``dbt_collected``: the partition's dbt findings were collected right after its dbt build (a range run: the next
     day's build replaces the stored test failures), so they are counted here, not collected again.
+    ``gx_context``: the ephemeral GX context to validate in (a range run's days share one).
     """
     from zqdata.quality.gx_runner import render_data_docs, run_gx
     from zqdata.quality.timeliness import collect_delivery_findings
@@ -396,7 +399,8 @@ def collect_findings(con: duckdb.DuckDBPyConnection, registry: Registry, partiti
                                             "partition_date = ?", [partition_date]).fetchone()[0]
                                 if dbt_collected else collect_dbt_findings(con, manifest, partition_date))
         register_rules(con, partition_date, "dbt", dbt_rules_from_manifest(manifest, registry))
-    validations = run_gx(con, registry, partition_date, run_id=run_id)
+    validations = run_gx(con, registry, partition_date, run_id=run_id, ctx=gx_context)
+    summary.validations = validations
     summary.gx_failed = {v.dataset: [o.rule for o in v.failed] for v in validations if v.failed}
     summary.gx_notes = {v.dataset: v.note for v in validations}
     if docs_dir is not None:
