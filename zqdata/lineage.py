@@ -377,6 +377,8 @@ def _source_rows(
 ) -> tuple[list[SourceRow], dict[str, Mapping[str, Any]]]:
     """(masked source rows, raw values by lineage id): the raw values never leave this module — they let a finding's
     detail be masked wherever it repeats a personal value of its row (`zqdata.display.mask_text`)."""
+    from zqdata.warehouse import existing_tables
+
     raw_by_id: dict[str, Mapping[str, Any]] = {}
     by_ds: dict[str, list[str]] = {}
     for lid in dict.fromkeys(lineage_ids):
@@ -385,6 +387,7 @@ def _source_rows(
             raise TraceError(f"血缘编号 {lid!r} 指向未登记的数据集 {ds!r}")
         by_ds.setdefault(ds, []).append(lid)
     out: list[SourceRow] = []
+    present = existing_tables(gov_con, ("ods", "quarantine")) if by_ds else set()
     for ds_code, ids in by_ds.items():
         ds = registry.datasets[ds_code]
         found: dict[str, SourceRow] = {}
@@ -397,12 +400,12 @@ def _source_rows(
         row_range = [min(p[3] for p in parsed), max(p[3] for p in parsed)]
         where = ('"_partition_date" in (select unnest(?::date[])) and "_row_number" between ? and ? '
                  'and "_lineage_id" in (select unnest(?::varchar[]))')
-        if table_exists(gov_con, "ods", ds_code):
+        if ("ods", ds_code) in present:
             for r in fetch_dicts(gov_con, f'select * from ods."{ds_code}" where {where}', [days, *row_range, ids]):
                 found[r["_lineage_id"]] = _source_row(ds, r, "ods")
                 raw_values[r["_lineage_id"]] = r
         missing = [i for i in ids if i not in found]
-        if missing and table_exists(gov_con, "quarantine", "rows"):
+        if missing and ("quarantine", "rows") in present:
             for r in fetch_dicts(gov_con, f'select * from quarantine."rows" where {where}', [days, *row_range, missing]):
                 if r["_lineage_id"] in found:
                     continue
@@ -455,24 +458,17 @@ def _source_row(ds: Dataset, r: Mapping[str, Any], status: str) -> SourceRow:
     )
 
 
-def delivery_manifest(gov_con: duckdb.DuckDBPyConnection, dataset: str, partition_date: str, delivery_file: str) -> list[dict[str, Any]]:
-    """The `meta.deliveries` rows of one delivered file (manifest vs actual counts, checksums, status)."""
-    if not table_exists(gov_con, "meta", "deliveries"):
+def delivery_manifest(gov_con: duckdb.DuckDBPyConnection, dataset: str, partition_date: str, delivery_file: str,
+                      deliveries_exist: bool | None = None) -> list[dict[str, Any]]:
+    """The `meta.deliveries` rows of one delivered file (manifest vs actual counts, checksums, status).
+    ``deliveries_exist``: whether meta.deliveries exists, when the caller knows (a trace asks once, not per file)."""
+    if not (table_exists(gov_con, "meta", "deliveries") if deliveries_exist is None else deliveries_exist):
         return []
-    cols = _columns(gov_con, "meta", "deliveries")
-    where, params = [], []
-    if "dataset" in cols:
-        where.append("dataset = ?")
-        params.append(dataset)
-    if "partition_date" in cols:
-        where.append("partition_date::varchar = ?")
-        params.append(partition_date)
-    sql = "select * from meta.deliveries" + (" where " + " and ".join(where) if where else "")
-    rows = fetch_dicts(gov_con, sql, params)
-    file_cols = [c for c in ("delivery_file", "file", "file_key", "landing_key", "key", "file_name", "name") if c in cols]
+    rows = fetch_dicts(gov_con, "select * from meta.deliveries where dataset = ? and partition_date::varchar = ?",
+                       [dataset, partition_date])
     base = delivery_file.rsplit("/", 1)[-1]
-    hit = [r for r in rows if any(str(r.get(c) or "") in (delivery_file, base) or str(r.get(c) or "").endswith("/" + base) for c in file_cols)]
-    return _jsonable(hit or ([] if file_cols else rows))
+    return _jsonable([r for r in rows if str(r.get("delivery_file") or "") in (delivery_file, base)
+                      or str(r.get("delivery_file") or "").endswith("/" + base)])
 
 
 # --------------------------------------------------------------------------- trace
@@ -564,6 +560,7 @@ def _sources(
             if rn is not None and int(rn) not in lst:
                 lst.append(int(rn))
     out = []
+    deliveries_exist = table_exists(gov_con, "meta", "deliveries")
     for (ds_code, day, file), rns in sorted(groups.items()):
         ds = registry.datasets[ds_code]
         ag = registry.agencies[ds.agency]
@@ -578,7 +575,7 @@ def _sources(
                 partition_date=day,
                 delivery_file=file,
                 row_numbers=sorted(set(rns)),
-                manifest=delivery_manifest(gov_con, ds_code, day, file),
+                manifest=delivery_manifest(gov_con, ds_code, day, file, deliveries_exist),
                 redeliver_to=f"landing/{ag.code}/{ds_code}/{day}/",
             )
         )

@@ -95,6 +95,14 @@ def table_exists(con: duckdb.DuckDBPyConnection, schema: str, table: str) -> boo
         [schema, table, schema, table]).fetchone()[0])
 
 
+def existing_tables(con: duckdb.DuckDBPyConnection, schemas: Iterable[str]) -> set[tuple[str, str]]:
+    """(schema, table) of the tables and views of `schemas`, in one catalog query."""
+    names = list(schemas)
+    return {(s, t) for s, t in con.execute(
+        "select schema_name, table_name from duckdb_tables() where list_contains(?, schema_name) union all "
+        "select schema_name, view_name from duckdb_views() where list_contains(?, schema_name)", [names, names]).fetchall()}
+
+
 def table_columns(con: duckdb.DuckDBPyConnection, schema: str | None = None) -> dict[tuple[str, str], list[str]]:
     """{(schema, table): its columns in order} of every table and view (of one schema), in one catalog query."""
     out: dict[tuple[str, str], list[str]] = {}

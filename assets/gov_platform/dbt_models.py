@@ -105,8 +105,9 @@ def build_gov_range(context: dg.AssetExecutionContext, dbt: DbtCliResource, ware
             collect_dbt_findings(con, manifest, day)
             added = update_identifier_index(con, reg, day)
             context.log.debug(f"leak-gate identifier index: {added} new values for {day}")
-    return {day: list(with_check_traces(iter(split[day]), warehouse, reg, day.isoformat(), findings_collected=True))
-            for day in days}
+        return {day: list(with_check_traces(iter(split[day]), warehouse, reg, day.isoformat(), findings_collected=True,
+                                            con=con))
+                for day in days}
 
 
 def confine_unbuilt(context: dg.AssetExecutionContext, warehouse: WarehouseResource, reg: Registry, day: dt.date,
@@ -140,19 +141,18 @@ def confine_unbuilt(context: dg.AssetExecutionContext, warehouse: WarehouseResou
 
 
 def with_check_traces(events: Iterator[Any], warehouse: WarehouseResource, reg: Registry,
-                      partition_key: str, findings_collected: bool = False) -> Iterator[Any]:
+                      partition_key: str, findings_collected: bool = False, con: Any = None) -> Iterator[Any]:
     """Attach the 逐级溯源 trace (agency → delivery file → rows) to every failed dbt check, as the UI shows it.
 
     The events arrive after dbt has exited (they are buffered for column lineage), so the gov DB is free: the
     partition's dbt failures are collected into quality.findings once (unless `findings_collected`), then each failed
-    check is traced by its rule.
+    check is traced by its rule. `con`: an open gov connection to use (else one is opened when a check needs it).
     """
     from orchestration.sensors import trace_metadata
     from zqdata.quality.dbt_findings import collect_dbt_findings
 
     manifest = _manifest()
     tests = {n["name"]: n for n in manifest.get("nodes", {}).values() if n.get("resource_type") == "test"}
-    con = None
     collected = findings_collected
     counts: dict[str, int | None] = {}
     with contextlib.ExitStack() as stack:

@@ -83,8 +83,9 @@ def build_findings_asset() -> dg.AssetsDefinition:
             context.log.warning("未找到 dbt manifest（dbt_project/target/manifest.json），本次不汇集 dbt 规则结果")
         events = DayEvents(context, partition_days(context))
         gx_context, validations, out = ephemeral_context(), [], []
-        for day in events.days:  # a range run: each day's findings and gate decisions, earliest first
-            out += findings_of_day(context, warehouse, manifest, day, events, gx_context, validations)
+        with warehouse.gov() as con:  # one connection for the days (closing one checkpoints the file)
+            for day in events.days:  # a range run: each day's findings and gate decisions, earliest first
+                out += findings_of_day(context, con, manifest, day, events, gx_context, validations)
         # Data Docs once for the step's days (a range run rendered and published the whole site once a day), before
         # the events that link to its pages
         render_data_docs(validations, get_settings().docs_dir)
@@ -94,18 +95,17 @@ def build_findings_asset() -> dg.AssetsDefinition:
     return quality_findings
 
 
-def findings_of_day(context: dg.AssetExecutionContext, warehouse: WarehouseResource, manifest: dict | None,
-                    day: dt.date, events: DayEvents, gx_context, validations: list) -> list:
-    """The findings of every tool for one day, then each dataset's gate decision from them: the day's events. Its GX
-    validations (in `gx_context`) are added to `validations`, for the step's Data Docs."""
+def findings_of_day(context: dg.AssetExecutionContext, con, manifest: dict | None, day: dt.date, events: DayEvents,
+                    gx_context, validations: list) -> list:
+    """The findings of every tool for one day (`con`: the gov DB), then each dataset's gate decision from them: the
+    day's events. Its GX validations (in `gx_context`) are added to `validations`, for the step's Data Docs."""
     from zqdata.quality.gx_runner import data_docs_url
     from zqdata.quality.scores import collect_findings, evaluate_gate, record_gate_decisions
 
-    with warehouse.gov() as con:
-        summary = collect_findings(con, registry(), day, manifest, run_id=context.run.run_id,
-                                   dbt_collected=dbt_collected_in_run(context, events), gx_context=gx_context)
-        gate = evaluate_gate(con, registry(), day)
-        record_gate_decisions(con, registry(), gate)
+    summary = collect_findings(con, registry(), day, manifest, run_id=context.run.run_id,
+                               dbt_collected=dbt_collected_in_run(context, events), gx_context=gx_context)
+    gate = evaluate_gate(con, registry(), day)
+    record_gate_decisions(con, registry(), gate)
     validations += summary.validations
     out = []
     for code in sorted(registry().datasets):
