@@ -450,6 +450,38 @@ def test_a_failing_gov_model_holds_back_its_own_dataset_and_the_others_still_pub
     assert publish.current_snapshot(publish.published_store(), "ops_transit_ridership", DAY) is not None
 
 
+def test_a_range_whose_gov_build_fails_builds_its_days_one_by_one_and_confines_the_failure(tmp_path, monkeypatch):
+    """Issue 15, the range path's fallback: the ONE gov build over a range fails (the water staging model, as in the
+    test above), so the step builds each day on its own, and each day confines the failure to water exactly as a
+    single-day run does; every other agency's data crosses and the transit product is published on both days."""
+    from orchestration.nightly import run_nightly_range
+    from zqdata import publish
+
+    data_dir = tmp_path / "data"
+    _env(monkeypatch, data_dir, defect_rate=0.0)
+    gov_db = data_dir / "warehouse" / "gov_platform.duckdb"
+    gov_db.parent.mkdir(parents=True)
+    with duckdb.connect(str(gov_db)) as con:
+        con.execute("create schema staging")
+        con.execute("create table staging.stg_water__water_usage (_partition_date DATE, reading_date INTEGER)")
+    days = [DAY, DAY + dt.timedelta(days=1)]
+    with dg.instance_for_test() as instance:
+        result, summaries = run_nightly_range(days[0], days[-1], instance=instance)
+        assert result.success, [s.checks_failed for s in summaries]
+    assert [set(s.held_back) for s in summaries] == [{"water_usage"}] * 2
+    assert [s.published for s in summaries] == [["ops_transit_ridership"]] * 2
+    day_builds = sorted(d.name for d in (repo_root() / "dbt_project" / "target").glob(
+        f"gov_dbt_models-{result.run_id[:8]}-*") if d.is_dir() and ".." not in d.name)
+    assert len(day_builds) == 2, day_builds  # after the range's build failed, one build per day
+    with duckdb.connect(str(gov_db), read_only=True) as con:
+        failures = con.execute("select partition_date, model from quality.model_failures order by 1, 2").fetchall()
+    assert failures == [(d, m) for d in days for m in ("int_water_usage", "stg_water__water_usage")]
+    for d in days:
+        assert _ops_rows(data_dir, "desensitized.electricity_usage", d) > 0
+        assert _ops_rows(data_dir, "desensitized.water_usage", d) == 0
+        assert publish.current_snapshot(publish.published_store(), "ops_transit_ridership", d) is not None
+
+
 def format_summary_text(summary) -> str:
     from orchestration.nightly import format_summary
 

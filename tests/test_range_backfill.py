@@ -117,6 +117,9 @@ def _run(data_dir: Path, as_range: bool) -> dict:
                 "gov": table_checksums(data_dir / "warehouse" / "gov_platform.duckdb"),
                 "ops": table_checksums(data_dir / "warehouse" / "ops_platform.duckdb"),
                 "published": published_checksums(),
+                # the GX Data Docs pages published (a range renders its days' pages once, at the end of the step)
+                "data_docs": sorted(p.relative_to(data_dir).as_posix() for p in
+                                    (data_dir / "published" / "gx" / "site").glob("validations/*/*/*/*.html")),
             }
     finally:
         mp.undo()
@@ -171,6 +174,17 @@ def test_published_snapshots_identical_to_day_by_day(both):
     ranged, single = both
     assert ranged["published"], "nothing was published"
     assert ranged["published"] == single["published"]
+
+
+def test_data_docs_publish_a_page_for_every_dataset_and_day(both):
+    from zqdata.quality.gx_runner import run_name
+    from zqdata.registry import registry
+
+    ranged, single = both
+    assert ranged["data_docs"] == single["data_docs"]
+    for day in _days():
+        for dataset in registry().datasets:
+            assert [p for p in ranged["data_docs"] if f"/{run_name(dataset, day)}/" in p], (dataset, day)
 
 
 def test_each_days_checks_recorded_against_its_partition(both):
