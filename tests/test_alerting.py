@@ -163,6 +163,30 @@ def test_verified_then_reopened_issue_is_notified_once_more(env, gov, opdb, regi
     assert len(_mail_by_agency(box, registry)["psb"]) == 2  # still exactly one per event
 
 
+def test_a_night_reads_whole_only_the_issues_with_a_message_due(env, gov, opdb, registry, smtp_server, http_server):
+    """Issue 15: open issues pile up over a year; a night's alerting reads in full (trace, samples) only the issues it
+    has a message for, here the one new issue, not every notified issue before it."""
+    day2 = str(dt.date.fromisoformat(DAY) + dt.timedelta(days=1))
+    issues.sync_issues(gov, opdb, registry, DAY, now=T0)
+    assert len(alerting.notify_issues(opdb, registry, now=T0).sent) == 4
+    set_findings(gov, day2, [f for f in default_findings(day2) if f[0] == "psb"])
+    issues.sync_issues(gov, opdb, registry, day2, now=T0 + dt.timedelta(hours=1))
+    new = [i for i in issues.list_issues(opdb) if i.status == "open"]
+    assert [str(i.partition_date) for i in new] == [day2]
+    read: list[str] = []
+    whole = issues.issues_by_fingerprint
+
+    def spy(conn, fingerprints):
+        read.extend(fingerprints)
+        return whole(conn, fingerprints)
+
+    env.setattr(alerting.issue_register, "issues_by_fingerprint", spy)
+    rep = alerting.notify_issues(opdb, registry, now=T0 + dt.timedelta(hours=1))
+    assert read == [new[0].fingerprint]
+    assert len(rep.enqueued) == 2 and len(rep.sent) == 2  # the new psb issue: email + webhook
+    assert {i.status for i in issues.list_issues(opdb)} == {"notified"}
+
+
 def test_escalation_goes_to_agency_and_data_management_agency(env, gov, opdb, registry, smtp_server):
     _, box = smtp_server
     issues.sync_issues(gov, opdb, registry, DAY, now=T0)

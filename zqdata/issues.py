@@ -578,6 +578,15 @@ def _get(conn: sa.Connection, fp: str) -> Issue:
     return _issue(conn.execute(sa.select(issues_t).where(issues_t.c.fingerprint == fp)).mappings().one())
 
 
+def issues_by_fingerprint(conn: sa.Connection, fingerprints: Iterable[str]) -> dict[str, Issue]:
+    """{fingerprint: issue} of the given issues, read in pages."""
+    fps, out = sorted(set(fingerprints)), {}
+    for i in range(0, len(fps), 500):
+        for row in conn.execute(sa.select(issues_t).where(issues_t.c.fingerprint.in_(fps[i:i + 500]))).mappings():
+            out[row["fingerprint"]] = _issue(row)
+    return out
+
+
 def get_issue(db: sa.Engine | sa.Connection, issue_id: str) -> Issue:
     with _reading(db) as conn:
         fp, _ = _find(conn, issue_id)
