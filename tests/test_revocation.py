@@ -145,6 +145,26 @@ def test_a_revocation_removes_the_subject_from_every_partition_product_and_snaps
     assert snapshot_codes(snapshots, D1) == {ENT_A}
 
 
+def test_a_range_applies_its_days_purges_to_the_snapshots_once(dbs, registry, snapshots):
+    """Issue 15: a range run's boundary step follows the purges of all its days with ONE derivation per published
+    snapshot (revocation.merge_purges), not one per day; the snapshots end as night-by-night application leaves them."""
+    gov, ops = dbs
+    night(gov, ops, registry, D1, snapshots)
+    published = publish.current_snapshot(snapshots, PRODUCT, D1).key
+    reports = []
+    for day, subject in ((D2, ENT_B), (D3, ENT_A)):  # each day of the range, a revocation delivered that day
+        consent(gov, f"R{day:%d}", "enterprise", subject, "sme_credit_profile", "revoked", day)
+        reports.append(cross_boundary(gov, ops, registry, day, _key(), strict=False))
+    assert all(D1 in r.product_days.get(PRODUCT, []) for r in reports)  # each day purged a subject of D1's product
+
+    done = apply_purge_to_published(snapshots, registry, revocation.merge_purges(reports), run_id="range")
+    assert done == {"withdrawn": [], "republished": [f"{PRODUCT}/{D1}"]}
+    assert snapshot_codes(snapshots, D1) == set()  # both subjects gone
+    snap = publish.current_snapshot(snapshots, PRODUCT, D1)
+    manifest = json.loads(snapshots.get_bytes(snap.key.rsplit("/", 1)[0] + "/manifest.json"))
+    assert manifest["derived_from"] == published and manifest["removed_rows"] == 2  # one derivation of the original
+
+
 def test_a_person_revoking_is_purged_by_pseudonym_from_every_partition(dbs, registry, snapshots):
     gov, ops = dbs
     reg = resident_survey(registry)

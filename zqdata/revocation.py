@@ -207,6 +207,24 @@ def purge_product(ops_con: duckdb.DuckDBPyConnection, product: str, purged: pa.T
         ops_con.unregister("_zq_purged_rows")
 
 
+def merge_purges(reports: list[BoundaryReport]) -> BoundaryReport:
+    """One report with the purges of several committed crossings (the days of a range run), for
+    `apply_purge_to_published`: the scenarios ended, the rows purged per table, and per product the purged input rows
+    and the days whose rows changed. A row built from any of them goes, as it would night by night."""
+    from zqdata.boundary import BoundaryReport
+
+    out = BoundaryReport(partition_date=reports[-1].partition_date)
+    for r in reports:
+        out.ended.update(r.ended)
+        for table, n in r.purged.items():
+            out.purged[table] = out.purged.get(table, 0) + n
+        for product, ids in r.purged_lineage.items():
+            out.purged_lineage.setdefault(product, []).extend(ids)
+        for product, days in r.product_days.items():
+            out.product_days[product] = sorted(set(out.product_days.get(product, [])) | set(days))
+    return out
+
+
 def apply_purge_to_published(store: ObjectStore, registry: Registry, report: BoundaryReport, run_id: str,
                              now: dt.datetime | None = None) -> dict[str, list[str]]:
     """After the crossing committed: the published snapshots follow the purge.

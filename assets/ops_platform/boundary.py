@@ -97,23 +97,29 @@ def build_boundary_crossing(reg: Registry) -> dg.AssetsDefinition:
         """市政务大数据平台 → 运营服务平台的唯一出域操作：脱敏、场景授权字段、数据主体授权过滤。"""
         events = DayEvents(context, partition_days(context))
         last = events.days[-1]
-        # a range run crosses its days in order, each as a single-day run would have: the consent of the range's
-        # later days is not yet in force for an earlier day (their crossings apply it, revocations purging back)
-        for d in events.days:
-            yield from cross_day(context, warehouse, pseudonym.pseudonym_key(), reg, released, d, events,
-                                 pending=None if d == last else (d + dt.timedelta(days=1), last))
+        committed: list = []  # the reports of the crossings committed: the published snapshots follow their purges
+        try:
+            # a range run crosses its days in order, each as a single-day run would have: the consent of the range's
+            # later days is not yet in force for an earlier day (their crossings apply it, revocations purging back)
+            for d in events.days:
+                yield from cross_day(context, warehouse, pseudonym.pseudonym_key(), reg, released, d, events,
+                                     pending=None if d == last else (d + dt.timedelta(days=1), last),
+                                     committed=committed)
+        finally:  # also after a failed day: what the days before it committed is followed
+            follow_purges(context, reg, committed)
         yield from events.finish()
 
     return boundary_crossing
 
 
 def cross_day(context: dg.AssetExecutionContext, warehouse: WarehouseResource, key: PseudonymKey, reg: Registry,
-              released: list, d: dt.date, events: DayEvents,
-              pending: tuple[dt.date, dt.date] | None) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
-    """One day's crossing, its materializations and its two checks per dataset; dg.Failure when its gate failed."""
+              released: list, d: dt.date, events: DayEvents, pending: tuple[dt.date, dt.date] | None,
+              committed: list) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
+    """One day's crossing, its materializations and its two checks per dataset; dg.Failure when its gate failed.
+    Its report is added to `committed` when the crossing committed (`follow_purges` then applies its purges to the
+    published snapshots)."""
     from zqdata.publish import products_reading, published_store, withdraw_partition
     from zqdata.quality.scores import held_back_datasets
-    from zqdata.revocation import apply_purge_to_published
 
     def gate(gov_con, ops_con, registry_, day) -> GateResult:
         # run by cross_boundary on the uncommitted crossing, before COMMIT (write–audit–publish)
@@ -140,12 +146,7 @@ def cross_day(context: dg.AssetExecutionContext, warehouse: WarehouseResource, k
         if withdrawn:
             context.log.warning(f"撤回读取留置数据集的已发布产品 withdrawn: {', '.join(withdrawn)}")
     if failure is None:
-        # the purge is committed: the published snapshots follow (derived without the purged rows, or withdrawn)
-        published = apply_purge_to_published(published_store(), reg, report, context.run.run_id)
-        if report.purged or report.ended or any(published.values()):
-            context.log.warning(
-                f"撤回授权/场景终止，已从全部分区清除 (consent revoked / scenario ended, purged from every "
-                f"partition): rows {report.purged}; ended {sorted(report.ended)}; snapshots {published}")
+        committed.append(report)  # the purge is committed: the published snapshots follow (`follow_purges`)
         for ds in released:
             per_scenario = {s: rows[ds.code] for s, rows in report.scenario_rows.items() if ds.code in rows}
             yield from events.materialize(d, desensitized_key(ds.code), {
@@ -178,6 +179,23 @@ def cross_day(context: dg.AssetExecutionContext, warehouse: WarehouseResource, k
     if failure is not None:  # the failed checks are recorded above; no materialization claims new data
         raise dg.Failure(description=("" if events.single else f"{d}: ") + str(failure),
                          metadata={"problems": report.gate.problems()[:50]})
+
+
+def follow_purges(context: dg.AssetExecutionContext, reg: Registry, committed: list) -> None:
+    """The published snapshots follow the purges the step's crossings committed (derived without the purged rows, or
+    withdrawn), once for all its days: a revoked subject is in every published day of a daily product, so each day
+    of a range run re-derived every one of them again (issue 15: 30 × 117 snapshots a range after four months)."""
+    from zqdata.publish import published_store
+    from zqdata.revocation import apply_purge_to_published, merge_purges
+
+    if not committed:
+        return
+    merged = merge_purges(committed)
+    published = apply_purge_to_published(published_store(), reg, merged, context.run.run_id)
+    if merged.purged or merged.ended or any(published.values()):
+        context.log.warning(
+            f"撤回授权/场景终止，已从全部分区清除 (consent revoked / scenario ended, purged from every "
+            f"partition): rows {merged.purged}; ended {sorted(merged.ended)}; snapshots {published}")
 
 
 def _product_checks(key: dg.AssetKey) -> list[dg.AssetChecksDefinition]:
