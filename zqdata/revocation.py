@@ -196,9 +196,11 @@ def purge_product(ops_con: duckdb.DuckDBPyConnection, product: str, purged: pa.T
     ops_con.register("_zq_purged_rows", purged)
     try:
         if "_source_lineage_ids" in cols:
-            # no rowid (a DuckLake has none): a row goes when any of its lineage ids is a purged row's
-            where = ("WHERE list_has_any(_source_lineage_ids, "
-                     "(SELECT list(CAST(_lineage_id AS VARCHAR)) FROM _zq_purged_rows))")
+            # no rowid (a DuckLake has none): a row goes when any of its lineage ids is a purged row's. A semi-join
+            # of its unnested ids, not list_has_any(ids, <every purged id>): that compares each row with the whole list
+            # (150,000 rows × 3,000 purged ids: 11.9 s against 0.06 s), and both grow with history (issue 15)
+            where = ("WHERE EXISTS (SELECT 1 FROM (SELECT unnest(_source_lineage_ids) AS id) AS u "
+                     "WHERE u.id IN (SELECT CAST(_lineage_id AS VARCHAR) FROM _zq_purged_rows))")
         else:  # no row-level lineage: the days that used a purged row go whole (rebuilt by their next run)
             where = ("WHERE CAST(_partition_date AS DATE) IN "
                      "(SELECT DISTINCT CAST(_partition_date AS DATE) FROM _zq_purged_rows)")
