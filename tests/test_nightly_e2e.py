@@ -404,6 +404,19 @@ def test_check_evaluations_carry_their_partition_rule_dimension_and_severity(nig
     assert any(v < 1.0 for v in series.values())
 
 
+def _water_model_broken(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    """(data dir, gov DB) of nights whose water staging model fails in dbt: its gov table altered by hand beforehand,
+    `reading_date` made INTEGER, so dbt's insert of a partition fails."""
+    data_dir = tmp_path / "data"
+    _env(monkeypatch, data_dir, defect_rate=0.0)
+    gov_db = data_dir / "warehouse" / "gov_platform.duckdb"
+    gov_db.parent.mkdir(parents=True)
+    with duckdb.connect(str(gov_db)) as con:
+        con.execute("create schema staging")
+        con.execute("create table staging.stg_water__water_usage (_partition_date DATE, reading_date INTEGER)")
+    return data_dir, gov_db
+
+
 def test_a_failing_gov_model_holds_back_its_own_dataset_and_the_others_still_publish(tmp_path, monkeypatch):
     """Issue 12, failure isolation: the water company's staging model fails in dbt (here: its gov table was altered by
     hand, `reading_date` made INTEGER, so dbt's insert of the partition fails). Only water is held back: the gov step
@@ -412,13 +425,7 @@ def test_a_failing_gov_model_holds_back_its_own_dataset_and_the_others_still_pub
     from zqdata import publish
     from zqdata.registry import registry
 
-    data_dir = tmp_path / "data"
-    _env(monkeypatch, data_dir, defect_rate=0.0)
-    gov_db = data_dir / "warehouse" / "gov_platform.duckdb"
-    gov_db.parent.mkdir(parents=True)
-    with duckdb.connect(str(gov_db)) as con:
-        con.execute("create schema staging")
-        con.execute("create table staging.stg_water__water_usage (_partition_date DATE, reading_date INTEGER)")
+    data_dir, gov_db = _water_model_broken(tmp_path, monkeypatch)
 
     with dg.instance_for_test() as instance:
         result, summary = _run(DAY, instance)
@@ -457,13 +464,7 @@ def test_a_range_whose_gov_build_fails_builds_its_days_one_by_one_and_confines_t
     from orchestration.nightly import run_nightly_range
     from zqdata import publish
 
-    data_dir = tmp_path / "data"
-    _env(monkeypatch, data_dir, defect_rate=0.0)
-    gov_db = data_dir / "warehouse" / "gov_platform.duckdb"
-    gov_db.parent.mkdir(parents=True)
-    with duckdb.connect(str(gov_db)) as con:
-        con.execute("create schema staging")
-        con.execute("create table staging.stg_water__water_usage (_partition_date DATE, reading_date INTEGER)")
+    data_dir, gov_db = _water_model_broken(tmp_path, monkeypatch)
     days = [DAY, DAY + dt.timedelta(days=1)]
     with dg.instance_for_test() as instance:
         result, summaries = run_nightly_range(days[0], days[-1], instance=instance)
