@@ -285,14 +285,14 @@ def enqueue(db: sa.Engine, registry: Registry, settings: AlertSettings, now: dt.
     with transaction(db) as conn:
         due = _due_messages(conn, registry, settings)
         issues = issue_register.issues_by_fingerprint(conn, {fp for fp, *_ in due})
-        for fp, ev, missing in due:
-            subject, body, payload = build_message(registry, issues[fp], ev.split("@", 1)[0])
+        for fp, ev, key_ev, missing in due:
+            subject, body, payload = build_message(registry, issues[fp], ev)
             for ch, rcpt, agency in missing:
-                nid = notification_id(fp, ch, ev)
+                nid = notification_id(fp, ch, key_ev)
                 if _insert_ignore(
                     conn, notifications_t,
                     notification_id=nid, fingerprint=fp, issue_id=issues[fp].issue_id, agency=agency, channel=ch,
-                    status_event=ev, recipient=rcpt, subject=subject, body=body,
+                    status_event=key_ev, recipient=rcpt, subject=subject, body=body,
                     payload=json.dumps(payload, ensure_ascii=False), status="pending", attempts=0, created_at=at,
                 ):
                     out.append(nid)
@@ -300,10 +300,11 @@ def enqueue(db: sa.Engine, registry: Registry, settings: AlertSettings, now: dt.
 
 
 def _due_messages(conn: sa.Connection, registry: Registry,
-                  settings: AlertSettings) -> list[tuple[str, str, list[tuple[str, str, str]]]]:
-    """(fingerprint, status event, [(channel, recipient, agency)] not in the outbox yet) of every message due: an open
-    or reopened issue's to its agency, an escalated one's to its agency and the escalation agency. In the order of
-    `issues.list_issues` (newest partition first, then agency, dataset, rule)."""
+                  settings: AlertSettings) -> list[tuple[str, str, str, list[tuple[str, str, str]]]]:
+    """(fingerprint, status event, its outbox key, [(channel, recipient, agency)] not in the outbox yet) of every
+    message due: an open or reopened issue's to its agency, an escalated one's to its agency and the escalation agency
+    (keyed `<event>@<agency>`). In the order of `issues.list_issues` (newest partition first, then agency, dataset,
+    rule)."""
     c, n = issues_t.c, notifications_t.c
     wanted = sa.or_(c.status.in_(("open", "reopened")),
                     sa.and_(c.status.in_(issue_register.OPEN_LIKE), c.escalated_at.is_not(None)))
@@ -327,7 +328,7 @@ def _due_messages(conn: sa.Connection, registry: Registry,
             missing = [(ch, rcpt, agency) for ch, rcpt in _channels_for(registry, agency)
                        if (h.fingerprint, ch, key_ev) not in sent]
             if missing:
-                due.append((h.fingerprint, key_ev, missing))
+                due.append((h.fingerprint, ev, key_ev, missing))
     return due
 
 
