@@ -86,6 +86,28 @@ def test_a_run_opens_a_handful_of_connections_not_one_per_event(home):
     assert pooled.count <= 3, pooled.count  # the run's file and the index, once each
 
 
+@dg.asset(check_specs=[dg.AssetCheckSpec(f"rule_{i}", asset="checked") for i in range(20)])
+def checked():
+    yield dg.MaterializeResult()
+    for i in range(20):
+        yield dg.AssetCheckResult(check_name=f"rule_{i}", passed=i % 2 == 0)
+
+
+def test_asset_check_events_do_not_open_a_connection_each(home):
+    """Dagster asks `has_table` before storing every asset check event (and asset event with tags), through a new
+    engine each time: the storage remembers the tables it found, so 20 checks do not open 20 connections."""
+    with dg.DagsterInstance.get() as instance, Connects() as pooled:
+        result = dg.materialize([checked], instance=instance)
+        assert result.success
+        evaluations = instance.event_log_storage.get_asset_check_execution_history(
+            dg.AssetCheckKey(dg.AssetKey("checked"), "rule_1"), limit=5)
+        assert [e.status.value for e in evaluations] == ["FAILED"]  # stored and indexed as usual
+    assert pooled.count <= 4, pooled.count
+    storage = PooledSqliteEventLogStorage(str(home / "history" / "runs"))
+    assert storage.has_table("asset_check_executions")
+    assert not storage.has_table("no_such_table")  # only what exists is remembered
+
+
 def test_connections_are_synchronous_normal(home):
     with dg.DagsterInstance.get() as instance:
         run_id = _run_chatty(instance)
