@@ -245,3 +245,39 @@ def test_now_is_shanghai_time(dbs, registry):
     gov, _ = dbs
     t = lineage.trace(gov, None, registry, "gov/ods/ods_resident_population", lineage_ids=[lid("resident_population", "part-0001.jsonl", 1)], manifest={})
     assert dt.datetime.fromisoformat(t.generated_at).utcoffset() == dt.timedelta(hours=8)
+
+
+class _CountingConnection:
+    """A DuckDB connection that counts the statements it is given."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection) -> None:
+        self.con, self.statements = con, 0
+
+    def execute(self, *args, **kwargs):
+        self.statements += 1
+        return self.con.execute(*args, **kwargs)
+
+
+def test_a_frozen_catalog_is_read_once_and_answers_as_the_live_catalog(tmp_path):
+    """The issues step traces ~45 issues a day, each asking which tables exist: inside `frozen_catalog` the catalog is
+    read once, and the answers are the live catalog's; after the block a new table is seen again."""
+    from zqdata import warehouse
+
+    raw = duckdb.connect(str(tmp_path / "gov.duckdb"))
+    raw.execute("create schema ods; create table ods.enterprise_registry(x int); create schema quarantine; "
+                "create table quarantine.rows(y int); create schema meta; create view meta.deliveries as select 1 as z")
+    con = _CountingConnection(raw)
+    asked = [("ods", "enterprise_registry"), ("meta", "deliveries"), ("ods", "missing"), ("quarantine", "rows")]
+    live = ([warehouse.table_exists(con, s, t) for s, t in asked], warehouse.existing_tables(con, ["ods", "meta"]),
+            warehouse.existing_tables(con, []))
+    assert live[0] == [True, True, False, True]
+    before = con.statements
+    with warehouse.frozen_catalog(con):
+        frozen = ([warehouse.table_exists(con, s, t) for s, t in asked], warehouse.existing_tables(con, ["ods", "meta"]),
+                  warehouse.existing_tables(con, []))
+        for _ in range(10):
+            lineage.table_exists(con, "ods", "enterprise_registry")
+    assert frozen == live
+    assert con.statements == before + 1
+    raw.execute("create table ods.later(x int)")
+    assert warehouse.table_exists(con, "ods", "later")

@@ -24,8 +24,11 @@ from zqdata.registry import Registry
 
 def relation_columns(con: duckdb.DuckDBPyConnection, schema: str, table: str) -> dict[str, str]:
     """{column: DuckDB type} of ``schema.table`` (empty when it does not exist)."""
+    # DuckDB's own catalog function: ~2 ms, where the filtered information_schema.columns took ~9 ms (the boundary
+    # asks several times per dataset and day; issue 15)
     rows = con.execute(
-        "SELECT column_name, data_type FROM information_schema.columns WHERE table_schema = ? AND table_name = ?",
+        "SELECT column_name, data_type FROM duckdb_columns() WHERE schema_name = ? AND table_name = ? AND NOT internal "
+        "ORDER BY column_index",
         [schema, table],
     ).fetchall()
     return {name: dtype for name, dtype in rows}

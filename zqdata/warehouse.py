@@ -8,7 +8,8 @@ Dagster resource that opens a warehouse (the CLI, column lineage, the nightly su
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import duckdb
@@ -86,9 +87,46 @@ def tables(con: duckdb.DuckDBPyConnection) -> list[tuple[str, str]]:
         "AND table_type = 'BASE TABLE' ORDER BY 1, 2").fetchall()]
 
 
+_FROZEN: dict[int, set[tuple[str, str]] | None] = {}  # id(connection) -> its tables and views, inside `frozen_catalog`
+
+
+@contextlib.contextmanager
+def frozen_catalog(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
+    """Inside the block, `table_exists` and `existing_tables` on ``con`` answer from ONE catalog read (made at the first
+    question). For a connection whose catalog cannot change while the block runs: read-only, its file's pool held (the
+    issues step traces ~45 issues a day, each asking which tables exist; issue 15)."""
+    key = id(con)
+    _FROZEN[key] = None
+    try:
+        yield
+    finally:
+        _FROZEN.pop(key, None)
+
+
+def _frozen(con: duckdb.DuckDBPyConnection) -> set[tuple[str, str]] | None:
+    key = id(con)
+    if key not in _FROZEN:
+        return None
+    if _FROZEN[key] is None:
+        _FROZEN[key] = _catalog(con, None)
+    return _FROZEN[key]
+
+
+def _catalog(con: duckdb.DuckDBPyConnection, schemas: list[str] | None) -> set[tuple[str, str]]:
+    """(schema, table) of the tables and views of ``schemas`` (None: of every schema), in one catalog query."""
+    where = "" if schemas is None else " where list_contains(?, schema_name)"
+    return {(s, t) for s, t in con.execute(
+        f"select schema_name, table_name from duckdb_tables(){where} union all "
+        f"select schema_name, view_name from duckdb_views(){where}", [] if schemas is None else [schemas, schemas]
+    ).fetchall()}
+
+
 def table_exists(con: duckdb.DuckDBPyConnection, schema: str, table: str) -> bool:
     """Whether a table or view `schema.table` exists. DuckDB's own catalog functions: a filtered
     information_schema.tables query took ~10 ms, ~1.5 ms this way, and a trace asks once per delivery it names."""
+    frozen = _frozen(con)
+    if frozen is not None:
+        return (schema, table) in frozen
     return bool(con.execute(
         "select exists(select 1 from duckdb_tables() where schema_name = ? and table_name = ? "
         "union all select 1 from duckdb_views() where schema_name = ? and view_name = ?)",
@@ -98,9 +136,10 @@ def table_exists(con: duckdb.DuckDBPyConnection, schema: str, table: str) -> boo
 def existing_tables(con: duckdb.DuckDBPyConnection, schemas: Iterable[str]) -> set[tuple[str, str]]:
     """(schema, table) of the tables and views of `schemas`, in one catalog query."""
     names = list(schemas)
-    return {(s, t) for s, t in con.execute(
-        "select schema_name, table_name from duckdb_tables() where list_contains(?, schema_name) union all "
-        "select schema_name, view_name from duckdb_views() where list_contains(?, schema_name)", [names, names]).fetchall()}
+    frozen = _frozen(con)
+    if frozen is not None:
+        return {(s, t) for s, t in frozen if s in names}
+    return _catalog(con, names)
 
 
 def table_columns(con: duckdb.DuckDBPyConnection, schema: str | None = None) -> dict[tuple[str, str], list[str]]:

@@ -80,18 +80,21 @@ def build_issues_asset() -> dg.AssetsDefinition:
     )
     def quality_issues(context: dg.AssetExecutionContext, warehouse: WarehouseResource):
         from zqdata import alerting, issues, opdb
+        from zqdata.warehouse import frozen_catalog
 
         reg = registry()
         db = opdb.get_engine()
         events = DayEvents(context, partition_days(context))
-        for day in events.days:  # a range run: each day's issues, earliest first (a later day may verify one)
-            with warehouse.gov(read_only=True) as gov:
+        # one read-only gov connection for all the days, under the step's gov pool: its catalog cannot change, so the
+        # traces of the day's issues ask it which tables exist once (`frozen_catalog`)
+        with warehouse.gov(read_only=True) as gov, frozen_catalog(gov):
+            for day in events.days:  # a range run: each day's issues, earliest first (a later day may verify one)
                 report = issues.sync_issues(gov, db, reg, day)
-            queued = alerting.enqueue(db, reg, alerting.AlertSettings.from_env())
-            current = issues.list_issues(db, partition_date=day)
-            unverified = [i for i in current if i.status not in issues.CLOSED]
-            context.log.info(f"{day}: {report.summary()}；新通知 {len(queued)} 条")
-            yield from events.materialize(day, None, issue_metadata(unverified, report, queued, db))
+                queued = alerting.enqueue(db, reg, alerting.AlertSettings.from_env())
+                current = issues.list_issues(db, partition_date=day)
+                unverified = [i for i in current if i.status not in issues.CLOSED]
+                context.log.info(f"{day}: {report.summary()}；新通知 {len(queued)} 条")
+                yield from events.materialize(day, None, issue_metadata(unverified, report, queued, db))
         yield from events.finish()
 
     return quality_issues
