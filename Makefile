@@ -87,7 +87,8 @@ ui: setup $(KEYFILE)
 
 # A year of small daily deliveries (ZQ_SIM_ROWS_PER_DAY, default here 1,000) through the nightly job, then the governance
 # reports of the periods it covers (disclosure and evaluation of 2025, the quarters, the compliance matrix).
-# `make history DAYS=30` for a shorter stretch. The nights run in ranges of 30 days, one run each (issue 15).
+# `make history DAYS=30` for a shorter stretch. The nights run as range runs of up to 10 M rows each (a year of 1,000-row
+# days: one run; orchestration.ranges.range_days_for, issue 15); a failed range is run again in halves.
 history: setup $(KEYFILE)
 	ZQ_SIM_ROWS_PER_DAY=$${ZQ_SIM_ROWS_PER_DAY:-1000} $(WITH_DOCS_URL) $(WITH_KEY) $(BIN)/zq history --start 2025-05-01 \
 	  --days $(if $(filter command line,$(origin DAYS)),$(DAYS),365)

@@ -22,34 +22,37 @@ from pathlib import Path
 def measure(first: dt.date, days: int, mode: str, range_days: int | None = None, home: bool = False) -> dict:
     """`range`: the days as range runs of `range_days` days each (default: one run over all of them), one after
     the other as `zq history` runs them; `single`: one run per day. `home`: in the instance of $DAGSTER_HOME (the
-    nights after it then see the event history of these), else in a throw-away instance."""
-    import contextlib
-
-    import dagster as dg
+    nights after it then see the event history of these), else in a throw-away instance with the project's settings
+    (orchestration/dagster.yaml: its event log storage and pools, as `make nightly` runs)."""
+    import shutil
 
     from bench.stages import step_windows, summarize_stages
+    from orchestration.instance import ensure_instance
     from orchestration.nightly import run_nightly, run_nightly_range
     from orchestration.ranges import chunks
 
-    with (contextlib.nullcontext(dg.DagsterInstance.get()) if home else dg.instance_for_test()) as instance:
-        t0 = time.monotonic()
-        if mode == "range":
-            results, summaries = [], []
-            for a, b in chunks(first, days, range_days or days):
-                result, day_summaries = run_nightly_range(a, b, instance)
-                results.append(result)
-                summaries += day_summaries
-        else:
-            pairs = [run_nightly(first + dt.timedelta(days=i), instance) for i in range(days)]
-            results, summaries = [r for r, _ in pairs], [s for _, s in pairs]
-        wall = time.monotonic() - t0
-        stages: dict[str, float] = {}
-        job_seconds = 0.0
-        for r in results:
-            windows, start, end = step_windows(instance, r.run_id)
-            job_seconds += end - start
-            for stage, v in summarize_stages(windows, None, 1).items():
-                stages[stage] = round(stages.get(stage, 0.0) + v["seconds"], 3)
+    if not home:
+        os.environ["DAGSTER_HOME"] = tempfile.mkdtemp(prefix="zq-range-bench-home-")
+        shutil.copy(Path(__file__).resolve().parents[1] / "orchestration" / "dagster.yaml", os.environ["DAGSTER_HOME"])
+    instance = ensure_instance()
+    t0 = time.monotonic()
+    if mode == "range":
+        results, summaries = [], []
+        for a, b in chunks(first, days, range_days or days):
+            result, day_summaries = run_nightly_range(a, b, instance)
+            results.append(result)
+            summaries += day_summaries
+    else:
+        pairs = [run_nightly(first + dt.timedelta(days=i), instance) for i in range(days)]
+        results, summaries = [r for r, _ in pairs], [s for _, s in pairs]
+    wall = time.monotonic() - t0
+    stages: dict[str, float] = {}
+    job_seconds = 0.0
+    for r in results:
+        windows, start, end = step_windows(instance, r.run_id)
+        job_seconds += end - start
+        for stage, v in summarize_stages(windows, None, 1).items():
+            stages[stage] = round(stages.get(stage, 0.0) + v["seconds"], 3)
     return {"mode": mode, "days": days, "range_days": (range_days or days) if mode == "range" else 1,
             "runs": len(results), "success": all(r.success for r in results),
             "wall_seconds": round(wall, 1), "job_seconds": round(job_seconds, 1),

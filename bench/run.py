@@ -185,10 +185,13 @@ def measure_fixed_cost(root: Path, first: dt.date, rows: int = FIXED_ROWS, night
 
 
 def measure_year(root: Path, first: dt.date, days: int, rows: int, after_rows: int, sizes: list[dict]) -> dict:
-    """(b) A backfill of `days` days at `rows` rows/day as `zq history` runs it (range runs of 30 days, the deliveries
-    simulated inside the runs), wall time and per day; (c) the day after it at `after_rows` rows in the same
-    warehouse and Dagster instance, against day 1 of that size on a fresh warehouse (the `sizes` part)."""
-    from zqdata.commands.history import RANGE_DAYS
+    """(b) A backfill of `days` days at `rows` rows/day as `zq history` runs it (range runs of
+    `orchestration.ranges.range_days_for` days, the deliveries simulated inside the runs), wall time and per day; (c)
+    the day after it at `after_rows` rows in the same warehouse and Dagster instance, against day 1 of that size on a
+    fresh warehouse (the `sizes` part)."""
+    from orchestration.ranges import range_days_for
+
+    range_days = range_days_for(rows, days)
 
     data_dir = root / "year"
     shutil.rmtree(data_dir, ignore_errors=True)
@@ -196,10 +199,10 @@ def measure_year(root: Path, first: dt.date, days: int, rows: int, after_rows: i
     log, out = data_dir / "bench.log", data_dir / "backfill.json"
     env = _env(data_dir)
     rc, wall = _run([sys.executable, "-m", "bench.range_backfill", "--date", first.isoformat(), "--days", str(days),
-                     "--rows", str(rows), "--mode", "range", "--range-days", str(RANGE_DAYS), "--data-dir",
+                     "--rows", str(rows), "--mode", "range", "--range-days", str(range_days), "--data-dir",
                      str(data_dir), "--out", str(out)], env, log)
     backfill = json.loads(out.read_text(encoding="utf-8")) if out.exists() else {}
-    res: dict = {"days": days, "rows_per_day": rows, "range_days": RANGE_DAYS, "rc": rc,
+    res: dict = {"days": days, "rows_per_day": rows, "range_days": range_days, "rc": rc,
                  "wall_seconds": backfill.get("wall_seconds"), "process_seconds": round(wall, 1),
                  "seconds_per_day": backfill.get("seconds_per_day"), "runs": backfill.get("runs"),
                  "success": backfill.get("success"), "stage_seconds": backfill.get("stage_seconds"),

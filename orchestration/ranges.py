@@ -16,7 +16,7 @@ the ones the step yielded before range runs existed.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import dagster as dg
@@ -139,6 +139,35 @@ def _only_check_name(ad: dg.AssetsDefinition) -> str:
     if len(names) != 1:
         raise dg.DagsterInvariantViolationError("check name needed: the step has several checks")
     return names.pop()
+
+
+RANGE_ROWS = 10_000_000  # rows per range run: the volume one night is designed for (10 M rows a day on 2 cores)
+
+
+def range_days_for(rows_per_day: int, days: int) -> int:
+    """Days per range run of a backfill of ``days`` days at ``rows_per_day``: as many as hold `RANGE_ROWS` rows, at
+    most all of them. A run's fixed cost (its dbt builds, the steps' start, about a minute) is paid once per range, so
+    a year of 20,000-row days is one run; at 1 M rows a day a range is 10 days, as heavy as one 10 M night."""
+    return max(1, min(days, RANGE_ROWS // max(1, rows_per_day)))
+
+
+def run_halving(first: dt.date, last: dt.date, run_range: Callable[[dt.date, dt.date], list],
+                run_day: Callable[[dt.date], Any], ok: Callable[[Any], bool], on_split: Callable[..., None] = print
+                ) -> list:
+    """The days [first, last] as one range run (`run_range`, a summary per day); when it fails, each half again the
+    same way, down to single-day runs (`run_day`). One bad day in a year costs about two dozen runs of shrinking
+    ranges, not 365 single-day runs, and ends alone in its own run as a day-by-day backfill would leave it; every
+    other day is run again whole (a partition re-run gives the same result)."""
+    if first == last:
+        return [run_day(first)]
+    summaries = run_range(first, last)
+    if all(ok(s) for s in summaries):
+        return summaries
+    mid = first + dt.timedelta(days=(last - first).days // 2)
+    on_split(f"范围运行失败，分两半重跑 range run failed, its halves again: {first} … {mid} | "
+             f"{mid + dt.timedelta(days=1)} … {last}")
+    return (run_halving(first, mid, run_range, run_day, ok, on_split)
+            + run_halving(mid + dt.timedelta(days=1), last, run_range, run_day, ok, on_split))
 
 
 def chunks(start: dt.date, days: int, size: int) -> list[tuple[dt.date, dt.date]]:

@@ -205,3 +205,41 @@ def test_range_summaries_match_day_by_day(both):
     for r, s in zip(ranged["summaries"], single["summaries"], strict=True):
         assert (r.partition, r.checks_passed, sorted(r.checks_failed), r.gate_passed, r.published) == (
             s.partition, s.checks_passed, sorted(s.checks_failed), s.gate_passed, s.published)
+
+
+def test_a_backfills_range_holds_a_nights_design_volume():
+    from orchestration.ranges import RANGE_ROWS, range_days_for
+
+    assert range_days_for(20_000, 365) == 365  # a year of small days: one run, its fixed cost paid once
+    assert range_days_for(1_000_000, 365) == RANGE_ROWS // 1_000_000 == 10  # as heavy as one 10 M night
+    assert range_days_for(20_000_000, 365) == 1
+    assert range_days_for(1_000, 5) == 5
+
+
+def test_a_failed_range_is_run_again_in_halves_down_to_its_bad_day():
+    """One bad day in a stretch: the halves without it succeed as ranges, the bad day ends alone in a single-day run,
+    every day gets exactly one summary, in order."""
+    from orchestration.ranges import run_halving
+
+    first, bad = dt.date(2025, 6, 1), dt.date(2025, 6, 11)
+    ranges: list[tuple[dt.date, dt.date]] = []
+    singles: list[dt.date] = []
+
+    def run_range(a: dt.date, b: dt.date) -> list[tuple[dt.date, bool]]:
+        ranges.append((a, b))
+        # a failed step stops the days after it: from the bad day on nothing succeeds
+        days = [a + dt.timedelta(days=i) for i in range((b - a).days + 1)]
+        return [(d, not a <= bad <= d) for d in days]
+
+    def run_day(d: dt.date) -> tuple[dt.date, bool]:
+        singles.append(d)
+        return (d, d != bad)
+
+    out = run_halving(first, first + dt.timedelta(days=29), run_range, run_day, lambda s: s[1], on_split=lambda _m: None)
+    assert [d for d, _ in out] == [first + dt.timedelta(days=i) for i in range(30)]
+    assert [d for d, ok in out if not ok] == [bad]
+    assert bad in singles and len(singles) <= 2  # the bad day runs alone (with at most its last neighbour)
+    assert len(ranges) <= 2 * 5 + 1  # ranges halve: a handful of runs, not one per day
+    ok_ranges = [(a, b) for a, b in ranges if not a <= bad <= b]
+    # every other day ran in a range that succeeded, or alone
+    assert sum((b - a).days + 1 for a, b in ok_ranges) + len(singles) - 1 == 29

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 
-RANGE_DAYS = 30  # one nightly run per this many days (issue 15): the run's fixed cost is paid once per range
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -14,8 +13,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                        "then the governance reports of the periods it covers")
     p.add_argument("--start", type=dt.date.fromisoformat, default=dt.date(2025, 5, 1), help="first day (YYYY-MM-DD)")
     p.add_argument("--days", type=int, default=365, help="number of days (default 365)")
-    p.add_argument("--range-days", type=int, default=RANGE_DAYS,
-                   help=f"days per run (default {RANGE_DAYS}; 1: one run per day)")
+    p.add_argument("--range-days", type=int, default=None,
+                   help="days per run (default: as many as hold 10 M rows at ZQ_SIM_ROWS_PER_DAY, at most all: "
+                        "orchestration.ranges.range_days_for; 1: one run per day)")
     p.add_argument("--verbose", action="store_true", help="show the raw run output instead of the log files")
     p.set_defaults(func=_run)
 
@@ -34,20 +34,17 @@ def _run(args: argparse.Namespace) -> int:
     from orchestration.nightly import format_summary
     from orchestration.reports_run import run_reports
 
-    from orchestration.ranges import chunks
+    from orchestration.ranges import chunks, range_days_for, run_halving
+    from zqdata.simulator import SimulatorSettings
 
+    size = args.range_days or range_days_for(SimulatorSettings.from_env().rows_per_day, args.days)
     instance, ok = ensure_instance(), True
-    for first, last in chunks(args.start, args.days, max(1, args.range_days)):
-        if first == last:
-            summaries = [run_day(first, instance, verbose=args.verbose)[1]]
-        else:
-            summaries = run_range(first, last, instance, verbose=args.verbose)[1]
-            if not all(s.success for s in summaries):
-                # a failed range stops at its failing day: its days again one run each, so that one bad day does
-                # not hold back the others (what day-by-day runs give)
-                print(f"范围运行失败，逐日重跑 range run failed, its days again one by one: {first} … {last}", flush=True)
-                summaries = [run_day(first + dt.timedelta(days=i), instance, verbose=args.verbose)[1]
-                             for i in range((last - first).days + 1)]
+    for first, last in chunks(args.start, args.days, max(1, size)):
+        # a failed range is run again in halves down to its failing day alone (orchestration.ranges.run_halving), so
+        # one bad day does not hold back the others (what day-by-day runs give)
+        summaries = run_halving(first, last, lambda a, b: run_range(a, b, instance, verbose=args.verbose)[1],
+                                lambda d: run_day(d, instance, verbose=args.verbose)[1], lambda s: s.success,
+                                lambda msg: print(msg, flush=True))
         for summary in summaries:
             print(format_summary(summary).splitlines()[0], flush=True)  # one line per day; the full summary: the log
             ok = ok and summary.success
