@@ -187,6 +187,39 @@ def test_a_night_reads_whole_only_the_issues_with_a_message_due(env, gov, opdb, 
     assert {i.status for i in issues.list_issues(opdb)} == {"notified"}
 
 
+def test_the_issues_with_a_message_due_are_found_in_sql(env, gov, opdb, registry, smtp_server, http_server):
+    """`_with_missing_messages` names exactly the open issues with an (event, channel) not in the outbox: none after a
+    notified night, the escalated ones after an escalation, and one whose webhook row is missing (say, a channel
+    configured since) — so the nightly alerting need not read every open issue and its outbox rows."""
+    import sqlalchemy as sa
+
+    from zqdata.opdb import notifications as notifications_t
+
+    def pending() -> set[str]:
+        with opdb.connect() as conn:
+            return {r[0] for r in conn.execute(alerting._with_missing_messages(registry, alerting.AlertSettings.from_env()))}
+
+    issues.sync_issues(gov, opdb, registry, DAY, now=T0)
+    opened = {i.fingerprint for i in issues.list_issues(opdb)}
+    assert pending() == opened
+    alerting.notify_issues(opdb, registry, now=T0)
+    assert pending() == set()
+    sla = registry.datasets["resident_population"].delivery.sla_hours
+    escalated = set(issues.escalate_overdue(opdb, registry, now=T0 + dt.timedelta(hours=sla + 1)))
+    assert escalated
+    assert {issues.issue_id_of(fp) for fp in pending()} == escalated
+    alerting.notify_issues(opdb, registry)
+    assert pending() == set()
+    psb = next(i for i in issues.list_issues(opdb) if i.agency == "psb")
+    with opdb.begin() as conn:
+        conn.execute(sa.delete(notifications_t).where(notifications_t.c.fingerprint == psb.fingerprint,
+                                                       notifications_t.c.channel == "webhook"))
+    assert pending() == {psb.fingerprint}
+    with opdb.connect() as conn:
+        due = alerting._due_messages(conn, registry, alerting.AlertSettings.from_env())
+    assert [(fp, [m[0] for m in missing]) for fp, _ev, _key, missing in due] == [(psb.fingerprint, ["webhook"])]
+
+
 def test_escalation_goes_to_agency_and_data_management_agency(env, gov, opdb, registry, smtp_server):
     _, box = smtp_server
     issues.sync_issues(gov, opdb, registry, DAY, now=T0)

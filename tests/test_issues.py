@@ -252,6 +252,17 @@ def test_next_escalation_due_is_the_earliest_sla_deadline(gov, opdb, registry):
     assert issues.next_escalation_due(opdb, registry) is None
 
 
+def test_a_night_reads_only_the_issues_old_enough_to_be_overdue(gov, opdb, registry):
+    """Open issues pile up; the escalation reads only those open since before the shortest SLA (issue 15)."""
+    issues.sync_issues(gov, opdb, registry, DAY, now=T0)
+    shortest = dt.timedelta(hours=min(ds.delivery.sla_hours for ds in registry.datasets.values()))
+    with opdb.connect() as conn:
+        everyone = issues._overdue_candidates(conn, lock=False)
+        early = issues._overdue_candidates(conn, lock=False, registry=registry, at=T0 + shortest - dt.timedelta(seconds=1))
+        due = issues._overdue_candidates(conn, lock=False, registry=registry, at=T0 + shortest)
+    assert everyone and early == [] and due == everyone
+
+
 def test_acknowledged_issue_does_not_escalate(gov, opdb, registry):
     issues.sync_issues(gov, opdb, registry, DAY, now=T0)
     for i in issues.list_issues(opdb):

@@ -158,8 +158,13 @@ def test_future_dated_folder_is_a_finding_for_its_agency_and_in_landing_metadata
     groups = {(g["agency"], g["dataset"], g["rule"]) for g in _failing_groups(gov_con, DAY.isoformat())}
     assert ("water", "water_usage", "delivery.future_folder") in groups
     # reported by the night's run of the latest partition, not again by a backfill/recomputation of an older day
-    _, later = evaluate_deliveries(gov_con, reg, DAY, now=night + dt.timedelta(days=30))
+    listed: list[str] = []
+    real_list = store.list
+    monkeypatch.setattr(store, "list", lambda prefix="": listed.append(prefix) or real_list(prefix))
+    _, later = evaluate_deliveries(gov_con, reg, DAY, now=night + dt.timedelta(days=30), store=store)
     assert not [f for f in later if f["rule"] == "delivery.future_folder"]
+    # nor does it list every delivery folder of every dataset (each day of a year's backfill did: issue 15)
+    assert listed and all(p.endswith(f"/{DAY.isoformat()}/") for p in listed), listed
 
 
 # --- (8) timeliness from the store's arrival time; the manifest's claim is kept beside it ------------------------

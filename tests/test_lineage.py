@@ -259,25 +259,31 @@ class _CountingConnection:
 
 
 def test_a_frozen_catalog_is_read_once_and_answers_as_the_live_catalog(tmp_path):
-    """The issues step traces ~45 issues a day, each asking which tables exist: inside `frozen_catalog` the catalog is
-    read once, and the answers are the live catalog's; after the block a new table is seen again."""
+    """The issues step traces ~45 issues a day, each asking which tables exist, and the crossing asks for gov models'
+    columns: inside `frozen_catalog` the catalog is read once, and the answers are the live catalog's; after the block
+    a new table is seen again."""
     from zqdata import warehouse
+    from zqdata.leakgate import relation_columns
 
     raw = duckdb.connect(str(tmp_path / "gov.duckdb"))
     raw.execute("create schema ods; create table ods.enterprise_registry(x int); create schema quarantine; "
                 "create table quarantine.rows(y int); create schema meta; create view meta.deliveries as select 1 as z")
     con = _CountingConnection(raw)
     asked = [("ods", "enterprise_registry"), ("meta", "deliveries"), ("ods", "missing"), ("quarantine", "rows")]
-    live = ([warehouse.table_exists(con, s, t) for s, t in asked], warehouse.existing_tables(con, ["ods", "meta"]),
-            warehouse.existing_tables(con, []))
+    def answers():
+        return ([warehouse.table_exists(con, s, t) for s, t in asked], warehouse.existing_tables(con, ["ods", "meta"]),
+                warehouse.existing_tables(con, []), [relation_columns(con, s, t) for s, t in asked])
+
+    live = answers()
     assert live[0] == [True, True, False, True]
+    assert live[3][1] == {"z": "INTEGER"} and live[3][2] == {}
     before = con.statements
     with warehouse.frozen_catalog(con):
-        frozen = ([warehouse.table_exists(con, s, t) for s, t in asked], warehouse.existing_tables(con, ["ods", "meta"]),
-                  warehouse.existing_tables(con, []))
+        frozen = answers()
         for _ in range(10):
             lineage.table_exists(con, "ods", "enterprise_registry")
+            relation_columns(con, "quarantine", "rows")
     assert frozen == live
-    assert con.statements == before + 1
+    assert con.statements == before + 2  # the tables once, the columns once
     raw.execute("create table ods.later(x int)")
     assert warehouse.table_exists(con, "ods", "later")

@@ -308,12 +308,14 @@ def _due_messages(conn: sa.Connection, registry: Registry,
     c, n = issues_t.c, notifications_t.c
     wanted = sa.or_(c.status.in_(("open", "reopened")),
                     sa.and_(c.status.in_(issue_register.OPEN_LIKE), c.escalated_at.is_not(None)))
+    pending = _with_missing_messages(registry, settings)  # in SQL: open issues pile up, most long notified
     heads = conn.execute(sa.select(c.fingerprint, c.status, c.reopen_count, c.escalated_at, c.agency,
-                                   c.partition_date, c.dataset, c.rule).where(wanted)).all()
+                                   c.partition_date, c.dataset, c.rule)
+                         .where(wanted, c.fingerprint.in_(pending))).all()
     heads.sort(key=lambda h: (h.agency, h.dataset, h.rule))
     heads.sort(key=lambda h: h.partition_date, reverse=True)
     sent = set(conn.execute(sa.select(n.fingerprint, n.channel, n.status_event)
-                            .where(n.fingerprint.in_(sa.select(c.fingerprint).where(wanted)))).all())
+                            .where(n.fingerprint.in_(pending))).all())
     due = []
     for h in heads:
         events: list[tuple[str, str]] = []  # (status event, agency to notify)
@@ -330,6 +332,39 @@ def _due_messages(conn: sa.Connection, registry: Registry,
             if missing:
                 due.append((h.fingerprint, ev, key_ev, missing))
     return due
+
+
+def _with_missing_messages(registry: Registry, settings: AlertSettings) -> sa.Select:
+    """The fingerprints of the open issues with a message not yet in the outbox, in SQL: every (status event,
+    channel) a message is due on, as `_due_messages` derives them, without an outbox row. Reading every open issue and
+    its outbox rows each night grew with history (open issues pile up by ~50 a day in the simulation; issue 15)."""
+    c, n = issues_t.c, notifications_t.c
+    by_channel: dict[str, list[str]] = {}
+    for code in sorted(registry.agencies):
+        for channel, _ in _channels_for(registry, code):
+            by_channel.setdefault(channel, []).append(code)
+    opened = sa.case((c.reopen_count == 0, sa.literal("opened")),
+                     else_=sa.literal("reopened#") + sa.cast(c.reopen_count, sa.String))
+    escalated = sa.literal("escalated#") + sa.cast(c.reopen_count, sa.String)
+    is_open = c.status.in_(("open", "reopened"))
+    is_escalated = sa.and_(c.status.in_(issue_register.OPEN_LIKE), c.escalated_at.is_not(None))
+    expected = []
+    for channel, codes in by_channel.items():  # the issue's own agency, on each channel it has
+        expected.append(sa.select(c.fingerprint.label("fp"), sa.literal(channel).label("ch"), opened.label("ev"))
+                        .where(is_open, c.agency.in_(codes)))
+        expected.append(sa.select(c.fingerprint.label("fp"), sa.literal(channel).label("ch"), escalated.label("ev"))
+                        .where(is_escalated, c.agency.in_(codes)))
+    escalation = settings.escalation_agency
+    if escalation in registry.agencies:  # and the escalation agency, on its own channels
+        for channel, _ in _channels_for(registry, escalation):
+            expected.append(sa.select(c.fingerprint.label("fp"), sa.literal(channel).label("ch"),
+                                      (escalated + sa.literal(f"@{escalation}")).label("ev"))
+                            .where(is_escalated, c.agency != escalation))
+    if not expected:
+        return sa.select(c.fingerprint).where(sa.false())
+    e = sa.union_all(*expected).subquery()
+    return sa.select(e.c.fp).where(~sa.exists().where(n.fingerprint == e.c.fp, n.channel == e.c.ch,
+                                                       n.status_event == e.c.ev))
 
 
 def email_message(settings: AlertSettings, n: dict[str, Any], at: dt.datetime | None = None) -> EmailMessage:

@@ -171,7 +171,7 @@ def ensure_gov_tables(con: duckdb.DuckDBPyConnection, dataset: Dataset) -> None:
     have = {
         r[0]
         for r in con.execute(
-            "select column_name from information_schema.columns where table_schema = 'ods' and table_name = ?",
+            "select column_name from duckdb_columns() where schema_name = 'ods' and table_name = ? and not internal",
             [dataset.code],
         ).fetchall()
     }

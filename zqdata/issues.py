@@ -462,12 +462,19 @@ def escalate_overdue(db: sa.Engine, registry: Registry, now: dt.datetime | None 
         return _escalate(conn, registry, _now(now))
 
 
-def _overdue_candidates(conn: sa.Connection, *, lock: bool) -> list[sa.Row]:
+def _overdue_candidates(conn: sa.Connection, *, lock: bool, registry: Registry | None = None,
+                        at: dt.datetime | None = None) -> list[sa.Row]:
+    """Open, not escalated issues with an SLA clock; with ``registry`` and ``at``, only those open since before ``at``
+    minus the shortest SLA of the registry (the others cannot be overdue: open issues pile up, and reading every one
+    each night grew with history; issue 15)."""
     q = (
         sa.select(issues_t.c.fingerprint, issues_t.c.dataset, issues_t.c.status, issues_t.c.open_since)
         .where(issues_t.c.escalated_at.is_(None), issues_t.c.status.in_(OPEN_LIKE), issues_t.c.open_since.is_not(None))
         .order_by(issues_t.c.fingerprint)
     )
+    slas = [ds.delivery.sla_hours for ds in (registry.datasets.values() if registry is not None else [])]
+    if at is not None and slas:
+        q = q.where(issues_t.c.open_since <= at - dt.timedelta(hours=min(slas)))
     return conn.execute(q.with_for_update() if lock else q).all()
 
 
@@ -478,7 +485,7 @@ def _sla(registry: Registry, dataset: str) -> dt.timedelta | None:
 
 def _escalate(conn: sa.Connection, registry: Registry, at: dt.datetime) -> list[str]:
     out = []
-    for fp, ds, status, since in _overdue_candidates(conn, lock=True):
+    for fp, ds, status, since in _overdue_candidates(conn, lock=True, registry=registry, at=at):
         sla = _sla(registry, ds)
         if sla is None or at < since + sla:
             continue

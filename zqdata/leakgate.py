@@ -24,6 +24,11 @@ from zqdata.registry import Registry
 
 def relation_columns(con: duckdb.DuckDBPyConnection, schema: str, table: str) -> dict[str, str]:
     """{column: DuckDB type} of ``schema.table`` (empty when it does not exist)."""
+    from zqdata.warehouse import frozen_columns
+
+    frozen = frozen_columns(con)
+    if frozen is not None:  # inside `zqdata.warehouse.frozen_catalog`: the catalog was read once
+        return dict(frozen.get((schema, table), {}))
     # DuckDB's own catalog function: ~2 ms, where the filtered information_schema.columns took ~9 ms (the boundary
     # asks several times per dataset and day; issue 15)
     rows = con.execute(
@@ -379,19 +384,17 @@ def find_leaks(gov_con: duckdb.DuckDBPyConnection, ops_con: duckdb.DuckDBPyConne
         registry = _registry()
     d = dt.date.fromisoformat(partition_date) if isinstance(partition_date, str) else partition_date
     values = cached_gov_personal_values(gov_con, registry, d)
-    columns = ops_con.execute(
-        "SELECT c.table_schema, c.table_name, c.column_name, c.data_type FROM information_schema.columns c "
-        "JOIN information_schema.tables t USING (table_catalog, table_schema, table_name) "
-        "WHERE c.table_catalog = current_database() "
-        "ORDER BY 1, 2, 3"
+    columns = ops_con.execute(  # DuckDB's catalog function: the information_schema join took ~4× as long
+        "SELECT schema_name, table_name, column_name, data_type FROM duckdb_columns() "
+        "WHERE database_name = current_database() AND NOT internal ORDER BY 1, 2, 3"
     ).fetchall()
     if tables is not None:  # the scan is per column and costly at scale: skip what the caller does not ask about
         wanted = set(tables)
         columns = [c for c in columns if f"{c[0]}.{c[1]}" in wanted]
     partitioned = {
         (s, t) for s, t in ops_con.execute(
-            "SELECT table_schema, table_name FROM information_schema.columns WHERE column_name = '_partition_date' "
-            "AND table_catalog = current_database()").fetchall()
+            "SELECT schema_name, table_name FROM duckdb_columns() WHERE column_name = '_partition_date' "
+            "AND database_name = current_database() AND NOT internal").fetchall()
     }
     public_names, longest = public_name_fields(registry), _longest_name(values)
     planned = []

@@ -87,16 +87,25 @@ def tables(con: duckdb.DuckDBPyConnection) -> list[tuple[str, str]]:
         "AND table_type = 'BASE TABLE' ORDER BY 1, 2").fetchall()]
 
 
-_FROZEN: dict[int, set[tuple[str, str]] | None] = {}  # id(connection) -> its tables and views, inside `frozen_catalog`
+class _Frozen:
+    """One connection's catalog, read at the first question of each kind."""
+
+    def __init__(self) -> None:
+        self.tables: set[tuple[str, str]] | None = None
+        self.columns: dict[tuple[str, str], dict[str, str]] | None = None
+
+
+_FROZEN: dict[int, _Frozen] = {}  # id(connection) -> its catalog, inside `frozen_catalog`
 
 
 @contextlib.contextmanager
 def frozen_catalog(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
-    """Inside the block, `table_exists` and `existing_tables` on ``con`` answer from ONE catalog read (made at the first
-    question). For a connection whose catalog cannot change while the block runs: read-only, its file's pool held (the
-    issues step traces ~45 issues a day, each asking which tables exist; issue 15)."""
+    """Inside the block, `table_exists`, `existing_tables` and `zqdata.leakgate.relation_columns` on ``con`` answer
+    from ONE catalog read (made at the first question). For a connection whose catalog cannot change while the block
+    runs: read-only, its file's pool held (the issues step traces ~45 issues a day, each asking which tables exist; the
+    crossing asks for a gov model's columns several times per dataset and day; issue 15)."""
     key = id(con)
-    _FROZEN[key] = None
+    _FROZEN[key] = _Frozen()
     try:
         yield
     finally:
@@ -104,12 +113,26 @@ def frozen_catalog(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
 
 
 def _frozen(con: duckdb.DuckDBPyConnection) -> set[tuple[str, str]] | None:
-    key = id(con)
-    if key not in _FROZEN:
+    frozen = _FROZEN.get(id(con))
+    if frozen is None:
         return None
-    if _FROZEN[key] is None:
-        _FROZEN[key] = _catalog(con, None)
-    return _FROZEN[key]
+    if frozen.tables is None:
+        frozen.tables = _catalog(con, None)
+    return frozen.tables
+
+
+def frozen_columns(con: duckdb.DuckDBPyConnection) -> dict[tuple[str, str], dict[str, str]] | None:
+    """{(schema, table): {column: type}} of ``con`` inside `frozen_catalog` (read once), else None."""
+    frozen = _FROZEN.get(id(con))
+    if frozen is None:
+        return None
+    if frozen.columns is None:
+        frozen.columns = {}
+        for s, t, c, dtype in con.execute(
+                "select schema_name, table_name, column_name, data_type from duckdb_columns() where not internal "
+                "order by database_name, schema_name, table_name, column_index").fetchall():
+            frozen.columns.setdefault((s, t), {}).setdefault(c, dtype)
+    return frozen.columns
 
 
 def _catalog(con: duckdb.DuckDBPyConnection, schemas: list[str] | None) -> set[tuple[str, str]]:

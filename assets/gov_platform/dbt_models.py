@@ -79,6 +79,7 @@ def build_gov_range(context: dg.AssetExecutionContext, dbt: DbtCliResource, ware
     the day, with its trace; the day's findings collected; the leak gate's index updated). None when the range form
     does not apply (DuckLake: backfills run a day per run) or the build failed: its days are then built one by one."""
     from zqdata.quality.dbt_findings import collect_dbt_findings
+    from zqdata.warehouse import frozen_catalog
 
     days = day_events.days
     if warehouse_mode() != "duckdb":
@@ -105,9 +106,10 @@ def build_gov_range(context: dg.AssetExecutionContext, dbt: DbtCliResource, ware
             collect_dbt_findings(con, manifest, day)
             added = update_identifier_index(con, reg, day)
             context.log.debug(f"leak-gate identifier index: {added} new values for {day}")
-        return {day: list(with_check_traces(iter(split[day]), warehouse, reg, day.isoformat(), findings_collected=True,
-                                            con=con))
-                for day in days}
+        with frozen_catalog(con):  # written above, only read below: the traces ask the catalog once, not ~3× each
+            return {day: list(with_check_traces(iter(split[day]), warehouse, reg, day.isoformat(),
+                                                findings_collected=True, con=con))
+                    for day in days}
 
 
 def confine_unbuilt(context: dg.AssetExecutionContext, warehouse: WarehouseResource, reg: Registry, day: dt.date,

@@ -20,6 +20,7 @@ from zqdata.boundary import (CONSENT_DATASET, BoundaryGateFailed, GateResult, ch
                              find_leaks)
 from zqdata.desensitize import KEY_ENV, PseudonymKey
 from zqdata.registry import Registry, registry
+from zqdata.warehouse import frozen_catalog
 
 
 
@@ -100,8 +101,10 @@ def build_boundary_crossing(reg: Registry) -> dg.AssetsDefinition:
         last = events.days[-1]
         committed: list = []  # the reports of the crossings committed: the published snapshots follow their purges
         try:
-            # one gov and one ops connection for all the days (closing the ops file checkpoints it: ~0.2 s a day)
-            with hold_pool(context, GOV_POOL), warehouse.gov(read_only=True) as gov, warehouse.ops() as ops:
+            # one gov and one ops connection for all the days (closing the ops file checkpoints it: ~0.2 s a day);
+            # gov is read-only under its pool, so its catalog is read once (frozen_catalog)
+            with hold_pool(context, GOV_POOL), warehouse.gov(read_only=True) as gov, frozen_catalog(gov), \
+                    warehouse.ops() as ops:
                 # a range run crosses its days in order, each as a single-day run would have, each in its own ops
                 # transaction: the consent of the range's later days is not yet in force for an earlier day (their
                 # crossings apply it, revocations purging back)

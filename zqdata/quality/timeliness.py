@@ -119,8 +119,8 @@ def _deliveries(con: duckdb.DuckDBPyConnection, day: dt.date
 
     ``arrived_at`` is the store's arrival time when ingestion records it in meta.deliveries (else None)."""
     columns = {r[0] for r in con.execute(
-        "select column_name from information_schema.columns where table_schema = 'meta' and table_name = 'deliveries'"
-    ).fetchall()}
+        "select column_name from duckdb_columns() where schema_name = 'meta' and table_name = 'deliveries' "
+        "and not internal").fetchall()}
     if not columns:
         return {}
     arrived = "arrived_at" if "arrived_at" in columns else "null"
@@ -141,9 +141,12 @@ class _StoreFacts:
     future_days: list[dt.date] = field(default_factory=list)
 
 
-def _store_facts(store: ObjectStore, ds: Dataset, day: dt.date, today: dt.date) -> _StoreFacts:
+def _store_facts(store: ObjectStore, ds: Dataset, day: dt.date, today: dt.date, future: bool = True) -> _StoreFacts:
+    """The day's folder facts; the dataset's future-dated folders only with ``future`` (listing them reads every
+    delivery folder of the dataset: each day of a year's backfill did, though only the latest day reports them)."""
     objects = store.list(delivery_prefix(ds.agency, ds.code, day))
-    facts = _StoreFacts(arrival_time(objects), future_days=future_delivery_days(store, ds.agency, ds.code, today))
+    facts = _StoreFacts(arrival_time(objects),
+                        future_days=future_delivery_days(store, ds.agency, ds.code, today) if future else [])
     if any(o.key.endswith("/" + MANIFEST_NAME) for o in objects):
         manifest, _ = try_read_manifest(store, ds.agency, ds.code, day)  # an invalid one is ingestion's finding
         facts.claimed_at = manifest.delivered_at if manifest else None
@@ -183,7 +186,7 @@ def evaluate_deliveries(con: duckdb.DuckDBPyConnection, registry: Registry, part
         facts = _StoreFacts()
         if landing_store is not None:
             try:
-                facts = _store_facts(landing_store, ds, partition_date, now.date())
+                facts = _store_facts(landing_store, ds, partition_date, now.date(), future=report_future)
             except Exception as exc:  # noqa: BLE001 - the store failed (after its retries): stop asking it
                 report.notes.append(f"对象存储读取失败，交付时间按入库记录判断 (landing store failed, recorded times "
                                     f"used): {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
