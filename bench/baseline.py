@@ -314,7 +314,7 @@ def scores(con: duckdb.DuckDBPyConnection, day: dt.date) -> int:
 def cross(con: duckdb.DuckDBPyConnection, registry: Registry, day: dt.date, key) -> dict[str, int]:
     """gov → ops in one statement per table: the registry's mask rules (`zqdata.desensitize`), consent filter."""
     from zqdata.authorization import authorized_fields
-    from zqdata.boundary import (consent_filter_sql, consent_reference_day, fields_used, gov_relation,
+    from zqdata.boundary import (SubjectSets, consent_filter_sql, consent_reference_day, fields_used, gov_relation,
                                  release_consent_filter_sql, scenarios_in_force)
     from zqdata.desensitize import release_select
 
@@ -331,11 +331,12 @@ def cross(con: duckdb.DuckDBPyConnection, registry: Registry, day: dt.date, key)
     released = [ds for ds in registry.datasets.values() if ds.release]
     ref = consent_reference_day(con, registry, day)
     in_force = scenarios_in_force(registry, day, ref)
+    sets = SubjectSets(con)  # each consent subject set evaluated once, as the boundary does
     for ds in released:
         # data minimisation as the boundary does it: the fields the scenarios in force use, their consenting subjects
         items, pads = release_select(ds, fields_used(ds, [s for s in in_force if ds.code in s.authorized_fields]),
                                      day, key, "desensitized")
-        where, extra = release_consent_filter_sql(con, registry, ds, day, ref)
+        where, extra = release_consent_filter_sql(con, registry, ds, day, ref, sets)
         write("desensitized", ds.code, f"select {', '.join([*items, 'src._lineage_id', 'src._partition_date'])} "
               f"from {gov_relation(con, registry, ds.code)} as src where src._partition_date = $zq_partition "
               f"and {where}", {**base, **pads, **extra})
@@ -345,10 +346,11 @@ def cross(con: duckdb.DuckDBPyConnection, registry: Registry, day: dt.date, key)
             items, pads = release_select(ds, authorized_fields(registry, sc.code, ds_code), day, key, f"scenario_{sc.code}")
             where, extra = "TRUE", {}
             if sc.consent_required:
-                where, extra = consent_filter_sql(con, registry, sc, ds, day)
+                where, extra = consent_filter_sql(con, registry, sc, ds, day, subject_sets=sets)
             write(f"scenario_{sc.code}", ds_code, f"select {', '.join(items)}, src._lineage_id, src._partition_date "
                   f"from {gov_relation(con, registry, ds_code)} as src where src._partition_date = $zq_partition "
                   f"and {where}", {**base, **pads, **extra})
+    sets.close()
     return rows
 
 

@@ -184,11 +184,26 @@ def measure_fixed_cost(root: Path, first: dt.date, rows: int = FIXED_ROWS, night
     return res
 
 
-def measure_year(root: Path, first: dt.date, days: int, rows: int, after_rows: int, sizes: list[dict]) -> dict:
+def fresh_day(data_dir: Path, day: dt.date, rows: int) -> dict | None:
+    """One night of ``rows`` on ``day`` in a fresh data folder (warehouse and Dagster instance): its `bench.stages`
+    summary, None when it did not run."""
+    shutil.rmtree(data_dir, ignore_errors=True)
+    data_dir.mkdir(parents=True)
+    log, pj = data_dir / "bench.log", data_dir / "day1.json"
+    simulate(data_dir, day, 1, rows, log)
+    _run([sys.executable, "-m", "bench.stages", "--date", day.isoformat(), "--days", "1", "--rows", str(rows), "--out",
+          str(pj)], _env(data_dir), log)
+    shutil.rmtree(data_dir / "landing", ignore_errors=True)
+    days = json.loads(pj.read_text(encoding="utf-8")).get("days") if pj.exists() else None
+    return days[0] if days and days[0].get("success") else None
+
+
+def measure_year(root: Path, first: dt.date, days: int, rows: int, after_rows: int) -> dict:
     """(b) A backfill of `days` days at `rows` rows/day as `zq history` runs it (range runs of
     `orchestration.ranges.range_days_for` days, the deliveries simulated inside the runs), wall time and per day; (c)
-    the day after it at `after_rows` rows in the same warehouse and Dagster instance, against day 1 of that size on a
-    fresh warehouse (the `sizes` part)."""
+    the day after it at `after_rows` rows in the same warehouse and Dagster instance, against day 1: the same day's
+    deliveries of that size on a fresh warehouse and instance, measured right after it with the same code (the `sizes`
+    part's day 1 may be of another commit)."""
     from orchestration.ranges import range_days_for
 
     range_days = range_days_for(rows, days)
@@ -215,12 +230,12 @@ def measure_year(root: Path, first: dt.date, days: int, rows: int, after_rows: i
         rc_after, _ = _run([sys.executable, "-m", "bench.stages", "--date", day.isoformat(), "--days", "1", "--rows",
                             str(after_rows), "--out", str(pj)], env, log)
         after = (json.loads(pj.read_text(encoding="utf-8")).get("days") or [None])[0] if pj.exists() else None
-        day_1 = next((s["pipeline"]["days"][0] for s in sizes if s.get("rows_per_day") == after_rows
-                      and (s.get("pipeline") or {}).get("days")), None)
+        day_1 = fresh_day(root / "year-day1", day, after_rows)
         res["after"] = {"partition": day.isoformat(), "rows_per_day": after_rows, "rc": rc_after,
                         "job_seconds": after and after["job_seconds"], "success": bool(after and after["success"]),
                         "stages": after and {k: v["seconds"] for k, v in after["stages"].items()},
-                        "day_1_job_seconds": day_1 and day_1["job_seconds"]}
+                        "day_1_job_seconds": day_1 and day_1["job_seconds"],
+                        "day_1_stages": day_1 and {k: v["seconds"] for k, v in day_1["stages"].items()}}
         if after and day_1 and after["success"]:
             res["after"]["vs_day_1"] = round(after["job_seconds"] / day_1["job_seconds"], 3)
     return res
@@ -472,8 +487,11 @@ def render_markdown(results: dict) -> str:
             "| stage seconds, summed over the runs | " + ", ".join(f"{k} {_fmt(v)}" for k, v in stages.items()) + " |",
             f"| warehouse after it | {_fmt((y.get('warehouse_bytes') or 0) / 1e6, ' MB')} |",
             f"| day {y['days'] + 1} at {a_.get('rows_per_day', 0):,} rows, job | {_fmt(a_.get('job_seconds'), ' s')} |",
-            f"| day 1 at that size on a fresh warehouse (sizes part) | {_fmt(a_.get('day_1_job_seconds'), ' s')} |",
+            f"| the same day on a fresh warehouse (day 1), same code, job | {_fmt(a_.get('day_1_job_seconds'), ' s')} |",
             f"| ratio | {'–' if a_.get('vs_day_1') is None else format(a_['vs_day_1'], '.3f')} |",
+            *([f"| stage seconds, day {y['days'] + 1} / day 1 | " + ", ".join(
+                f"{k} {_fmt(v)} / {_fmt((a_.get('day_1_stages') or {}).get(k))}" for k, v in a_["stages"].items()) + " |"]
+              if a_.get("stages") and a_.get("day_1_stages") else []),
             "",
         ]
     dist = results.get("distributed")
@@ -678,8 +696,7 @@ def main(argv: list[str] | None = None) -> int:
     if "year" not in skip and args.year_days > 0:
         print(f"[bench] backfill: {args.year_days} days of {args.year_rows:,} rows, then a day of "
               f"{args.year_after_rows:,} …", file=sys.stderr, flush=True)
-        results["year"] = measure_year(args.dir, args.date, args.year_days, args.year_rows, args.year_after_rows,
-                                       results.get("sizes") or [])
+        results["year"] = measure_year(args.dir, args.date, args.year_days, args.year_rows, args.year_after_rows)
         _save(results, args.docs)
     if "distributed" not in skip and args.distributed_rows > 0:
         print(f"[bench] distributed: one night of {args.distributed_rows:,} rows on 2 workers …", file=sys.stderr,

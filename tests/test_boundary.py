@@ -589,3 +589,34 @@ def test_a_link_role_declared_in_the_registry_links_two_fields_and_only_within_o
     linked = pseudonymize(ID_A, SECRET, role="person", scope="desensitized")
     assert reps == {linked} and linked in residents
     assert linked != pseudonymize(ID_A, SECRET, role="person", scope="scenario_sme_credit_profile")
+
+
+class _RecordingGov:
+    """The gov connection, keeping (statement, parameters) of what it is given to execute."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection) -> None:
+        self._con, self.executed = con, []
+
+    def execute(self, sql, params=None):
+        self.executed.append((sql, repr(sorted(params.items())) if isinstance(params, dict) else repr(params)))
+        return self._con.execute(sql, params) if params is not None else self._con.execute(sql)
+
+    def __getattr__(self, name):
+        return getattr(self._con, name)
+
+
+def test_a_crossing_evaluates_each_consent_subject_set_once(dbs, registry):
+    """The release of each consent dataset and each scenario table filter by the same subjects: the latest consent of
+    every subject over all the consent history, ranked. A crossing ranks each distinct set once (it was once per table:
+    eight times a day, each growing with history; issue 15), and filters as before: only consenting enterprises."""
+    gov, ops = dbs
+    rec = _RecordingGov(gov)
+    cross_boundary(rec, ops, registry, D2, _key(), pending_consent=(D2, D2))
+    ranked = [e for e in rec.executed if "row_number() OVER (PARTITION BY trim(c.subject_id)" in e[0]
+              or "WITH known AS" in e[0]]
+    assert ranked, "the crossing filters by consent"
+    assert len(set(ranked)) == len(ranked)
+    sme = registry.scenarios["sme_credit_profile"]
+    for ds_code in sme.authorized_fields:
+        subjects = {r[0] for r in ops.execute(f"SELECT credit_code FROM scenario_sme_credit_profile.{ds_code}").fetchall()}
+        assert subjects == {ENT_A, ENT_B}

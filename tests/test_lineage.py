@@ -287,3 +287,50 @@ def test_a_frozen_catalog_is_read_once_and_answers_as_the_live_catalog(tmp_path)
     assert con.statements == before + 2  # the tables once, the columns once
     raw.execute("create table ods.later(x int)")
     assert warehouse.table_exists(con, "ods", "later")
+
+
+def test_traces_in_a_frozen_block_read_rows_and_deliveries_once_and_trace_as_outside(dbs, registry):
+    """The issues step traces each issue of the day (~45): inside `frozen_catalog`, after `prefetch_source_rows`, the
+    traces read no ODS, quarantine or delivery row themselves (one read per dataset and table, and one of the day's
+    deliveries), and each trace is the one made outside the block: the ODS row, the quarantined row (with its masked
+    reason), the delivery manifests, an id found nowhere."""
+    from zqdata import warehouse
+
+    gov, _ = dbs
+    ids = [lid("enterprise_registry", "part-0001.csv", 2), lid("enterprise_registry", "part-0001.csv", 4),
+           lid("resident_population", "part-0001.jsonl", 1), lid("resident_population", "part-0001.jsonl", 9)]
+    asks = [[ids[0], ids[1]], [ids[2]], [ids[1], ids[3]], ids]
+
+    def traces(con):
+        out = []
+        for lids in asks:
+            t = json.loads(lineage.trace(con, None, registry, "gov/quality/findings", lineage_ids=lids,
+                                         manifest={}).to_json())
+            t.pop("generated_at")
+            out.append(t)
+        return out
+
+    outside = traces(gov)
+    assert [r["status"] for r in outside[3]["rows"]] == ["ods", "quarantined", "ods", "not_found"]
+    assert any(s["manifest"] for s in outside[0]["sources"])  # the deliveries are part of what is compared
+    con = _SqlRecordingConnection(gov)
+    with warehouse.frozen_catalog(con):
+        lineage.prefetch_source_rows(con, registry, [i for lids in asks for i in lids])
+        prefetched = list(con.sql)
+        inside = traces(con)
+    assert inside == outside
+    row_reads = [s for s in con.sql if 'ods."' in s or 'quarantine."rows"' in s]
+    assert len(row_reads) == 4 and all(s in prefetched for s in row_reads)  # 2 datasets × (ODS, quarantine), at once
+    assert sum("meta.deliveries" in s for s in con.sql) == 1  # the day's deliveries, once for every trace
+
+
+class _SqlRecordingConnection(_CountingConnection):
+    """A DuckDB connection that keeps the SQL it is given."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection) -> None:
+        super().__init__(con)
+        self.sql: list[str] = []
+
+    def execute(self, *args, **kwargs):
+        self.sql.append(str(args[0]))
+        return super().execute(*args, **kwargs)

@@ -388,6 +388,9 @@ def sync_issues(
     evidence = _evidence(gov_con, day.isoformat(), [c["dataset"] for c in candidates])
     closing = {c["fingerprint"]: _closing(gov_con, evidence, day.isoformat(), c) for c in candidates
                if checked is None or c["dataset"] in checked}
+    # the traces below read their sample rows from one read per dataset (inside frozen_catalog; else each its own)
+    lineage.prefetch_source_rows(gov_con, registry, [s["lineage_id"] for g in groups for s in g["samples"]
+                                                     if s.get("lineage_id")])
     prepared = []
     for g in groups:
         agency = g["agency"] or (registry.datasets[g["dataset"]].agency if g["dataset"] in registry.datasets else "")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import json
+import logging
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -22,6 +23,8 @@ from zqdata import asset_keys, display
 from zqdata.quality.dimensions import cn_name
 from zqdata.registry import Dataset, Registry
 from zqdata.settings import TZ, repo_root
+
+log = logging.getLogger(__name__)
 
 MAX_TRACE_ROWS = 50  # a trace is for people; the full list of failing rows stays in quality.findings
 
@@ -393,22 +396,12 @@ def _source_rows(
         found: dict[str, SourceRow] = {}
         raw_values: dict[str, Mapping[str, Any]] = {}
         reason_field: dict[str, Any] = {}
-        # The day and the row number are part of the lineage id. Rows are stored in delivery order, so the range of
-        # row numbers (like the day) lets DuckDB skip every other row group: a day of 7 M swipes 0.4 s → 0.01 s.
-        parsed = [parse_lineage_id(i) for i in ids]
-        days = sorted({p[1] for p in parsed})
-        row_range = [min(p[3] for p in parsed), max(p[3] for p in parsed)]
-        where = ('"_partition_date" in (select unnest(?::date[])) and "_row_number" between ? and ? '
-                 'and "_lineage_id" in (select unnest(?::varchar[]))')
-        if ("ods", ds_code) in present:
-            for r in fetch_dicts(gov_con, f'select * from ods."{ds_code}" where {where}', [days, *row_range, ids]):
-                found[r["_lineage_id"]] = _source_row(ds, r, "ods")
-                raw_values[r["_lineage_id"]] = r
-        missing = [i for i in ids if i not in found]
-        if missing and ("quarantine", "rows") in present:
-            for r in fetch_dicts(gov_con, f'select * from quarantine."rows" where {where}', [days, *row_range, missing]):
-                if r["_lineage_id"] in found:
-                    continue
+        ods, quarantined = _stored_rows(gov_con, ds_code, ids, present)
+        for lid, r in ods.items():
+            found[lid] = _source_row(ds, r, "ods")
+            raw_values[lid] = r
+        for lid, r in quarantined.items():
+            if lid not in found:
                 row = _source_row(ds, r, "quarantined")
                 row.quarantine_reason = str(r.get("reason") or "")  # masked below, with the row's raw values
                 reason_field[r["_lineage_id"]] = r.get("field")
@@ -432,6 +425,56 @@ def _source_rows(
                 _, day, file, rn = parse_lineage_id(lid)
                 out.append(SourceRow(lid, ds_code, ds.agency, f"{ds.agency}/{ds_code}/{day}/{file}", rn, day, "not_found"))
     return out, raw_by_id
+
+
+def _stored_rows(gov_con: duckdb.DuckDBPyConnection, ds_code: str, ids: list[str],
+                 present: set[tuple[str, str]]) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """({lineage id: its ODS row}, {lineage id: its quarantine row, for those not in the ODS}) of one dataset's ids.
+    Inside `zqdata.warehouse.frozen_catalog` each id is read once per block (`prefetch_source_rows` reads many at once)."""
+    from zqdata.warehouse import frozen_rows
+
+    memo = frozen_rows(gov_con)
+    out: tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]] = ({}, {})
+    for n, (table, schema_table) in enumerate(((f'ods."{ds_code}"', ("ods", ds_code)),
+                                              ('quarantine."rows"', ("quarantine", "rows")))):
+        wanted = [i for i in ids if i not in out[0]]  # the quarantine holds what the ODS does not
+        todo = wanted if memo is None else [i for i in wanted if (table, i) not in memo]
+        fetched: dict[str, dict[str, Any]] = {}
+        if todo and schema_table in present:
+            # The day and the row number are part of the lineage id. Rows are stored in delivery order, so the range of
+            # row numbers (like the day) lets DuckDB skip every other row group: a day of 7 M swipes 0.4 s → 0.01 s.
+            parsed = [parse_lineage_id(i) for i in todo]
+            where = ('"_partition_date" in (select unnest(?::date[])) and "_row_number" between ? and ? '
+                     'and "_lineage_id" in (select unnest(?::varchar[]))')
+            params = [sorted({p[1] for p in parsed}), min(p[3] for p in parsed), max(p[3] for p in parsed), todo]
+            for r in fetch_dicts(gov_con, f"select * from {table} where {where}", params):
+                fetched.setdefault(r["_lineage_id"], r)  # a row quarantined twice: its first record
+        if memo is not None:
+            memo.update({(table, i): fetched.get(i) for i in todo})
+            fetched = {i: memo[(table, i)] for i in wanted if memo[(table, i)] is not None}
+        out[n].update(fetched)
+    return out
+
+
+def prefetch_source_rows(gov_con: duckdb.DuckDBPyConnection, registry: Registry, lineage_ids: Iterable[str]) -> None:
+    """Inside `zqdata.warehouse.frozen_catalog`: read the stored rows of many lineage ids at once (one query per dataset
+    and table), for the traces that follow (the issues step traces each issue of the day: ~45 traces, each reading its
+    own sample rows, took ~0.2 s a day; issue 15). Outside the block it does nothing."""
+    from zqdata.warehouse import existing_tables, frozen_rows
+
+    if frozen_rows(gov_con) is None:
+        return
+    by_ds: dict[str, list[str]] = {}
+    for lid in dict.fromkeys(lineage_ids):
+        m = _LINEAGE_RE.match(lid.strip())
+        if m and m["dataset"] in registry.datasets:  # the others: each trace reports them itself
+            by_ds.setdefault(m["dataset"], []).append(lid)
+    try:
+        present = existing_tables(gov_con, ("ods", "quarantine")) if by_ds else set()
+        for ds_code, ids in by_ds.items():
+            _stored_rows(gov_con, ds_code, ids, present)
+    except duckdb.Error as exc:  # only a shortcut: each trace then reads (and reports) its own rows
+        log.warning("溯源预读失败 prefetch of traced rows failed: %s", display.scrub_text(str(exc)))
 
 
 def _json_obj(s: Any) -> dict[str, Any]:
@@ -464,8 +507,18 @@ def delivery_manifest(gov_con: duckdb.DuckDBPyConnection, dataset: str, partitio
     ``deliveries_exist``: whether meta.deliveries exists, when the caller knows (a trace asks once, not per file)."""
     if not (table_exists(gov_con, "meta", "deliveries") if deliveries_exist is None else deliveries_exist):
         return []
-    rows = fetch_dicts(gov_con, "select * from meta.deliveries where dataset = ? and partition_date::varchar = ?",
-                       [dataset, partition_date])
+    from zqdata.warehouse import frozen_rows
+
+    memo = frozen_rows(gov_con)
+    if memo is None:
+        rows = fetch_dicts(gov_con, "select * from meta.deliveries where dataset = ? and partition_date::varchar = ?",
+                           [dataset, partition_date])
+    else:  # inside frozen_catalog: the day's deliveries of every dataset, read once (a trace names several)
+        key = ("meta.deliveries", partition_date)
+        if key not in memo:
+            memo[key] = fetch_dicts(gov_con, "select * from meta.deliveries where partition_date::varchar = ?",
+                                    [partition_date])
+        rows = [r for r in memo[key] if r.get("dataset") == dataset]  # type: ignore[union-attr]
     base = delivery_file.rsplit("/", 1)[-1]
     return _jsonable([r for r in rows if str(r.get("delivery_file") or "") in (delivery_file, base)
                       or str(r.get("delivery_file") or "").endswith("/" + base)])

@@ -54,10 +54,12 @@ def table_exists(ops_con: duckdb.DuckDBPyConnection, schema: str, table: str) ->
 
 
 def keep_subjects(gov_con: duckdb.DuckDBPyConnection, registry: Registry, dataset: Dataset, scenarios: list[str],
-                  reference_day: dt.date, key: PseudonymKey, scope: str, cache: dict | None = None) -> pa.Table:
+                  reference_day: dt.date, key: PseudonymKey, scope: str, cache: dict | None = None,
+                  subject_sets=None) -> pa.Table:
     """The subjects of ``dataset`` whose latest consent for any of ``scenarios`` as of ``reference_day`` is a grant, as
     they appear in the ops schema ``scope`` (one column named after the subject field, masked on the gov side). ``cache`` reuses a set computed for another
-    dataset of the same scenarios whose subject looks the same on ops (kept as is, or the same pseudonym domain)."""
+    dataset of the same scenarios whose subject looks the same on ops (kept as is, or the same pseudonym domain).
+    ``subject_sets`` (`zqdata.boundary.SubjectSets`): the crossing's consent sets, evaluated once for all its uses."""
     from zqdata.boundary import BoundaryError, _params, granted_subjects_sql
     from zqdata.desensitize import pseudonym_role
 
@@ -71,6 +73,8 @@ def keep_subjects(gov_con: duckdb.DuckDBPyConnection, registry: Registry, datase
     if cache is not None and cache_key in cache:
         return cache[cache_key].rename_columns([name])
     inner, params = granted_subjects_sql(gov_con, registry, scenarios, dataset.consent.subject_type, reference_day)
+    if subject_sets is not None:
+        inner, params = f"SELECT subject_id FROM {subject_sets.relation(inner, params)}", {}
     items, pads = release_select(dataset, [name], reference_day, key, scope, table_alias="k")
     sql = f"SELECT DISTINCT {items[0]} FROM (SELECT subject_id AS {quote_ident(name)} FROM ({inner})) AS k"
     keep = gov_con.execute(sql, _params(sql, {**params, **pads})).fetch_arrow_table()

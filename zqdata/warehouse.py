@@ -93,6 +93,7 @@ class _Frozen:
     def __init__(self) -> None:
         self.tables: set[tuple[str, str]] | None = None
         self.columns: dict[tuple[str, str], dict[str, str]] | None = None
+        self.rows: dict[tuple, object] = {}  # `frozen_rows`
 
 
 _FROZEN: dict[int, _Frozen] = {}  # id(connection) -> its catalog, inside `frozen_catalog`
@@ -133,6 +134,14 @@ def frozen_columns(con: duckdb.DuckDBPyConnection) -> dict[tuple[str, str], dict
                 "order by database_name, schema_name, table_name, column_index").fetchall():
             frozen.columns.setdefault((s, t), {}).setdefault(c, dtype)
     return frozen.columns
+
+
+def frozen_rows(con: duckdb.DuckDBPyConnection) -> dict[tuple, object] | None:
+    """Inside `frozen_catalog`: a memo of rows read from the tables only the ingestion writes (ODS, quarantine,
+    meta.deliveries), which no step running such a block writes; lineage traces keep what they read there (a day's ~45
+    traces read the same deliveries and rows; issue 15). None outside the block."""
+    frozen = _FROZEN.get(id(con))
+    return None if frozen is None else frozen.rows
 
 
 def _catalog(con: duckdb.DuckDBPyConnection, schemas: list[str] | None) -> set[tuple[str, str]]:
