@@ -137,6 +137,25 @@ def build_alert_sensor() -> dg.SensorDefinition:
     return quality_issue_alert_sensor
 
 
+FINDINGS_ORDER = "severity, dataset, rule, delivery_file, row_number"  # the findings a check's trace shows first
+
+
+def prefetch_finding_rows(gov_con: duckdb.DuckDBPyConnection, registry: Registry, partition_date: str | dt.date,
+                          limit: int = 20) -> None:
+    """Inside `zqdata.warehouse.frozen_catalog`: read at once the source rows of the findings that `trace_metadata`
+    shows for each (dataset, rule) of the partition (its first ``limit``), so that a day's traces of failed checks do
+    not each read their own (issue 15). Only a shortcut: a trace reads what is not here itself."""
+    from zqdata import lineage
+
+    if not lineage.table_exists(gov_con, "quality", "findings"):
+        return
+    ids = [r[0] for r in gov_con.execute(
+        f"select lineage_id from (select lineage_id, row_number() over (partition by dataset, rule order by "
+        f"{FINDINGS_ORDER}) as n from quality.findings where partition_date = ?::date) "
+        f"where n <= {int(limit)} and lineage_id is not null", [str(partition_date)]).fetchall()]
+    lineage.prefetch_source_rows(gov_con, registry, ids)
+
+
 def trace_metadata(
     gov_con: duckdb.DuckDBPyConnection,
     ops_con: duckdb.DuckDBPyConnection | None,
@@ -174,7 +193,7 @@ def trace_metadata(
             params.append(severity)
         findings = lineage.fetch_dicts(
             gov_con,
-            f"select * from quality.findings where {' and '.join(where)} order by severity, dataset, rule, delivery_file, row_number limit {int(limit)}",
+            f"select * from quality.findings where {' and '.join(where)} order by {FINDINGS_ORDER} limit {int(limit)}",
             params,
         )
         if not findings:

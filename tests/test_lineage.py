@@ -334,3 +334,27 @@ class _SqlRecordingConnection(_CountingConnection):
     def execute(self, *args, **kwargs):
         self.sql.append(str(args[0]))
         return super().execute(*args, **kwargs)
+
+
+def test_a_prefetch_starts_the_memo_afresh_and_serves_the_traces_of_failed_checks(dbs, registry):
+    """A range run traces every day in one frozen block: each day's prefetch replaces the memo (a year of traced rows
+    is not kept), and `prefetch_finding_rows` reads the rows that the traces of the day's failed checks show."""
+    from orchestration.sensors import prefetch_finding_rows, trace_metadata
+    from zqdata import warehouse
+
+    gov, _ = dbs
+    con = _SqlRecordingConnection(gov)
+    first = [lid("enterprise_registry", "part-0001.csv", 2)]
+    with warehouse.frozen_catalog(con):
+        lineage.prefetch_source_rows(con, registry, first)
+        prefetch_finding_rows(con, registry, DAY)  # the next day's working set
+        before = len(con.sql)
+        for ds, rule in [("resident_population", "accuracy.citizen_id_check"),
+                         ("enterprise_registry", "accuracy.uscc_check")]:
+            meta = trace_metadata(con, None, registry, partition_date=DAY, dataset=ds, rules=[rule])
+            assert meta["source_agencies"].value == registry.agencies[registry.datasets[ds].agency].name
+        assert not [s for s in con.sql[before:] if 'ods."' in s or 'quarantine."rows"' in s]
+        memo = warehouse.frozen_rows(con)
+        lineage.prefetch_source_rows(con, registry, [lid("bus_card_swipes", "part-0001.parquet", 1)])
+        assert set(k[1] for k in memo if k[0].startswith(("ods", "quarantine"))) == {
+            lid("bus_card_swipes", "part-0001.parquet", 1)}

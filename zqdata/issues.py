@@ -465,6 +465,10 @@ def escalate_overdue(db: sa.Engine, registry: Registry, now: dt.datetime | None 
         return _escalate(conn, registry, _now(now))
 
 
+# open, notified or reopened, not yet escalated, with an SLA clock: what escalation waits for
+_WAITING = (issues_t.c.escalated_at.is_(None), issues_t.c.status.in_(OPEN_LIKE), issues_t.c.open_since.is_not(None))
+
+
 def _overdue_candidates(conn: sa.Connection, *, lock: bool, registry: Registry | None = None,
                         at: dt.datetime | None = None) -> list[sa.Row]:
     """Open, not escalated issues with an SLA clock; with ``registry`` and ``at``, only those open since before ``at``
@@ -472,7 +476,7 @@ def _overdue_candidates(conn: sa.Connection, *, lock: bool, registry: Registry |
     each night grew with history; issue 15)."""
     q = (
         sa.select(issues_t.c.fingerprint, issues_t.c.dataset, issues_t.c.status, issues_t.c.open_since)
-        .where(issues_t.c.escalated_at.is_(None), issues_t.c.status.in_(OPEN_LIKE), issues_t.c.open_since.is_not(None))
+        .where(*_WAITING)
         .order_by(issues_t.c.fingerprint)
     )
     slas = [ds.delivery.sla_hours for ds in (registry.datasets.values() if registry is not None else [])]
@@ -502,9 +506,11 @@ def _escalate(conn: sa.Connection, registry: Registry, at: dt.datetime) -> list[
 def next_escalation_due(db: sa.Engine | sa.Connection, registry: Registry) -> dt.datetime | None:
     """The earliest moment an open/notified/reopened, not yet escalated issue reaches its dataset's SLA (from then on
     `escalate_overdue` escalates it), or None when no issue is waiting for escalation."""
-    with _reading(db) as conn:
-        rows = _overdue_candidates(conn, lock=False)
-    dues = [since + sla for _, ds, _, since in rows if (sla := _sla(registry, ds)) is not None]
+    c = issues_t.c
+    earliest = sa.func.min(c.open_since, type_=issues_t.c.open_since.type)  # ISO text in one zone: ordered as times
+    with _reading(db) as conn:  # per dataset, in SQL: open issues pile up (16,000 after a year in the simulation)
+        rows = conn.execute(sa.select(c.dataset, earliest).where(*_WAITING).group_by(c.dataset)).all()
+    dues = [since + sla for ds, since in rows if since is not None and (sla := _sla(registry, ds)) is not None]
     return min(dues) if dues else None
 
 

@@ -459,11 +459,16 @@ def _stored_rows(gov_con: duckdb.DuckDBPyConnection, ds_code: str, ids: list[str
 def prefetch_source_rows(gov_con: duckdb.DuckDBPyConnection, registry: Registry, lineage_ids: Iterable[str]) -> None:
     """Inside `zqdata.warehouse.frozen_catalog`: read the stored rows of many lineage ids at once (one query per dataset
     and table), for the traces that follow (the issues step traces each issue of the day: ~45 traces, each reading its
-    own sample rows, took ~0.2 s a day; issue 15). Outside the block it does nothing."""
+    own sample rows, took ~0.2 s a day; issue 15). Outside the block it does nothing.
+
+    It starts the block's memo afresh: the memo holds one day's working set (this prefetch and the reads of the traces
+    after it), not every row a range of a year traced."""
     from zqdata.warehouse import existing_tables, frozen_rows
 
-    if frozen_rows(gov_con) is None:
+    memo = frozen_rows(gov_con)
+    if memo is None:
         return
+    memo.clear()
     by_ds: dict[str, list[str]] = {}
     for lid in dict.fromkeys(lineage_ids):
         m = _LINEAGE_RE.match(lid.strip())

@@ -85,6 +85,10 @@ quality_issues = sa.Table(
     sa.Column("reopen_count", sa.Integer, nullable=False, server_default="0"),
     sa.Column("updated_at", AwareDateTime, nullable=False),
     sa.Index("ix_quality_issues_partition", "partition_date", "status"),
+    # what the nightly alerting asks of every open issue (messages due, SLA escalation), answered from the index alone:
+    # the rows carry their trace (~6 KB), and reading 16,000 open issues whole after a year took ~0.2 s a query
+    sa.Index("ix_quality_issues_open", "status", "escalated_at", "open_since", "agency", "reopen_count", "dataset",
+             "fingerprint"),
 )
 
 issue_events = sa.Table(
@@ -120,6 +124,7 @@ notifications = sa.Table(
     sa.Column("last_attempt_at", AwareDateTime),
     sa.Column("sent_at", AwareDateTime),
     sa.UniqueConstraint("fingerprint", "channel", "status_event"),
+    sa.Index("ix_notifications_status", "status"),  # the outbox counts, without reading the messages
 )
 
 notification_attempts = sa.Table(
@@ -253,6 +258,9 @@ def _engine(url: str) -> sa.Engine:
     else:
         engine = sa.create_engine(url, pool_pre_ping=True)
     metadata.create_all(engine)
+    for table in metadata.sorted_tables:  # an index added since the tables were made (create_all makes tables only)
+        for index in table.indexes:
+            index.create(engine, checkfirst=True)
     return engine
 
 

@@ -139,7 +139,8 @@ def frozen_columns(con: duckdb.DuckDBPyConnection) -> dict[tuple[str, str], dict
 def frozen_rows(con: duckdb.DuckDBPyConnection) -> dict[tuple, object] | None:
     """Inside `frozen_catalog`: a memo of rows read from the tables only the ingestion writes (ODS, quarantine,
     meta.deliveries), which no step running such a block writes; lineage traces keep what they read there (a day's ~45
-    traces read the same deliveries and rows; issue 15). None outside the block."""
+    traces read the same deliveries and rows; issue 15). `zqdata.lineage.prefetch_source_rows` starts it afresh for
+    each day. None outside the block."""
     frozen = _FROZEN.get(id(con))
     return None if frozen is None else frozen.rows
 

@@ -150,12 +150,12 @@ def with_check_traces(events: Iterator[Any], warehouse: WarehouseResource, reg: 
     partition's dbt failures are collected into quality.findings once (unless `findings_collected`), then each failed
     check is traced by its rule. `con`: an open gov connection to use (else one is opened when a check needs it).
     """
-    from orchestration.sensors import trace_metadata
+    from orchestration.sensors import prefetch_finding_rows, trace_metadata
     from zqdata.quality.dbt_findings import collect_dbt_findings
 
     manifest = _manifest()
     tests = {n["name"]: n for n in manifest.get("nodes", {}).values() if n.get("resource_type") == "test"}
-    collected = findings_collected
+    collected, prefetched = findings_collected, False
     counts: dict[str, int | None] = {}
     with contextlib.ExitStack() as stack:
         for event in events:
@@ -170,6 +170,9 @@ def with_check_traces(events: Iterator[Any], warehouse: WarehouseResource, reg: 
                     if not collected:
                         collect_dbt_findings(con, manifest, partition_key)
                         collected = True
+                    if not prefetched:  # the rows the day's traces show, one read per dataset (in frozen_catalog)
+                        prefetch_finding_rows(con, reg, partition_key)
+                        prefetched = True
                     trace = trace_metadata(con, None, reg, partition_date=partition_key,
                                            dataset=model.split("__", 1)[1], rules=[rule])
                     event = event._replace(metadata={**event.metadata, **trace})
