@@ -204,8 +204,8 @@ def _page(site: Path, dataset: str, day: dt.date) -> Path:
 
 def test_a_nights_data_docs_render_its_own_pages_link_the_others_and_list_the_latest_days(tmp_path, monkeypatch):
     """Issue 15: a night's Data Docs cost does not grow with history. Earlier nights' pages are neither rendered nor
-    copied again (their published file is the same file, hard-linked), the index lists the latest days only, and an
-    old partition run again still gets its page rendered."""
+    published again (their published file stays the same file: no copy of the site per night), the index lists the
+    latest days only, and an old partition run again still gets its page rendered and replaced."""
     from zqdata.quality import gx_runner
 
     monkeypatch.setattr(gx_runner, "DATA_DOCS_INDEX_DAYS", 2)
@@ -220,8 +220,9 @@ def test_a_nights_data_docs_render_its_own_pages_link_the_others_and_list_the_la
         index = render_data_docs(_validations_of(day), tmp_path)
     assert first_built.stat().st_mtime_ns == written  # not rendered again
     again = _page(index.parent, "water_usage", days[0]).resolve()
-    assert again != published and again.read_bytes() == content
-    assert again.stat().st_ino == inode  # the same file in the new copy: linked, not copied
+    assert again == published and again.read_bytes() == content
+    assert again.stat().st_ino == inode  # the same file: neither copied nor linked into a new copy
+    assert len(list((tmp_path / "gx" / "sites").iterdir())) == 1  # one live copy, not a copy a night
     html = index.read_text(encoding="utf-8")
     assert run_name("water_usage", days[2]) in html and run_name("water_usage", days[1]) in html
     assert run_name("water_usage", days[0]) not in html  # beyond the index's days; its page stays published
@@ -230,7 +231,8 @@ def test_a_nights_data_docs_render_its_own_pages_link_the_others_and_list_the_la
     render_data_docs(_validations_of(days[0]), tmp_path)  # the oldest day run again
     assert first_built.stat().st_mtime_ns > written
     rerun = _page(index.parent, "water_usage", days[0]).resolve()
-    assert rerun.stat().st_ino != inode and external_references(index.parent) == []
+    assert rerun.stat().st_ino != inode and external_references(index.parent) == []  # replaced whole (renamed in)
+    assert not [p for p in index.parent.rglob(".*") if p.is_file()]  # no file left half-published
 
 
 def test_rewriting_maps_cdn_libraries_and_drops_everything_else(tmp_path):

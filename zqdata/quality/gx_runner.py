@@ -447,13 +447,14 @@ def render_data_docs(validations: list[DatasetValidation], docs_dir: Path, day: 
     ``<docs_dir>/gx/site/index.html``. A range run renders its days at once.
 
     GX writes its project (stores) and builds the site in place under ``<docs_dir>/gx/project``; the site is then made
-    to work offline (`make_site_offline`) and published as a copy switched atomically (``gx/site``, a symlink), so a
-    reader never sees a half-built site.
+    to work offline (`make_site_offline`) and published under ``gx/site`` (`publish_site`): the first time as a copy
+    switched atomically (a symlink), then page by page, each replaced whole and the index last, so a reader never sees
+    a half-written page nor an index listing a page not yet there.
 
     The cost does not grow with history (issue 15): only these results' pages and their suites' pages are rendered
-    (the others were rendered when their partition ran), the index reads the latest `DATA_DOCS_INDEX_DAYS` days, only
-    the files written by this build are made offline, and the published copy hard-links the files it shares with the
-    previous one (a year of pages is 2,500 files, rewritten and copied every night before)."""
+    (the others were rendered when their partition ran), the index reads the latest `DATA_DOCS_INDEX_DAYS` days, and
+    only the files written by this build are made offline and published (a year of pages is 2,500 files, rewritten
+    and copied every night before)."""
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
     from great_expectations.data_context.types.resource_identifiers import (
@@ -739,40 +740,37 @@ def external_references(site: Path) -> list[tuple[str, str]]:
 
 
 def publish_site(built: Path, root: Path, keep: int = 2, written: set[Path] | None = None) -> Path:
-    """Copy a built site to ``root/sites/<new>`` and switch the ``root/site`` symlink to it in one rename; the older
-    copies beyond ``keep`` are removed (a reader that opened one keeps its files on Linux). Returns ``root/site``.
+    """Publish a built site at ``root/site`` (a symlink to a copy under ``root/sites``); returns ``root/site``.
 
-    ``written``: the files of `built` its last build wrote. Any other file with the size and time of the previous
-    copy's is that file, and is hard-linked instead of copied (published copies are never written to; a build rewrites
-    its own files in place, so those are always copied). None: everything is copied."""
+    ``written`` None (or nothing published yet): a complete copy is made and the symlink switched to it in one rename;
+    the copies beyond ``keep`` are removed (a reader that opened one keeps its files on Linux).
+
+    ``written``: the files of `built` its last build wrote. Only they are published, into the live copy, each written
+    beside its place and renamed over it (a reader sees a page whole, old or new), the site's index last (a reader sees
+    every page the index lists). A night's publication then costs its own pages: hard-linking a year's 2,500 pages
+    into a fresh copy each night, and removing the copy before, took ~1.3 s after a year (issue 15)."""
     import time
     import uuid
 
     sites = root / "sites"
     sites.mkdir(parents=True, exist_ok=True)
-    link, tmp = root / "site", root / f".site-{uuid.uuid4().hex[:8]}"
-    previous = link.resolve() if link.is_symlink() and written is not None else None
+    link = root / "site"
+    live = link.resolve() if link.is_symlink() else None
+    if written is not None and live is not None and live.is_dir() and live.parent == sites.resolve():
+        index = built / "index.html"
+        for src in sorted((p for p in written if p.is_file() and p != index), key=str) + (
+                [index] if index in written and index.is_file() else []):
+            dst = live / src.relative_to(built)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:8]}")
+            shutil.copy2(src, tmp)
+            os.replace(tmp, dst)
+        return link
+    tmp = root / f".site-{uuid.uuid4().hex[:8]}"
     target = sites / f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"  # names sort in the order they were made
-    _copy_site(built, target, previous, written or set())
+    shutil.copytree(built, target)
     os.symlink(target.relative_to(root), tmp)
     os.replace(tmp, link)  # atomic: readers see the old site or the new one, never a mix
     for old in sorted((p for p in sites.iterdir() if p.is_dir() and p != target), key=lambda p: p.name)[:-(keep - 1) or None]:
         shutil.rmtree(old, ignore_errors=True)
     return link
-
-
-def _copy_site(built: Path, target: Path, previous: Path | None, written: set[Path]) -> None:
-    for folder, _dirs, files in os.walk(built):
-        rel = Path(folder).relative_to(built)
-        (target / rel).mkdir(parents=True, exist_ok=True)
-        for name in files:
-            src, dst = Path(folder) / name, target / rel / name
-            if previous is not None and src not in written:
-                try:
-                    s, p = src.stat(), (previous / rel / name).stat()
-                    if (s.st_size, s.st_mtime_ns) == (p.st_size, p.st_mtime_ns):  # copy2 keeps the time
-                        os.link(previous / rel / name, dst)
-                        continue
-                except OSError:  # not in the previous copy (or a filesystem without hard links): copied
-                    pass
-            shutil.copy2(src, dst)
