@@ -500,7 +500,10 @@ def render_data_docs(validations: list[DatasetValidation], docs_dir: Path, day: 
         )
         ctx.validation_results_store.set(key, v.result)
         rendered.add(key)
-    before = _file_stamps(root)
+    # the site's files before the build (not the whole project: its stores hold a file per result, ~0.5 s to walk
+    # after a year); any file of the built site that differs is this build's
+    base = ((sites.get("local_site") or {}).get("store_backend") or {}).get("base_directory")
+    before = _file_stamps(Path(ctx.root_directory) / base if base else root)
     # a set: GX tests each stored key's membership (a list would be compared key by key)
     built_sites = ctx.build_data_docs(resource_identifiers=rendered or None)
     built = Path(built_sites["local_site"].removeprefix("file://"))
