@@ -235,6 +235,35 @@ def test_a_nights_data_docs_render_its_own_pages_link_the_others_and_list_the_la
     assert not [p for p in index.parent.rglob(".*") if p.is_file()]  # no file left half-published
 
 
+
+def test_the_result_store_keeps_the_index_days_and_the_older_results_are_archived_not_lost(tmp_path, monkeypatch):
+    """Issue 15: GX lists (and parses the run time of) every key of its validation-result store on each build: after a
+    year that was ~1 s of a night's Data Docs (7,700 keys). Results older than the index's days are moved out of the
+    store into an archive beside it after each build: the store holds what the index can list, nothing is deleted, the
+    old pages stay published, and the index is the same."""
+    import great_expectations as gx
+
+    from zqdata.quality import gx_runner
+
+    monkeypatch.setattr(gx_runner, "DATA_DOCS_INDEX_DAYS", 2)
+    days = [DAY + dt.timedelta(days=i) for i in range(4)]
+    for day in days:
+        index = render_data_docs(_validations_of(day), tmp_path)
+    project = tmp_path / "gx" / "project"
+    store = gx.get_context(mode="file", project_root_dir=str(project)).validation_results_store
+    kept = sorted(str(k.run_id.run_name) for k in store.list_keys())
+    assert kept == sorted(run_name(ds, day) for ds, _, _ in BATCHES for day in days[2:])
+    archive = project / "gx" / "uncommitted" / gx_runner.RESULT_ARCHIVE
+    archived = sorted(p.relative_to(archive).parts[1] for p in archive.rglob("*.json"))
+    assert archived == sorted(run_name(ds, day) for ds, _, _ in BATCHES for day in days[:2])  # nothing lost
+    html = index.read_text(encoding="utf-8")
+    assert all(run_name(ds, day) in html for ds, _, _ in BATCHES for day in days[2:])
+    assert _page(index.parent, "water_usage", days[0]).is_file()  # the old pages stay published
+
+    render_data_docs(_validations_of(days[0]), tmp_path)  # an old day run again: rendered, then archived anew
+    assert sorted(str(k.run_id.run_name) for k in store.list_keys()) == kept
+    assert len([p for p in archive.rglob("*.json") if run_name("water_usage", days[0]) in p.parts]) == 1
+
 def test_rewriting_maps_cdn_libraries_and_drops_everything_else(tmp_path):
     (tmp_path / "static" / "images").mkdir(parents=True)
     (tmp_path / "static" / "images" / "logo-long.png").write_bytes(b"png")

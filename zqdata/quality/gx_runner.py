@@ -419,6 +419,9 @@ def run_name(dataset: str, day: dt.date) -> str:
     return f"{dataset}-{day.isoformat()}"
 
 
+_RUN_DAY = re.compile(r"-(\d{4}-\d{2}-\d{2})$")  # the partition day at the end of a `run_name`
+
+
 def run_identifier(dataset: str, day: dt.date):
     """The GX `RunIdentifier` of a dataset's validation; its time is the partition's start, so a rerun of the partition
     overwrites its page instead of adding one."""
@@ -440,6 +443,9 @@ def label_result(result, dataset: str, model: str, day: dt.date) -> None:
 # The index lists the validations of the latest DATA_DOCS_INDEX_DAYS days (per dataset validated): GX reads every
 # result it lists, so an unbounded index costs more each day of history. Older pages stay, linked from their checks.
 DATA_DOCS_INDEX_DAYS = 31
+# Results older than the index's days leave GX's result store for this folder (beside the store, under
+# gx/uncommitted): GX lists and parses every stored key on each build (issue 15).
+RESULT_ARCHIVE = "validations_archive"
 
 
 def render_data_docs(validations: list[DatasetValidation], docs_dir: Path, day: dt.date | None = None) -> Path:
@@ -501,25 +507,60 @@ def render_data_docs(validations: list[DatasetValidation], docs_dir: Path, day: 
         ctx.validation_results_store.set(key, v.result)
         rendered.add(key)
     # the site's files before the build (not the whole project: its stores hold a file per result, ~0.5 s to walk
-    # after a year); any file of the built site that differs is this build's
+    # after a year), without the page folders of the runs not rendered now (a year's 7,700 files: ~0.25 s for the two
+    # walks); any file of the built site that differs is this build's
     base = ((sites.get("local_site") or {}).get("store_backend") or {}).get("base_directory")
-    before = _file_stamps(Path(ctx.root_directory) / base if base else root)
+    runs = {str(k.run_id.run_name) for k in rendered if isinstance(k, ValidationResultIdentifier)}
+    before = _file_stamps(Path(ctx.root_directory) / base if base else root, runs)
     # a set: GX tests each stored key's membership (a list would be compared key by key)
     built_sites = ctx.build_data_docs(resource_identifiers=rendered or None)
     built = Path(built_sites["local_site"].removeprefix("file://"))
-    written = {p for p, stamp in _file_stamps(built.parent).items() if before.get(p) != stamp}
+    written = {p for p, stamp in _file_stamps(built.parent, runs).items() if before.get(p) != stamp}
     dropped = make_site_offline(built.parent, only=written)
     unexpected = sorted(set(dropped) - EXPECTED_DROPS)
     if unexpected:  # a GX upgrade requests something new: the pages may miss a library (see data_docs_vendor/README)
         logging.getLogger(__name__).warning("Data Docs 离线化删除了未知的外部引用 (unknown external references dropped): %s",
                                             unexpected)
-    return publish_site(built.parent, Path(docs_dir) / "gx", written=written) / built.name
+    site = publish_site(built.parent, Path(docs_dir) / "gx", written=written) / built.name
+    store = Path(ctx.validation_results_store.store_backend.full_base_directory)
+    archive_old_results(store, store.parent / RESULT_ARCHIVE, DATA_DOCS_INDEX_DAYS)
+    return site
 
 
-def _file_stamps(folder: Path) -> dict[Path, tuple[int, int]]:
-    """{file: (modification time, size)} of every file under `folder`."""
+def archive_old_results(store: Path, archive: Path, keep_days: int) -> list[Path]:
+    """Move the results of partitions older than the newest `keep_days` days out of GX's result store into
+    `archive` (same layout: `<suite>/<dataset>-<day>/...`); returns the folders moved.
+
+    GX lists and parses every key of the store on each Data Docs build (its run time through dateutil): ~1 s a night
+    after a year of seven datasets. The index shows only the latest days, their pages are already published and
+    `quality.gx_results` keeps every outcome, so the older results are kept aside, not deleted; a partition run
+    again puts its result back in the store, and the next build moves it out again."""
+    folders = [(run, dt.date.fromisoformat(m.group(1)))
+               for suite in (store.iterdir() if store.is_dir() else []) if suite.is_dir()
+               for run in suite.iterdir() if run.is_dir() and (m := _RUN_DAY.search(run.name))]
+    if not folders:
+        return []
+    first_kept = max(day for _, day in folders) - dt.timedelta(days=keep_days - 1)
+    moved = []
+    for run, day in folders:
+        if day < first_kept:
+            dest = archive / run.relative_to(store)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if dest.exists():  # archived before, then the partition ran again: the newer result replaces it
+                shutil.rmtree(dest)
+            os.replace(run, dest)
+            moved.append(dest)
+    return moved
+
+
+def _file_stamps(folder: Path, runs: set[str] | None = None) -> dict[Path, tuple[int, int]]:
+    """{file: (modification time, size)} of every file under `folder`; `runs` given, of the validation pages
+    (`validations/<suite>/<run name>/...`) only those of these runs."""
     out = {}
-    for parent, _dirs, files in os.walk(folder):
+    for parent, dirs, files in os.walk(folder):
+        rel = Path(parent).relative_to(folder).parts
+        if runs is not None and len(rel) == 2 and rel[0] == "validations":
+            dirs[:] = [d for d in dirs if d in runs]
         for name in files:
             st = os.stat(os.path.join(parent, name))
             out[Path(parent) / name] = (st.st_mtime_ns, st.st_size)
