@@ -34,9 +34,6 @@ def product_key(product: str) -> dg.AssetKey:
     return dg.AssetKey(asset_keys.product(product))
 
 
-GATE_PAGE = 10_000  # check evaluations read per query
-
-
 def run_gate_results(instance: dg.DagsterInstance, run_id: str, asset_key: dg.AssetKey,
                      partition: str | None = None) -> dict[str, bool]:
     """{check name: passed} of the error-severity checks evaluated on `asset_key` in this run (warnings left out);
@@ -53,28 +50,34 @@ def run_gate_results(instance: dg.DagsterInstance, run_id: str, asset_key: dg.As
 
 def run_gate_results_by_partition(instance: dg.DagsterInstance, run_id: str,
                                   asset_key: dg.AssetKey) -> dict[str | None, dict[str, bool]]:
-    """{partition: {check name: passed}} of the error-severity checks evaluated on `asset_key` in this run, read in
-    one pass over the run's evaluations (page by page). A range run's publication reads them once for all its days:
-    read per day, every day re-read the whole range's evaluations (1.5-1.7 s a product a day at 30 days, growing with
-    the range)."""
-    from dagster._core.events import DagsterEventType
+    """{partition: {check name: passed}} of the error-severity checks evaluated on `asset_key` in this run.
 
+    Read from the check executions Dagster's SQL event log indexes per asset, check, run and partition (SQLite here,
+    PostgreSQL in production): only this product's evaluations are deserialized. Read from the run's event stream,
+    every check evaluation of the run was (~184 a day, twice a day per product: 5.7 s of a 30-day range run)."""
+    from dagster._core.events.log import EventLogEntry
+    from dagster._core.storage.asset_check_execution_record import COMPLETED_ASSET_CHECK_EXECUTION_RECORD_STATUSES
+    from dagster._core.storage.event_log.schema import AssetCheckExecutionsTable as Executions
+    from dagster._serdes import deserialize_value
+    from sqlalchemy import select
+
+    # a check planned and not evaluated (its model not built, its step failed) has no result: its row holds the
+    # planned event, not an evaluation
+    completed = [s.value for s in COMPLETED_ASSET_CHECK_EXECUTION_RECORD_STATUSES]
+    query = (select(Executions.c.partition, Executions.c.evaluation_event)
+             .where(Executions.c.asset_key == asset_key.to_string(), Executions.c.run_id == run_id,
+                    Executions.c.execution_status.in_(completed), Executions.c.evaluation_event.is_not(None))
+             .order_by(Executions.c.id))
+    with instance.event_log_storage.index_connection() as conn:
+        rows = conn.execute(query).fetchall()
     out: dict[str | None, dict[str, bool]] = {}
-    cursor = None
-    while True:
-        page = instance.get_records_for_run(run_id, cursor=cursor, of_type=DagsterEventType.ASSET_CHECK_EVALUATION,
-                                            limit=GATE_PAGE)
-        for rec in page.records:
-            ev = rec.event_log_entry.dagster_event.event_specific_data
-            if ev.asset_key != asset_key:
-                continue
-            if ev.severity == dg.AssetCheckSeverity.WARN and not ev.passed:
-                continue  # a failed warning does not gate
-            gates = out.setdefault(ev.partition, {})
-            gates[ev.check_name] = gates.get(ev.check_name, True) and bool(ev.passed)
-        if not page.has_more:
-            return out
-        cursor = page.cursor
+    for partition, stored in rows:
+        ev = deserialize_value(stored, EventLogEntry).get_dagster_event().event_specific_data
+        if ev.severity == dg.AssetCheckSeverity.WARN and not ev.passed:
+            continue  # a failed warning does not gate
+        gates = out.setdefault(partition, {})
+        gates[ev.check_name] = gates.get(ev.check_name, True) and bool(ev.passed)
+    return out
 
 
 def gate_problems(gates: dict[str, bool]) -> list[str]:
