@@ -108,7 +108,7 @@ def build_gov_range(context: dg.AssetExecutionContext, dbt: DbtCliResource, ware
             context.log.debug(f"leak-gate identifier index: {added} new values for {day}")
         with frozen_catalog(con):  # written above, only read below: the traces ask the catalog once, not ~3× each
             return {day: list(with_check_traces(iter(split[day]), warehouse, reg, day.isoformat(),
-                                                findings_collected=True, con=con))
+                                                findings_collected=True, con=con, manifest=manifest))
                     for day in days}
 
 
@@ -143,17 +143,19 @@ def confine_unbuilt(context: dg.AssetExecutionContext, warehouse: WarehouseResou
 
 
 def with_check_traces(events: Iterator[Any], warehouse: WarehouseResource, reg: Registry,
-                      partition_key: str, findings_collected: bool = False, con: Any = None) -> Iterator[Any]:
+                      partition_key: str, findings_collected: bool = False, con: Any = None,
+                      manifest: Mapping[str, Any] | None = None) -> Iterator[Any]:
     """Attach the 逐级溯源 trace (agency → delivery file → rows) to every failed dbt check, as the UI shows it.
 
     The events arrive after dbt has exited (they are buffered for column lineage), so the gov DB is free: the
     partition's dbt failures are collected into quality.findings once (unless `findings_collected`), then each failed
     check is traced by its rule. `con`: an open gov connection to use (else one is opened when a check needs it).
+    `manifest`: the build's dbt manifest when already read (a range run's days share it; ~25 ms to read).
     """
     from orchestration.sensors import prefetch_finding_rows, trace_metadata
     from zqdata.quality.dbt_findings import collect_dbt_findings
 
-    manifest = _manifest()
+    manifest = manifest if manifest is not None else _manifest()
     tests = {n["name"]: n for n in manifest.get("nodes", {}).values() if n.get("resource_type") == "test"}
     collected, prefetched = findings_collected, False
     counts: dict[str, int | None] = {}
