@@ -50,8 +50,11 @@ $(KEYFILE):
 	mkdir -p $(dir $@)
 	umask 077 && $(PYTHON) -c "import secrets; print(secrets.token_hex(32))" > $@
 
+# The test files run on TEST_WORKERS pytest-xdist workers, one file per worker at a time (its module fixtures are built
+# once), the longest files first (tests/conftest.py). TEST_WORKERS=0 runs them in one process.
+TEST_WORKERS ?= 2
 test: setup test-services
-	$(BIN)/pytest -q --durations=15
+	$(BIN)/pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # What the tests start themselves needs its programs, from Debian's packages: PostgreSQL (the operational DB in
 # production mode; the tests start their own server on loopback), Redis (the Celery broker of the distributed

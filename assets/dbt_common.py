@@ -731,13 +731,24 @@ def keep_partial_parse(run_dir: Path, cache: Path) -> bool:
     return True
 
 
-def prune_run_dirs(target_dir: Path, op_name: str, keep: int) -> list[Path]:
-    """Remove `<op_name>-*` run folders beyond the newest `keep` (by modification time); returns the removed ones."""
+RUN_DIR_GRACE_SECONDS = 3600  # a run folder younger than this is never pruned: another run may still be reading it
+
+
+def prune_run_dirs(target_dir: Path, op_name: str, keep: int,
+                   grace_seconds: float = RUN_DIR_GRACE_SECONDS) -> list[Path]:
+    """Remove `<op_name>-*` run folders beyond the newest `keep` (by modification time) that are older than
+    `grace_seconds`; returns the removed ones.
+
+    The grace period protects the folders of concurrent runs (several code locations, or test processes, share the
+    project's target folder): a run's checks read its folder after its dbt step, and other runs' builds in between
+    must not remove it, however many there are."""
     runs = sorted((p for p in target_dir.glob(f"{op_name}-*") if p.is_dir()),
                   key=lambda p: p.stat().st_mtime, reverse=True)
-    for old in runs[keep:]:
+    cutoff = time.time() - grace_seconds
+    removed = [p for p in runs[keep:] if p.stat().st_mtime < cutoff]
+    for old in removed:
         shutil.rmtree(old, ignore_errors=True)
-    return runs[keep:]
+    return removed
 
 
 if __name__ == "__main__":

@@ -21,6 +21,25 @@ from zqdata.registry import Registry, load_registry
 from zqdata.storage import LocalObjectStore
 
 
+# `make test` runs the files on pytest-xdist workers, one file per worker at a time, in collection order
+# (`--dist loadfile --no-loadscope-reorder`). The longest files (by `--durations`, longest first) start first, so no
+# long file is left running alone at the end; the rest keep their order. Order only: no test depends on it.
+LONGEST_FILES_FIRST = [
+    "test_nightly_e2e.py", "test_distributed.py", "test_service.py", "test_range_backfill.py", "test_landing_faults.py",
+    "test_quality_recall.py", "test_bench.py", "test_range_dbt.py", "test_ui_browser.py", "test_reports_browser.py",
+    "test_history.py", "test_reports_run.py", "test_publish.py", "test_runs.py", "test_child_dies.py",
+    "test_preflight.py", "test_dbt.py",
+]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    import os
+
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
+        items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's tests keep their order
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _dbt_profile_env() -> None:
     """profiles.yml reads ZQ_DUCKDB_MEMORY_LIMIT: Dagster sets it for each dbt run; tests that call dbt directly too."""

@@ -294,6 +294,12 @@ def test_partial_parse_state_is_kept_per_target_and_old_run_folders_pruned(tmp_p
     left = sorted(p.name for p in tmp_path.iterdir())
     assert sorted(p.name for p in removed) == ["op-old0", "op-old1", "op-old2", "op-old3"]
     assert left == ["op-a", "op-b", "op-old4", "other-run", "partial_parse"]
+    # Folders of concurrent runs, however many: beyond the newest `keep` but younger than the grace period, kept.
+    for i in range(4):
+        (tmp_path / f"op-busy{i}").mkdir()
+    assert prune_run_dirs(tmp_path, "op", keep=1) == [tmp_path / "op-old4"]
+    assert sorted(p.name for p in tmp_path.glob("op-*")) == ["op-a", "op-b", *(f"op-busy{i}" for i in range(4))]
+    assert len(prune_run_dirs(tmp_path, "op", keep=1, grace_seconds=0)) == 5
 
 
 @pytest.mark.parametrize("kind,macro,reference", [
