@@ -10,6 +10,7 @@ import contextlib
 import contextvars
 import datetime as dt
 import functools
+import hashlib
 import importlib.metadata
 import json
 import logging
@@ -638,10 +639,10 @@ def build_partition(dbt: DbtCliResource, context: dg.AssetExecutionContext, targ
       the build does not start unless `preflight(manifest)` returns no problem (ops: registered products only).
     - The partition reaches dbt as ZQ_PARTITION_DATE in the subprocess environment (macros/partition.sql), not as
       --vars: a new night then changes nothing dbt parses.
-    - dbt's partial-parse state is kept per target between runs (target/partial_parse/<target>.msgpack) and put in the
-      run's own target folder before dbt starts, so a night re-parses only the files that changed.
-    - Run folders of this asset beyond the newest `keep_runs` are removed (dagster-dbt makes one per run; a range
-      run keeps at least one per day of the range: its checks read them after the step).
+    - dbt's partial-parse state is kept per target and profile environment between runs (`partial_parse_cache`) and
+      put in the run's own target folder before dbt starts, so a night re-parses only the files that changed.
+    - Run folders of this asset beyond the newest `keep_runs` and older than an hour are removed (dagster-dbt makes one
+      per run; a range run keeps at least one per day of the range: its checks read them after the step).
     - `day`: the partition to build; default the run's partition. With `last_day` (a later day): ONE build of the
       days [day, last_day] (ZQ_PARTITION_START/END, macros/partition.sql; gov in a range run, issue 15), whose
       events the caller splits by day.
@@ -655,14 +656,14 @@ def build_partition(dbt: DbtCliResource, context: dg.AssetExecutionContext, targ
     label = None if day is None else (f"{first}..{last_day}" if ranged else first.isoformat())
     run_dir = target_dir / run_dir_name(op_name, context.run.run_id, label)
     profile_target = dbt_guard.dbt_target(target)  # gov/ops, or gov_lake/ops_lake (ZQ_WAREHOUSE=ducklake)
-    cache = target_dir / "partial_parse" / f"{profile_target}.msgpack"
-    seed_partial_parse(cache, run_dir)
     args = ["build", "--target", profile_target, *(["--exclude", " ".join(exclude)] if exclude else [])]
     if extra_vars:
         args += ["--vars", json.dumps(extra_vars, ensure_ascii=False, sort_keys=True)]
     profile = dbt_guard.profile_env(profile_target, gov_db if target == "gov" else ops_db,
                                     get_settings().duckdb_memory_limit, None if ranged else first.isoformat(),
                                     (first.isoformat(), last_day.isoformat()) if ranged else None)
+    cache = partial_parse_cache(target_dir, profile_target, profile)
+    seed_partial_parse(cache, run_dir)
     try:
         if preflight is not None:
             problems = preflight(parse_manifest(profile_target, run_dir, profile, extra_vars))
@@ -674,6 +675,7 @@ def build_partition(dbt: DbtCliResource, context: dg.AssetExecutionContext, targ
                                               domain=target)
     finally:
         keep_partial_parse(run_dir, cache)
+        prune_partial_parse_caches(cache.parent)
         prune_run_dirs(target_dir, op_name, keep=keep_runs)
 
 
@@ -708,6 +710,35 @@ def parse_manifest(target: str, run_dir: Path, profile: Mapping[str, str],
         raise dg.Failure(description=f"dbt parse 失败 (dbt parse failed, exit {done.returncode}):\n"
                                      + (done.stdout + done.stderr)[-4000:])
     return json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
+
+
+PARTITION_ENV = ("ZQ_PARTITION_DATE", "ZQ_PARTITION_START", "ZQ_PARTITION_END")
+
+
+def partial_parse_cache(target_dir: Path, profile_target: str, profile: Mapping[str, str]) -> Path:
+    """Where the partial-parse state of `profile_target` is kept between runs: one file per target and profile
+    environment (the warehouse files, the memory limit; not the partition, which changes every night).
+
+    dbt stores the values profiles.yml read in its state and parses everything again when one differs. Keyed by them,
+    processes with other warehouses on the same checkout (a benchmark, another data folder, parallel test workers) keep
+    their own state instead of invalidating each other's every night. Secrets are left out of the key (a changed
+    password then costs one full parse, as before)."""
+    parsed_env = sorted((k, v) for k, v in profile.items()
+                        if k not in PARTITION_ENV and not any(w in k for w in ("PASSWORD", "SECRET", "TOKEN")))
+    digest = hashlib.sha256(json.dumps(parsed_env).encode()).hexdigest()[:12]
+    return target_dir / "partial_parse" / f"{profile_target}-{digest}.msgpack"
+
+
+PARTIAL_PARSE_CACHES_KEPT = 16  # ~1 MB each: the targets of a few warehouses on one checkout
+
+
+def prune_partial_parse_caches(folder: Path, keep: int = PARTIAL_PARSE_CACHES_KEPT) -> list[Path]:
+    """Remove the kept partial-parse states beyond the newest `keep` (by modification time: a state is rewritten by
+    every build that uses it); one removed while a run reads it only costs that run a full parse."""
+    states = sorted(folder.glob("*.msgpack"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in states[keep:]:
+        old.unlink(missing_ok=True)
+    return states[keep:]
 
 
 def seed_partial_parse(cache: Path, run_dir: Path) -> bool:

@@ -276,6 +276,37 @@ def test_the_partition_comes_from_the_environment_and_a_bad_one_stops_dbt(gov: d
     assert not res.success and "partition_date must be YYYY-MM-DD" in str(res.exception or res.result)
 
 
+def test_partial_parse_state_is_kept_per_profile_environment_not_per_night(tmp_path: Path) -> None:
+    """Another warehouse on the same checkout (bench, a second data folder, a parallel test worker) keeps its own
+    state: dbt would parse everything again for the other's values. The partition and secrets are not part of it."""
+    from assets.dbt_common import partial_parse_cache
+    from zqdata.dbt_guard import profile_env
+
+    night1 = partial_parse_cache(tmp_path, "gov", profile_env("gov", "/a/gov.duckdb", "4GB", "2025-06-01"))
+    night2 = partial_parse_cache(tmp_path, "gov", profile_env("gov", "/a/gov.duckdb", "4GB", "2025-06-02"))
+    ranged = partial_parse_cache(tmp_path, "gov", profile_env("gov", "/a/gov.duckdb", "4GB", None,
+                                                               ("2025-06-01", "2025-06-05")))
+    other_db = partial_parse_cache(tmp_path, "gov", profile_env("gov", "/b/gov.duckdb", "4GB", "2025-06-01"))
+    other_limit = partial_parse_cache(tmp_path, "gov", profile_env("gov", "/a/gov.duckdb", "8GB", "2025-06-01"))
+    ops = partial_parse_cache(tmp_path, "ops", profile_env("ops", "/a/gov.duckdb", "4GB", "2025-06-01"))
+    assert night1 == night2 == ranged and night1.parent == tmp_path / "partial_parse"
+    assert len({night1, other_db, other_limit, ops}) == 4
+    secret = {"ZQ_LAKE_CATALOG": "dbname=c", "ZQ_LAKE_CATALOG_PASSWORD": "pw-1", "ZQ_LAKE_S3_SECRET": "s-1"}
+    rotated = {**secret, "ZQ_LAKE_CATALOG_PASSWORD": "pw-2", "ZQ_LAKE_S3_SECRET": "s-2"}
+    assert partial_parse_cache(tmp_path, "gov_lake", secret) == partial_parse_cache(tmp_path, "gov_lake", rotated)
+    # the states of warehouses no longer built are pruned, the newest kept
+    import os
+
+    from assets.dbt_common import prune_partial_parse_caches
+
+    night1.parent.mkdir()
+    for i, state in enumerate([night1, other_db, other_limit, ops]):
+        state.write_bytes(b"state")
+        os.utime(state, (1_000_000 + i, 1_000_000 + i))
+    assert prune_partial_parse_caches(night1.parent, keep=2) == [other_db, night1]
+    assert sorted(night1.parent.iterdir()) == sorted([other_limit, ops])
+
+
 def test_partial_parse_state_is_kept_per_target_and_old_run_folders_pruned(tmp_path: Path) -> None:
     import os
 
