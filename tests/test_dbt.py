@@ -626,6 +626,45 @@ def test_a_row_outside_the_partition_fails_the_build_and_changes_nothing_and_new
     assert rows() == [(dt.date.fromisoformat(DAY), 1, None), (dt.date.fromisoformat(DAY2), 1, "new")]
 
 
+def test_a_data_test_replaces_its_stored_failures_in_one_statement(tmp_path: Path) -> None:
+    """Issue 15: every data test stores its failing rows (dq_audit, read back by the quality findings) with ONE
+    `create or replace` (macros/store_failures.sql) instead of dbt's lookup, drop, BEGIN, create, COMMIT -- the per-test
+    machinery was most of a small night's gov build. The contract is dbt's: a later build's failures replace the
+    earlier ones (none left when it passes), the count is the result, and an object of another type under the test's
+    name (a view) is replaced by the table."""
+    import yaml
+
+    project = _probe_project(tmp_path, "{{ config(materialized='table') }}\n"
+                                       "select * from (values (1, 'a'), (2, null), (3, null)) t(id, v)")
+    (project / "models" / "probe.yml").write_text(yaml.safe_dump({"version": 2, "models": [{
+        "name": "probe_model", "columns": [{"name": "v", "data_tests": [
+            {"not_null": {"config": {"store_failures": True, "schema": "dq_audit", "severity": "warn"}}}]}]}]}))
+    db = tmp_path / "probe.duckdb"
+
+    def build() -> tuple[list, list]:
+        res = dbtRunner().invoke(["build", "--project-dir", str(project), "--profiles-dir", str(project),
+                                  "--target-path", str(project / "target"), "--log-path", str(project / "logs")])
+        release_in_process_dbt()
+        assert res.success, res.exception
+        tests = [r for r in res.result.results if r.node.resource_type == "test"]
+        with duckdb.connect(str(db)) as con:
+            stored = con.execute("select * from dq_audit.not_null_probe_model_v order by all").fetchall()
+            kind = con.execute("select table_type from information_schema.tables where table_schema = 'dq_audit'"
+                               " and table_name = 'not_null_probe_model_v'").fetchall()
+        return [(t.status, t.failures) for t in tests], stored + kind
+
+    with duckdb.connect(str(db)) as con:  # a view under the test's name, as a store_failures_as: view build leaves
+        con.execute("create schema dq_audit")
+        con.execute("create view dq_audit.not_null_probe_model_v as select 1 as id, 'x' as v")
+    assert build() == ([("warn", 2)], [(2, None), (3, None), ("BASE TABLE",)])
+    (project / "models" / "probe_model.sql").write_text("{{ config(materialized='table') }}\nselect 1 as id, 'a' as v")
+    assert build() == ([("pass", 0)], [("BASE TABLE",)])
+    log = (project / "logs" / "dbt.log").read_text(encoding="utf-8")
+    second = log[log.rindex("Running with dbt"):]
+    assert "create or replace table" in second and "dq_audit" in second
+    assert not re.search(r'drop table if exists "[^"]+"\."dq_audit"', second), "a data test dropped its table first"
+
+
 def test_empty_redelivery_empties_the_product_partition(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The ops products use the same strategy (no hook, no compile-time query: the materialization calls it)."""
     monkeypatch.setenv("ZQ_GOV_DB", str(tmp_path / "gov.duckdb"))
