@@ -37,7 +37,7 @@ from dagster_dbt import (
 
 from zqdata import asset_keys
 from zqdata import column_lineage as cl
-from zqdata import dbt_guard
+from zqdata import dbt_fork, dbt_guard
 from zqdata.lineage_page import lineage_page_path, lineage_page_url, update_lineage_page
 from zqdata.quality import check_info
 from zqdata.registry import Registry, registry
@@ -114,9 +114,10 @@ def dbt_resource() -> DbtCliResource:
 
 
 def dbt_executable() -> str:
-    """The venv's dbt when present (the venv's bin/ is not always on PATH), else `dbt` from PATH."""
-    beside = Path(sys.executable).parent / "dbt"
-    return str(beside) if beside.exists() else "dbt"
+    """What a step starts as dbt: `zq-dbt` (zqdata/dbt_fork.py: dbt run by this process's fork server, which has
+    imported dbt once; without one it execs dbt itself) beside this interpreter, else dbt's own executable."""
+    client = Path(sys.executable).parent / dbt_fork.CLIENT
+    return str(client) if client.exists() else dbt_fork.real_dbt()
 
 
 # ---------------------------------------------------------------- sealed dbt subprocesses (docs/security.md)
@@ -177,7 +178,7 @@ def sealed_cli(dbt: DbtCliResource, args: Sequence[str], profile: Mapping[str, s
     """`dbt.cli(args, **kwargs)` whose subprocess environment holds only the process necessities and `profile`
     (dbt_guard.profile_env): no pseudonymization key, no other platform's file, no S3/SMTP/operational-DB secret.
     Fails closed: a dbt started without the seal is stopped and the step fails."""
-    state: dict[str, Any] = {"profile": dict(profile), "applied": False}
+    state: dict[str, Any] = {"profile": {**profile, **dbt_fork.ensure_server()}, "applied": False}
     token = _SEALED.set(state)
     try:
         invocation = dbt.cli(list(args), **kwargs)
@@ -704,8 +705,8 @@ def parse_manifest(target: str, run_dir: Path, profile: Mapping[str, str],
            "--target", target, "--target-path", str(run_dir), "--log-path", str(run_dir), "--quiet"]
     if extra_vars:
         cmd += ["--vars", json.dumps(extra_vars, ensure_ascii=False, sort_keys=True)]
-    done = subprocess.run(cmd, env=dbt_guard.sealed_env(os.environ, profile), cwd=DBT_PROJECT_DIR,
-                          capture_output=True, text=True)
+    done = subprocess.run(cmd, env=dbt_guard.sealed_env(os.environ, {**profile, **dbt_fork.ensure_server()}),
+                          cwd=DBT_PROJECT_DIR, capture_output=True, text=True, preexec_fn=_die_with_parent)
     if done.returncode != 0:
         raise dg.Failure(description=f"dbt parse 失败 (dbt parse failed, exit {done.returncode}):\n"
                                      + (done.stdout + done.stderr)[-4000:])

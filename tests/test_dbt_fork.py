@@ -1,0 +1,146 @@
+"""The dbt fork server (zqdata/dbt_fork.py, issue 15): dbt's import paid once per step process. A dbt call through it
+behaves as dbt itself (exit codes, output, files), runs in exactly the environment its caller was given (the seal), and
+dies when its caller is killed; without a server the client runs dbt itself."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from assets.dbt_common import dbt_executable
+from tests.procs import wait_until
+from zqdata import dbt_fork
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork, SCM_RIGHTS, PR_SET_PDEATHSIG")
+CLIENT = Path(sys.executable).parent / dbt_fork.CLIENT
+
+
+def _project(tmp: Path, model_sql: str) -> Path:
+    project = tmp / "probe"
+    (project / "models").mkdir(parents=True)
+    (project / "dbt_project.yml").write_text(yaml.safe_dump({
+        "name": "probe", "version": "1.0.0", "profile": "probe", "model-paths": ["models"],
+        "flags": {"send_anonymous_usage_stats": False}}))
+    (project / "profiles.yml").write_text(yaml.safe_dump({"probe": {"target": "dev", "outputs": {"dev": {
+        "type": "duckdb", "path": "{{ env_var('PROBE_DB') }}", "threads": 1}}}}))
+    (project / "models" / "probe_model.sql").write_text(model_sql)
+    return project
+
+
+def _env(project: Path, **extra: str) -> dict[str, str]:
+    """A sealed-style environment: process necessities and the probe's own variables, nothing of this process."""
+    keep = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "TZ") or k.startswith("LC_")}
+    return {**keep, "PROBE_DB": str(project / "probe.duckdb"), "DBT_LOG_FORMAT": "json", **extra}
+
+
+def _dbt(project: Path, args: list[str], env: dict[str, str]) -> tuple[subprocess.CompletedProcess, set[int]]:
+    """`zq-dbt ARGS` in the probe project; its result and the pids dbt's log says it ran as."""
+    logs = project / "logs"
+    done = subprocess.run([str(CLIENT), *args, "--project-dir", str(project), "--profiles-dir", str(project),
+                           "--target-path", str(project / "target"), "--log-path", str(logs)],
+                          env=env, cwd=project, capture_output=True, text=True, timeout=600)
+    pids = set()
+    for line in (done.stdout.splitlines() if env.get("DBT_LOG_FORMAT") == "json" else []):
+        try:
+            pids.add(json.loads(line)["info"]["pid"])
+        except (ValueError, KeyError):
+            continue
+    return done, pids
+
+
+@pytest.fixture
+def server(monkeypatch: pytest.MonkeyPatch):
+    if not CLIENT.exists():
+        pytest.fail(f"{CLIENT} missing: `pip install -e .` installs the zq-dbt console script (pyproject.toml)")
+    monkeypatch.setenv("ZQ_PSEUDONYM_KEY", "fork-server-test-secret")  # the step's secret, which dbt must not see
+    monkeypatch.delenv(dbt_fork.SWITCH_ENV, raising=False)
+    env = dbt_fork.ensure_server()
+    assert set(env) == {dbt_fork.SOCKET_ENV}
+    yield env
+    dbt_fork.stop_server()
+
+
+def _server_pid() -> int:
+    return dbt_fork._server["proc"].pid
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_dbt_is_the_executable_steps_start() -> None:
+    assert dbt_executable() == str(CLIENT)
+
+
+def test_a_call_through_the_server_is_dbt_itself_in_exactly_its_callers_environment(tmp_path: Path, server) -> None:
+    project = _project(tmp_path, "select '{{ env_var('ZQ_PSEUDONYM_KEY', 'absent') }}' as key,"
+                                 " '{{ env_var('PROBE_MARK', 'none') }}' as mark")
+    done, pids = _dbt(project, ["run"], _env(project, **server, PROBE_MARK="given"))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert pids and os.getpid() not in pids
+    import duckdb
+
+    with duckdb.connect(str(project / "probe.duckdb"), read_only=True) as con:
+        assert con.execute("select key, mark from probe_model").fetchall() == [("absent", "given")]
+    # the server itself holds nothing of the process that started it
+    environ = Path(f"/proc/{_server_pid()}/environ").read_bytes()
+    assert b"fork-server-test-secret" not in environ and b"PROBE_" not in environ
+
+    # a failing call: the same exit code and message as dbt's own
+    bad = _env(project, **server)
+    bad.pop("PROBE_DB")
+    through, _ = _dbt(project, ["run"], bad)
+    direct = subprocess.run([dbt_fork.real_dbt(), "run", "--project-dir", str(project), "--profiles-dir",
+                             str(project), "--target-path", str(project / "target2"), "--log-path",
+                             str(project / "logs2")], env=bad, cwd=project, capture_output=True, text=True,
+                            timeout=600)
+    assert through.returncode == direct.returncode != 0
+    assert "PROBE_DB" in through.stdout + through.stderr
+
+
+def test_a_session_dies_when_its_caller_is_killed(tmp_path: Path, server) -> None:
+    project = _project(tmp_path, "{{ config(materialized='table') }}\n"  # a query that runs until killed
+                                 "select count(*) as n from range(1000000000000) a")
+    client = subprocess.Popen([str(CLIENT), "run", "--project-dir", str(project), "--profiles-dir", str(project),
+                               "--target-path", str(project / "target"), "--log-path", str(project / "logs")],
+                              env=_env(project, **server), cwd=project, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        log = project / "logs" / "dbt.log"
+        wait_until(lambda: log.exists() and "probe_model" in log.read_text(errors="replace")
+                   and "Began executing" in log.read_text(errors="replace"), "dbt running the model", 300, 0.2)
+        sessions = _children(_server_pid())
+        assert len(sessions) == 1
+        client.send_signal(signal.SIGKILL)
+        client.wait(timeout=60)
+        wait_until(lambda: not _children(_server_pid()), "the session to die with its caller", 120, 0.2)
+    finally:
+        if client.poll() is None:
+            client.kill()
+
+
+def test_without_a_server_the_client_runs_dbt_itself(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(dbt_fork.SWITCH_ENV, "0")
+    assert dbt_fork.ensure_server() == {}
+    project = _project(tmp_path, "select 1 as a")
+    client = subprocess.Popen([str(CLIENT), "run", "--project-dir", str(project), "--profiles-dir", str(project),
+                               "--target-path", str(project / "target"), "--log-path", str(project / "logs")],
+                              env=_env(project), cwd=project, stdout=subprocess.PIPE, text=True)
+    out, _ = client.communicate(timeout=600)
+    assert client.returncode == 0
+    assert {json.loads(line)["info"]["pid"] for line in out.splitlines() if line.startswith("{")} == {client.pid}

@@ -1,0 +1,258 @@
+"""dbt's import paid once per process, not once per dbt call: a fork server for the sealed dbt subprocesses.
+
+Importing dbt takes 3.2 s on the 2-core bench machine (mashumaro building the artifact schemas, dbt-common's event
+classes) and a night starts three dbt processes (the gov build, the ops preflight parse, the ops build): a fifth of a
+1,000-row night was dbt importing itself (bench/notes.md item 16). Here a server process imports dbt once and forks a
+session per dbt call; the session is the dbt process.
+
+- **The seal holds** (docs/security.md "Sealed dbt steps"): the server starts with the process necessities only
+  (`dbt_guard.sealed_env(environ, {})`: no key, no warehouse path, no secret), never reads a request itself, and each
+  session replaces its environment with exactly the one its caller was given (the sealed environment of that step)
+  before dbt parses anything. The server's memory is dbt's modules and nothing of a step.
+- **The caller sees a dbt process**: it starts `zq-dbt` (`client_main`) where it started `dbt`, with the same
+  arguments and environment; the client hands its stdin/stdout/stderr to the session (SCM_RIGHTS), forwards SIGINT
+  and SIGTERM to it and exits with its exit code. dagster-dbt reads the JSON events from the same pipe as before.
+- **A session dies with its caller**: when the client's connection closes before the session has answered (the client
+  was killed: its step died, PR_SET_PDEATHSIG, issue 17), the session SIGKILLs itself, as a direct dbt child did.
+  The server dies with the process that started it (PR_SET_PDEATHSIG and its stdin closing).
+- **Nothing depends on it**: with no server (none started in this process, `ZQ_DBT_FORK=0`, or it cannot be
+  reached) the client execs the real dbt with the same arguments, as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+SOCKET_ENV = "ZQ_DBT_FORK_SOCKET"  # where the client finds this process's server (not a secret: a path)
+SWITCH_ENV = "ZQ_DBT_FORK"  # "0": no server, every dbt call starts its own interpreter
+CLIENT = "zq-dbt"  # the console script (pyproject.toml) started where `dbt` was
+READY_TIMEOUT = 300.0  # s: generous, the import is ~3 s on the bench machine and shared CI machines are slower
+_HEADER = struct.Struct("!I")
+_CODE = struct.Struct("!iI")  # (exit code, session pid)
+
+_server: dict[str, Any] = {}  # this process's server: pid of the owner, Popen, socket path
+
+
+# ---------------------------------------------------------------- the caller's side
+
+
+def real_dbt() -> str:
+    """dbt's own executable beside this interpreter (the venv's bin/ is not always on PATH), else `dbt` from PATH."""
+    beside = Path(sys.executable).parent / "dbt"
+    return str(beside) if beside.exists() else "dbt"
+
+
+def enabled(environ: Mapping[str, str] | None = None) -> bool:
+    return (os.environ if environ is None else environ).get(SWITCH_ENV, "1").strip() not in ("0", "false", "no")
+
+
+def ensure_server(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Start this process's server if it is not running (and wait until it has imported dbt); the variable that
+    points a client at it, to add to the client's environment. Empty when there is no server to use: the client
+    then runs dbt itself."""
+    from zqdata import dbt_guard
+
+    env = os.environ if environ is None else environ
+    if not enabled(env) or not (Path(sys.executable).parent / CLIENT).exists():
+        return {}
+    srv = _server
+    if srv.get("owner") == os.getpid():
+        if srv["proc"].poll() is None:
+            return {SOCKET_ENV: srv["path"]}
+        stop_server()  # it died (its starting thread ended: PR_SET_PDEATHSIG): a new one below
+    folder = tempfile.mkdtemp(prefix="zq-dbt-fork-")  # 0700: this user's only
+    path = os.path.join(folder, "s")
+    proc = subprocess.Popen([sys.executable, __file__, path], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            env=dbt_guard.sealed_env(env, {}), cwd=folder, preexec_fn=_die_with_parent)
+    line = _read_line(proc, READY_TIMEOUT)
+    if line != "ready":
+        with contextlib.suppress(OSError):
+            proc.kill()
+        return {}
+    _server.clear()
+    _server.update(owner=os.getpid(), proc=proc, path=path, folder=folder)
+    return {SOCKET_ENV: path}
+
+
+def stop_server() -> None:
+    """Stop this process's server (tests; the server also ends with this process)."""
+    srv = dict(_server)
+    _server.clear()
+    if srv.get("owner") == os.getpid():
+        with contextlib.suppress(OSError):
+            srv["proc"].stdin.close()
+        try:
+            srv["proc"].wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            srv["proc"].kill()
+        with contextlib.suppress(OSError):
+            os.unlink(srv["path"])
+            os.rmdir(srv["folder"])
+
+
+def _read_line(proc: subprocess.Popen, timeout: float) -> str:
+    out: list[str] = []
+    reader = threading.Thread(target=lambda: out.append(proc.stdout.readline().decode().strip()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    return out[0] if out else ""
+
+
+def _die_with_parent() -> None:
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+
+
+# ---------------------------------------------------------------- the client: started where `dbt` was
+
+
+def client_main() -> None:
+    """`zq-dbt ARGS...`: dbt ARGS run by this process's server when the environment names one, else by dbt itself."""
+    args = sys.argv[1:]
+    path = os.environ.get(SOCKET_ENV)
+    conn = None
+    if path:
+        try:
+            conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            conn.connect(path)
+        except OSError:
+            conn = None
+    if conn is None:
+        dbt = real_dbt()
+        os.execvp(dbt, [dbt, *args])
+    payload = json.dumps({"argv": args, "env": dict(os.environ), "cwd": os.getcwd()}).encode()
+    socket.send_fds(conn, [_HEADER.pack(len(payload)) + payload], [0, 1, 2])
+    pid_bytes = _recv_exactly(conn, 4)
+    if pid_bytes is None:
+        sys.exit(_fallback_code("the dbt fork server closed the connection before starting dbt"))
+    session = struct.unpack("!I", pid_bytes)[0]
+
+    def forward(signum: int, _frame: Any) -> None:
+        with contextlib.suppress(OSError):
+            os.kill(session, signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, forward)
+    done = _recv_exactly(conn, _CODE.size)
+    if done is None:
+        sys.exit(_fallback_code("dbt (fork server session) ended without an exit code"))
+    sys.exit(_CODE.unpack(done)[0])
+
+
+def _fallback_code(message: str) -> int:
+    print(message, file=sys.stderr, flush=True)
+    return 2
+
+
+def _recv_exactly(conn: socket.socket, n: int) -> bytes | None:
+    buf = b""
+    while len(buf) < n:
+        try:
+            chunk = conn.recv(n - len(buf))
+        except InterruptedError:
+            continue
+        if not chunk:
+            return None
+        buf += chunk
+    return buf
+
+
+# ---------------------------------------------------------------- the server
+
+
+def serve(path: str) -> None:
+    """Import dbt, then fork a session per connection on `path` until stdin closes (the owner is gone)."""
+    import dbt.adapters.duckdb  # noqa: F401  the adapter's import too: every call here is a duckdb target
+    import dbt.cli.main  # noqa: F401  the import every dbt call would pay
+
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(16)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # sessions are reaped by the kernel
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
+    while True:  # one thread only: a session is a fork of this loop, with no lock held by another thread
+        readable, _, _ = select.select([listener, 0], [], [])
+        if 0 in readable and not os.read(0, 4096):
+            os._exit(0)  # EOF on stdin: the process that started this server closed the pipe or died
+        if listener not in readable:
+            continue
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            continue
+        if os.fork() == 0:
+            listener.close()
+            _session(conn)  # never returns
+        conn.close()
+
+
+def _session(conn: socket.socket) -> None:
+    """One dbt call: the client's fds, environment and folder, then dbt's CLI as the `dbt` script runs it."""
+    code = 2
+    try:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # dbt's own subprocesses are waited for as usual
+        header, fds, _flags, _addr = socket.recv_fds(conn, _HEADER.size, 3)
+        if len(header) < _HEADER.size or len(fds) != 3:
+            os._exit(2)
+        raw = _recv_exactly(conn, _HEADER.unpack(header)[0])
+        if raw is None:
+            os._exit(2)
+        req = json.loads(raw)
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)
+            os.close(fd)
+        os.environ.clear()
+        os.environ.update(req["env"])
+        time.tzset()
+        os.chdir(req["cwd"])
+        conn.sendall(struct.pack("!I", os.getpid()))
+        threading.Thread(target=_die_when_client_leaves, args=(conn,), daemon=True).start()
+        sys.argv = ["dbt", *req["argv"]]
+        from dbt.cli.main import cli
+
+        try:
+            cli()
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except BaseException:  # noqa: BLE001 - as an uncaught exception ends the `dbt` script
+            import traceback
+
+            traceback.print_exc()
+            code = 1
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        with contextlib.suppress(OSError):
+            conn.sendall(_CODE.pack(code, os.getpid()))
+        os._exit(code)
+
+
+def _die_when_client_leaves(conn: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        while conn.recv(1):
+            pass
+    os.kill(os.getpid(), signal.SIGKILL)  # the client is gone (its step was killed): dbt must not go on alone
+
+
+if __name__ == "__main__":
+    if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+        sys.path.pop(0)  # run as a file: the package folder is not an import root
+    serve(sys.argv[1])
