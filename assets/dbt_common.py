@@ -138,16 +138,6 @@ class SealedDbtCliInvocation(DbtCliInvocation):
         return super().run(args, env, *rest, **kwargs)
 
 
-def _die_with_parent() -> None:
-    """In the dbt child between fork and exec: SIGKILL it when the step process that started it dies (Linux
-    PR_SET_PDEATHSIG), so a killed run never leaves dbt writing a warehouse file on its own."""
-    import ctypes
-    import signal
-
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-
-
 class _SubprocessDyingWithParent:
     """The `subprocess` module as dagster-dbt's invocation sees it: Popen children die with their parent."""
 
@@ -157,7 +147,7 @@ class _SubprocessDyingWithParent:
     @staticmethod
     def Popen(*args: Any, **kwargs: Any) -> subprocess.Popen:  # noqa: N802 - the module's name
         if sys.platform.startswith("linux") and "preexec_fn" not in kwargs:
-            kwargs["preexec_fn"] = _die_with_parent
+            kwargs["preexec_fn"] = dbt_fork.die_with_parent
         return subprocess.Popen(*args, **kwargs)
 
 
@@ -706,7 +696,7 @@ def parse_manifest(target: str, run_dir: Path, profile: Mapping[str, str],
     if extra_vars:
         cmd += ["--vars", json.dumps(extra_vars, ensure_ascii=False, sort_keys=True)]
     done = subprocess.run(cmd, env=dbt_guard.sealed_env(os.environ, {**profile, **dbt_fork.ensure_server()}),
-                          cwd=DBT_PROJECT_DIR, capture_output=True, text=True, preexec_fn=_die_with_parent)
+                          cwd=DBT_PROJECT_DIR, capture_output=True, text=True, preexec_fn=dbt_fork.die_with_parent)
     if done.returncode != 0:
         raise dg.Failure(description=f"dbt parse 失败 (dbt parse failed, exit {done.returncode}):\n"
                                      + (done.stdout + done.stderr)[-4000:])

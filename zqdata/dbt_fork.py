@@ -41,7 +41,8 @@ SWITCH_ENV = "ZQ_DBT_FORK"  # "0": no server, every dbt call starts its own inte
 CLIENT = "zq-dbt"  # the console script (pyproject.toml) started where `dbt` was
 READY_TIMEOUT = 300.0  # s: generous, the import is ~3 s on the bench machine and shared CI machines are slower
 _HEADER = struct.Struct("!I")
-_CODE = struct.Struct("!iI")  # (exit code, session pid)
+_PID = struct.Struct("!I")  # the session's pid, sent when dbt starts (the client forwards signals to it)
+_CODE = struct.Struct("!i")  # dbt's exit code, sent when it ends
 
 _server: dict[str, Any] = {}  # this process's server: pid of the owner, Popen, socket path
 
@@ -76,7 +77,7 @@ def ensure_server(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     folder = tempfile.mkdtemp(prefix="zq-dbt-fork-")  # 0700: this user's only
     path = os.path.join(folder, "s")
     proc = subprocess.Popen([sys.executable, __file__, path], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            env=dbt_guard.sealed_env(env, {}), cwd=folder, preexec_fn=_die_with_parent)
+                            env=dbt_guard.sealed_env(env, {}), cwd=folder, preexec_fn=die_with_parent)
     line = _read_line(proc, READY_TIMEOUT)
     if line != "ready":
         with contextlib.suppress(OSError):
@@ -111,7 +112,9 @@ def _read_line(proc: subprocess.Popen, timeout: float) -> str:
     return out[0] if out else ""
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
+    """In a child between fork and exec: SIGKILL it when the thread that started it ends (Linux PR_SET_PDEATHSIG):
+    a killed step never leaves dbt, or this server, running on its own."""
     import ctypes
 
     with contextlib.suppress(OSError, AttributeError):
@@ -137,10 +140,10 @@ def client_main() -> None:
         os.execvp(dbt, [dbt, *args])
     payload = json.dumps({"argv": args, "env": dict(os.environ), "cwd": os.getcwd()}).encode()
     socket.send_fds(conn, [_HEADER.pack(len(payload)) + payload], [0, 1, 2])
-    pid_bytes = _recv_exactly(conn, 4)
+    pid_bytes = _recv_exactly(conn, _PID.size)
     if pid_bytes is None:
         sys.exit(_fallback_code("the dbt fork server closed the connection before starting dbt"))
-    session = struct.unpack("!I", pid_bytes)[0]
+    session = _PID.unpack(pid_bytes)[0]
 
     def forward(signum: int, _frame: Any) -> None:
         with contextlib.suppress(OSError):
@@ -221,7 +224,7 @@ def _session(conn: socket.socket) -> None:
         os.environ.update(req["env"])
         time.tzset()
         os.chdir(req["cwd"])
-        conn.sendall(struct.pack("!I", os.getpid()))
+        conn.sendall(_PID.pack(os.getpid()))
         threading.Thread(target=_die_when_client_leaves, args=(conn,), daemon=True).start()
         sys.argv = ["dbt", *req["argv"]]
         from dbt.cli.main import cli
@@ -241,7 +244,7 @@ def _session(conn: socket.socket) -> None:
             sys.stdout.flush()
             sys.stderr.flush()
         with contextlib.suppress(OSError):
-            conn.sendall(_CODE.pack(code, os.getpid()))
+            conn.sendall(_CODE.pack(code))
         os._exit(code)
 
 
