@@ -144,3 +144,26 @@ def test_without_a_server_the_client_runs_dbt_itself(tmp_path: Path, monkeypatch
     out, _ = client.communicate(timeout=600)
     assert client.returncode == 0
     assert {json.loads(line)["info"]["pid"] for line in out.splitlines() if line.startswith("{")} == {client.pid}
+
+
+def test_the_server_builds_the_schemas_dbt_validates_before_its_first_fork() -> None:
+    """A call forked after `warm_up` validates dbt_project.yml, packages, flags, selectors and the DuckDB profile
+    against schemas already built (they are cached per class): none is built again in the call."""
+    probe = (
+        "import dbt.cli.main, dbt.adapters.duckdb\n"
+        "from zqdata.dbt_fork import warm_up\n"
+        "from dbt_common.dataclass_schema import dbtClassMixin as M\n"
+        "before = M.json_schema.cache_info().misses\n"
+        "missed = warm_up()\n"
+        "built = M.json_schema.cache_info().misses\n"
+        "from dbt.contracts.project import Project, PackageConfig, ProjectFlags\n"
+        "from dbt.contracts.selection import SelectorFile\n"
+        "from dbt.adapters.duckdb.credentials import DuckDBCredentials\n"
+        "for cls in (Project, PackageConfig, ProjectFlags, SelectorFile, DuckDBCredentials): cls.json_schema()\n"
+        "print(before, built, M.json_schema.cache_info().misses, missed)\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=600,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    before, built, after, missed = done.stdout.split(maxsplit=3)
+    assert missed.strip() == "[]"
+    assert int(built) - int(before) == 5 and after == built  # five schemas built by the warm-up, none by the calls

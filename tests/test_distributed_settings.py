@@ -41,7 +41,7 @@ def test_embedded_default_is_unchanged(monkeypatch: pytest.MonkeyPatch, tmp_path
     assert dbt_guard.dbt_target("gov") == "gov" and dbt_guard.dbt_target("ops") == "ops"
     assert dbt_guard.profile_env("gov", "/d/gov.duckdb", "1GB", "2025-06-01") == {
         "ZQ_GOV_DB": "/d/gov.duckdb", "ZQ_DUCKDB_MEMORY_LIMIT": "1GB", "DBT_USE_COLORS": "false",
-        "ZQ_PARTITION_DATE": "2025-06-01"}
+        "DBT_LOG_FORMAT_FILE": "debug", "ZQ_PARTITION_DATE": "2025-06-01"}
     assert nightly_executor() is dg.in_process_executor and nightly_retry_policy() is None
     assert not warehouse.lake_mode() and not warehouse.exists("gov", tmp_path / "absent.duckdb")
     with warehouse.connect("gov", tmp_path / "w" / "gov.duckdb") as con:  # the file, as before

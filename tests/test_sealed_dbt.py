@@ -182,7 +182,7 @@ def test_sealed_env_keeps_only_process_necessities_and_the_target_profile() -> N
     assert ops == {"PATH": "/bin", "HOME": "/h", "LANG": "C.UTF-8", "LC_ALL": "C", "TMPDIR": "/t",
                    "PYTHONUNBUFFERED": "1", "DBT_LOG_FORMAT": "json", "DBT_TARGET_PATH": "/r", "DAGSTER_DBT_CLI": "true",
                    "ZQ_OPS_DB": "/tmp/ops.duckdb", "ZQ_DUCKDB_MEMORY_LIMIT": "1GB", "ZQ_PARTITION_DATE": DAY,
-                   "DBT_USE_COLORS": "false"}
+                   "DBT_USE_COLORS": "false", "DBT_LOG_FORMAT_FILE": "debug"}
     gov = dbt_guard.sealed_env(parent, dbt_guard.profile_env("gov", "/tmp/gov.duckdb", "1GB", DAY))
     assert "ZQ_OPS_DB" not in gov and "ZQ_PSEUDONYM_KEY" not in gov and gov["ZQ_GOV_DB"] == "/tmp/gov.duckdb"
 

@@ -63,8 +63,11 @@ def profile_env(target: str, db_path: Any, memory_limit: str, partition_date: st
         env = {PROFILE_DB_VARS[target]: str(db_path)}
     else:
         raise ValueError(f"未知的 dbt 目标 (unknown dbt target): {target!r}")
-    env.update({"ZQ_DUCKDB_MEMORY_LIMIT": str(memory_limit),
-                "DBT_USE_COLORS": "false"})  # plain text in the run's logs (no ANSI escape codes)
+    # The run's logs in plain text: no ANSI escape codes, and the file log (dbt.log, kept with the run's folder for
+    # audit: every statement dbt ran) as dbt's debug text, not JSON: the SQL readable as it ran, and ~0.7 s of CPU
+    # less a gov build (each of its ~5,000 debug events is no longer converted to a dict and JSON; bench/notes.md 17).
+    # The JSON events dagster-dbt reads are on stdout, unchanged.
+    env.update({"ZQ_DUCKDB_MEMORY_LIMIT": str(memory_limit), "DBT_USE_COLORS": "false", "DBT_LOG_FORMAT_FILE": "debug"})
     if partition_date is not None:
         env["ZQ_PARTITION_DATE"] = str(partition_date)
     if partition_range is not None:
