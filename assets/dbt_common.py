@@ -44,6 +44,9 @@ from zqdata.registry import Registry, registry
 from zqdata.settings import get_settings, repo_root
 
 DBT_PROJECT_DIR = repo_root() / "dbt_project"
+# the column lineage of compiled models, reused from night to night (zqdata.column_lineage.cached_sql_column_lineage):
+# names of relations and columns only, beside dbt's own partial-parse states
+LINEAGE_CACHE_DIR = DBT_PROJECT_DIR / "target" / "column_lineage"
 DEFAULT_K_ANONYMITY = 5
 TRANSIT_PRODUCT = "ops_transit_ridership"
 
@@ -413,7 +416,7 @@ def add_column_lineage(events: list[Any], manifest: Mapping[str, Any], db_path: 
         return events
     try:
         columns = cl.read_relation_columns_file(db_path, cl.relations_to_read(manifest, model_ids), domain)
-        result = cl.manifest_column_lineage(manifest, columns, model_ids)
+        result = cl.manifest_column_lineage(manifest, columns, model_ids, cache_dir=LINEAGE_CACHE_DIR)
         keys = relation_asset_keys(manifest)
     except Exception as e:  # noqa: BLE001 - lineage must never fail the dbt run
         log.warning(f"列级血缘未能计算 (column lineage skipped): {type(e).__name__}: {e}")

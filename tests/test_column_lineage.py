@@ -148,6 +148,36 @@ def test_unparseable_model_gets_a_warning_and_no_lineage(built: dict) -> None:
     assert len(log.warnings) == 1 and int_ in log.warnings[0]
 
 
+def test_a_later_night_reuses_the_lineage_only_while_sql_and_columns_are_unchanged(
+        built: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lineage cache: the next night's SQL (another day literal) is served from the cache with the same result;
+    a changed upstream column or a changed SQL is computed again."""
+    manifest = built["gov"]
+    uid = _uid(manifest, INT)
+    sql = manifest["nodes"][uid]["compiled_code"]
+    assert f"'{DAY}'" in sql  # the partition's day is a literal of the compiled SQL
+    columns = cl.read_relation_columns_file(built["tmp"] / "gov.duckdb", cl.relations_to_read(manifest, [uid]))
+    cache = tmp_path / "lineage"
+    expected = cl.sql_column_lineage(sql, columns)
+    assert expected and cl.cached_sql_column_lineage(sql, columns, cache) == expected
+    computed: list[str] = []
+    real = cl.sql_column_lineage
+    monkeypatch.setattr(cl, "sql_column_lineage", lambda q, c: computed.append(q) or real(q, c))
+    next_night = sql.replace(f"'{DAY}'", "'2025-05-02'")
+    assert cl.cached_sql_column_lineage(next_night, columns, cache) == expected and computed == []
+    stg = next(rel for rel in columns if rel.startswith("staging."))
+    widened = {**columns, stg: {**columns[stg], "extra_col": "VARCHAR"}}  # an upstream schema change
+    got = cl.cached_sql_column_lineage(next_night, widened, cache)  # `select *`: the new column is in the lineage
+    assert len(computed) == 1 and got == {**expected, "extra_col": [(stg, "extra_col")]}
+    head, _, tail = sql.rpartition("select * from final")
+    assert tail.strip() == ""
+    changed = head + "select final.*, final._lineage_id as lineage_copy from final"  # the model's SQL changed
+    got = cl.cached_sql_column_lineage(changed, columns, cache)
+    assert len(computed) == 2 and got == {**expected, "lineage_copy": expected["_lineage_id"]}
+    (cache / f"{cl.lineage_cache_key(sql, columns)}.json").write_text("{not json")  # a damaged entry: recomputed
+    assert cl.cached_sql_column_lineage(sql, columns, cache) == expected and len(computed) == 3
+
+
 def test_missing_database_never_raises(built: dict, tmp_path: Path) -> None:
     events = [dg.Output(None, output_name="a", metadata={"unique_id": _uid(built["gov"], STG)})]
     log = _Log()

@@ -7,6 +7,12 @@ Dagster-free: `assets.dbt_common` turns the result into `dagster/column_lineage`
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import os
+import re
+import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +25,9 @@ from sqlglot.lineage import lineage
 
 DIALECT = "duckdb"
 LINEAGE_RESOURCE_TYPES = ("model", "snapshot")
+CACHE_VERSION = 1  # bump when sql_column_lineage's result changes for the same SQL and columns
+CACHE_ENTRIES_KEPT = 512  # lineage cache files kept (newest used first); a night reuses ~20
+_DAY_LITERAL = re.compile(r"'[0-9]{4}-[0-9]{2}-[0-9]{2}'")
 
 # {relation: {column: duckdb type}}, relation = "<schema>.<table>"
 RelationColumns = dict[str, dict[str, str]]
@@ -113,6 +122,54 @@ def sql_column_lineage(sql: str, columns: RelationColumns) -> ColumnLineage:
     return out
 
 
+def lineage_cache_key(sql: str, columns: RelationColumns) -> str:
+    """What `sql_column_lineage(sql, columns)` depends on, hashed: the SQL with its day literals ('YYYY-MM-DD') made
+    equal, the columns and types it was resolved against, sqlglot's version and this module's cache version.
+
+    A night's compiled SQL differs from the last night's only in the partition's day (macros/partition.sql puts it
+    in as a literal); a string literal is a constant, never a column a projection reads, so the lineage is the
+    same. Any other change (the SQL, an upstream column or type, sqlglot) is another key."""
+    import sqlglot
+
+    blob = json.dumps([CACHE_VERSION, sqlglot.__version__, _DAY_LITERAL.sub("'0000-00-00'", sql),
+                       sorted((rel, sorted(cols.items())) for rel, cols in columns.items())],
+                      ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def cached_sql_column_lineage(sql: str, columns: RelationColumns, cache_dir: Path | None) -> ColumnLineage:
+    """`sql_column_lineage`, read from `cache_dir` when the same key was computed before (bench/notes.md 17: parsing
+    and resolving a night's ~20 models with sqlglot took ~0.9 s of a 1,000-row night), else computed and stored.
+    The cache holds relation and column names only (no value of any row); an unreadable entry is recomputed."""
+    if cache_dir is None:
+        return sql_column_lineage(sql, columns)
+    path = cache_dir / f"{lineage_cache_key(sql, columns)}.json"
+    try:
+        cached = json.loads(path.read_text(encoding="utf-8"))
+        os.utime(path)  # recently used: kept by the pruning below
+        return {col: [(rel, c) for rel, c in deps] for col, deps in cached.items()}
+    except (OSError, ValueError, TypeError, AttributeError):
+        pass
+    result = sql_column_lineage(sql, columns)
+    with contextlib.suppress(OSError):  # a cache that cannot be written only costs the next night the parse
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".tmp-", suffix=".json")
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(result, fh, ensure_ascii=False)
+        os.replace(tmp, path)  # atomic: a concurrent reader sees the whole entry or none
+        prune_lineage_cache(cache_dir)
+    return result
+
+
+def prune_lineage_cache(cache_dir: Path, keep: int = CACHE_ENTRIES_KEPT) -> None:
+    """Remove the least recently used entries beyond `keep` (and temporary files of a writer that died)."""
+    with contextlib.suppress(OSError):
+        entries = sorted((p for p in cache_dir.glob("*.json") if not p.name.startswith(".tmp-")),
+                         key=lambda p: p.stat().st_mtime, reverse=True)
+        for stale in entries[keep:]:
+            stale.unlink(missing_ok=True)
+
+
 def compiled_sql(node: Mapping[str, Any], target_path: str | Path | None = None) -> str | None:
     """The node's compiled SQL: `compiled_code` of a run-time manifest, else target/compiled/<package>/<path>."""
     code = node.get("compiled_code")
@@ -148,8 +205,10 @@ def relations_to_read(manifest: Mapping[str, Any], unique_ids: Iterable[str]) ->
 
 def manifest_column_lineage(manifest: Mapping[str, Any], columns: RelationColumns,
                             unique_ids: Iterable[str] | None = None,
-                            target_path: str | Path | None = None) -> ManifestLineage:
-    """Column lineage of the given models (default: every model with compiled SQL); failures are reported, not raised."""
+                            target_path: str | Path | None = None,
+                            cache_dir: Path | None = None) -> ManifestLineage:
+    """Column lineage of the given models (default: every model with compiled SQL); failures are reported, not raised.
+    With `cache_dir`: each model's lineage through `cached_sql_column_lineage`."""
     nodes = manifest.get("nodes", {})
     ids = list(unique_ids) if unique_ids is not None else [
         uid for uid, n in nodes.items() if n.get("resource_type") in LINEAGE_RESOURCE_TYPES]
@@ -164,7 +223,7 @@ def manifest_column_lineage(manifest: Mapping[str, Any], columns: RelationColumn
             result.errors[uid] = "清单中没有编译后的 SQL (no compiled SQL: the model did not run)"
             continue
         try:
-            lineage_ = sql_column_lineage(sql, columns)
+            lineage_ = cached_sql_column_lineage(sql, columns, cache_dir)
         except (SqlglotError, ValueError, KeyError, RecursionError) as e:
             result.errors[uid] = f"SQL 解析失败 (sqlglot): {type(e).__name__}: {e}"
             continue
