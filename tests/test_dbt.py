@@ -663,6 +663,8 @@ def test_a_data_test_replaces_its_stored_failures_in_one_statement(tmp_path: Pat
     second = log[log.rindex("Running with dbt"):]
     assert "create or replace table" in second and "dq_audit" in second
     assert not re.search(r'drop table if exists "[^"]+"\."dq_audit"', second), "a data test dropped its table first"
+    assert re.search(r"On test\.[^:\n]+: /\*", second)  # the log names each test's statements (the check below holds)
+    assert not re.search(r"On test\.[^:\n]+: (BEGIN|ROLLBACK|COMMIT)", second), "a data test opened a transaction"
 
 
 def test_empty_redelivery_empties_the_product_partition(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
