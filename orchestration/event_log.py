@@ -16,6 +16,8 @@ for every statement group: a 1,000-row night writes ~780 events through ~5,100 s
   check once per day of the range, and commits the index once per statement group (profiled: ~3.8 ms an event, ~9,000
   events in a 30-day range run of 20,000-row days, 35 s of its 300 s; bench/notes.md item 15). The rows written are
   Dagster's own, made by Dagster's code (tests/test_event_log.py compares them with its storage's);
+- a batch of events (a new run's planned asset and check events: Dagster batches them when DAGSTER_EVENT_BATCH_SIZE
+  is set, which this storage sets) is one transaction of the index and of the run's file (`store_event_batch`);
 - `has_table` remembers the tables it found: Dagster asks before every asset check event and every asset event with
   tags (a new engine and connection each time: 4.6 s of a 30-day range run, profiled), and a table, once migrated in,
   stays (`wipe` and `upgrade` forget them).
@@ -70,6 +72,17 @@ def _serialize_once(value: Any, **kwargs: Any) -> str:
     return serdes.serialize_value(value, **kwargs)
 
 
+BATCH_SIZE_ENV = "DAGSTER_EVENT_BATCH_SIZE"  # Dagster's switch: >0 sends batchable events to `store_event_batch`
+EVENT_BATCH_SIZE = 1000  # events per batch: a run's planned events at once (~190 for a night, more for a range)
+
+
+def enable_event_batches() -> None:
+    """Dagster batches a run's planned events (and an output's asset events) only when DAGSTER_EVENT_BATCH_SIZE is
+    set in the process that stores them: set here, where this storage is made (every process using the instance),
+    unless the operator set it. dbt's sealed steps never see it (dbt_guard.sealed_env)."""
+    os.environ.setdefault(BATCH_SIZE_ENV, str(EVENT_BATCH_SIZE))
+
+
 def _synchronous_normal(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     try:
@@ -89,6 +102,7 @@ class PooledSqliteEventLogStorage(SqliteEventLogStorage):
         super().__init__(base_dir or default_base_dir(), inst_data=inst_data)
         self._db_lock = threading.RLock()  # `store_event` holds the index's connection while Dagster opens the run's
         sql_event_log.serialize_value = _serialize_once  # the module's name for it; a no-op outside `store_event`
+        enable_event_batches()
 
     @classmethod
     def config_type(cls) -> dict[str, Field]:
@@ -142,15 +156,40 @@ class PooledSqliteEventLogStorage(SqliteEventLogStorage):
             if not indexed:
                 super().store_event(event)
                 return
-            with self._connect(INDEX_SHARD_NAME) as conn:  # holds `_db_lock` (re-entrant) until the commit
-                conns = self._held.__dict__.setdefault("conns", {})
-                conns[INDEX_SHARD_NAME] = conn
-                try:
-                    super().store_event(event)
-                finally:
-                    conns.pop(INDEX_SHARD_NAME, None)
+            with self._holding(INDEX_SHARD_NAME):
+                super().store_event(event)
         finally:
             _STORING.event = None
+
+    def store_event_batch(self, events: Any) -> None:
+        """A batch of events (Dagster sends the planned asset and check events of a new run as one when
+        DAGSTER_EVENT_BATCH_SIZE is set, which this storage sets: `enable_event_batches`) in ONE transaction of the
+        index and one of each run's file, instead of one each per event (a 1,000-row night plans ~190 assets and
+        checks: ~0.5 s of its run creation, bench/notes.md 17). The rows are those `store_event` writes one by one;
+        on an error nothing of the batch is committed and Dagster stores the events one by one."""
+        if not events:
+            return
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(self._holding(INDEX_SHARD_NAME))
+            for run_id in dict.fromkeys(e.run_id for e in events):
+                stack.enter_context(self._holding(run_id))
+            for event in events:
+                self.store_event(event)
+
+    @contextlib.contextmanager
+    def _holding(self, shard: str) -> Iterator[None]:
+        """This thread's writes to `shard` go through one connection and transaction until the block ends (holding
+        `_db_lock`, re-entrant, until the commit); a shard already held stays with its holder."""
+        conns = self._held.__dict__.setdefault("conns", {})
+        if shard in conns:
+            yield
+            return
+        with self._connect(shard) as conn:
+            conns[shard] = conn
+            try:
+                yield
+            finally:
+                conns.pop(shard, None)
 
     def has_table(self, table_name: str) -> bool:
         # called with `_db_lock` held (while storing an event): answered without it, as Dagster's own does

@@ -5,6 +5,7 @@ instead of one per statement group, bounded, safe beside other processes."""
 from __future__ import annotations
 
 import multiprocessing
+import os
 import shutil
 from pathlib import Path
 
@@ -263,3 +264,63 @@ def test_an_event_is_serialized_once_and_its_index_writes_commit_once(home, monk
     # and its execution row apart
     indexed = sum(t.startswith("ASSET_") for t in stored)
     assert len(index_commits) <= indexed + 4, (len(index_commits), indexed)
+
+
+def test_a_runs_planned_events_are_one_transaction_of_the_index(home, monkeypatch):
+    """Issue 15: a new run's planned asset and check events (one per asset and check of the job; ~190 for a night)
+    are stored as one batch: one commit of the index shard instead of one per event, with the same rows as Dagster's
+    own storage writes (the range test above compares the index with it)."""
+    from dagster._core.instance.runs.run_domain import RunDomain
+    from sqlalchemy import event as sa_event
+
+    monkeypatch.delenv("DAGSTER_EVENT_BATCH_SIZE", raising=False)
+    commits: list[int] = []
+    planning = []
+    real = RunDomain._log_asset_planned_events
+
+    def counted(self, *args, **kwargs):
+        planning.append(True)
+        try:
+            return real(self, *args, **kwargs)
+        finally:
+            planning.pop()
+
+    def on_commit(conn) -> None:
+        if planning and conn.engine.url.database and conn.engine.url.database.endswith("index.db"):
+            commits.append(1)
+
+    monkeypatch.setattr(RunDomain, "_log_asset_planned_events", counted)
+    with dg.DagsterInstance.get() as instance:
+        assert os.environ["DAGSTER_EVENT_BATCH_SIZE"] == "1000"  # set by the storage, for this process
+        sa_event.listen(Engine, "commit", on_commit)
+        try:
+            run_id = _range_run(instance)
+        finally:
+            sa_event.remove(Engine, "commit", on_commit)
+        stored = [e.dagster_event.event_type_value for e in instance.all_logs(run_id) if e.dagster_event]
+    planned = stored.count("ASSET_MATERIALIZATION_PLANNED") + stored.count("ASSET_CHECK_EVALUATION_PLANNED")
+    assert planned == 8, stored  # the asset on each of the range's 5 days, and its three checks
+    assert len(commits) == 1, (commits, stored)
+
+
+def test_a_batch_that_fails_midway_leaves_nothing_and_is_stored_event_by_event(home, monkeypatch):
+    """An error on the third event of the batch rolls the first two back; Dagster then stores the events one by one:
+    each planned event is stored once, none twice."""
+    calls = {"n": 0}
+    real = PooledSqliteEventLogStorage.store_event
+
+    def flaky(self, event_):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("disk hiccup")
+        return real(self, event_)
+
+    monkeypatch.setattr(PooledSqliteEventLogStorage, "store_event", flaky)
+    with dg.DagsterInstance.get() as instance:
+        run_id = _range_run(instance)
+        stored = [e.dagster_event.event_type_value for e in instance.all_logs(run_id) if e.dagster_event]
+        index_planned = [r for r in _index_rows(home / "history" / "runs" / "index.db")["events"]
+                         if r[0].endswith("_PLANNED")]
+    assert calls["n"] > 8
+    assert stored.count("ASSET_MATERIALIZATION_PLANNED") == 5 and stored.count("ASSET_CHECK_EVALUATION_PLANNED") == 3
+    assert sum(r[3] for r in index_planned) == 8, index_planned  # the index: each once
