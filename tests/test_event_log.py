@@ -205,6 +205,26 @@ def _index_rows(path: Path) -> dict[str, list]:
         }
 
 
+def _range_run_counting_index_commits(counting=lambda: True) -> tuple[list[str], list[int]]:
+    """`_range_run` on the instance of DAGSTER_HOME: the types of the events it stored, and one entry per commit of the
+    index shard made while `counting()` held."""
+    from sqlalchemy import event as sa_event
+
+    commits: list[int] = []
+
+    def on_commit(conn) -> None:
+        if counting() and conn.engine.url.database and conn.engine.url.database.endswith("index.db"):
+            commits.append(1)
+
+    with dg.DagsterInstance.get() as instance:
+        sa_event.listen(Engine, "commit", on_commit)
+        try:
+            run_id = _range_run(instance)
+        finally:
+            sa_event.remove(Engine, "commit", on_commit)
+        return [e.dagster_event.event_type_value for e in instance.all_logs(run_id) if e.dagster_event], commits
+
+
 def test_a_range_runs_check_events_are_indexed_as_dagsters_own_storage_indexes_them(home):
     """The pooled storage's one transaction and one serialization per event (below) change nothing it stores: the
     index shard of a range run with per-day check evaluations holds what Dagster's own SQLite storage makes of it."""
@@ -231,7 +251,6 @@ def test_an_event_is_serialized_once_and_its_index_writes_commit_once(home, monk
     group. Profiled over a 30-day range run: ~3.8 ms an event, ~9,000 events (bench/notes.md item 15)."""
     import dagster._serdes as serdes
     from dagster._core.events.log import EventLogEntry
-    from sqlalchemy import event as sa_event
 
     serialized: list[str] = []
     plain_serialize = serdes.serialize_value
@@ -242,19 +261,7 @@ def test_an_event_is_serialized_once_and_its_index_writes_commit_once(home, monk
         return plain_serialize(value, *args, **kwargs)
 
     monkeypatch.setattr(serdes, "serialize_value", counting)
-    index_commits = []
-
-    def on_commit(conn) -> None:
-        if conn.engine.url.database and conn.engine.url.database.endswith("index.db"):
-            index_commits.append(1)
-
-    with dg.DagsterInstance.get() as instance:
-        sa_event.listen(Engine, "commit", on_commit)
-        try:
-            run_id = _range_run(instance)
-        finally:
-            sa_event.remove(Engine, "commit", on_commit)
-        stored = [e.dagster_event.event_type_value for e in instance.all_logs(run_id) if e.dagster_event]
+    stored, index_commits = _range_run_counting_index_commits()
     assert stored.count("ASSET_CHECK_EVALUATION") == 15
     assert serialized.count("ASSET_CHECK_EVALUATION") == 15  # once per evaluation (Dagster's own: twice)
     assert stored.count("ASSET_CHECK_EVALUATION_PLANNED") == 3  # one per check, for the range's 5 days
@@ -271,10 +278,8 @@ def test_a_runs_planned_events_are_one_transaction_of_the_index(home, monkeypatc
     are stored as one batch: one commit of the index shard instead of one per event, with the same rows as Dagster's
     own storage writes (the range test above compares the index with it)."""
     from dagster._core.instance.runs.run_domain import RunDomain
-    from sqlalchemy import event as sa_event
 
     monkeypatch.delenv("DAGSTER_EVENT_BATCH_SIZE", raising=False)
-    commits: list[int] = []
     planning = []
     real = RunDomain._log_asset_planned_events
 
@@ -285,19 +290,9 @@ def test_a_runs_planned_events_are_one_transaction_of_the_index(home, monkeypatc
         finally:
             planning.pop()
 
-    def on_commit(conn) -> None:
-        if planning and conn.engine.url.database and conn.engine.url.database.endswith("index.db"):
-            commits.append(1)
-
     monkeypatch.setattr(RunDomain, "_log_asset_planned_events", counted)
-    with dg.DagsterInstance.get() as instance:
-        assert os.environ["DAGSTER_EVENT_BATCH_SIZE"] == "1000"  # set by the storage, for this process
-        sa_event.listen(Engine, "commit", on_commit)
-        try:
-            run_id = _range_run(instance)
-        finally:
-            sa_event.remove(Engine, "commit", on_commit)
-        stored = [e.dagster_event.event_type_value for e in instance.all_logs(run_id) if e.dagster_event]
+    stored, commits = _range_run_counting_index_commits(lambda: bool(planning))
+    assert os.environ["DAGSTER_EVENT_BATCH_SIZE"] == "1000"  # set by the storage, for this process
     planned = stored.count("ASSET_MATERIALIZATION_PLANNED") + stored.count("ASSET_CHECK_EVALUATION_PLANNED")
     assert planned == 8, stored  # the asset on each of the range's 5 days, and its three checks
     assert len(commits) == 1, (commits, stored)
