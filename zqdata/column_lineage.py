@@ -154,15 +154,18 @@ def cached_sql_column_lineage(sql: str, columns: RelationColumns, cache_dir: Pat
     with contextlib.suppress(OSError):  # a cache that cannot be written only costs the next night the parse
         cache_dir.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".tmp-", suffix=".json")
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(result, fh, ensure_ascii=False)
-        os.replace(tmp, path)  # atomic: a concurrent reader sees the whole entry or none
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                json.dump(result, fh, ensure_ascii=False)
+            os.replace(tmp, path)  # atomic: a concurrent reader sees the whole entry or none
+        finally:
+            Path(tmp).unlink(missing_ok=True)  # only left when the write failed
         prune_lineage_cache(cache_dir)
     return result
 
 
 def prune_lineage_cache(cache_dir: Path, keep: int = CACHE_ENTRIES_KEPT) -> None:
-    """Remove the least recently used entries beyond `keep` (and temporary files of a writer that died)."""
+    """Remove the least recently used entries beyond `keep` (a writer's temporary file is not an entry)."""
     with contextlib.suppress(OSError):
         entries = sorted((p for p in cache_dir.glob("*.json") if not p.name.startswith(".tmp-")),
                          key=lambda p: p.stat().st_mtime, reverse=True)
