@@ -216,8 +216,14 @@ def test_a_nights_data_docs_render_its_own_pages_link_the_others_and_list_the_la
     written = first_built.stat().st_mtime_ns
     published = _page(index.parent, "water_usage", days[0]).resolve()
     content, inode = published.read_bytes(), published.stat().st_ino
+    walked: list[Path] = []  # the folders whose whole tree is searched (Path.rglob)
+    rglob = Path.rglob
+    monkeypatch.setattr(Path, "rglob", lambda self, *a, **k: walked.append(self) or rglob(self, *a, **k))
     for day in days[1:]:
         index = render_data_docs(_validations_of(day), tmp_path)
+    monkeypatch.setattr(Path, "rglob", rglob)
+    # the night's own pages are made offline without searching the site's tree (a year: ~2,600 pages)
+    assert not [p for p in walked if p == built or built in p.parents]
     assert first_built.stat().st_mtime_ns == written  # not rendered again
     again = _page(index.parent, "water_usage", days[0]).resolve()
     assert again == published and again.read_bytes() == content
@@ -259,6 +265,11 @@ def test_the_result_store_keeps_the_index_days_and_the_older_results_are_archive
     html = index.read_text(encoding="utf-8")
     assert all(run_name(ds, day) in html for ds, _, _ in BATCHES for day in days[2:])
     assert _page(index.parent, "water_usage", days[0]).is_file()  # the old pages stay published
+    # GX drops the archived results' pages from the site it builds: their folders go too (a year left ~5,100 empty
+    # folders that each build walked)
+    pages = project / "gx" / "uncommitted" / "data_docs" / "local_site" / "validations"
+    assert [p for p in pages.rglob("*") if p.is_dir() and not any(p.iterdir())] == []
+    assert _page(pages.parent, "water_usage", days[3]).is_file()
 
     render_data_docs(_validations_of(days[0]), tmp_path)  # an old day run again: rendered, then archived anew
     assert sorted(str(k.run_id.run_name) for k in store.list_keys()) == kept
@@ -277,7 +288,11 @@ def test_rewriting_maps_cdn_libraries_and_drops_everything_else(tmp_path):
         '</head><body><img class="NO-CACHE" src="https://assets.example.org/logo-long.png?d=1&dataContextId=abc"/>'
         '<img src="https://assets.example.org/pixel.gif"><a href="https://greatexpectations.io">GX</a>'
         '<div style="background-image: url(https://cdn.example.org/s.png)">x</div></body></html>', encoding="utf-8")
-    dropped = make_site_offline(tmp_path)
+    other = tmp_path / "a" / "other.html"  # a page an earlier build wrote (and made offline)
+    other.write_text('<html><body><img src="https://cdn.example.org/kept.gif"></body></html>', encoding="utf-8")
+    before = other.read_text(encoding="utf-8")
+    dropped = make_site_offline(tmp_path, only={page})  # only the pages this build wrote
+    assert other.read_text(encoding="utf-8") == before
     text = page.read_text(encoding="utf-8")
     assert '<script src="../static/vendor/jquery.min.js"></script>' in text and "crossorigin" not in text
     assert 'src="../static/images/logo-long.png"' in text and "dataContextId" not in text
@@ -285,6 +300,7 @@ def test_rewriting_maps_cdn_libraries_and_drops_everything_else(tmp_path):
     assert set(dropped) == {"//cdn.example.org/unknown.css", "https://cdn.example.org/tracker.js",
                             "https://cdn.example.org/bg.png", "https://cdn.example.org/i.css",
                             "https://assets.example.org/pixel.gif", "https://cdn.example.org/s.png"}
+    assert make_site_offline(tmp_path) == ["https://cdn.example.org/kept.gif"]  # no `only`: every page
     assert external_references(tmp_path) == []
 
 
