@@ -234,7 +234,10 @@ def load_batch(con: duckdb.DuckDBPyConnection, registry: Registry, dataset: str,
     if sampled:
         keep = math.ceil(limit / day_rows * _HASH_BUCKETS)
         where += f" and hash({pk}) % {_HASH_BUCKETS} < {keep}"
-    frame = con.execute(f"{with_sql}select {select} from {rel} {join_sql} where {where}", [*params, day]).df()
+    # through Arrow: pandas takes Arrow's strings as they are, where DuckDB's `.df()` made a Python object per value
+    # that pandas then turned back into Arrow strings (the seven suites at 1 M rows: 1.57 -> ~0.9 s, same outcomes)
+    frame = con.execute(f"{with_sql}select {select} from {rel} {join_sql} where {where}",
+                        [*params, day]).fetch_arrow_table().to_pandas()
     if frame.empty:
         # GX needs a row to evaluate the day's volume: one placeholder row carries it, every other column null.
         frame = pd.DataFrame({c: [None] for c in frame.columns}).assign(_day_rows=day_rows)
