@@ -257,13 +257,17 @@ class _CountingConnection:
         self.statements += 1
         return self.con.execute(*args, **kwargs)
 
+    def sql(self, *args, **kwargs):
+        self.statements += 1
+        return self.con.sql(*args, **kwargs)
+
 
 def test_a_frozen_catalog_is_read_once_and_answers_as_the_live_catalog(tmp_path):
     """The issues step traces ~45 issues a day, each asking which tables exist, and the crossing asks for gov models'
     columns: inside `frozen_catalog` the catalog is read once, and the answers are the live catalog's; after the block
     a new table is seen again."""
     from zqdata import warehouse
-    from zqdata.leakgate import relation_columns
+    from zqdata.warehouse import relation_columns
 
     raw = duckdb.connect(str(tmp_path / "gov.duckdb"))
     raw.execute("create schema ods; create table ods.enterprise_registry(x int); create schema quarantine; "
@@ -287,6 +291,46 @@ def test_a_frozen_catalog_is_read_once_and_answers_as_the_live_catalog(tmp_path)
     assert con.statements == before + 2  # the tables once, the columns once
     raw.execute("create table ods.later(x int)")
     assert warehouse.table_exists(con, "ods", "later")
+
+
+def test_relation_columns_answer_as_duckdbs_catalog_without_listing_it(tmp_path):
+    """`relation_columns` (asked a few times per dataset and day) gives what DuckDB's catalog holds, in order, for
+    tables and views, quoted names, a table created in the open transaction and a missing one, without listing every
+    column of the database; a view over a dropped table (it does not bind) is still answered from the catalog."""
+    from zqdata.warehouse import relation_columns
+
+    raw = duckdb.connect(str(tmp_path / "gov.duckdb"))
+    raw.execute('create schema s; create table s."odd ""name"" x" (b varchar, a decimal(18,2), "c d" date); '
+                "create table s.base (k bigint); create view s.v as select k, k * 2 as k2 from s.base")
+    asked: list[str] = []
+
+    class Recording(_CountingConnection):  # the statements given, to see what was read
+        def execute(self, query, *args, **kwargs):
+            asked.append(query)
+            return super().execute(query, *args, **kwargs)
+
+        def sql(self, query, *args, **kwargs):
+            asked.append(query)
+            return super().sql(query, *args, **kwargs)
+
+    con = Recording(raw)
+
+    def catalog(schema, table):
+        return dict(raw.execute("select column_name, data_type from duckdb_columns() where schema_name = ? and "
+                                "table_name = ? order by column_index", [schema, table]).fetchall())
+
+    for schema, table in [("s", 'odd "name" x'), ("s", "v"), ("s", "missing"), ("nope", "v")]:
+        assert relation_columns(con, schema, table) == catalog(schema, table)
+    assert not [q for q in asked[:2] if "duckdb_columns" in q or "information_schema" in q]  # existing: bound only
+    assert list(relation_columns(con, "s", 'odd "name" x')) == ["b", "a", "c d"]
+    assert relation_columns(con, "s", 'odd "name" x')["a"] == "DECIMAL(18,2)"
+    raw.execute("begin")
+    raw.execute("create table s.fresh (z integer)")
+    assert relation_columns(con, "s", "fresh") == {"z": "INTEGER"}
+    raw.execute("rollback")
+    assert relation_columns(con, "s", "fresh") == {}
+    raw.execute("drop table s.base")  # the view no longer binds: DuckDB's catalog still lists its columns
+    assert relation_columns(con, "s", "v") == catalog("s", "v") == {"k": "BIGINT", "k2": "BIGINT"}
 
 
 def test_traces_in_a_frozen_block_read_rows_and_deliveries_once_and_trace_as_outside(dbs, registry):

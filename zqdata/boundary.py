@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from zqdata.authorization import AuthorizationError, authorized_fields, check_scenario_active
 from zqdata.desensitize import PseudonymKey, quote_ident, release_select, released_fields
-from zqdata.leakgate import relation_columns as _relation_columns
+from zqdata.warehouse import relation_columns as _relation_columns
 from zqdata.registry import Dataset, Registry, Scenario
 from zqdata.settings import TZ
 

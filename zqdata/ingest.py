@@ -35,6 +35,7 @@ from zqdata.registry import Dataset, QualityPolicy, Registry, load_quality_polic
 from zqdata.settings import TZ
 from zqdata.storage import ObjectInfo, ObjectStore
 from zqdata.txn import rollback_keeping_cause
+from zqdata.warehouse import relation_columns
 
 BATCH_ROWS = 200_000
 LINEAGE_COLUMNS: tuple[tuple[str, str], ...] = (
@@ -168,13 +169,7 @@ def ensure_gov_tables(con: duckdb.DuckDBPyConnection, dataset: Dataset) -> None:
     fields = ", ".join(f"{_q(f)} VARCHAR" for f in dataset.field_names)
     con.execute(f"create table if not exists ods.{_q(dataset.code)} ({fields}, {lineage})")
     # A field added to the registry later becomes a new (NULL for old rows) column rather than a failure.
-    have = {
-        r[0]
-        for r in con.execute(
-            "select column_name from duckdb_columns() where schema_name = 'ods' and table_name = ? and not internal",
-            [dataset.code],
-        ).fetchall()
-    }
+    have = set(relation_columns(con, "ods", dataset.code))
     for f in dataset.field_names:
         if f not in have:
             con.execute(f"alter table ods.{_q(dataset.code)} add column {_q(f)} VARCHAR")

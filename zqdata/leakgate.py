@@ -20,23 +20,7 @@ from zqdata import standards
 from zqdata.lakes import run_in_transaction
 from zqdata.desensitize import quote_ident
 from zqdata.registry import Registry
-
-
-def relation_columns(con: duckdb.DuckDBPyConnection, schema: str, table: str) -> dict[str, str]:
-    """{column: DuckDB type} of ``schema.table`` (empty when it does not exist)."""
-    from zqdata.warehouse import frozen_columns
-
-    frozen = frozen_columns(con)
-    if frozen is not None:  # inside `zqdata.warehouse.frozen_catalog`: the catalog was read once
-        return dict(frozen.get((schema, table), {}))
-    # DuckDB's own catalog function: ~2 ms, where the filtered information_schema.columns took ~9 ms (the boundary
-    # asks several times per dataset and day; issue 15)
-    rows = con.execute(
-        "SELECT column_name, data_type FROM duckdb_columns() WHERE schema_name = ? AND table_name = ? AND NOT internal "
-        "ORDER BY column_index",
-        [schema, table],
-    ).fetchall()
-    return {name: dtype for name, dtype in rows}
+from zqdata.warehouse import relation_columns
 
 
 NOT_IN_GOV = ":not_in_gov"  # kind suffix of a value found by its shape (check digit, number pattern) only

@@ -26,6 +26,7 @@ import pyarrow as pa
 
 from zqdata.desensitize import PseudonymKey, quote_ident, release_select
 from zqdata.registry import Dataset, Registry
+from zqdata.warehouse import relation_columns
 
 if TYPE_CHECKING:
     from zqdata.boundary import BoundaryReport
@@ -49,8 +50,7 @@ def _empty_returning() -> pa.Table:
 
 
 def table_exists(ops_con: duckdb.DuckDBPyConnection, schema: str, table: str) -> bool:
-    return bool(ops_con.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = ? "
-                                "AND table_name = ?", [schema, table]).fetchone()[0])
+    return bool(relation_columns(ops_con, schema, table))
 
 
 def keep_subjects(gov_con: duckdb.DuckDBPyConnection, registry: Registry, dataset: Dataset, scenarios: list[str],
@@ -195,8 +195,7 @@ def purge_product(ops_con: duckdb.DuckDBPyConnection, product: str, purged: pa.T
         return _delete_returning(ops_con, target, "", "_partition_date").column(0).to_pylist()
     if purged.num_rows == 0:
         return []
-    cols = {c for (c,) in ops_con.execute("SELECT column_name FROM information_schema.columns WHERE table_schema = "
-                                          "'products' AND table_name = ?", [product]).fetchall()}
+    cols = set(relation_columns(ops_con, "products", product))
     ops_con.register("_zq_purged_rows", purged)
     try:
         if "_source_lineage_ids" in cols:

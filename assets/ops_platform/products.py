@@ -24,6 +24,7 @@ from zqdata.dbt_guard import ops_manifest_problems, product_read_problems
 from zqdata.lakes import worker_domains
 from zqdata.publish import products_reading
 from zqdata.registry import registry
+from zqdata.warehouse import relation_columns
 
 
 @functools.cache
@@ -138,9 +139,7 @@ def not_built(context: dg.AssetExecutionContext, warehouse: WarehouseResource, d
     with warehouse.ops() as ops:
         held = ", ".join(sorted(held_back_on_ops(ops, day)))
         for product in products:
-            exists = ops.execute("select count(*) from information_schema.columns where table_schema = 'products' "
-                                 "and table_name = ? and column_name = '_partition_date'", [product]).fetchone()[0]
-            if exists:
+            if "_partition_date" in relation_columns(ops, "products", product):
                 ops.execute(f'delete from products."{product}" where cast(_partition_date as date) = ?', [day])
     for product in products:
         context.log.warning(f"产品 {product} 本分区未构建：读取被质量门禁留置的数据集 {held} "
@@ -263,9 +262,7 @@ def _product_trace(node: dict[str, Any], warehouse: WarehouseResource, context: 
     if not model or not schema:
         return {}
     with warehouse.ops(read_only=True) as ops_con:
-        columns = {c for (c,) in ops_con.execute(
-            "select column_name from information_schema.columns where table_schema = ? and table_name = ?",
-            [schema, table]).fetchall()}
+        columns = set(relation_columns(ops_con, schema, table))
         if "_source_lineage_ids" not in columns:
             return {}
         # the failures of the partition only (a range build stores every day's)

@@ -103,9 +103,9 @@ def max_rows_from_env() -> int:
 
 
 def _columns(con: duckdb.DuckDBPyConnection, model: str) -> list[str]:
-    return [r[0] for r in con.execute(
-        "select column_name from duckdb_columns() where schema_name = 'staging' and table_name = ? and not internal "
-        "order by column_index", [model]).fetchall()]  # DuckDB's catalog function: ~4× faster than information_schema
+    from zqdata.warehouse import relation_columns
+
+    return list(relation_columns(con, "staging", model))
 
 
 def _q(name: str) -> str:

@@ -21,6 +21,7 @@ from typing import Any
 import duckdb
 
 from zqdata.registry import Registry
+from zqdata.warehouse import relation_columns
 
 NOT_BUILT = ("error", "skipped")  # dbt run_results statuses of a model that did not build
 _DDL = """create table if not exists quality.model_failures (
@@ -106,9 +107,7 @@ def record_model_failures(con: duckdb.DuckDBPyConnection, partition_date: dt.dat
         clear_model_failures(con, partition_date)
         for u in unbuilt:
             schema, table = u.relation.split(".", 1)
-            has_partition = con.execute(
-                "select count(*) from information_schema.columns where table_schema = ? and table_name = ? "
-                "and column_name = '_partition_date'", [schema, table]).fetchone()[0]
+            has_partition = "_partition_date" in relation_columns(con, schema, table)
             if has_partition:
                 (n,) = con.execute(f'delete from "{schema}"."{table}" where cast(_partition_date as date) = ?',
                                    [partition_date]).fetchone()
@@ -124,9 +123,7 @@ def record_model_failures(con: duckdb.DuckDBPyConnection, partition_date: dt.dat
 
 def model_failure_reasons(con: duckdb.DuckDBPyConnection, partition_date: dt.date) -> dict[str, str]:
     """{dataset: why} for the datasets whose models did not build for the partition (read by the quality gate)."""
-    exists = con.execute("select count(*) from information_schema.tables where table_schema = 'quality' "
-                         "and table_name = 'model_failures'").fetchone()[0]
-    if not exists:
+    if not relation_columns(con, "quality", "model_failures"):
         return {}
     rows = con.execute("""select dataset, string_agg(model || '（' || status || '：' || message || '）', '；' order by model)
                           from quality.model_failures where partition_date = ? group by dataset""",

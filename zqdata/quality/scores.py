@@ -17,6 +17,7 @@ from zqdata.display import mask_text
 from zqdata.quality.dimensions import DIMENSION_KEYS, cn_name
 from zqdata.quality.model_failures import model_failure_reasons
 from zqdata.registry import Registry
+from zqdata.warehouse import relation_columns
 
 DEFAULT_MAX_ERROR_RATE = 0.05
 
@@ -175,8 +176,7 @@ def _has_table(con: duckdb.DuckDBPyConnection, schema: str, table: str) -> bool:
 
 def _deliveries_source(con: duckdb.DuckDBPyConnection) -> str:
     if _has_table(con, "meta", "deliveries"):
-        cols = {c for (c,) in con.execute("select column_name from information_schema.columns "
-                                          "where table_schema = 'meta' and table_name = 'deliveries'").fetchall()}
+        cols = set(relation_columns(con, "meta", "deliveries"))
         declared = "manifest_record_count" if "manifest_record_count" in cols else "null::BIGINT"
         return (f"(select dataset, delivery_file, status, rows_delivered, {declared} as manifest_record_count "
                 "from meta.deliveries where partition_date = $day)")

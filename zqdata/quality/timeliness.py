@@ -118,9 +118,9 @@ def _deliveries(con: duckdb.DuckDBPyConnection, day: dt.date
     """(delivery_file, delivered_at, status, arrived_at) per dataset for the partition; empty when ingestion never ran.
 
     ``arrived_at`` is the store's arrival time when ingestion records it in meta.deliveries (else None)."""
-    columns = {r[0] for r in con.execute(
-        "select column_name from duckdb_columns() where schema_name = 'meta' and table_name = 'deliveries' "
-        "and not internal").fetchall()}
+    from zqdata.warehouse import relation_columns
+
+    columns = set(relation_columns(con, "meta", "deliveries"))
     if not columns:
         return {}
     arrived = "arrived_at" if "arrived_at" in columns else "null"
