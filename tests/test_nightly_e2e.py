@@ -100,6 +100,35 @@ def test_nightly_job_materializes_every_stage(nightly_run):
     assert (data_dir / "warehouse" / "ops_platform.duckdb").exists()
 
 
+def test_dq_audit_keeps_the_failing_rows_of_the_tests_that_found_some_and_no_empty_table(nightly_run):
+    """bench/notes.md 18: a gov dbt test that passed leaves no empty dq_audit table (they were ~2/3 of the gov
+    catalog, loaded by every connection); each test that found failing rows keeps them, and the quality findings
+    hold a finding for each of those rows' tests with a rule."""
+    from assets.gov_platform.dbt_models import _manifest
+    from zqdata.quality.dbt_findings import dbt_test_meta
+
+    data_dir, _, result, _ = nightly_run
+    tests = {n["name"]: n for n in _manifest()["nodes"].values() if n["resource_type"] == "test"}
+    gov = [e for e in result.get_asset_check_evaluations() if e.check_name in tests and e.asset_key.path[0] == "gov"]
+    failing = {tests[e.check_name].get("alias") or e.check_name for e in gov
+               if e.metadata["dagster_dbt/failed_row_count"].value > 0}
+    assert failing and len(gov) > 100, "the 1% injected defects fail some of the night's ~140 gov tests"
+    with duckdb.connect(str(data_dir / "warehouse" / "gov_platform.duckdb"), read_only=True) as con:
+        stored = {t: con.execute(f'select count(*) from dq_audit."{t}"').fetchone()[0] for (t,) in con.execute(
+            "select table_name from duckdb_tables() where schema_name = 'dq_audit'").fetchall()}
+        rules = {r for (r,) in con.execute("select distinct rule from quality.findings where tool = 'dbt'").fetchall()}
+    assert set(stored) == failing and all(n > 0 for n in stored.values()), stored
+    assert rules and rules <= {dbt_test_meta(n).get("rule") for n in tests.values()}
+    assert rules == {dbt_test_meta(tests[e.check_name]).get("rule") for e in gov if not e.passed
+                     and "_lineage_id" in _columns_of(data_dir, tests[e.check_name])} - {None}
+
+
+def _columns_of(data_dir: Path, node: dict) -> set[str]:
+    with duckdb.connect(str(data_dir / "warehouse" / "gov_platform.duckdb"), read_only=True) as con:
+        return {c for (c,) in con.execute("select column_name from duckdb_columns() where schema_name = 'dq_audit' "
+                                          "and table_name = ?", [node.get("alias") or node["name"]]).fetchall()}
+
+
 def test_nightly_job_writes_quality_scores_and_publishes_data_docs(nightly_run):
     """Issue 3: the nightly job keeps the partition's scores per agency × dataset × dimension and publishes GX Data Docs."""
     from zqdata.quality.dimensions import DIMENSIONS

@@ -237,3 +237,49 @@ def test_products_are_built_once_per_stretch_of_days_with_the_same_authorization
     monkeypatch.setattr(products, "product_inputs", lambda warehouse, ds: inputs[:len(ds)])
     stretches = products.product_stretches(None, days)
     assert [[d.day for d in s] for s in stretches] == [[1, 2], [3], [4, 5], [6], [7]]
+
+
+# ---------------------------------------------------------------- the empty store-failures tables of passing tests
+
+def test_a_builds_passing_tests_leave_no_empty_failure_table_and_the_findings_are_unchanged() -> None:
+    """bench/notes.md 18: ~140 empty dq_audit tables a small night made every gov connection load and checkpoint a
+    catalog three times its size. The tests that passed in the whole build lose their (empty) table; a failing or
+    warning test keeps its rows, a result without a row count and a table outside dq_audit are left alone, and the
+    findings collected afterwards are the ones collected before."""
+    import dagster as dg
+
+    from assets.dbt_common import check_outcomes
+    from zqdata.quality.dbt_findings import drop_failure_tables, tests_without_failures
+
+    lineage = ("'L1' as _lineage_id, 'samr' as _agency, 'enterprise_registry' as _dataset, 'f.csv' as _delivery_file, "
+               "3 as _row_number, date '2025-05-02' as _partition_date, 'credit_code' as field, 'X' as value")
+    con = duckdb.connect()
+    con.execute("create schema dq_audit")
+    con.execute("create schema staging")
+    con.execute(f"create table dq_audit.failed as select {lineage}")
+    con.execute(f"create table dq_audit.warned as select {lineage}")
+    for empty in ("dq_audit.clean", "dq_audit.long_alias", "dq_audit.uncounted", "staging.clean"):
+        con.execute(f"create table {empty} as select {lineage} limit 0")
+    meta = {"meta": {"rule": "uscc:credit_code", "dimension": "accuracy", "severity": "error"}}
+    nodes = [_node("failed", "error"), _node("warned", "warn"), _node("clean", "error"), _node("uncounted", "error"),
+             {**_node("clean_but_long_named", "error"), "alias": "long_alias"}]
+    manifest = {"nodes": {n["name"]: {**n, "config": {**n["config"], **meta}} for n in nodes}}
+    outcomes = check_outcomes([_check("failed", 1), _check("warned", 2), _check("clean", 0),
+                               _check("clean_but_long_named", 0),
+                               dg.AssetCheckResult(asset_key=dg.AssetKey(["gov", "staging", "m"]),
+                                                   check_name="uncounted", passed=True)])
+    assert ("uncounted", True, None) in outcomes
+
+    tables = tests_without_failures(outcomes, manifest)
+    assert tables == [("dq_audit", "clean"), ("dq_audit", "long_alias")]
+    before = (collect_dbt_findings(con, manifest, "2025-05-02"),
+              con.execute("select * from quality.findings order by all").fetchall())
+    assert drop_failure_tables(con, [*tables, ("staging", "clean")]) == 2  # never a table outside dq_audit
+    remaining = {f"{s}.{t}" for s, t in con.execute(
+        "select schema_name, table_name from duckdb_tables() order by all").fetchall()}
+    assert remaining == {"dq_audit.failed", "dq_audit.warned", "dq_audit.uncounted", "staging.clean",
+                         "quality.findings"}
+    after = (collect_dbt_findings(con, manifest, "2025-05-02"),
+             con.execute("select * from quality.findings order by all").fetchall())
+    assert after == before and before[0] == 2
+    assert drop_failure_tables(con, tables) == 2  # dropped already: nothing to do, no error

@@ -10,9 +10,9 @@ from typing import Any
 import dagster as dg
 from dagster_dbt import DbtCliResource
 
-from assets.dbt_common import (RUN_DIRS_KEPT, build_partition, dbt_project, dbt_resource, dbt_source_specs,
-                               enrich_check_result, partitioned_dbt_assets, ranged_dbt_events, relation_asset_keys,
-                               split_by_day)
+from assets.dbt_common import (RUN_DIRS_KEPT, build_partition, check_outcomes, dbt_project, dbt_resource,
+                               dbt_source_specs, enrich_check_result, partitioned_dbt_assets, ranged_dbt_events,
+                               relation_asset_keys, split_by_day)
 from orchestration.pools import gov_dbt_pool
 from orchestration.ranges import DayEvents, partition_days
 from orchestration.resources import WarehouseResource
@@ -49,27 +49,55 @@ def gov_dbt_assets() -> dg.AssetsDefinition:
 
 def build_gov_day(context: dg.AssetExecutionContext, dbt: DbtCliResource, warehouse: WarehouseResource,
                   reg: Registry, day: dt.date, day_events: DayEvents) -> Iterator[Any]:
-    """`dbt build --target gov` of one day, with check traces; then the leak gate's identifier index for the day."""
+    """`dbt build --target gov` of one day, with check traces; then the leak gate's identifier index for the day and
+    the empty store-failures tables of the passing tests dropped (`drop_failure_tables`).
+
+    Once dbt has exited (its events are buffered for column lineage) ONE gov connection serves the traces, the
+    findings, the index and the drop: opening the gov file and the checkpoint at closing it are ~20-60 ms each."""
+    from zqdata.quality.dbt_findings import collect_dbt_findings, collected_with_build
+
     # the code-table and range rules read the registry through ref.* (synced, never copied into dbt)
     with warehouse.gov() as con:
         sync_reference_tables(con, reg)
         clear_model_failures(con, day)  # this build decides afresh which models of the partition did not build
     # column lineage + schema are read from the gov DB once dbt has exited (never through dbt's in-process adapter)
-    events = build_partition(dbt, context, "gov", warehouse.gov_path(), warehouse.ops_path(),
-                             on_unbuilt=functools.partial(confine_unbuilt, context, warehouse, reg, day),
-                             day=None if day_events.single else day,
-                             keep_runs=max(RUN_DIRS_KEPT, len(day_events.days)))
+    events: list[Any] | None = None
     try:
-        yield from with_check_traces(events, warehouse, reg, day.isoformat())
-        from zqdata.quality.dbt_findings import collect_dbt_findings, collected_with_build
-
-        if collected_with_build(day_events.single):  # another day's build may come next: the findings now
+        events = list(build_partition(dbt, context, "gov", warehouse.gov_path(), warehouse.ops_path(),
+                                      on_unbuilt=functools.partial(confine_unbuilt, context, warehouse, reg, day),
+                                      day=None if day_events.single else day,
+                                      keep_runs=max(RUN_DIRS_KEPT, len(day_events.days))))
+    finally:
+        if events is None:  # dbt failed: the index still gets the partition's ODS identifiers
             with warehouse.gov() as con:
-                collect_dbt_findings(con, _manifest(), day)
-    finally:  # the leak gate's index of gov identifiers gets this partition's (ODS, staging, intermediate)
-        with warehouse.gov() as con:
-            added = update_identifier_index(con, reg, day)
-        context.log.debug(f"leak-gate identifier index: {added} new values for {day}")
+                _index_identifiers(context, con, reg, day)
+    manifest = _manifest()
+    with warehouse.gov() as con:
+        try:
+            yield from with_check_traces(iter(events), warehouse, reg, day.isoformat(), con=con, manifest=manifest)
+            if collected_with_build(day_events.single):  # another day's build may come next: the findings now
+                collect_dbt_findings(con, manifest, day)
+        finally:  # the leak gate's index of gov identifiers gets this partition's (ODS, staging, intermediate)
+            _index_identifiers(context, con, reg, day)
+        _drop_passing_failure_tables(context, con, events, manifest)
+
+
+def _index_identifiers(context: dg.AssetExecutionContext, con: Any, reg: Registry, day: dt.date) -> None:
+    added = update_identifier_index(con, reg, day)
+    context.log.debug(f"leak-gate identifier index: {added} new values for {day}")
+
+
+def _drop_passing_failure_tables(context: dg.AssetExecutionContext, con: Any, events: list[Any],
+                                 manifest: Mapping[str, Any]) -> None:
+    """After every reader of the build's stored failures in this step: the empty dq_audit tables of the tests that
+    passed in it are dropped (best effort: a failed drop leaves empty tables, as dbt made them)."""
+    from zqdata.quality.dbt_findings import drop_failure_tables, tests_without_failures
+
+    try:
+        dropped = drop_failure_tables(con, tests_without_failures(check_outcomes(events), manifest))
+        context.log.debug(f"dq_audit: {dropped} empty store-failures tables of passing tests dropped")
+    except Exception as e:  # noqa: BLE001 - an optimisation of the catalog's size, never a reason to fail the build
+        context.log.warning(f"未能删除通过测试的空失败表 (empty dq_audit tables not dropped): {type(e).__name__}: {e}")
 
 
 def build_gov_range(context: dg.AssetExecutionContext, dbt: DbtCliResource, warehouse: WarehouseResource,
@@ -104,12 +132,13 @@ def build_gov_range(context: dg.AssetExecutionContext, dbt: DbtCliResource, ware
             return None
         for day in days:
             collect_dbt_findings(con, manifest, day)
-            added = update_identifier_index(con, reg, day)
-            context.log.debug(f"leak-gate identifier index: {added} new values for {day}")
+            _index_identifiers(context, con, reg, day)
         with frozen_catalog(con):  # written above, only read below: the traces ask the catalog once, not ~3× each
-            return {day: list(with_check_traces(iter(split[day]), warehouse, reg, day.isoformat(),
-                                                findings_collected=True, con=con, manifest=manifest))
-                    for day in days}
+            by_day = {day: list(with_check_traces(iter(split[day]), warehouse, reg, day.isoformat(),
+                                                  findings_collected=True, con=con, manifest=manifest))
+                      for day in days}
+        _drop_passing_failure_tables(context, con, events, manifest)  # the whole build's results, not a day's
+        return by_day
 
 
 def confine_unbuilt(context: dg.AssetExecutionContext, warehouse: WarehouseResource, reg: Registry, day: dt.date,

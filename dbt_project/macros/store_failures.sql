@@ -9,7 +9,10 @@
     as dbt does. Without store_failures the test's query runs as it is. The count (a read) runs outside a transaction
     (auto_begin=False): DuckDB runs each statement in its own, so dbt's BEGIN before it and ROLLBACK when the node
     releases its connection were two statements more per test for nothing (~0.9 s of a 1,000-row night's gov build,
-    bench/notes.md 17). -#}
+    bench/notes.md 17).
+    On the gov platform the step drops the (empty) tables of the tests that passed in the whole build once it has read
+    them (zqdata.quality.dbt_findings.drop_failure_tables): dq_audit then holds the failing rows of the tests that found
+    some, and every gov connection loads a catalog a third of the size (bench/notes.md 18). -#}
 {%- materialization test, adapter='duckdb' -%}
   {% set relations = [] %}
   {% set sql_header = config.get('sql_header') if flags.REQUIRE_SQL_HEADER_IN_TEST_CONFIGS else none %}
