@@ -234,10 +234,11 @@ def load_batch(con: duckdb.DuckDBPyConnection, registry: Registry, dataset: str,
     if sampled:
         keep = math.ceil(limit / day_rows * _HASH_BUCKETS)
         where += f" and hash({pk}) % {_HASH_BUCKETS} < {keep}"
-    # through Arrow: pandas takes Arrow's strings as they are, where DuckDB's `.df()` made a Python object per value
-    # that pandas then turned back into Arrow strings (the seven suites at 1 M rows: 1.57 -> ~0.9 s, same outcomes)
-    frame = con.execute(f"{with_sql}select {select} from {rel} {join_sql} where {where}",
-                        [*params, day]).fetch_arrow_table().to_pandas()
+    # `.df()`, not `.fetch_arrow_table().to_pandas()`: the Arrow route validated the seven suites at 1 M rows in ~0.9 s
+    # instead of 1.57 s, but grew the process's malloc heap by ~290 MB of address space per validated day (never
+    # returned; RSS stayed small), and a year's range run then failed to fork dbt at its ops step: ENOMEM, the kernel
+    # refusing to commit 51 GB (bench/notes.md 18). With `.df()` the heap stays ~90 MB over 30 days.
+    frame = con.execute(f"{with_sql}select {select} from {rel} {join_sql} where {where}", [*params, day]).df()
     if frame.empty:
         # GX needs a row to evaluate the day's volume: one placeholder row carries it, every other column null.
         frame = pd.DataFrame({c: [None] for c in frame.columns}).assign(_day_rows=day_rows)
