@@ -428,7 +428,7 @@ def test_stored_validation_is_the_same_runs_result_and_only_that_run(con, reg):
 def test_gx_check_reports_the_findings_assets_validation_in_the_same_run(con, reg, tmp_path):
     import dagster as dg
 
-    from assets.governance.quality import build_findings_asset, build_gx_check
+    from assets.governance.quality import build_findings_asset, build_gx_checks
     from orchestration.partitions import daily_partitions
     from orchestration.resources import WarehouseResource
 
@@ -440,7 +440,7 @@ def test_gx_check_reports_the_findings_assets_validation_in_the_same_run(con, re
         return None
 
     result = dg.materialize(
-        [staging, build_findings_asset(), build_gx_check("water_usage")], partition_key=DAY.isoformat(),
+        [staging, build_findings_asset(), build_gx_checks(["water_usage"])], partition_key=DAY.isoformat(),
         resources={"warehouse": WarehouseResource(gov_db=str(tmp_path / "gov.duckdb"))}, raise_on_error=False)
     check = [e for e in result.get_asset_check_evaluations() if e.check_name == "gx_dataset_expectations"]
     assert len(check) == 1 and not check[0].passed
