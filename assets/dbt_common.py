@@ -604,17 +604,6 @@ def failures_by_day(con: Any, node: Mapping[str, Any], total: int) -> dict[dt.da
     return counts if sum(counts.values()) == total and None not in counts else None
 
 
-def check_outcomes(events: Iterable[Any]) -> list[tuple[str, bool, int | None]]:
-    """(check name, passed, failed row count or None) of the check results among a dbt build's events."""
-    out = []
-    for event in events:
-        if isinstance(event, dg.AssetCheckResult):
-            failed = (event.metadata or {}).get("dagster_dbt/failed_row_count")
-            failed = getattr(failed, "value", failed)
-            out.append((event.check_name or "", bool(event.passed), None if failed is None else int(failed)))
-    return out
-
-
 def day_check_result(event: dg.AssetCheckResult, node: Mapping[str, Any], failed: int) -> dg.AssetCheckResult:
     """dagster-dbt's check result of a range build, for one day with `failed` failing rows: the status dbt gives a
     test with that many failures under its own severity (pass, or warn / fail)."""

@@ -23,32 +23,61 @@ ENTERPRISE_REGISTRY = "enterprise_registry"
 GENERATED_HEADER = "generated from the registry by zqdata/reference.py (python -m zqdata.reference); do not edit"
 
 
-def sync_reference_tables(con: duckdb.DuckDBPyConnection, registry: Registry) -> int:
-    """Replace `ref.code_tables(table_name, code, label)` and `ref.fields` from the registry; returns code rows written."""
+_REF_TABLES = {
+    "code_tables": "table_name varchar, code varchar, label varchar",
+    "fields": "dataset varchar, field varchar, type varchar, required boolean, format varchar, code_table varchar,"
+              " range_min double, range_max double, is_event_time boolean",
+}
+
+
+def reference_rows(registry: Registry) -> dict[str, list[tuple]]:
+    """{ref table: its rows, sorted} as the registry defines them."""
     codes = [(t, c, label) for t, table in sorted(registry.code_tables.items()) for c, label in table.items()]
     fields = [
         (ds.code, f.name, f.type, f.required, f.format, f.code_table,
-         f.range.min if f.range else None, f.range.max if f.range else None, f.name == ds.event_time_field)
+         float(f.range.min) if f.range and f.range.min is not None else None,
+         float(f.range.max) if f.range and f.range.max is not None else None, f.name == ds.event_time_field)
         for ds in registry.datasets.values()
         for f in ds.fields
     ]
+    return {"code_tables": sorted(codes, key=repr), "fields": sorted(fields, key=repr)}
+
+
+def _stored_rows(con: duckdb.DuckDBPyConnection) -> dict[str, list[tuple]] | None:
+    """The ref tables' rows (sorted as `reference_rows`), None when one is missing or has other columns."""
+    out = {}
+    for table, ddl in _REF_TABLES.items():
+        try:
+            columns = con.execute(f"select * from ref.{table} limit 0").description
+            rows = con.execute(f"select * from ref.{table}").fetchall()
+        except duckdb.CatalogException:
+            return None
+        if [c[0] for c in columns] != [d.strip().split()[0] for d in ddl.split(",")]:
+            return None
+        out[table] = sorted((tuple(r) for r in rows), key=repr)
+    return out
+
+
+def sync_reference_tables(con: duckdb.DuckDBPyConnection, registry: Registry) -> int:
+    """Replace `ref.code_tables(table_name, code, label)` and `ref.fields` from the registry; returns code rows written
+    (0 when they already held exactly the registry's rows: nothing is written, so closing the connection has no
+    checkpoint to make -- the gov dbt step syncs before every build, bench/notes.md 19)."""
+    rows = reference_rows(registry)
+    if _stored_rows(con) == rows:
+        return 0
     con.execute("begin transaction")
     try:
         con.execute("create schema if not exists ref")
-        con.execute("create or replace table ref.code_tables (table_name varchar, code varchar, label varchar)")
-        con.execute(
-            "create or replace table ref.fields (dataset varchar, field varchar, type varchar, required boolean,"
-            " format varchar, code_table varchar, range_min double, range_max double, is_event_time boolean)"
-        )
-        if codes:
-            con.executemany("insert into ref.code_tables values (?, ?, ?)", codes)
-        if fields:
-            con.executemany("insert into ref.fields values (?, ?, ?, ?, ?, ?, ?, ?, ?)", fields)
+        for table, ddl in _REF_TABLES.items():
+            con.execute(f"create or replace table ref.{table} ({ddl})")
+            if rows[table]:
+                con.executemany(f"insert into ref.{table} values ({', '.join('?' * len(rows[table][0]))})",
+                                rows[table])
         con.execute("commit")
     except Exception as exc:
         rollback_keeping_cause(con, exc)
         raise
-    return len(codes)
+    return len(rows["code_tables"])
 
 
 @dataclass(frozen=True)

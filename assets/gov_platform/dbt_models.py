@@ -10,7 +10,7 @@ from typing import Any
 import dagster as dg
 from dagster_dbt import DbtCliResource
 
-from assets.dbt_common import (RUN_DIRS_KEPT, build_partition, check_outcomes, dbt_project, dbt_resource,
+from assets.dbt_common import (RUN_DIRS_KEPT, build_partition, dbt_project, dbt_resource,
                                dbt_source_specs, enrich_check_result, partitioned_dbt_assets, ranged_dbt_events,
                                relation_asset_keys, split_by_day)
 from orchestration.pools import gov_dbt_pool
@@ -49,11 +49,10 @@ def gov_dbt_assets() -> dg.AssetsDefinition:
 
 def build_gov_day(context: dg.AssetExecutionContext, dbt: DbtCliResource, warehouse: WarehouseResource,
                   reg: Registry, day: dt.date, day_events: DayEvents) -> Iterator[Any]:
-    """`dbt build --target gov` of one day, with check traces; then the leak gate's identifier index for the day and
-    the empty store-failures tables of the passing tests dropped (`drop_failure_tables`).
+    """`dbt build --target gov` of one day, with check traces; then the leak gate's identifier index for the day.
 
     Once dbt has exited (its events are buffered for column lineage) ONE gov connection serves the traces, the
-    findings, the index and the drop: opening the gov file and the checkpoint at closing it are ~20-60 ms each."""
+    findings and the index: opening the gov file and the checkpoint at closing it are ~20-60 ms each."""
     from zqdata.quality.dbt_findings import collect_dbt_findings, collected_with_build
 
     # the code-table and range rules read the registry through ref.* (synced, never copied into dbt)
@@ -79,25 +78,11 @@ def build_gov_day(context: dg.AssetExecutionContext, dbt: DbtCliResource, wareho
                 collect_dbt_findings(con, manifest, day)
         finally:  # the leak gate's index of gov identifiers gets this partition's (ODS, staging, intermediate)
             _index_identifiers(context, con, reg, day)
-        _drop_passing_failure_tables(context, con, events, manifest)
 
 
 def _index_identifiers(context: dg.AssetExecutionContext, con: Any, reg: Registry, day: dt.date) -> None:
     added = update_identifier_index(con, reg, day)
     context.log.debug(f"leak-gate identifier index: {added} new values for {day}")
-
-
-def _drop_passing_failure_tables(context: dg.AssetExecutionContext, con: Any, events: list[Any],
-                                 manifest: Mapping[str, Any]) -> None:
-    """After every reader of the build's stored failures in this step: the empty dq_audit tables of the tests that
-    passed in it are dropped (best effort: a failed drop leaves empty tables, as dbt made them)."""
-    from zqdata.quality.dbt_findings import drop_failure_tables, tests_without_failures
-
-    try:
-        dropped = drop_failure_tables(con, tests_without_failures(check_outcomes(events), manifest))
-        context.log.debug(f"dq_audit: {dropped} empty store-failures tables of passing tests dropped")
-    except Exception as e:  # noqa: BLE001 - an optimisation of the catalog's size, never a reason to fail the build
-        context.log.warning(f"未能删除通过测试的空失败表 (empty dq_audit tables not dropped): {type(e).__name__}: {e}")
 
 
 def build_gov_range(context: dg.AssetExecutionContext, dbt: DbtCliResource, warehouse: WarehouseResource,
@@ -134,11 +119,9 @@ def build_gov_range(context: dg.AssetExecutionContext, dbt: DbtCliResource, ware
             collect_dbt_findings(con, manifest, day)
             _index_identifiers(context, con, reg, day)
         with frozen_catalog(con):  # written above, only read below: the traces ask the catalog once, not ~3× each
-            by_day = {day: list(with_check_traces(iter(split[day]), warehouse, reg, day.isoformat(),
-                                                  findings_collected=True, con=con, manifest=manifest))
-                      for day in days}
-        _drop_passing_failure_tables(context, con, events, manifest)  # the whole build's results, not a day's
-        return by_day
+            return {day: list(with_check_traces(iter(split[day]), warehouse, reg, day.isoformat(),
+                                                findings_collected=True, con=con, manifest=manifest))
+                    for day in days}
 
 
 def confine_unbuilt(context: dg.AssetExecutionContext, warehouse: WarehouseResource, reg: Registry, day: dt.date,

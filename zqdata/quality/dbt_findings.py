@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import duckdb
@@ -132,47 +132,3 @@ def collect_dbt_findings(con: duckdb.DuckDBPyConnection, manifest: Mapping[str, 
     return written
 
 
-def tests_without_failures(check_results: Iterable[tuple[str, bool, Any]],
-                           manifest: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """The store-failures tables (schema, table) of the tests that found no failing row in a whole build.
-
-    `check_results`: (test name, passed, failed row count) of every test result of ONE dbt build — not of a day split
-    from a range build, where a test that passed on one day may hold another day's failing rows. Only tests storing
-    their failures in dq_audit are named; a result without a row count is left alone."""
-    from zqdata.dbt_guard import TEST_SCHEMA
-
-    tests = {n["name"]: n for n in manifest.get("nodes", {}).values() if n.get("resource_type") == "test"}
-    out = []
-    for name, passed, failed in check_results:
-        node = tests.get(name)
-        if node is None or not passed or failed is None or int(failed) != 0:
-            continue
-        if node.get("schema") == TEST_SCHEMA and (node.get("config") or {}).get("store_failures", True):
-            out.append((TEST_SCHEMA, node.get("alias") or name))
-    return sorted(set(out))
-
-
-def drop_failure_tables(con: duckdb.DuckDBPyConnection, tables: Iterable[tuple[str, str]]) -> int:
-    """Drop the empty store-failures tables of passing tests (`tests_without_failures`) in one transaction; returns
-    how many were named.
-
-    dbt stores every data test's failing rows in dq_audit.<test>, an empty table when it found none: ~140 empty tables
-    a 1,000-row night, ~2/3 of the gov file's catalog. DuckDB loads the whole catalog on every connection and rewrites
-    it at every checkpoint, so each of a night's ~25 gov connections paid for them (open 45 -> 17 ms on the bench
-    machine; bench/notes.md 18). A passing test therefore leaves no table: dq_audit holds the failing rows of the
-    tests that found some, from their last build, which the quality findings read (a missing table reads as no
-    failure: `collect_dbt_findings`). Only tables of dq_audit are dropped."""
-    from zqdata.dbt_guard import TEST_SCHEMA
-
-    names = sorted({(s, t) for s, t in tables if s == TEST_SCHEMA})
-    if not names:
-        return 0
-    con.execute("begin transaction")
-    try:
-        for schema, table in names:
-            con.execute(f'drop table if exists "{schema}"."{table.replace(chr(34), chr(34) * 2)}"')
-        con.execute("commit")
-    except Exception:
-        con.execute("rollback")
-        raise
-    return len(names)
