@@ -115,6 +115,13 @@ class DayEvents:
         if not self.single and asset_key not in self._assets:
             self._assets.append(asset_key)
 
+    def forget(self, asset_key: dg.AssetKey) -> None:
+        """Range run: no output for `asset_key` and its checks after all (an asset the step stopped materializing part
+        way through the range: its days so far keep their metadata and check evaluations, but the output would record
+        every day of the range)."""
+        self._assets = [k for k in self._assets if k != asset_key]
+        self._checks = [k for k in self._checks if k.asset_key != asset_key]
+
     def finish(self) -> Iterator[Any]:
         """Range run: the outputs of what was materialized and checked (one materialization per partition each)."""
         if self.single:

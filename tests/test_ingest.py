@@ -451,27 +451,86 @@ def test_jsonl_numbers_and_broken_line(gov_con, store, reg) -> None:
     assert assert_accounting(gov_con, "resident_population")["rows_in_ods"] == 3
 
 
-def test_ods_assets_materialize_with_row_accounting_check(data_dir, store, reg) -> None:
+def _ods_materialize(data_dir, store, selection: list[str], day: dt.date = DAY, last: dt.date | None = None):
     import dagster as dg
 
-    from assets.gov_platform.ods import ROW_ACCOUNTING_CHECK, ods_defs, ods_key
+    from assets.gov_platform.ods import ods_defs, ods_key
+    from orchestration.ranges import range_tags
     from orchestration.resources import ObjectStoreResource, WarehouseResource
 
-    ds = reg.datasets["enterprise_registry"]
-    rows = records(ds, 4)
+    gov_db = data_dir / "warehouse" / "gov.duckdb"
+    when = {"tags": range_tags(day, last)} if last else {"partition_key": day.isoformat()}
+    return dg.materialize(
+        list(ods_defs().assets), selection=[ods_key(c) for c in selection], raise_on_error=False,
+        resources={"store": ObjectStoreResource(local_root=str(store.root)), "warehouse": WarehouseResource(gov_db=str(gov_db))},
+        **when)
+
+
+def _materialized(result) -> dict[str, list[str | None]]:
+    out: dict[str, list] = {}
+    for e in result.get_asset_materialization_events():
+        m = e.event_specific_data.materialization
+        out.setdefault(m.asset_key.path[-1], []).append(m.partition)
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def test_the_ods_step_ingests_the_selected_datasets_with_their_row_accounting(data_dir, store, reg) -> None:
+    """Embedded, ONE step ingests every dataset (bench/notes.md 19): each selected dataset gets its materialization
+    with its own metadata and its own row-accounting check; a dataset not selected is not touched."""
+    from assets.gov_platform.ods import ODS_STEP, ROW_ACCOUNTING_CHECK, ods_defs
+
+    assert [a.node_def.name for a in ods_defs().assets] == [ODS_STEP]
+    assert {k.path[-1] for a in ods_defs().assets for k in a.keys} == {f"ods_{c}" for c in reg.datasets}
+    rows = records(reg.datasets["enterprise_registry"], 4)
     rows[0]["reg_capital_wan"] = "abc"
     deliver(store, reg, "enterprise_registry", [("part-0001.csv", encode(rows, "csv"), 4)])
-    defs = ods_defs()
-    assets = [a for a in defs.assets if ods_key("enterprise_registry") in a.keys]  # type: ignore[union-attr]
-    assert len(list(defs.assets)) == len(reg.datasets)  # type: ignore[arg-type]
-    gov_db = data_dir / "warehouse" / "gov.duckdb"
-    result = dg.materialize(
-        assets,
-        resources={"store": ObjectStoreResource(local_root=str(store.root)), "warehouse": WarehouseResource(gov_db=str(gov_db))},
-        partition_key="2025-05-01",
-    )
+    deliver(store, reg, "water_usage", [("part-0001.csv", encode(records(reg.datasets["water_usage"], 2), "csv"), 2)])
+    result = _ods_materialize(data_dir, store, ["enterprise_registry", "water_usage"])
     assert result.success
-    mat = result.asset_materializations_for_node(assets[0].node_def.name)[0]
-    assert (mat.metadata["rows_accepted"].value, mat.metadata["rows_quarantined"].value) == (3, 1)
+    mats = {e.event_specific_data.materialization.asset_key.path[-1]: e.event_specific_data.materialization.metadata
+            for e in result.get_asset_materialization_events()}
+    assert {k: (m["rows_accepted"].value, m["rows_quarantined"].value) for k, m in mats.items()} == {
+        "ods_enterprise_registry": (3, 1), "ods_water_usage": (2, 0)}
     checks = result.get_asset_check_evaluations()
-    assert [(c.check_name, c.passed) for c in checks] == [(ROW_ACCOUNTING_CHECK, True)]
+    assert sorted((c.asset_key.path[-1], c.check_name, c.passed) for c in checks) == [
+        ("ods_enterprise_registry", ROW_ACCOUNTING_CHECK, True), ("ods_water_usage", ROW_ACCOUNTING_CHECK, True)]
+    with duckdb.connect(str(data_dir / "warehouse" / "gov.duckdb"), read_only=True) as con:
+        assert {d for (d,) in con.execute("select distinct dataset from meta.deliveries").fetchall()} == {
+            "enterprise_registry", "water_usage"}
+
+
+def test_a_refused_delivery_stops_its_own_dataset_and_the_step_fails_naming_it(data_dir, store, reg,
+                                                                               monkeypatch) -> None:
+    """One agency's refused delivery (`rejected`) stops its own dataset, from that day: the other datasets of the step
+    are ingested and recorded on every day, the refused one has no materialization (in a range run, not even for the
+    days before it was refused: the output would record the whole range), and the step fails naming it and its day."""
+    import assets.gov_platform.ods as ods
+
+    refused_on = DAY + dt.timedelta(days=1)
+    real = ods.ingest_delivery
+
+    def refusing(con, store_, reg_, code, day, **kw):
+        report = real(con, store_, reg_, code, day, **kw)
+        if code == "water_usage" and day >= refused_on:
+            report.status, report.files = "rejected", [ingest.FileReport(None, None, None, "rejected", ["拒绝交付"])]
+        return report
+
+    monkeypatch.setattr(ods, "ingest_delivery", refusing)
+    for day in (DAY, refused_on, refused_on + dt.timedelta(days=1)):
+        for code in ("enterprise_registry", "water_usage"):
+            deliver(store, reg, code, [("part-0001.csv", encode(records(reg.datasets[code], 2), "csv"), 2)], day=day)
+    single = _ods_materialize(data_dir, store, ["enterprise_registry", "water_usage"], day=refused_on)
+    assert not single.success
+    assert _materialized(single) == {"ods_enterprise_registry": [refused_on.isoformat()]}
+    [failure] = single.get_step_failure_events()
+    assert failure.step_failure_data.user_failure_data.description == "water_usage: -: 拒绝交付"
+
+    ranged = _ods_materialize(data_dir, store, ["enterprise_registry", "water_usage"], DAY,
+                              refused_on + dt.timedelta(days=1))
+    assert not ranged.success
+    days = [(DAY + dt.timedelta(days=i)).isoformat() for i in range(3)]
+    assert _materialized(ranged) == {"ods_enterprise_registry": days}
+    [failure] = ranged.get_step_failure_events()
+    assert failure.step_failure_data.user_failure_data.description == f"water_usage: {refused_on}: -: 拒绝交付"
+    evaluated = {(c.asset_key.path[-1], c.partition) for c in ranged.get_asset_check_evaluations()}
+    assert evaluated == {("ods_enterprise_registry", d) for d in days} | {("ods_water_usage", DAY.isoformat())}
