@@ -242,6 +242,39 @@ def test_a_nights_data_docs_render_its_own_pages_link_the_others_and_list_the_la
 
 
 
+def test_a_later_nights_data_docs_compile_no_template_and_a_changed_template_is_compiled_again(tmp_path,
+                                                                                                monkeypatch):
+    """bench/notes.md 19: GX made a Jinja environment per view and compiled its templates again in each (a third of a
+    night's Data Docs). Rendered once in the process, a later night's build compiles none and still renders its own
+    pages; the shared bytecode serves a template only while its source is unchanged."""
+    import jinja2
+
+    from zqdata.quality.gx_runner import share_template_bytecode
+
+    compiled: list[str | None] = []
+    compile_ = jinja2.Environment.compile
+
+    def counting(self, source, name=None, filename=None, raw=False, defer_init=False):
+        compiled.append(name)
+        return compile_(self, source, name, filename, raw, defer_init)
+
+    monkeypatch.setattr(jinja2.Environment, "compile", counting)
+    share_template_bytecode().codes.clear()  # as in a new process
+    render_data_docs(_validations_of(DAY), tmp_path)
+    assert len(compiled) == len(set(compiled)) > 10  # the first build compiles each template it uses, once
+    compiled.clear()
+    later = DAY + dt.timedelta(days=1)
+    index = render_data_docs(_validations_of(later), tmp_path)
+    assert compiled == []
+    assert run_name("water_usage", later) in _page(index.parent, "water_usage", later).read_text(encoding="utf-8")
+
+    templates = {"page.j2": "v1 {{ x }}"}
+    env = lambda: jinja2.Environment(loader=jinja2.DictLoader(templates), bytecode_cache=share_template_bytecode())
+    assert env().get_template("page.j2").render(x=1) == "v1 1"
+    templates["page.j2"] = "v2 {{ x }}"
+    assert env().get_template("page.j2").render(x=1) == "v2 1"
+
+
 def test_the_result_store_keeps_the_index_days_and_the_older_results_are_archived_not_lost(tmp_path, monkeypatch):
     """Issue 15: GX lists (and parses the run time of) every key of its validation-result store on each build: after a
     year that was ~1 s of a night's Data Docs (7,700 keys). Results older than the index's days are moved out of the
