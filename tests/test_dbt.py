@@ -660,6 +660,7 @@ def test_a_data_test_stores_only_failing_rows_with_one_statement_and_a_passing_t
       (a view) is replaced;
     - a test that finds none afterwards: its count, and the earlier build's table (stale rows) is dropped;
     - a test that finds none with no table left: its count alone, no DDL at all (no empty table per passing test);
+    - `store_failures_as: view`: the view replaces the table and the count reads it;
     - never a transaction of its own."""
     import yaml
 
@@ -702,6 +703,15 @@ def test_a_data_test_stores_only_failing_rows_with_one_statement_and_a_passing_t
     results, stored, sql = build()
     assert (results, stored) == ([("pass", 0)], [])
     assert "create " not in sql and "drop " not in sql and sql.count(" as failures") == 1
+
+    (project / "models" / "probe.yml").write_text(yaml.safe_dump({"version": 2, "models": [{  # stored as a view
+        "name": "probe_model", "columns": [{"name": "v", "data_tests": [{"not_null": {"config": {
+            "store_failures": True, "store_failures_as": "view", "schema": "dq_audit", "severity": "warn"}}}]}]}]}))
+    (project / "models" / "probe_model.sql").write_text("{{ config(materialized='table') }}\n"
+                                                       "select * from (values (1, null), (2, 'b')) t(id, v)")
+    results, stored, sql = build()
+    assert (results, stored) == ([("warn", 1)], [("not_null_probe_model_v", "VIEW"), (1, None)])
+    assert sql.count("create or replace view") == 1 and "create or replace table" not in sql
 
 
 def test_empty_redelivery_empties_the_product_partition(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

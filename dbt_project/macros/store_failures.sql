@@ -38,12 +38,7 @@
       {% set old_relation = none %}
     {% endif %}
     {% if stored_as == 'view' %}
-      {% call statement(auto_begin=False) %}
-        {% if sql_header %}{{ sql_header }}{% endif %}
-        create or replace view {{ target_relation }} as (
-          {{ sql_with_limit }}
-        )
-      {% endcall %}
+      {% do zq_store_failures(target_relation, sql_with_limit, sql_header) %}
       {% do relations.append(target_relation) %}
       {% set main_sql %}select * from {{ target_relation }}{% endset %}
     {% endif %}
@@ -58,12 +53,7 @@
     {% set result = load_result('main')['table'] %}
     {% set failures = result.rows[0][0] if result.rows else none %}
     {% if failures is none or failures != 0 %}
-      {% call statement(auto_begin=False) %}
-        {% if sql_header %}{{ sql_header }}{% endif %}
-        create or replace table {{ target_relation }} as (
-          {{ sql_with_limit }}
-        )
-      {% endcall %}
+      {% do zq_store_failures(target_relation, sql_with_limit, sql_header) %}
       {% do relations.append(target_relation) %}
     {% elif old_relation %}
       {% do adapter.drop_relation(old_relation) %}
@@ -72,3 +62,14 @@
 
   {{ return({'relations': relations}) }}
 {%- endmaterialization -%}
+
+
+{#- The test's failing rows as `relation` (a table or a view, its type), replacing what was there: one statement. -#}
+{% macro zq_store_failures(relation, sql, sql_header) %}
+  {% call statement(auto_begin=False) %}
+    {% if sql_header %}{{ sql_header }}{% endif %}
+    create or replace {{ relation.type }} {{ relation }} as (
+      {{ sql }}
+    )
+  {% endcall %}
+{% endmacro %}
