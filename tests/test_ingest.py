@@ -534,3 +534,17 @@ def test_a_refused_delivery_stops_its_own_dataset_and_the_step_fails_naming_it(d
     assert failure.step_failure_data.user_failure_data.description == f"water_usage: {refused_on}: -: 拒绝交付"
     evaluated = {(c.asset_key.path[-1], c.partition) for c in ranged.get_asset_check_evaluations()}
     assert evaluated == {("ods_enterprise_registry", d) for d in days} | {("ods_water_usage", DAY.isoformat())}
+
+
+def test_on_the_lakes_each_dataset_is_ingested_by_its_own_step(reg, monkeypatch) -> None:
+    """Embedded, one step ingests every dataset (one writer per file anyway); on the lakes (several writers) each
+    dataset keeps its own step, so the workers ingest the datasets side by side (issue 16)."""
+    from assets.gov_platform.ods import ODS_STEP, ods_defs, ods_key
+    from zqdata.lakes import MODE_ENV
+
+    monkeypatch.setenv(MODE_ENV, "ducklake")
+    steps = {a.node_def.name: set(a.keys) for a in ods_defs().assets}
+    assert ODS_STEP not in steps and len(steps) == len(reg.datasets)
+    assert sorted(steps.values(), key=str) == sorted(({ods_key(c)} for c in reg.datasets), key=str)
+    monkeypatch.setenv(MODE_ENV, "duckdb")
+    assert {a.node_def.name for a in ods_defs().assets} == {ODS_STEP}
