@@ -656,8 +656,9 @@ def test_a_data_test_stores_only_failing_rows_with_one_statement_and_a_passing_t
     by the quality findings) holds the failing rows of its last build -- with fewer statements than dbt's lookup, drop,
     BEGIN, create, COMMIT, count (macros/store_failures.sql; the per-test machinery and catalog writes were most of a
     small night's gov build, bench/notes.md 17-19):
-    - a test that finds rows: its count, then ONE `create or replace table`; an object of another type under its name
-      (a view) is replaced;
+    - a test that finds rows: a probe that stops at the first row, then ONE `create or replace table` (its query
+      evaluated in full once) and dbt's count over the stored rows; an object of another type under its name (a view)
+      is replaced;
     - a test that finds none afterwards: its count, and the earlier build's table (stale rows) is dropped;
     - a test that finds none with no table left: its count alone, no DDL at all (no empty table per passing test);
     - `store_failures_as: view`: the view replaces the table and the count reads it;
@@ -693,7 +694,9 @@ def test_a_data_test_stores_only_failing_rows_with_one_statement_and_a_passing_t
         con.execute("create view dq_audit.not_null_probe_model_v as select 1 as id, 'x' as v")
     results, stored, sql = build()
     assert (results, stored) == ([("warn", 2)], [("not_null_probe_model_v", "BASE TABLE"), (2, None), (3, None)])
-    assert sql.count("create or replace table") == 1 and sql.count(" as failures") == 1
+    # whether it finds any row (LIMIT 1), then the rows stored once and counted over the stored table
+    assert sql.count("create or replace table") == 1 and sql.count(" as failures") == 2
+    assert re.search(r"as zq_probe limit 1", sql) and re.search(r'from "[^"]+"\."dq_audit"\."not_null_probe_model_v"', sql)
 
     (project / "models" / "probe_model.sql").write_text("{{ config(materialized='table') }}\nselect 1 as id, 'a' as v")
     results, stored, sql = build()

@@ -3,17 +3,19 @@
     rows, and the test's dq_audit table holds the failing rows of its last build -- with less per test than dbt's
     lookup, `drop ... cascade`, BEGIN, `create table`, COMMIT, count (a data test's time at a small night is dbt's
     per-statement machinery and DuckDB's catalog writes, not the query; bench/notes.md 17-19):
-    - The count runs first, on the test's query, outside a transaction (auto_begin=False: DuckDB runs each statement in
-      its own, so dbt's BEGIN and ROLLBACK were two statements more per test for nothing).
-    - A test that found failing rows (a count other than 0, or none) then stores them with ONE `create or replace
-      table` (atomic in DuckDB and in DuckLake: a reader sees the old table or the new one, never none). The query
-      runs twice for these few tests: nothing else writes the tested models while their tests run.
-    - A test that found none stores nothing, and its table from an earlier build (that build's failures) is dropped:
-      dq_audit holds the failing rows of the tests that found some, never an empty table. ~140 of a 1,000-row night's
-      143 gov tests pass; their empty tables were 2/3 of the gov file's catalog, which every connection loads and
-      every checkpoint rewrites (bench/notes.md 18), and each was a DDL statement in the build (bench/notes.md 19).
-      A missing table reads as no failure (zqdata.quality.dbt_findings.collect_dbt_findings, a range's
-      assets.dbt_common.failures_by_day).
+    - First whether the test finds any row: its query with LIMIT 1 (DuckDB stops at the first row), counted as dbt
+      counts, outside a transaction (auto_begin=False: DuckDB runs each statement in its own; dbt's BEGIN and ROLLBACK
+      were two statements more per test for nothing).
+    - None: that count (0) is the result; nothing is written, and the test's table from an earlier build (that build's
+      failing rows) is dropped. dq_audit never holds an empty table: ~140 of a 1,000-row night's 143 gov tests pass,
+      and their empty tables were 2/3 of the gov file's catalog, which every connection loads and every checkpoint
+      rewrites (bench/notes.md 18), each a DDL statement in the build (bench/notes.md 19). A missing table reads as no
+      failure (zqdata.quality.dbt_findings.collect_dbt_findings, a range's assets.dbt_common.failures_by_day).
+    - Some: the rows are stored with ONE `create or replace table` (atomic in DuckDB and in DuckLake: a reader sees the
+      old table or the new one, never none; the query's one full evaluation), and dbt's count over the stored rows is
+      the result (at 10 M rows a day ~45 of the tests fail; counting first and storing after evaluated their queries
+      twice).
+    - Another `fail_calc` (the probe's count says nothing of it): dbt's order, stored then counted over the table.
     - `store_failures_as: view`: the view is replaced and the count reads it (a view costs no data).
     An object of another type under the test's name (a `store_failures_as` changed between builds) is dropped first,
     as dbt does. Without store_failures the test's query is counted as it is. -#}
@@ -44,18 +46,27 @@
     {% endif %}
   {% endif %}
 
-  {% call statement('main', fetch_result=True, auto_begin=False) -%}
-    {% if sql_header %}{{ sql_header }}{% endif %}
-    {{ get_test_sql(main_sql, config.get('fail_calc'), config.get('warn_if'), config.get('error_if'), limit=none) }}
-  {%- endcall %}
+  {#- With its failures stored in a table and dbt's count as the result: first whether the test finds any row at all
+      (LIMIT 1: it stops at the first), the rows evaluated once more only when it does -#}
+  {% set probe = stored_as == 'table' and (config.get('fail_calc') or 'count(*)') | trim | lower == 'count(*)' %}
+  {% if stored_as == 'table' and not probe %}  {#- another fail_calc: dbt's order, the count over the stored rows -#}
+    {% do zq_store_failures(target_relation, sql_with_limit, sql_header) %}
+    {% do relations.append(target_relation) %}
+    {% set main_sql %}select * from {{ target_relation }}{% endset %}
+  {% elif probe %}
+    {% set main_sql %}select * from ({{ sql_with_limit }}) as zq_probe limit 1{% endset %}
+  {% endif %}
 
-  {% if stored_as == 'table' %}
-    {% set result = load_result('main')['table'] %}
-    {% set failures = result.rows[0][0] if result.rows else none %}
-    {% if failures is none or failures != 0 %}
+  {% do zq_test_result(main_sql, sql_header) %}
+
+  {% if probe %}
+    {% set found = load_result('main')['table'].rows[0][0] %}
+    {% if found is none or found != 0 %}  {#- failing rows: stored, then dbt's count over them is the result -#}
       {% do zq_store_failures(target_relation, sql_with_limit, sql_header) %}
       {% do relations.append(target_relation) %}
-    {% elif old_relation %}
+      {% set stored_sql %}select * from {{ target_relation }}{% endset %}
+      {% do zq_test_result(stored_sql, sql_header) %}
+    {% elif old_relation %}  {#- none: an earlier build's failing rows must not stay -#}
       {% do adapter.drop_relation(old_relation) %}
     {% endif %}
   {% endif %}
@@ -72,4 +83,13 @@
       {{ sql }}
     )
   {% endcall %}
+{% endmacro %}
+
+
+{#- The test's result as dbt reads it (statement 'main': failures, should_warn, should_error) over `sql`. -#}
+{% macro zq_test_result(sql, sql_header) %}
+  {% call statement('main', fetch_result=True, auto_begin=False) -%}
+    {% if sql_header %}{{ sql_header }}{% endif %}
+    {{ get_test_sql(sql, config.get('fail_calc'), config.get('warn_if'), config.get('error_if'), limit=none) }}
+  {%- endcall %}
 {% endmacro %}
