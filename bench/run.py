@@ -358,6 +358,11 @@ def _fmt(v, unit: str = "") -> str:
     return f"{v}{unit}"
 
 
+def _ratio(v: float | None) -> str:
+    """A ratio as measured (two decimals): compared with a target such as 1.3, one decimal would hide a miss."""
+    return "–" if v is None else f"{v:.2f}"
+
+
 STAGE_ORDER = ("landing", "ingest", "checks", "dbt", "boundary", "products", "alerting", "orchestration_overhead")
 
 
@@ -396,7 +401,7 @@ def render_markdown(results: dict) -> str:
             "",
             f"Pipeline job {_fmt(p.get('job_seconds'), ' s')} (success: {p.get('success')}), peak RSS "
             f"{_fmt(p.get('peak_rss_mb'), ' MB')}; baseline {_fmt(b.get('total_seconds'), ' s')}, peak RSS "
-            f"{_fmt(b.get('peak_rss_mb'), ' MB')}; **pipeline ÷ baseline = {_fmt(r.get('ratio_total'))}**. "
+            f"{_fmt(b.get('peak_rss_mb'), ' MB')}; **pipeline ÷ baseline = {_ratio(r.get('ratio_total'))}**. "
             f"Simulation {_fmt(r.get('simulate_seconds'), ' s')}; landing {_fmt(r.get('landing_bytes', 0) / 1e6, ' MB')}, "
             f"warehouse {_fmt(r.get('warehouse_bytes', 0) / 1e6, ' MB')}.",
             "",
@@ -414,7 +419,7 @@ def render_markdown(results: dict) -> str:
                          f"{_fmt(bs.get('seconds'))} | {_fmt(r.get('ratio_by_stage', {}).get(s))} |")
         total_rps = round(r["rows_per_day"] / p["job_seconds"]) if p.get("job_seconds") else None
         lines += [f"| **total (job)** | **{_fmt(p.get('job_seconds'))}** | {_fmt(total_rps)} | {_fmt(p.get('peak_rss_mb'))} | "
-                  f"**{_fmt(b.get('total_seconds'))}** | **{_fmt(r.get('ratio_total'))}** |"]
+                  f"**{_fmt(b.get('total_seconds'))}** | **{_ratio(r.get('ratio_total'))}** |"]
         lines.append("")
         if p.get("failed_checks"):
             lines += [f"Failed checks ({len(p['failed_checks'])}): " + ", ".join(f"`{c}`" for c in p["failed_checks"][:8])
@@ -566,7 +571,7 @@ def _targets(results: dict) -> list[str]:
         peak = max(day.get("peak_rss_mb") or 0, max((v.get("peak_rss_mb") or 0) for v in day["stages"].values()))
         rows += [
             ("whole nightly job ≤ 1.3 × baseline", f"{big['rows_per_day']:,} rows/day",
-             _fmt(big.get("ratio_total")) + " ×", (big.get("ratio_total") or 99) <= 1.3),
+             _ratio(big.get("ratio_total")) + " ×", (big.get("ratio_total") or 99) <= 1.3),
             ("peak memory ≤ 3 GB (process + dbt children)", f"{big['rows_per_day']:,} rows/day", _fmt(peak, " MB"),
              peak <= 3072),
         ]
