@@ -35,8 +35,7 @@ def reference_rows(registry: Registry) -> dict[str, list[tuple]]:
     codes = [(t, c, label) for t, table in sorted(registry.code_tables.items()) for c, label in table.items()]
     fields = [
         (ds.code, f.name, f.type, f.required, f.format, f.code_table,
-         float(f.range.min) if f.range and f.range.min is not None else None,
-         float(f.range.max) if f.range and f.range.max is not None else None, f.name == ds.event_time_field)
+         f.range.min if f.range else None, f.range.max if f.range else None, f.name == ds.event_time_field)
         for ds in registry.datasets.values()
         for f in ds.fields
     ]
@@ -48,13 +47,12 @@ def _stored_rows(con: duckdb.DuckDBPyConnection) -> dict[str, list[tuple]] | Non
     out = {}
     for table, ddl in _REF_TABLES.items():
         try:
-            columns = con.execute(f"select * from ref.{table} limit 0").description
-            rows = con.execute(f"select * from ref.{table}").fetchall()
+            cur = con.execute(f"select * from ref.{table}")
         except duckdb.CatalogException:
             return None
-        if [c[0] for c in columns] != [d.strip().split()[0] for d in ddl.split(",")]:
+        if [c[0] for c in cur.description] != [d.strip().split()[0] for d in ddl.split(",")]:
             return None
-        out[table] = sorted((tuple(r) for r in rows), key=repr)
+        out[table] = sorted((tuple(r) for r in cur.fetchall()), key=repr)
     return out
 
 
