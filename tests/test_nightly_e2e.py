@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 from unittest import mock
 
@@ -76,8 +77,14 @@ def nightly_run(tmp_path_factory: pytest.TempPathFactory):
     mp = pytest.MonkeyPatch()
     data_dir = tmp_path_factory.mktemp("nightly") / "data"
     _env(mp, data_dir)
+    from zqdata.quality import gx_runner
+
+    prefetch = gx_runner.prefetch_gx  # recorded with who called it (the gov dbt step, before dbt runs)
+    mp.setattr(gx_runner, "prefetch_gx",
+               lambda: PREFETCH_CALLS.append([f.name for f in traceback.extract_stack()]) or prefetch())
     with dg.instance_for_test() as instance:
         result, summary = _run(DAY, instance)
+        mp.setattr(gx_runner, "prefetch_gx", prefetch)
         # the tables of this undisturbed night, before any test changes them (the kill -9 fault test compares with it)
         PRISTINE.update(_snapshot(data_dir / "warehouse" / "gov_platform.duckdb"))
         PRISTINE.update(_snapshot(data_dir / "warehouse" / "ops_platform.duckdb"))
@@ -86,6 +93,7 @@ def nightly_run(tmp_path_factory: pytest.TempPathFactory):
 
 
 PRISTINE: dict[str, list[tuple]] = {}
+PREFETCH_CALLS: list[list[str]] = []  # the call stacks of gx_runner.prefetch_gx during the module's nightly run
 
 
 def test_nightly_job_materializes_every_stage(nightly_run):
@@ -98,6 +106,15 @@ def test_nightly_job_materializes_every_stage(nightly_run):
         assert rows.get(stage, 0) > 0, f"{stage} is empty after the nightly run: {rows}"
     assert (data_dir / "warehouse" / "gov_platform.duckdb").exists()
     assert (data_dir / "warehouse" / "ops_platform.duckdb").exists()
+
+
+def test_the_gov_dbt_step_starts_importing_gx_before_it_builds(nightly_run):
+    """The night's GX import is started by the gov dbt step (tests/test_gx_prefetch.py: in its own thread), before
+    dbt runs, so the findings step after it does not pay it."""
+    assert len(PREFETCH_CALLS) == 1
+    names = PREFETCH_CALLS[0]
+    assert "gov_dbt_models" in names
+    assert not {"build_gov_day", "build_gov_range", "build_partition"} & set(names)
 
 
 def test_dq_audit_keeps_the_failing_rows_of_the_tests_that_found_some_and_no_empty_table(nightly_run):

@@ -13,6 +13,7 @@ from dagster_dbt import DbtCliResource
 from assets.dbt_common import (RUN_DIRS_KEPT, build_partition, dbt_project, dbt_resource,
                                dbt_source_specs, enrich_check_result, partitioned_dbt_assets, ranged_dbt_events,
                                relation_asset_keys, split_by_day)
+from assets.governance.quality import prefetch_gx_for_run
 from orchestration.pools import gov_dbt_pool
 from orchestration.ranges import DayEvents, partition_days
 from orchestration.resources import WarehouseResource
@@ -34,6 +35,7 @@ def gov_dbt_assets() -> dg.AssetsDefinition:
                        warehouse: WarehouseResource) -> Iterator[Any]:
         reg = registry()
         day_events = DayEvents(context, partition_days(context))
+        prefetch_gx_for_run(context)  # GX's import, in the background while this step waits for dbt
         # a range run builds its days with ONE dbt build over the range (issue 15), each day's check results and
         # findings split from it by `_partition_date`; when that build fails, its days are built one by one, exactly
         # as single-day runs (a failing model then holds back its own day's dataset only)

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import datetime as dt
 import html
+import importlib
 import logging
 import math
 import os
 import re
 import shutil
+import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -243,6 +246,47 @@ def load_batch(con: duckdb.DuckDBPyConnection, registry: Registry, dataset: str,
         # GX needs a row to evaluate the day's volume: one placeholder row carries it, every other column null.
         frame = pd.DataFrame({c: [None] for c in frame.columns}).assign(_day_rows=day_rows)
     return frame, day_rows, sampled
+
+
+# What a night's quality steps import from Great Expectations (GX's import is ~2.7-4 s, once per process; a run of the
+# embedded default is a new process every night), in the order they first need it.
+PREFETCH_MODULES = (
+    "great_expectations",
+    "great_expectations.data_context.types.base",
+    "great_expectations.execution_engine.pandas_execution_engine",
+    "expectations.suites",
+    "zqdata.quality.scores",
+    "great_expectations.core.run_identifier",
+    "great_expectations.data_context.types.resource_identifiers",
+    "great_expectations.render.view.view",
+)
+PREFETCH_THREAD = "zq-prefetch-gx"
+_prefetch_lock = threading.Lock()
+_prefetch: threading.Thread | None = None
+
+
+def prefetch_gx() -> threading.Thread | None:
+    """Import what the GX steps need (`PREFETCH_MODULES`) in a background thread, so that the import is paid while
+    this process waits for something else (issue 15: the gov dbt step starts it, then waits ~5-90 s for dbt, which
+    runs in its own process; the findings step after it then finds GX imported).
+
+    Returns the thread started, or None when there is nothing to do (already imported, or already started). Only
+    imports: an import that fails in the thread is left to fail again, with its error, where the module is used."""
+    global _prefetch
+    with _prefetch_lock:
+        if _prefetch is not None or all(m in sys.modules for m in PREFETCH_MODULES):
+            return None
+        _prefetch = threading.Thread(target=_import_all, args=(PREFETCH_MODULES,), name=PREFETCH_THREAD, daemon=True)
+        _prefetch.start()
+        return _prefetch
+
+
+def _import_all(modules: tuple[str, ...]) -> None:
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - the step importing it reports the error
+            return
 
 
 def ephemeral_context():
