@@ -49,6 +49,7 @@ DBT_PROJECT_DIR = repo_root() / "dbt_project"
 LINEAGE_CACHE_DIR = DBT_PROJECT_DIR / "target" / "column_lineage"
 DEFAULT_K_ANONYMITY = 5
 TRANSIT_PRODUCT = "ops_transit_ridership"
+GOV_DBT_STEP = "gov_dbt_models"  # the step (op) of `dbt build --target gov`
 
 
 def dbt_env(gov_db: Path, ops_db: Path) -> dict[str, str]:

@@ -54,3 +54,10 @@ def sweep_orphaned_runs(instance: dg.DagsterInstance) -> list[str]:
         instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
         swept.append(run.run_id)
     return swept
+
+
+def run_executes(context: object, *step_names: str) -> bool:
+    """Whether the step's run executes any of ``step_names``: its job has the step and the run's step selection,
+    when it has one, names it (a step preparing something a later step of the same run uses)."""
+    steps, job = context.run.step_keys_to_execute, context.job_def  # type: ignore[attr-defined]
+    return any(job.has_node_named(name) and (steps is None or name in steps) for name in step_names)

@@ -10,7 +10,7 @@ from typing import Any
 import dagster as dg
 from dagster_dbt import DbtCliResource
 
-from assets.dbt_common import (RUN_DIRS_KEPT, build_partition, dbt_project, dbt_resource,
+from assets.dbt_common import (GOV_DBT_STEP, RUN_DIRS_KEPT, build_partition, dbt_project, dbt_resource,
                                dbt_source_specs, enrich_check_result, partitioned_dbt_assets, ranged_dbt_events,
                                relation_asset_keys, split_by_day)
 from assets.governance.quality import prefetch_gx_for_run
@@ -30,7 +30,7 @@ from zqdata.registry import Registry, registry
 def gov_dbt_assets() -> dg.AssetsDefinition:
     """gov/staging/<model> and gov/intermediate/<model>, daily partitioned; dbt tests are asset checks."""
 
-    @partitioned_dbt_assets(select="path:models/gov", name="gov_dbt_models", pool=gov_dbt_pool())
+    @partitioned_dbt_assets(select="path:models/gov", name=GOV_DBT_STEP, pool=gov_dbt_pool())
     def gov_dbt_models(context: dg.AssetExecutionContext, dbt: DbtCliResource,
                        warehouse: WarehouseResource) -> Iterator[Any]:
         reg = registry()

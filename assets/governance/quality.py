@@ -5,6 +5,7 @@ import json
 
 import dagster as dg
 
+from assets.dbt_common import GOV_DBT_STEP
 from orchestration.partitions import daily_partitions
 from orchestration.pools import GOV_POOL
 from orchestration.ranges import DayEvents, nightly_backfill_policy, partition_days
@@ -26,12 +27,10 @@ def prefetch_gx_for_run(context) -> object | None:
     the run), start importing GX in the background (`zqdata.quality.gx_runner.prefetch_gx`): the gov dbt step calls
     this before it waits for dbt, so a night's process pays GX's import (~2.7-4 s) while dbt works (issue 15).
     Returns the importing thread, or None."""
+    from orchestration.runs import run_executes
     from zqdata.quality.gx_runner import prefetch_gx
 
-    steps, job = context.run.step_keys_to_execute, context.job_def
-    if any(job.has_node_named(name) and (steps is None or name in steps) for name in (FINDINGS_STEP, GX_CHECK)):
-        return prefetch_gx()
-    return None
+    return prefetch_gx() if run_executes(context, FINDINGS_STEP, GX_CHECK) else None
 
 
 def _dbt_manifest() -> dict | None:
@@ -147,7 +146,7 @@ def dbt_collected_in_run(context: dg.AssetExecutionContext, events: DayEvents) -
     from zqdata.quality.dbt_findings import collected_with_build
 
     steps = context.run.step_keys_to_execute
-    return collected_with_build(events.single) and (steps is None or "gov_dbt_models" in steps)
+    return collected_with_build(events.single) and (steps is None or GOV_DBT_STEP in steps)
 
 
 def build_scores_asset() -> dg.AssetsDefinition:
