@@ -167,23 +167,3 @@ def test_the_server_builds_the_schemas_dbt_validates_before_its_first_fork() -> 
     before, built, after, missed = done.stdout.split(maxsplit=3)
     assert missed.strip() == "[]"
     assert int(built) - int(before) == 5 and after == built  # five schemas built by the warm-up, none by the calls
-
-
-def test_a_server_started_early_is_the_one_the_first_dbt_call_waits_for(monkeypatch: pytest.MonkeyPatch) -> None:
-    """`start_server` returns at once (the ODS step starts the server, then ingests while it imports dbt); the gov dbt
-    step's `ensure_server` then waits for that same server instead of starting one (calls through a server: above)."""
-    monkeypatch.delenv(dbt_fork.SWITCH_ENV, raising=False)
-    dbt_fork.stop_server()
-    try:
-        assert dbt_fork.start_server()
-        proc = dbt_fork._server["proc"]
-        assert dbt_fork._server["ready"] is False  # not waited for: only `ensure_server` reads its "ready"
-        assert dbt_fork.start_server() and dbt_fork._server["proc"] is proc  # one server per process
-        env = dbt_fork.ensure_server()
-        assert env == {dbt_fork.SOCKET_ENV: dbt_fork._server["path"]}
-        assert dbt_fork._server["proc"] is proc and dbt_fork._server["ready"] is True and proc.poll() is None
-        assert dbt_fork.ensure_server() == env  # and later calls use it as it is
-    finally:
-        dbt_fork.stop_server()
-    monkeypatch.setenv(dbt_fork.SWITCH_ENV, "0")
-    assert not dbt_fork.start_server() and dbt_fork.ensure_server() == {}  # switched off: dbt runs itself

@@ -62,21 +62,3 @@ def test_the_gov_dbt_step_prefetches_gx_only_for_a_run_that_validates_after_it(m
     assert quality.prefetch_gx_for_run(_context(whole, ["gov_dbt_models", "boundary_crossing"])) is None
     assert quality.prefetch_gx_for_run(_context({"gov_dbt_models"}, None)) is None  # a job of the dbt models only
     assert len(started) == 2
-
-
-def test_the_ods_step_starts_the_dbt_server_only_for_an_in_process_run_that_builds_the_gov_models(monkeypatch):
-    """The ODS step starts the dbt fork server without waiting (tests/test_dbt_fork.py) when the gov dbt step runs
-    later in the same process; a Celery worker (another process runs the dbt step) or a run without it starts none."""
-    from assets.gov_platform import ods
-
-    started = []
-    monkeypatch.setattr("zqdata.dbt_fork.start_server", lambda: started.append(1) or True)
-    monkeypatch.delenv("ZQ_EXECUTOR", raising=False)
-    whole = {"gov__ods__ingestion", "gov_dbt_models", "quality_findings"}
-    assert ods.start_dbt_server_for_run(_context(whole, None))
-    assert ods.start_dbt_server_for_run(_context(whole, ["gov__ods__ingestion", "gov_dbt_models"]))
-    assert not ods.start_dbt_server_for_run(_context(whole, ["gov__ods__ingestion"]))
-    assert not ods.start_dbt_server_for_run(_context({"gov__ods__ingestion"}, None))
-    monkeypatch.setenv("ZQ_EXECUTOR", "celery")
-    assert not ods.start_dbt_server_for_run(_context(whole, None))
-    assert len(started) == 2

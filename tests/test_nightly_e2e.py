@@ -79,18 +79,12 @@ def nightly_run(tmp_path_factory: pytest.TempPathFactory):
     _env(mp, data_dir)
     from zqdata.quality import gx_runner
 
-    from zqdata import dbt_fork
-
-    # recorded with who called them: the gov dbt step (GX's import) and the ODS step (the dbt server), early
-    prefetch, start = gx_runner.prefetch_gx, dbt_fork.start_server
+    prefetch = gx_runner.prefetch_gx  # recorded with who called it (the gov dbt step, before dbt runs)
     mp.setattr(gx_runner, "prefetch_gx",
                lambda: PREFETCH_CALLS.append([f.name for f in traceback.extract_stack()]) or prefetch())
-    mp.setattr(dbt_fork, "start_server",
-               lambda *a: SERVER_STARTS.append([f.name for f in traceback.extract_stack()]) or start(*a))
     with dg.instance_for_test() as instance:
         result, summary = _run(DAY, instance)
         mp.setattr(gx_runner, "prefetch_gx", prefetch)
-        mp.setattr(dbt_fork, "start_server", start)
         # the tables of this undisturbed night, before any test changes them (the kill -9 fault test compares with it)
         PRISTINE.update(_snapshot(data_dir / "warehouse" / "gov_platform.duckdb"))
         PRISTINE.update(_snapshot(data_dir / "warehouse" / "ops_platform.duckdb"))
@@ -100,7 +94,6 @@ def nightly_run(tmp_path_factory: pytest.TempPathFactory):
 
 PRISTINE: dict[str, list[tuple]] = {}
 PREFETCH_CALLS: list[list[str]] = []  # the call stacks of gx_runner.prefetch_gx during the module's nightly run
-SERVER_STARTS: list[list[str]] = []  # the call stacks of dbt_fork.start_server during it
 
 
 def test_nightly_job_materializes_every_stage(nightly_run):
@@ -122,13 +115,6 @@ def test_the_gov_dbt_step_starts_importing_gx_before_it_builds(nightly_run):
     names = PREFETCH_CALLS[0]
     assert "gov_dbt_models" in names
     assert not {"build_gov_day", "build_gov_range", "build_partition"} & set(names)
-
-
-def test_the_ods_step_starts_the_dbt_server_before_it_ingests_and_the_gov_build_then_waits_for_it(nightly_run):
-    """The dbt fork server is started (not waited for) by the ODS step, so dbt's import runs beside the ingestion; the
-    first start is the ODS step's, every later one (the dbt calls' `ensure_server`) finds it running."""
-    assert SERVER_STARTS and "_ods" in SERVER_STARTS[0] and "ingest_day" not in SERVER_STARTS[0]
-    assert all("ensure_server" in names for names in SERVER_STARTS[1:])
 
 
 def test_dq_audit_keeps_the_failing_rows_of_the_tests_that_found_some_and_no_empty_table(nightly_run):

@@ -44,8 +44,7 @@ _HEADER = struct.Struct("!I")
 _PID = struct.Struct("!I")  # the session's pid, sent when dbt starts (the client forwards signals to it)
 _CODE = struct.Struct("!i")  # dbt's exit code, sent when it ends
 
-_server: dict[str, Any] = {}  # this process's server: pid of the owner, Popen, socket path, whether it said ready
-_server_lock = threading.RLock()
+_server: dict[str, Any] = {}  # this process's server: pid of the owner, Popen, socket path
 
 
 # ---------------------------------------------------------------- the caller's side
@@ -61,46 +60,32 @@ def enabled(environ: Mapping[str, str] | None = None) -> bool:
     return (os.environ if environ is None else environ).get(SWITCH_ENV, "1").strip() not in ("0", "false", "no")
 
 
-def start_server(environ: Mapping[str, str] | None = None) -> bool:
-    """Start this process's server if it is not running, WITHOUT waiting for it to import dbt (~3 s): a step that
-    calls dbt later in the same process starts it early (the ODS step, issue 15), and `ensure_server` then waits for
-    it. False when there is no server to use (switched off, no client script)."""
+def ensure_server(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Start this process's server if it is not running (and wait until it has imported dbt); the variable that
+    points a client at it, to add to the client's environment. Empty when there is no server to use: the client
+    then runs dbt itself."""
     from zqdata import dbt_guard
 
     env = os.environ if environ is None else environ
     if not enabled(env) or not (Path(sys.executable).parent / CLIENT).exists():
-        return False
-    with _server_lock:
-        srv = _server
-        if srv.get("owner") == os.getpid():
-            if srv["proc"].poll() is None:
-                return True
-            stop_server()  # it died (its starting thread ended: PR_SET_PDEATHSIG): a new one below
-        folder = tempfile.mkdtemp(prefix="zq-dbt-fork-")  # 0700: this user's only
-        path = os.path.join(folder, "s")
-        proc = subprocess.Popen([sys.executable, __file__, path], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                env=dbt_guard.sealed_env(env, {}), cwd=folder, preexec_fn=die_with_parent)
-        _server.clear()
-        _server.update(owner=os.getpid(), proc=proc, path=path, folder=folder, ready=False)
-        return True
-
-
-def ensure_server(environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Start this process's server if it is not running, and wait until it has imported dbt; the variable that
-    points a client at it, to add to the client's environment. Empty when there is no server to use: the client
-    then runs dbt itself."""
-    if not start_server(environ):
         return {}
-    with _server_lock:
-        srv = _server
-        if not srv["ready"]:
-            if _read_line(srv["proc"], READY_TIMEOUT) != "ready":
-                with contextlib.suppress(OSError):
-                    srv["proc"].kill()
-                stop_server()
-                return {}
-            srv["ready"] = True
-        return {SOCKET_ENV: srv["path"]}
+    srv = _server
+    if srv.get("owner") == os.getpid():
+        if srv["proc"].poll() is None:
+            return {SOCKET_ENV: srv["path"]}
+        stop_server()  # it died (its starting thread ended: PR_SET_PDEATHSIG): a new one below
+    folder = tempfile.mkdtemp(prefix="zq-dbt-fork-")  # 0700: this user's only
+    path = os.path.join(folder, "s")
+    proc = subprocess.Popen([sys.executable, __file__, path], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            env=dbt_guard.sealed_env(env, {}), cwd=folder, preexec_fn=die_with_parent)
+    line = _read_line(proc, READY_TIMEOUT)
+    if line != "ready":
+        with contextlib.suppress(OSError):
+            proc.kill()
+        return {}
+    _server.clear()
+    _server.update(owner=os.getpid(), proc=proc, path=path, folder=folder)
+    return {SOCKET_ENV: path}
 
 
 def stop_server() -> None:

@@ -104,7 +104,6 @@ def build_ods_assets(datasets: list[Dataset], reg: Registry) -> dg.AssetsDefinit
              warehouse: WarehouseResource) -> Iterator[Any]:
         """数源机构当日交付入贴源层（ODS），含隔离与行数核对 — each dataset's delivery of the day into the gov ODS."""
         events = DayEvents(context, partition_days(context))
-        start_dbt_server_for_run(context)  # dbt's import, in its own process while this step ingests
         selected = [ds for ds in datasets if ods_key(ds.code) in context.selected_asset_keys]
         stopped: dict[str, tuple[dt.date, IngestReport]] = {}
         # one connection for the step: closing one checkpoints the file (~40 ms), each day and dataset commits alone
@@ -123,20 +122,6 @@ def build_ods_assets(datasets: list[Dataset], reg: Registry) -> dg.AssetsDefinit
             raise rejected_failure(stopped, events.single)
 
     return _ods
-
-
-def start_dbt_server_for_run(context: dg.AssetExecutionContext) -> bool:
-    """When the gov dbt step runs later in this process (the in-process executor; a run whose steps include it),
-    start the dbt fork server now without waiting (`zqdata.dbt_fork.start_server`): it imports dbt (~3 s) while this
-    step ingests, and the gov dbt step finds it ready (issue 15). True when started or already running."""
-    from assets.dbt_common import GOV_DBT_STEP
-    from orchestration.executors import executor_kind
-    from orchestration.runs import run_executes
-    from zqdata import dbt_fork
-
-    if executor_kind() != "in_process" or not run_executes(context, GOV_DBT_STEP):
-        return False
-    return dbt_fork.start_server()
 
 
 def ingest_day(context: dg.AssetExecutionContext, con: Any, store: ObjectStoreResource, reg: Registry, ds: Dataset,
