@@ -167,3 +167,32 @@ def test_the_server_builds_the_schemas_dbt_validates_before_its_first_fork() -> 
     before, built, after, missed = done.stdout.split(maxsplit=3)
     assert missed.strip() == "[]"
     assert int(built) - int(before) == 5 and after == built  # five schemas built by the warm-up, none by the calls
+
+
+def test_the_child_side_of_a_dbt_start_imports_and_loads_nothing() -> None:
+    """`die_with_parent` runs in the child between fork and exec, while another thread of the step may be importing
+    (the gov dbt step imports GX in the background): it must not import (a module lock held by that thread would be
+    held forever in the child) nor load a library. Run with every import refused and ctypes forgotten."""
+    code = (
+        "import sys, importlib.abc\n"
+        "from zqdata import dbt_fork\n"
+        "asked = []\n"
+        "class Refuse(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        asked.append(name)\n"
+        "        raise ImportError(name)\n"
+        "for m in [m for m in sys.modules if m == 'ctypes' or m.startswith('ctypes.')]:\n"
+        "    del sys.modules[m]\n"
+        "sys.meta_path.insert(0, Refuse())\n"
+        "dbt_fork.die_with_parent()\n"
+        "print(asked)\n"
+    )
+    probe = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    assert probe.stdout.strip() == "[]"
+    # and it does set the parent-death signal: PR_GET_PDEATHSIG (2) reads SIGKILL back
+    check = subprocess.run([sys.executable, "-c", "import ctypes, signal\nfrom zqdata import dbt_fork\n"
+                            "dbt_fork.die_with_parent()\nv = ctypes.c_int()\n"
+                            "ctypes.CDLL(None).prctl(2, ctypes.byref(v))\nprint(v.value == signal.SIGKILL)\n"],
+                           capture_output=True, text=True, timeout=120)
+    assert check.stdout.strip() == "True", check.stderr[-2000:]

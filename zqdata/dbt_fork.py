@@ -22,6 +22,7 @@ session per dbt call; the session is the dbt process.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import select
@@ -112,13 +113,25 @@ def _read_line(proc: subprocess.Popen, timeout: float) -> str:
     return out[0] if out else ""
 
 
+def _resolve_prctl() -> Any:
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux: no PR_SET_PDEATHSIG
+        return None
+
+
+# Resolved here, in the parent: between fork and exec the child must not import or load a library. Another thread of
+# the parent may be importing at that moment (the GX import of the gov dbt step, `gx_runner.prefetch_gx`), and a lock
+# it held (a module's import lock, the dynamic loader's) stays held forever in the child, whose one thread would wait.
+_PRCTL = _resolve_prctl()
+
+
 def die_with_parent() -> None:
     """In a child between fork and exec: SIGKILL it when the thread that started it ends (Linux PR_SET_PDEATHSIG):
-    a killed step never leaves dbt, or this server, running on its own."""
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    a killed step never leaves dbt, or this server, running on its own. Imports and loads nothing (`_PRCTL`)."""
+    if _PRCTL is not None:
+        with contextlib.suppress(OSError):
+            _PRCTL(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
 
 # ---------------------------------------------------------------- the client: started where `dbt` was
