@@ -37,7 +37,7 @@ from dagster_dbt import (
 
 from zqdata import asset_keys
 from zqdata import column_lineage as cl
-from zqdata import dbt_fork, dbt_guard
+from zqdata import dbt_fork, dbt_guard, jinja_code
 from zqdata.lineage_page import lineage_page_path, lineage_page_url, update_lineage_page
 from zqdata.quality import check_info
 from zqdata.registry import Registry, registry
@@ -672,6 +672,7 @@ def build_partition(dbt: DbtCliResource, context: dg.AssetExecutionContext, targ
         keep_partial_parse(run_dir, cache)
         prune_partial_parse_caches(cache.parent)
         prune_run_dirs(target_dir, op_name, keep=keep_runs)
+        jinja_code.prune(target_dir / jinja_code.FOLDER)
 
 
 def run_dir_name(op_name: str, run_id: str, day: str | None = None) -> str:

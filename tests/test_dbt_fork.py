@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -196,3 +197,29 @@ def test_the_child_side_of_a_dbt_start_imports_and_loads_nothing() -> None:
                             "ctypes.CDLL(None).prctl(2, ctypes.byref(v))\nprint(v.value == signal.SIGKILL)\n"],
                            capture_output=True, text=True, timeout=120)
     assert check.stdout.strip() == "True", check.stderr[-2000:]
+
+
+def test_a_session_serves_the_templates_an_earlier_call_compiled(tmp_path: Path, server) -> None:
+    """Through the server, dbt's compiled Jinja templates are kept in the project's target/jinja_code/ and a later
+    call serves them (and touches them: `jinja_code.prune` keeps what is used) instead of compiling them again."""
+    from zqdata import jinja_code
+
+    project = _project(tmp_path, "{{ config(materialized='table') }}\nselect {{ 40 + 2 }} as answer")
+    for _ in range(2):
+        done, _ = _dbt(project, ["run"], _env(project, **server))
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        folder = project / "target" / jinja_code.FOLDER
+        kept = set(folder.glob("*.code"))
+        assert len(kept) > 20  # the model and the macros its run called (materialization, adapter)
+        old = time.time() - 3600
+        for entry in kept:
+            os.utime(entry, (old, old))
+    done, _ = _dbt(project, ["run"], _env(project, **server))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert set(folder.glob("*.code")) == kept  # nothing compiled anew
+    touched = [e for e in kept if e.stat().st_mtime > old + 60]
+    assert len(touched) > 20
+    import duckdb
+
+    with duckdb.connect(str(project / "probe.duckdb"), read_only=True) as con:
+        assert con.execute("select answer from probe_model").fetchall() == [(42,)]
