@@ -16,6 +16,7 @@ from dbt.events import core_types_pb2
 from dbt_common.events import types_pb2
 from google.protobuf import json_format
 
+from tests.test_dbt_fork import _project
 from zqdata import dbt_events
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,20 +126,14 @@ def test_every_event_of_a_dbt_build_is_the_message_parsedict_builds(tmp_path: Pa
     constructor built them (a fallback for each would keep the cost)."""
     import pickle
 
-    project = tmp_path / "probe"
-    (project / "models").mkdir(parents=True)
-    (project / "dbt_project.yml").write_text(yaml.safe_dump({
-        "name": "probe", "version": "1.0.0", "profile": "probe", "model-paths": ["models"],
-        "flags": {"send_anonymous_usage_stats": False}}))
-    (project / "profiles.yml").write_text(yaml.safe_dump({"probe": {"target": "dev", "outputs": {"dev": {
-        "type": "duckdb", "path": str(project / "probe.duckdb"), "threads": 2}}}}))
-    (project / "models" / "m.sql").write_text("{{ config(materialized='table', meta={'owner': '数据局'}) }}\n"
-                                              "select 1 as id, null as name union all select 2, 'b'")
-    (project / "models" / "schema.yml").write_text(yaml.safe_dump({"version": 2, "models": [{"name": "m", "columns": [
-        {"name": "id", "data_tests": ["not_null", "unique"]},
-        {"name": "name", "data_tests": [{"not_null": {"config": {"severity": "warn"}}}]}]}]}))
+    project = _project(tmp_path, "{{ config(materialized='table', meta={'owner': '数据局'}) }}\n"
+                                 "select 1 as id, null as name union all select 2, 'b'")
+    (project / "models" / "schema.yml").write_text(yaml.safe_dump({"version": 2, "models": [{
+        "name": "probe_model", "columns": [
+            {"name": "id", "data_tests": ["not_null", "unique"]},
+            {"name": "name", "data_tests": [{"not_null": {"config": {"severity": "warn"}}}]}]}]}))
     out = tmp_path / "events.pickle"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DBT_")}
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("DBT_")}, "PROBE_DB": str(project / "p.duckdb")}
     done = subprocess.run([sys.executable, "-c", PROBE, str(project), str(out)], capture_output=True, text=True,
                           timeout=600, cwd=ROOT, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
