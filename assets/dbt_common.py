@@ -37,7 +37,7 @@ from dagster_dbt import (
 
 from zqdata import asset_keys
 from zqdata import column_lineage as cl
-from zqdata import dbt_fork, dbt_guard, jinja_code
+from zqdata import dbt_fork, dbt_gate, dbt_guard, jinja_code
 from zqdata.lineage_page import lineage_page_path, lineage_page_url, update_lineage_page
 from zqdata.quality import check_info
 from zqdata.registry import Registry, registry
@@ -621,7 +621,7 @@ RUN_DIRS_KEPT = 14  # per dbt asset: the newest run folders (compiled SQL, run_r
 
 def build_partition(dbt: DbtCliResource, context: dg.AssetExecutionContext, target: str, gov_db: Path, ops_db: Path,
                     extra_vars: Mapping[str, Any] | None = None,
-                    preflight: Callable[[Mapping[str, Any]], list[str]] | None = None,
+                    gate: Mapping[str, Any] | None = None,
                     on_unbuilt: UnbuiltHandler | None = None, exclude: Sequence[str] = (),
                     day: dt.date | None = None, keep_runs: int = RUN_DIRS_KEPT,
                     last_day: dt.date | None = None) -> Iterator[Any]:
@@ -630,8 +630,9 @@ def build_partition(dbt: DbtCliResource, context: dg.AssetExecutionContext, targ
     - dbt runs sealed (docs/security.md, "Sealed dbt steps"): its environment holds only the process necessities and
       what profiles.yml reads for THIS target (its DuckDB file, the memory limit, the partition), and the DuckDB
       connection is locked by profiles.yml (no external access, configuration locked).
-    - `preflight`: when given, dbt first parses the project into the run's own folder (same sealed environment) and
-      the build does not start unless `preflight(manifest)` returns no problem (ops: registered products only).
+    - `gate`: when given ({"check": <zqdata.dbt_gate.CHECKS name>, ...its data}), the build checks the manifest it
+      has parsed before any node runs (zqdata/dbt_gate.py; ops: registered products only). A refusal fails the step
+      with the problems (`problems` metadata) and nothing ran; a build without a passing verdict fails the step.
     - The partition reaches dbt as ZQ_PARTITION_DATE in the subprocess environment (macros/partition.sql), not as
       --vars: a new night then changes nothing dbt parses.
     - dbt's partial-parse state is kept per target and profile environment between runs (`partial_parse_cache`) and
@@ -660,14 +661,14 @@ def build_partition(dbt: DbtCliResource, context: dg.AssetExecutionContext, targ
     cache = partial_parse_cache(target_dir, profile_target, profile)
     seed_partial_parse(cache, run_dir)
     try:
-        if preflight is not None:
-            problems = preflight(parse_manifest(profile_target, run_dir, profile, extra_vars))
-            if problems:
-                raise dg.Failure(description="dbt 构建前检查未通过，未运行 dbt (refused before dbt ran):\n"
-                                             + "\n".join(problems), metadata={"problems": problems})
-        invocation = sealed_cli(dbt, args, profile, context=context, target_path=run_dir)
-        yield from stream_with_column_lineage(invocation, gov_db if target == "gov" else ops_db, context, on_unbuilt,
-                                              domain=target)
+        if gate is None:
+            invocation = sealed_cli(dbt, args, profile, context=context, target_path=run_dir)
+            yield from stream_with_column_lineage(invocation, gov_db if target == "gov" else ops_db, context,
+                                                  on_unbuilt, domain=target)
+        else:
+            yield from gated(run_dir, gate["check"], lambda: stream_with_column_lineage(
+                sealed_cli(dbt, args, {**profile, **dbt_gate.request(**gate)}, context=context, target_path=run_dir),
+                gov_db if target == "gov" else ops_db, context, on_unbuilt, domain=target))
     finally:
         keep_partial_parse(run_dir, cache)
         prune_partial_parse_caches(cache.parent)
@@ -691,21 +692,25 @@ def run_dir_covers(name: str, op_name: str, run_id: str, day: str) -> bool:
     return len(first) == 10 and first <= day <= (last or first)
 
 
-def parse_manifest(target: str, run_dir: Path, profile: Mapping[str, str],
-                   extra_vars: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """`dbt parse --target <target>` into `run_dir` in the sealed environment; the manifest it wrote.
-
-    The build that follows in the same folder reuses this parse (partial_parse.msgpack), so it costs one parse."""
-    cmd = [dbt_executable(), "parse", "--project-dir", str(DBT_PROJECT_DIR), "--profiles-dir", str(DBT_PROJECT_DIR),
-           "--target", target, "--target-path", str(run_dir), "--log-path", str(run_dir), "--quiet"]
-    if extra_vars:
-        cmd += ["--vars", json.dumps(extra_vars, ensure_ascii=False, sort_keys=True)]
-    done = subprocess.run(cmd, env=dbt_guard.sealed_env(os.environ, {**profile, **dbt_fork.ensure_server()}),
-                          cwd=DBT_PROJECT_DIR, capture_output=True, text=True, preexec_fn=dbt_fork.die_with_parent)
-    if done.returncode != 0:
-        raise dg.Failure(description=f"dbt parse 失败 (dbt parse failed, exit {done.returncode}):\n"
-                                     + (done.stdout + done.stderr)[-4000:])
-    return json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
+def gated(run_dir: Path, check: str, build: Callable[[], Iterable[Any]]) -> Iterator[Any]:
+    """The events of `build()`, a dbt build run with the gate `check` (zqdata/dbt_gate.py) and target folder `run_dir`:
+    a refusal is re-raised as the step's failure with the problems (nothing ran); a build that left no passing verdict
+    fails the step after it (it ran without the gate: dbt itself started instead of `zq-dbt`)."""
+    if Path(dbt_executable()).name != dbt_fork.CLIENT:
+        raise dg.Failure(description=f"dbt 检查门需要 {dbt_fork.CLIENT}（pip install -e .），未运行 dbt "
+                                     f"(the dbt gate needs the {dbt_fork.CLIENT} client: dbt did not run)")
+    try:
+        events = list(build())
+    except Exception as e:
+        problems = dbt_gate.verdict(run_dir, check)
+        if problems:
+            raise dg.Failure(description="dbt 构建前检查未通过，未运行任何节点 (refused before any node ran):\n"
+                                         + "\n".join(problems), metadata={"problems": problems}) from e
+        raise
+    if dbt_gate.verdict(run_dir, check) != []:
+        raise dg.Failure(description=f"dbt 构建没有检查门 {check} 的通过记录，结果不予采用 (the dbt build left no "
+                                     f"passing verdict of its gate: its results are not accepted)")
+    yield from events
 
 
 PARTITION_ENV = ("ZQ_PARTITION_DATE", "ZQ_PARTITION_START", "ZQ_PARTITION_END")

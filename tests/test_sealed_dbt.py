@@ -1,6 +1,6 @@
 """Sealed dbt steps (issue 11, finding 1): a malicious model in a COPY of the dbt project, built the way the Dagster
-ops step builds it (its own `dbt parse` + preflight, then `dbt build` through dagster-dbt with the sealed environment
-and the locked DuckDB profile), can neither reach the gov file nor the pseudonymization key, nor be an unregistered
+ops step builds it (`dbt build` through dagster-dbt with the sealed environment and the locked DuckDB profile, gated on
+its own manifest before any node runs: zqdata/dbt_gate.py), can neither reach the gov file nor the pseudonymization key, nor be an unregistered
 table, nor read outside its own scenario without failing the publishing gate."""
 
 from __future__ import annotations
@@ -11,15 +11,14 @@ import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
-import dagster as dg
 import duckdb
 import pytest
 
 from assets import dbt_common
 from assets.dbt_common import DBT_PROJECT_DIR, ZhaoqingDbtCliResource, dbt_executable, dbt_vars, sealed_cli
-from assets.ops_platform.products import ops_preflight, scenario_read_result
+from assets.ops_platform.products import ops_gate, scenario_read_result
 from assets.ops_platform.publish import REQUIRED_GATES
-from zqdata import dbt_guard
+from zqdata import dbt_gate, dbt_guard
 from zqdata.registry import load_registry
 from zqdata.settings import get_settings
 
@@ -64,19 +63,19 @@ def _write(p: SimpleNamespace, name: str, sql: str) -> None:
     (p.dir / "models" / "ops" / "products" / f"{name}.sql").write_text(sql, encoding="utf-8")
 
 
-def _ops_build(p: SimpleNamespace, select: str, preflight: bool = False):
-    """The ops step's dbt: sealed parse (+ preflight problems), then the sealed build. Returns (problems, ok, run dir)."""
-    vars_ = dbt_vars(REG, DAY, scenarios=True)
-    profile = dbt_guard.profile_env("ops", p.ops, get_settings().duckdb_memory_limit, DAY)
-    manifest = dbt_common.parse_manifest("ops", p.run, profile, vars_)
-    problems = ops_preflight(manifest)
-    if preflight and problems:
-        return problems, None, p.run
+def _ops_build(p: SimpleNamespace, select: str, gate: bool = True, day: str = DAY):
+    """The ops step's dbt: the sealed build, gated on its own manifest as the step's is (build_partition `gate`), or
+    without the gate (what the locked DuckDB alone does to a model). Returns (the gate's problems, or None when it
+    left no verdict; whether dbt succeeded; the run folder)."""
+    run = p.run / ("gated" if gate else "ungated") / day
+    vars_ = dbt_vars(REG, day, scenarios=True)
+    profile = dbt_guard.profile_env("ops", p.ops, get_settings().duckdb_memory_limit, day)
     dbt = ZhaoqingDbtCliResource(project_dir=str(p.dir), dbt_executable=dbt_executable())
     invocation = sealed_cli(dbt, ["build", "--target", "ops", "--select", select, "--vars", json.dumps(vars_)],
-                            profile, manifest=manifest, target_path=p.run, raise_on_error=False)
+                            {**profile, **(dbt_gate.request(**ops_gate()) if gate else {})}, target_path=run,
+                            raise_on_error=False)
     invocation.wait()
-    return problems, invocation.is_successful(), p.run
+    return dbt_gate.verdict(run, "ops_products"), invocation.is_successful(), run
 
 
 def _messages(run: Path) -> str:
@@ -101,7 +100,7 @@ def test_a_model_attaching_the_gov_file_fails_and_copies_nothing(project) -> Non
 select citizen_id as route_id, cast(_partition_date as date) as _partition_date
 from gov_file.ods.resident_population, (select date '{DAY}' as _partition_date)
 """)
-    _, ok, run = _ops_build(project, "ops_transit_ridership")
+    _, ok, run = _ops_build(project, "ops_transit_ridership", gate=False)  # the gate refuses run_query: below it
     assert ok is False
     assert "file system operations are disabled" in _messages(run)
     assert "products.ops_transit_ridership" not in _ops_tables(project)
@@ -121,14 +120,17 @@ from {{{{ scenario_source('transit_ridership', 'bus_card_swipes', ['route_id']) 
 """)
     problems, ok, run = _ops_build(project, "ops_transit_ridership")
     assert any("pre-hook/post-hook" in p and "hooks are not allowed" in p for p in problems), problems
-    assert ok is False  # built anyway (as an old code path would): the locked connection refuses the hook
+    assert ok is False and not (run / "run_results.json").exists()  # refused: no node ran
+    assert "products.ops_transit_ridership" not in _ops_tables(project)
+    _, ok, run = _ops_build(project, "ops_transit_ridership", gate=False)
+    assert ok is False  # built without the gate (as an old code path would): the locked connection refuses the hook
     assert ("file system operations are disabled" in _messages(run)
             or "the configuration has been locked" in _messages(run))
 
 
-def test_b_a_hook_armed_on_one_date_is_refused_by_that_days_own_preflight(project) -> None:
-    """The sealed environment holds the day being built, and a model can declare a hook only on some date: the
-    preflight of one day says nothing of another, so every build (each day of a range run too) has its own."""
+def test_b_a_hook_armed_on_one_date_is_refused_by_that_days_own_gate(project) -> None:
+    """The sealed environment holds the day being built, and a model can declare a hook only on some date: a check of
+    one day's parse says nothing of another, so every build (each day of a range run too) checks its own manifest."""
     armed = (dt.date.fromisoformat(DAY) + dt.timedelta(days=1)).isoformat()
     _write(project, "ops_transit_ridership", f"""{{% if env_var('ZQ_PARTITION_DATE', '') == '{armed}' %}}
 {{{{ config(pre_hook="attach '{project.gov}' as gov_file (read_only)") }}}}
@@ -136,14 +138,11 @@ def test_b_a_hook_armed_on_one_date_is_refused_by_that_days_own_preflight(projec
 select route_id, cast(_partition_date as date) as _partition_date
 from {{{{ scenario_source('transit_ridership', 'bus_card_swipes', ['route_id']) }}}}
 """)
-    vars_ = dbt_vars(REG, DAY, scenarios=True)
-
-    def problems_on(day: str) -> list[str]:
-        profile = dbt_guard.profile_env("ops", project.ops, get_settings().duckdb_memory_limit, day)
-        return ops_preflight(dbt_common.parse_manifest("ops", project.run / day, profile, vars_))
-
-    assert problems_on(DAY) == []
-    assert any("hooks are not allowed" in p for p in problems_on(armed)), problems_on(armed)
+    problems, _, run = _ops_build(project, "ops_transit_ridership", day=DAY)
+    assert problems == [] and (run / "run_results.json").exists()  # passed: dbt ran it (its tests' results aside)
+    problems, ok, run = _ops_build(project, "ops_transit_ridership", day=armed)
+    assert ok is False and any("hooks are not allowed" in p for p in problems), problems
+    assert not (run / "run_results.json").exists()  # refused: nothing ran
 
 
 # ---------------------------------------------------------------- (c) the environment: sealed
@@ -152,15 +151,17 @@ def test_c_the_pseudonym_key_and_the_gov_path_are_not_in_the_ops_dbt_environment
     _write(project, "ops_transit_ridership", """
 select '{{ env_var('ZQ_PSEUDONYM_KEY') }}' as route_id, date '2025-05-01' as _partition_date
 """)
-    with pytest.raises(dg.Failure) as info:
-        _ops_build(project, "ops_transit_ridership")
-    assert "ZQ_PSEUDONYM_KEY" in str(info.value.description) and KEY not in str(info.value.description)
+    problems, ok, run = _ops_build(project, "ops_transit_ridership")
+    assert ok is False and problems is None  # dbt could not parse the model: nothing to check, nothing ran
+    log = (run / "dbt.log").read_text(encoding="utf-8")
+    assert "Env var required but not provided: 'ZQ_PSEUDONYM_KEY'" in log and KEY not in log
     leaked = [f for f in project.run.rglob("*") if f.is_file() and KEY.encode() in f.read_bytes()]
     assert not leaked
 
 
 def test_c_the_ops_dbt_process_sees_only_its_profile_and_process_variables(project) -> None:
-    probes = ["ZQ_PSEUDONYM_KEY", "ZQ_GOV_DB", "ZQ_S3_SECRET_KEY", "ZQ_SMTP_PASSWORD", "DBT_ENV_CUSTOM_ENV_TOKEN"]
+    probes = ["ZQ_PSEUDONYM_KEY", "ZQ_GOV_DB", "ZQ_S3_SECRET_KEY", "ZQ_SMTP_PASSWORD", "DBT_ENV_CUSTOM_ENV_TOKEN",
+              dbt_gate.GATE_ENV]  # the gate's request is taken out of the environment before dbt starts
     seen = " || '|' || ".join(f"'{{{{ env_var('{v}', 'absent') }}}}'" for v in probes)
     _write(project, "ops_transit_ridership", f"""
 select {seen} as route_id, 0 as hour_of_day, 5 as distinct_riders,
@@ -215,13 +216,14 @@ def test_profiles_lock_both_targets_and_need_only_their_own_file() -> None:
 ])
 def test_d_an_unregistered_or_misplaced_ops_model_is_refused_before_dbt_runs(project, name, sql, expected) -> None:
     _write(project, name, sql)
-    problems, ok, _ = _ops_build(project, "path:models/ops", preflight=True)
-    assert ok is None and any(expected in p for p in problems), problems
+    problems, ok, run = _ops_build(project, "path:models/ops")
+    assert ok is False and any(expected in p for p in problems), problems
     assert not any(t.startswith("products.") for t in _ops_tables(project))
+    assert "refused before any node ran" in (run / "dbt.log").read_text(encoding="utf-8")
 
 
-def test_the_real_project_passes_the_preflight(project) -> None:
-    problems, ok, run = _ops_build(project, "path:models/ops", preflight=True)
+def test_the_real_project_passes_the_gate(project) -> None:
+    problems, ok, run = _ops_build(project, "path:models/ops")
     assert problems == [] and ok, _messages(run)
     for product in sorted({s.product for s in REG.scenarios.values()}):
         result = scenario_read_result(product, run)
@@ -238,13 +240,13 @@ def test_d_a_product_querying_while_dbt_compiles_is_refused_before_dbt_runs(proj
     """run_query & co. could read any ops table at compile time and paste the values into the compiled SQL as
     literals, where the compiled-SQL check cannot see them: refused before dbt runs, in a model or a macro it calls."""
     _write(project, "ops_transit_ridership", jinja + "\nselect 1 as x, date '2025-05-01' as _partition_date")
-    problems, ok, _ = _ops_build(project, "path:models/ops", preflight=True)
-    assert ok is None and any("编译时查询数据库" in p and "ops_transit_ridership" in p for p in problems), problems
+    problems, ok, _ = _ops_build(project, "path:models/ops")
+    assert ok is False and any("编译时查询数据库" in p and "ops_transit_ridership" in p for p in problems), problems
     (project.dir / "macros" / "innocent.sql").write_text(
         "{% macro innocent() %}" + jinja + "{{ return('1') }}{% endmacro %}", encoding="utf-8")
     _write(project, "ops_transit_ridership", "select {{ innocent() }} as x, date '2025-05-01' as _partition_date")
-    problems, ok, _ = _ops_build(project, "path:models/ops", preflight=True)
-    assert ok is None and any("macro.zhaoqing.innocent" in p for p in problems), problems
+    problems, ok, _ = _ops_build(project, "path:models/ops")
+    assert ok is False and any("macro.zhaoqing.innocent" in p for p in problems), problems
 
 
 # ---------------------------------------------------------------- (e) a product reads only its own scenario

@@ -1,7 +1,7 @@
 """dbt's import paid once per process, not once per dbt call: a fork server for the sealed dbt subprocesses.
 
 Importing dbt takes 3.2 s on the 2-core bench machine (mashumaro building the artifact schemas, dbt-common's event
-classes) and a night starts three dbt processes (the gov build, the ops preflight parse, the ops build): a fifth of a
+classes) and a night started three dbt processes (the gov build, the ops preflight parse, the ops build): a fifth of a
 1,000-row night was dbt importing itself (bench/notes.md item 16). Here a server process imports dbt once and forks a
 session per dbt call; the session is the dbt process.
 
@@ -20,8 +20,12 @@ session per dbt call; the session is the dbt process.
   (zqdata/dbt_events.py); each session serves dbt's compiled Jinja templates from the project's `target/jinja_code/`
   and keeps what it compiles there (zqdata/jinja_code.py). In a 1,000-row night's gov build that is ~0.65 s of CPU
   each of ~1.0 s (events) and ~0.9 s (templates) (bench/notes.md item 21).
+- **The gate goes with the call**: the session (or, with no server, the client itself) runs dbt with the manifest
+  check its environment requests (zqdata/dbt_gate.py; the ops build: registered products only), taken out of the
+  environment before dbt starts. A call that requests a gate never runs the real dbt without it.
 - **Nothing depends on it**: with no server (none started in this process, `ZQ_DBT_FORK=0`, or it cannot be
-  reached) the client execs the real dbt with the same arguments, as before.
+  reached) the client execs the real dbt with the same arguments, as before (runs dbt's CLI in its own process when
+  a gate is requested).
 """
 
 from __future__ import annotations
@@ -154,6 +158,10 @@ def client_main() -> None:
         except OSError:
             conn = None
     if conn is None:
+        from zqdata import dbt_gate
+
+        if dbt_gate.requested(os.environ):  # the real dbt would run without the gate: run dbt here, with it
+            sys.exit(run_cli(args))
         dbt = real_dbt()
         os.execvp(dbt, [dbt, *args])
     payload = json.dumps({"argv": args, "env": dict(os.environ), "cwd": os.getcwd()}).encode()
@@ -276,20 +284,8 @@ def _session(conn: socket.socket) -> None:
         os.chdir(req["cwd"])
         conn.sendall(_PID.pack(os.getpid()))
         threading.Thread(target=_die_when_client_leaves, args=(conn,), daemon=True).start()
-        sys.argv = ["dbt", *req["argv"]]
         cache_templates(req["argv"], req["cwd"])
-        from dbt.cli.main import cli
-
-        try:
-            cli()
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        except BaseException:  # noqa: BLE001 - as an uncaught exception ends the `dbt` script
-            import traceback
-
-            traceback.print_exc()
-            code = 1
+        code = run_cli(req["argv"])
     finally:
         with contextlib.suppress(Exception):
             sys.stdout.flush()
@@ -297,6 +293,34 @@ def _session(conn: socket.socket) -> None:
         with contextlib.suppress(OSError):
             conn.sendall(_CODE.pack(code))
         os._exit(code)
+
+
+def run_cli(argv: list[str]) -> int:
+    """dbt's CLI on `argv` in this process, as the `dbt` script runs it, with the gate its environment requests
+    (zqdata/dbt_gate.py: the request is taken out of the environment first); its exit code. A gate that cannot be
+    installed stops the call before dbt parses anything (exit 2)."""
+    import traceback
+
+    from zqdata import dbt_gate
+
+    try:
+        dbt_gate.install(os.environ)
+    except Exception:  # noqa: BLE001 - fail closed: dbt does not run without the gate it was asked to run with
+        traceback.print_exc()
+        print("dbt 检查门未能安装，dbt 未运行 (the requested dbt gate could not be installed: dbt did not run)",
+              file=sys.stderr, flush=True)
+        return 2
+    sys.argv = ["dbt", *argv]
+    from dbt.cli.main import cli
+
+    try:
+        cli()
+        return 0
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:  # noqa: BLE001 - as an uncaught exception ends the `dbt` script
+        traceback.print_exc()
+        return 1
 
 
 def project_folder(argv: list[str], cwd: str) -> Path:

@@ -20,7 +20,7 @@ from orchestration.ranges import DayEvents, partition_days
 from orchestration.resources import WarehouseResource
 from zqdata import asset_keys
 from zqdata.boundary import held_back_on_ops
-from zqdata.dbt_guard import ops_manifest_problems, product_read_problems
+from zqdata.dbt_guard import product_read_problems
 from zqdata.lakes import worker_domains
 from zqdata.publish import products_reading
 from zqdata.registry import registry
@@ -36,7 +36,7 @@ def ops_dbt_assets() -> dg.AssetsDefinition:
                          warehouse: WarehouseResource) -> Iterator[Any]:
         day_events = DayEvents(context, partition_days(context))
         # a range run builds its days in stretches of days with the same authorizations and held-back inputs, ONE
-        # dbt build (with its own preflight) per stretch, its results split by day (issue 15); a stretch of one day,
+        # dbt build (gated on its own manifest) per stretch, its results split by day (issue 15); a stretch of one day,
         # or one whose build failed, is built day by day, earliest first (a product of day D reads the days up to D)
         for days in [day_events.days] if day_events.single else product_stretches(warehouse, day_events.days):
             by_day = None if len(days) == 1 else build_products_range(context, dbt, warehouse, days)
@@ -53,9 +53,10 @@ def build_products_day(context: dg.AssetExecutionContext, dbt: DbtCliResource, w
                        day: dt.date, day_events: DayEvents) -> Iterator[Any]:
     """`dbt build --target ops` of one day, with product traces; the products waiting on a held-back input.
 
-    Every build is preceded by its own preflight parse, also each day of a range run: the parse runs in the build's
-    sealed environment, which holds the day (ZQ_PARTITION_DATE), and a model can make what it declares depend on it
-    (a hook armed on one date): a parse of another day proves nothing about this one (tests/test_sealed_dbt.py)."""
+    Every build checks the manifest it parsed itself before any node runs (`ops_gate`, zqdata/dbt_gate.py), also
+    each day of a range run: its sealed environment holds the day (ZQ_PARTITION_DATE), and a model can make what it
+    declares depend on it (a hook armed on one date): a check of another day's parse would prove nothing about this
+    one (tests/test_sealed_dbt.py)."""
     vars_ = scenario_vars(registry(), day)
 
     # Write–audit–publish: consumers keep the partition's published snapshot (immutable, it passed its gates) while
@@ -69,7 +70,7 @@ def build_products_day(context: dg.AssetExecutionContext, dbt: DbtCliResource, w
     with warehouse.ops(read_only=True) as ops:
         waiting = products_reading(registry(), held_back_on_ops(ops, day))
     events = build_partition(dbt, context, "ops", warehouse.gov_path(), warehouse.ops_path(), extra_vars=vars_,
-                             preflight=ops_preflight, exclude=waiting,
+                             gate=ops_gate(), exclude=waiting,
                              day=None if day_events.single else day,
                              keep_runs=max(RUN_DIRS_KEPT, len(day_events.days)))
     yield from with_product_traces(events, warehouse, context, day.isoformat())
@@ -99,19 +100,19 @@ def product_stretches(warehouse: WarehouseResource, days: list[dt.date]) -> list
 
 def build_products_range(context: dg.AssetExecutionContext, dbt: DbtCliResource, warehouse: WarehouseResource,
                          days: list[dt.date]) -> dict[dt.date, list[Any]] | None:
-    """ONE `dbt build --target ops` over a stretch of days (`product_stretches`), preceded by its own preflight in
-    the same sealed environment (it holds the range): {day: that day's events}, as a build of the day alone would
+    """ONE `dbt build --target ops` over a stretch of days (`product_stretches`), gated on its own manifest (its
+    sealed environment holds the range): {day: that day's events}, as a build of the day alone would
     have given them (each test's result from its stored failures of the day, the product traces of the day, the
-    products left waiting). None when the build failed: the days are then built one by one (a refused preflight is
+    products left waiting). None when the build failed: the days are then built one by one (a refusal of the gate is
     not a build failure: it fails the step)."""
     [(vars_, waiting)] = product_inputs(warehouse, days[:1])
     try:
         events = list(build_partition(dbt, context, "ops", warehouse.gov_path(), warehouse.ops_path(),
-                                      extra_vars=vars_, preflight=ops_preflight, exclude=waiting,
+                                      extra_vars=vars_, gate=ops_gate(), exclude=waiting,
                                       day=days[0], last_day=days[-1]))
     except dg.Failure as e:
         if "problems" in (e.metadata or {}):
-            raise  # refused before dbt ran: a model the guard does not allow stops the run, not only this stretch
+            raise  # refused by the gate, nothing ran: a model the guard does not allow stops the run, not this stretch
         context.log.warning(f"{days[0]}..{days[-1]} 产品区间构建失败，改为逐日构建 (the products' range build failed; "
                             f"each day is built on its own): {str(e.description)[:500]}")
         return None
@@ -157,9 +158,10 @@ def registered_products() -> set[str]:
     return {s.product for s in registry().scenarios.values()}
 
 
-def ops_preflight(manifest: dict[str, Any]) -> list[str]:
-    """Checked on the run's own parse before `dbt build --target ops` starts (build_partition `preflight`)."""
-    return ops_manifest_problems(manifest, registered_products())
+def ops_gate() -> dict[str, Any]:
+    """What `dbt build --target ops` checks on its own manifest before any node runs (build_partition `gate`,
+    zqdata/dbt_gate.py: dbt_guard.ops_manifest_problems against the registered products)."""
+    return {"check": "ops_products", "products": sorted(registered_products())}
 
 
 def run_folder(run_id: str, op_name: str = OPS_DBT_OP, day: str | None = None) -> Path | None:
