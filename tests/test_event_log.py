@@ -319,3 +319,106 @@ def test_a_batch_that_fails_midway_leaves_nothing_and_is_stored_event_by_event(h
     assert calls["n"] > 8
     assert stored.count("ASSET_MATERIALIZATION_PLANNED") == 5 and stored.count("ASSET_CHECK_EVALUATION_PLANNED") == 3
     assert sum(r[3] for r in index_planned) == 8, index_planned  # the index: each once
+
+
+# ---------------------------------------------------------------- the newest materialization of an asset partition
+
+DAILY = dg.DailyPartitionsDefinition(start_date="2025-06-01")
+
+
+@dg.asset(partitions_def=DAILY, check_specs=[dg.AssetCheckSpec(f"rule_{i}", asset="daily") for i in range(3)])
+def daily(context):
+    yield dg.MaterializeResult()
+    for i in range(3):
+        yield dg.AssetCheckResult(check_name=f"rule_{i}", passed=True)
+
+
+class FullLookups:
+    """Counts Dagster's own materialization lookups (a record query and its decoding) the pooled storage makes."""
+
+    def __init__(self, monkeypatch) -> None:
+        from dagster._core.storage.event_log.sql_event_log import SqlEventLogStorage
+
+        self.count = 0
+        real = SqlEventLogStorage.fetch_materializations
+
+        def counted(storage, *args, **kwargs):
+            self.count += isinstance(storage, PooledSqliteEventLogStorage)
+            return real(storage, *args, **kwargs)
+
+        monkeypatch.setattr(SqlEventLogStorage, "fetch_materializations", counted)
+
+
+def _newest(storage, partition: str, key: str = "daily"):
+    from dagster._core.event_api import AssetRecordsFilter
+
+    records = storage.fetch_materializations(AssetRecordsFilter(asset_key=dg.AssetKey(key),
+                                                                asset_partitions=[partition]), limit=1).records
+    return records[0].storage_id if records else None
+
+
+def _report(instance, partition: str, key: str = "daily") -> None:
+    instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=key, partition=partition))
+
+
+def test_each_check_of_a_partitioned_step_targets_that_runs_materialization(home, monkeypatch):
+    """Dagster looks up the check's target (the newest materialization of the step's partition) for every
+    AssetCheckResult: the first lookup of a step is Dagster's own, the others are given again unchanged, and a later
+    run's checks target that run's materialization, never the kept one."""
+    from dagster._core.event_api import AssetRecordsFilter
+
+    plain = SqliteEventLogStorage(str(home / "history" / "runs"))  # Dagster's own, on the same files
+    lookups = FullLookups(monkeypatch)
+    with dg.DagsterInstance.get() as instance:
+        for night in range(2):
+            before = lookups.count
+            result = dg.materialize([daily], instance=instance, partition_key="2025-06-02")
+            assert result.success
+            after = lookups.count
+            [mat] = plain.fetch_materializations(AssetRecordsFilter(
+                asset_key=dg.AssetKey("daily"), asset_partitions=["2025-06-02"]), limit=1).records
+            assert mat.run_id == result.run_id
+            targets = [e.dagster_event.event_specific_data.target_materialization_data
+                       for e in instance.all_logs(result.run_id)
+                       if e.dagster_event and e.dagster_event.event_type_value == "ASSET_CHECK_EVALUATION"]
+            assert len(targets) == 3 and {(t.storage_id, t.run_id) for t in targets} == {
+                (mat.storage_id, result.run_id)}, (night, targets, mat)
+            assert after - before == 1, after - before  # three checks, one of Dagster's own lookups
+
+
+def test_the_kept_answer_is_dagsters_own_after_every_change(home, monkeypatch):
+    """A new materialization of the partition (here or by another writer), a wipe: the next answer is Dagster's own
+    storage's; another partition's materialization leaves the kept answer standing; other queries are not kept."""
+    from dagster._core.event_api import AssetRecordsFilter
+
+    plain = SqliteEventLogStorage(str(home / "history" / "runs"))  # Dagster's own, on the same files
+    lookups = FullLookups(monkeypatch)
+    with dg.DagsterInstance.get() as instance, dg.DagsterInstance.get() as other:
+        storage = instance.event_log_storage
+        assert _newest(storage, "2025-06-02") is None
+        _report(instance, "2025-06-02")
+        first = _newest(storage, "2025-06-02")
+        assert first is not None and first == _newest(plain, "2025-06-02")
+        n = lookups.count
+        assert _newest(storage, "2025-06-02") == first and lookups.count == n  # unchanged: given again
+        _report(instance, "2025-06-03")  # another partition
+        assert _newest(storage, "2025-06-02") == first and lookups.count == n
+        _report(other, "2025-06-02")  # another writer (its own storage object, as another process)
+        second = _newest(storage, "2025-06-02")
+        assert second == _newest(plain, "2025-06-02") and second > first
+        instance.wipe_assets([dg.AssetKey("daily")])
+        assert _newest(storage, "2025-06-02") is None and _newest(plain, "2025-06-02") is None
+        _report(instance, "2025-06-02")
+        assert _newest(storage, "2025-06-02") == _newest(plain, "2025-06-02") is not None
+        n = lookups.count
+        for query in (dict(records_filter=AssetRecordsFilter(asset_key=dg.AssetKey("daily"),
+                                                             asset_partitions=["2025-06-02"]), limit=2),
+                      dict(records_filter=AssetRecordsFilter(asset_key=dg.AssetKey("daily"),
+                                                             asset_partitions=["2025-06-02", "2025-06-03"]), limit=1),
+                      dict(records_filter=AssetRecordsFilter(asset_key=dg.AssetKey("daily"),
+                                                             asset_partitions=["2025-06-02"], after_storage_id=1),
+                           limit=1),
+                      dict(records_filter=dg.AssetKey("daily"), limit=1)):
+            for _ in range(2):
+                assert storage.fetch_materializations(**query).records == plain.fetch_materializations(**query).records
+        assert lookups.count - n == 8  # neither is one partition's newest: each asked every time
