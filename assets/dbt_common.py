@@ -168,11 +168,14 @@ def _install_sealed_invocation() -> None:
 _install_sealed_invocation()
 
 
-def sealed_cli(dbt: DbtCliResource, args: Sequence[str], profile: Mapping[str, str], **kwargs: Any) -> DbtCliInvocation:
+def sealed_cli(dbt: DbtCliResource, args: Sequence[str], profile: Mapping[str, str],
+               warm_state: Path | None = None, **kwargs: Any) -> DbtCliInvocation:
     """`dbt.cli(args, **kwargs)` whose subprocess environment holds only the process necessities and `profile`
     (dbt_guard.profile_env): no pseudonymization key, no other platform's file, no S3/SMTP/operational-DB secret.
-    Fails closed: a dbt started without the seal is stopped and the step fails."""
-    state: dict[str, Any] = {"profile": {**profile, **dbt_fork.ensure_server()}, "applied": False}
+    Fails closed: a dbt started without the seal is stopped and the step fails. `warm_state`: the partial-parse
+    state the dbt fork server warms itself with if this call starts it (zqdata/dbt_fork.py `warm_up`)."""
+    state: dict[str, Any] = {"profile": {**profile, **dbt_fork.ensure_server(warm_state=warm_state)},
+                             "applied": False}
     token = _SEALED.set(state)
     try:
         invocation = dbt.cli(list(args), **kwargs)
@@ -662,12 +665,13 @@ def build_partition(dbt: DbtCliResource, context: dg.AssetExecutionContext, targ
     seed_partial_parse(cache, run_dir)
     try:
         if gate is None:
-            invocation = sealed_cli(dbt, args, profile, context=context, target_path=run_dir)
+            invocation = sealed_cli(dbt, args, profile, warm_state=cache, context=context, target_path=run_dir)
             yield from stream_with_column_lineage(invocation, gov_db if target == "gov" else ops_db, context,
                                                   on_unbuilt, domain=target)
         else:
             yield from gated(run_dir, gate["check"], lambda: stream_with_column_lineage(
-                sealed_cli(dbt, args, {**profile, **dbt_gate.request(**gate)}, context=context, target_path=run_dir),
+                sealed_cli(dbt, args, {**profile, **dbt_gate.request(**gate)}, warm_state=cache, context=context,
+                           target_path=run_dir),
                 gov_db if target == "gov" else ops_db, context, on_unbuilt, domain=target))
     finally:
         keep_partial_parse(run_dir, cache)

@@ -157,17 +157,149 @@ def test_the_server_builds_the_schemas_dbt_validates_before_its_first_fork() -> 
         "before = M.json_schema.cache_info().misses\n"
         "missed = warm_up()\n"
         "built = M.json_schema.cache_info().misses\n"
-        "from dbt.contracts.project import Project, PackageConfig, ProjectFlags\n"
+        "from dbt.contracts.project import Configuration, Project, PackageConfig, ProjectFlags\n"
         "from dbt.contracts.selection import SelectorFile\n"
         "from dbt.adapters.duckdb.credentials import DuckDBCredentials\n"
-        "for cls in (Project, PackageConfig, ProjectFlags, SelectorFile, DuckDBCredentials): cls.json_schema()\n"
+        "for cls in (Project, PackageConfig, ProjectFlags, SelectorFile, DuckDBCredentials, Configuration):\n"
+        "    cls.json_schema()\n"
         "print(before, built, M.json_schema.cache_info().misses, missed)\n")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=600,
                           cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0, done.stderr
     before, built, after, missed = done.stdout.split(maxsplit=3)
     assert missed.strip() == "[]"
-    assert int(built) - int(before) == 5 and after == built  # five schemas built by the warm-up, none by the calls
+    assert int(built) - int(before) == 6 and after == built  # six schemas built by the warm-up, none by the calls
+
+
+_SERIALIZER_PROBE = (
+    "import sys, dbt.cli.main, dbt.adapters.duckdb\n"
+    "from mashumaro.core.meta.code.builder import CodeBuilder\n"
+    "from zqdata.dbt_fork import warm_up\n"
+    "state = sys.argv[1]\n"
+    "missed = warm_up(state if sys.argv[2] == 'warm' else None)\n"
+    "compiled = []\n"
+    "for name in ('add_unpack_method', 'add_pack_method'):\n"
+    "    def counting(self, _f=getattr(CodeBuilder, name)):\n"
+    "        compiled.append(self.cls.__name__)\n"
+    "        return _f(self)\n"
+    "    setattr(CodeBuilder, name, counting)\n"
+    "# what a dbt call does with the state: decode it, build the flat graph, write the manifest\n"
+    "from dbt.contracts.graph.manifest import Manifest\n"
+    "from dbt.parser.manifest import extended_mashumuro_decoder\n"
+    "m = Manifest.from_msgpack(open(state, 'rb').read(), decoder=extended_mashumuro_decoder)\n"
+    "m.build_flat_graph()\n"
+    "m.fill_tracking_metadata = lambda: None  # reads the flags of a dbt call, which this probe is not\n"
+    "d = m.writable_manifest().to_dict(omit_none=False, context={'artifact': True})\n"
+    "assert d['nodes'], 'a manifest with nodes'\n"
+    "print(len(compiled), len(set(compiled)), [x for x in missed if x.startswith('state')])\n"
+)
+
+
+def _partial_parse_state(tmp: Path) -> Path:
+    project = _project(tmp, "select 1 as a")
+    (project / "models" / "schema.yml").write_text(yaml.safe_dump({"version": 2, "models": [
+        {"name": "probe_model", "columns": [{"name": "a", "data_tests": ["not_null", "unique"]}]}]}))
+    done, _ = _dbt(project, ["parse"], _env(project))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    state = project / "target" / "partial_parse.msgpack"
+    assert state.is_file()
+    return state
+
+
+def test_the_server_compiles_the_manifests_serializers_from_a_kept_state(tmp_path: Path) -> None:
+    """dbt's classes compile their (de)serializers on first use (mashumaro, lazily): warmed with a partial-parse state,
+    the server has compiled every one a call needs to decode that state and write its manifest; without the state
+    each call compiles them itself."""
+    state = _partial_parse_state(tmp_path)
+    root = Path(__file__).resolve().parents[1]
+    runs = {}
+    for mode in ("warm", "cold"):
+        done = subprocess.run([sys.executable, "-c", _SERIALIZER_PROBE, str(state), mode], capture_output=True,
+                              text=True, timeout=600, cwd=root)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[mode] = done.stdout.split(maxsplit=2)
+    assert runs["cold"][0] != "0" and int(runs["cold"][1]) > 20  # the call compiles dozens of classes itself
+    assert runs["warm"][:2] == ["0", "0"] and runs["warm"][2].strip() == "[]"  # none after the warm-up
+
+
+def test_a_state_that_does_not_decode_is_a_missed_warm_up_not_a_failure(tmp_path: Path) -> None:
+    bad = tmp_path / "partial_parse.msgpack"
+    bad.write_bytes(b"not a manifest")
+    probe = ("import sys, dbt.cli.main, dbt.adapters.duckdb\nfrom zqdata.dbt_fork import warm_up\n"
+             "print(warm_up(sys.argv[1]))\n")
+    done = subprocess.run([sys.executable, "-c", probe, str(bad)], capture_output=True, text=True, timeout=600,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == repr([f"state {bad}"])
+
+
+def test_a_server_started_with_a_state_warms_with_it_and_calls_still_run(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    state = _partial_parse_state(tmp_path / "first")
+    monkeypatch.delenv(dbt_fork.SWITCH_ENV, raising=False)
+    env = dbt_fork.ensure_server(warm_state=state)
+    try:
+        cmdline = Path(f"/proc/{_server_pid()}/cmdline").read_bytes().split(b"\0")
+        assert cmdline[-2:] == [str(state).encode(), b""]  # the state reaches the server's warm-up
+        project = _project(tmp_path / "second", "select 41 + 1 as a")
+        done, _ = _dbt(project, ["run"], _env(project, **env))
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        import duckdb
+
+        with duckdb.connect(str(project / "probe.duckdb"), read_only=True) as con:
+            assert con.execute("select a from probe_model").fetchall() == [(42,)]
+    finally:
+        dbt_fork.stop_server()
+    # a state that is not there: the server starts without one
+    env = dbt_fork.ensure_server(warm_state=tmp_path / "absent.msgpack")
+    try:
+        assert Path(f"/proc/{_server_pid()}/cmdline").read_bytes().split(b"\0")[-2].endswith(b"/s")
+    finally:
+        dbt_fork.stop_server()
+
+
+def test_a_server_started_before_any_state_warms_with_the_first_one_it_is_given(tmp_path: Path,
+                                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long-lived process starts its server on its first night, before dbt has left a state: the next dbt call that
+    has one sends it to the server (on its stdin, which only the owner holds), once."""
+    state = _partial_parse_state(tmp_path / "first")
+    monkeypatch.delenv(dbt_fork.SWITCH_ENV, raising=False)
+    dbt_fork.ensure_server()
+    try:
+        proc = dbt_fork._server["proc"]
+        env = dbt_fork.ensure_server(warm_state=state)
+        assert dbt_fork._read_line(proc, 300) == "warmed"
+        dbt_fork.ensure_server(warm_state=state)  # warmed already: nothing sent
+        project = _project(tmp_path / "second", "select 41 + 1 as a")
+        done, _ = _dbt(project, ["run"], _env(project, **env))
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        assert dbt_fork._read_line(proc, 5) == ""  # no second warm-up
+    finally:
+        dbt_fork.stop_server()
+
+
+def test_after_the_warm_up_dbts_behaviour_flags_do_not_walk_every_module() -> None:
+    """dbt-common names a behaviour flag's source with `inspect.stack()`; `inspect.getmodule` maps every loaded
+    module's file the first time it meets an unknown file. The server does that once before it forks."""
+    probe = (
+        "import sys, inspect, dbt.cli.main, dbt.adapters.duckdb\n"
+        "from zqdata.dbt_fork import warm_up\n"
+        "if sys.argv[1] == 'warm': warm_up()\n"
+        "calls = []\n"
+        "real = inspect.getabsfile\n"
+        "inspect.getabsfile = lambda *a, **k: calls.append(1) or real(*a, **k)\n"
+        "from dbt_common.behavior_flags import Behavior\n"
+        "Behavior([{'name': 'zq_probe_flag', 'default': False, 'description': 'probe'}], {})\n"
+        "print(len(calls), len(sys.modules))\n")
+    counts = {}
+    for mode in ("warm", "cold"):
+        done = subprocess.run([sys.executable, "-c", probe, mode], capture_output=True, text=True, timeout=600,
+                              cwd=Path(__file__).resolve().parents[1])
+        assert done.returncode == 0, done.stderr[-2000:]
+        counts[mode] = [int(x) for x in done.stdout.split()]
+    calls_cold, modules = counts["cold"]
+    assert calls_cold > modules // 2  # without the warm-up: a file lookup per loaded module
+    assert counts["warm"][0] < 100  # after it: the stack's own frames only
 
 
 def test_the_child_side_of_a_dbt_start_imports_and_loads_nothing() -> None:

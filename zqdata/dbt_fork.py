@@ -15,8 +15,9 @@ session per dbt call; the session is the dbt process.
 - **A session dies with its caller**: when the client's connection closes before the session has answered (the client
   was killed: its step died, PR_SET_PDEATHSIG, issue 17), the session SIGKILLs itself, as a direct dbt child did.
   The server dies with the process that started it (PR_SET_PDEATHSIG and its stdin closing).
-- **What every session would build again, built once or kept**: the server builds dbt's JSON schemas before its
-  first fork (`warm_up`) and makes dbt-common build its log events with protobuf's constructor
+- **What every session would build again, built once or kept**: the server builds dbt's JSON schemas, `inspect`'s
+  map of module files and (from the target's kept partial-parse state) mashumaro's serializers of the manifest's
+  classes before its first fork (`warm_up`), and makes dbt-common build its log events with protobuf's constructor
   (zqdata/dbt_events.py); each session serves dbt's compiled Jinja templates from the project's `target/jinja_code/`
   and keeps what it compiles there (zqdata/jinja_code.py). In a 1,000-row night's gov build that is ~0.65 s of CPU
   each of ~1.0 s (events) and ~0.9 s (templates) (bench/notes.md item 21).
@@ -70,23 +71,34 @@ def enabled(environ: Mapping[str, str] | None = None) -> bool:
     return (os.environ if environ is None else environ).get(SWITCH_ENV, "1").strip() not in ("0", "false", "no")
 
 
-def ensure_server(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+def ensure_server(environ: Mapping[str, str] | None = None, warm_state: Path | None = None) -> dict[str, str]:
     """Start this process's server if it is not running (and wait until it has imported dbt); the variable that
     points a client at it, to add to the client's environment. Empty when there is no server to use: the client
-    then runs dbt itself."""
+    then runs dbt itself. `warm_state`: a partial-parse state of the project (dbt's `partial_parse.msgpack`) the
+    server decodes and encodes once (`warm_up`): before its first fork when this call starts it, else before the
+    next fork when the server has not had a state yet (sent on its stdin, which only this process holds)."""
     from zqdata import dbt_guard
 
     env = os.environ if environ is None else environ
     if not enabled(env) or not (Path(sys.executable).parent / CLIENT).exists():
         return {}
     srv = _server
+    state = str(warm_state) if warm_state is not None and Path(warm_state).is_file() else None
+    if state is not None and "\n" in state:
+        state = None
     if srv.get("owner") == os.getpid():
         if srv["proc"].poll() is None:
+            if state is not None and not srv["warmed"]:  # started before any state existed: warm with this one
+                with contextlib.suppress(OSError, ValueError):
+                    srv["proc"].stdin.write(os.fsencode(state) + b"\n")
+                    srv["proc"].stdin.flush()
+                srv["warmed"] = True
             return {SOCKET_ENV: srv["path"]}
         stop_server()  # it died (its starting thread ended: PR_SET_PDEATHSIG): a new one below
     folder = tempfile.mkdtemp(prefix="zq-dbt-fork-")  # 0700: this user's only
     path = os.path.join(folder, "s")
-    proc = subprocess.Popen([sys.executable, __file__, path], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    warm = [state] if state is not None else []
+    proc = subprocess.Popen([sys.executable, __file__, path, *warm], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             env=dbt_guard.sealed_env(env, {}), cwd=folder, preexec_fn=die_with_parent)
     line = _read_line(proc, READY_TIMEOUT)
     if line != "ready":
@@ -94,7 +106,7 @@ def ensure_server(environ: Mapping[str, str] | None = None) -> dict[str, str]:
             proc.kill()
         return {}
     _server.clear()
-    _server.update(owner=os.getpid(), proc=proc, path=path, folder=folder)
+    _server.update(owner=os.getpid(), proc=proc, path=path, folder=folder, warmed=bool(warm))
     return {SOCKET_ENV: path}
 
 
@@ -204,13 +216,22 @@ def _recv_exactly(conn: socket.socket, n: int) -> bytes | None:
 # ---------------------------------------------------------------- the server
 
 
-def warm_up() -> list[str]:
-    """What every dbt call would otherwise build for itself after the import, done once before the first fork: the
-    JSON schemas dbt validates dbt_project.yml, packages, project flags, selectors and the DuckDB profile against
-    (mashumaro builds each on first use, ~0.6 s a call on the bench machine; `json_schema` is cached per class), and
-    the task modules a command imports when it runs. It also makes dbt-common build its events with protobuf's
-    constructor (zqdata/dbt_events.py). Nothing here reads a project, a profile or the environment.
-    Returns what could not be warmed (a dbt upgrade moved it): the call then builds it itself, as before."""
+def warm_up(state: str | None = None) -> list[str]:
+    """What every dbt call would otherwise build for itself after the import, done once before the first fork:
+
+    - the JSON schemas dbt validates dbt_project.yml, packages, project flags, selectors, the DuckDB profile and the
+      whole runtime configuration against (mashumaro builds each on first use, ~0.6 s a call on the bench machine;
+      `json_schema` is cached per class), and the task modules a command imports when it runs;
+    - dbt-common's events built with protobuf's constructor (zqdata/dbt_events.py);
+    - `inspect`'s map of module files: dbt-common names the source of each adapter behaviour flag with
+      `inspect.stack()`, whose first `getmodule` walks every loaded module (~0.12 s a call; bench/notes.md item 24);
+    - with `state` (a partial-parse state of the project, which a call decodes before it parses): mashumaro's
+      (de)serializers of the manifest's classes. dbt's classes compile them on first use (`lazy_compilation`), and a
+      session compiled them again every call: decoding the state, the flat graph, the written manifest (~0.4 s a
+      call). The state is dbt's parse of the project's files (no data, no secret) and is dropped once used.
+
+    Nothing here reads a profile or the environment. Returns what could not be warmed (a dbt upgrade moved it, a
+    state that does not decode): the call then builds it itself, as before."""
     import importlib
 
     missed = []
@@ -222,7 +243,8 @@ def warm_up() -> list[str]:
             missed.append(module)
     for module, name in (("dbt.contracts.project", "Project"), ("dbt.contracts.project", "PackageConfig"),
                          ("dbt.contracts.project", "ProjectFlags"), ("dbt.contracts.selection", "SelectorFile"),
-                         ("dbt.adapters.duckdb.credentials", "DuckDBCredentials")):
+                         ("dbt.adapters.duckdb.credentials", "DuckDBCredentials"),
+                         ("dbt.contracts.project", "Configuration")):
         try:
             getattr(importlib.import_module(module), name).json_schema()
         except Exception:  # noqa: BLE001 - a warm-up only
@@ -231,16 +253,53 @@ def warm_up() -> list[str]:
 
     if not dbt_events.install():  # events built by protobuf's constructor (zqdata/dbt_events.py)
         missed.append("zqdata.dbt_events")
+    if state is not None:
+        missed += _warm_state(state)
+    import inspect
+
+    inspect.getmodule(compile("0", "<zq-dbt warm-up>", "eval"))  # an unknown file: maps every loaded module's file
     return missed
 
 
-def serve(path: str) -> None:
-    """Import dbt, then fork a session per connection on `path` until stdin closes (the owner is gone)."""
+def _warm_state(state: str) -> list[str]:
+    """`warm_up`'s state part alone (a server started before the first state existed); what it missed."""
+    try:
+        _warm_serializers(state)
+        return []
+    except Exception:  # noqa: BLE001 - a warm-up only
+        return [f"state {state}"]
+
+
+def _report_missed(missed: list[str]) -> None:
+    if missed:  # the calls build these themselves: slower, not wrong
+        print(f"zq-dbt fork server: 预热未完成 (not warmed): {', '.join(missed)}", file=sys.stderr, flush=True)
+
+
+def _warm_serializers(state: str) -> None:
+    """Decode a partial-parse state as dbt does, then encode it as dbt's flat graph and written manifest do: the
+    (de)serializers of every class in it compiled once, here."""
+    import gc
+
+    from dbt.contracts.graph.manifest import Manifest
+    from dbt.parser.manifest import extended_mashumuro_decoder
+
+    manifest = Manifest.from_msgpack(Path(state).read_bytes(), decoder=extended_mashumuro_decoder)
+    manifest.build_flat_graph()
+    manifest.fill_tracking_metadata = lambda: None  # reads the call's flags, which a server has not: not serializing
+    manifest.writable_manifest().to_dict(omit_none=False, context={"artifact": True})
+    del manifest
+    gc.collect()
+
+
+def serve(path: str, state: str | None = None) -> None:
+    """Import dbt and warm it (`warm_up`, with the partial-parse `state` when given), then fork a session per
+    connection on `path` until stdin closes (the owner is gone)."""
     import dbt.adapters.duckdb  # noqa: F401  the adapter's import too: every call here is a duckdb target
     import dbt.cli.main  # noqa: F401  the import every dbt call would pay
 
     import zqdata.jinja_code  # noqa: F401  each session installs it (cache_templates)
-    warm_up()
+    _report_missed(warm_up(state))
+    warmed, pending = state is not None, b""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(16)
@@ -249,8 +308,19 @@ def serve(path: str) -> None:
     sys.stdout.flush()
     while True:  # one thread only: a session is a fork of this loop, with no lock held by another thread
         readable, _, _ = select.select([listener, 0], [], [])
-        if 0 in readable and not os.read(0, 4096):
-            os._exit(0)  # EOF on stdin: the process that started this server closed the pipe or died
+        if 0 in readable:
+            data = os.read(0, 4096)
+            if not data:
+                os._exit(0)  # EOF on stdin: the process that started this server closed the pipe or died
+            pending += data
+            while b"\n" in pending:  # a line from the owner (never from a client): a state to warm with, once
+                line, pending = pending.split(b"\n", 1)
+                if line and not warmed:
+                    warmed = True
+                    missed = _warm_state(os.fsdecode(line))  # before the call waiting on the listener
+                    _report_missed(missed)
+                    sys.stdout.write("missed\n" if missed else "warmed\n")  # one line: the pipe holds it unread
+                    sys.stdout.flush()
         if listener not in readable:
             continue
         try:
@@ -355,4 +425,4 @@ def _die_when_client_leaves(conn: socket.socket) -> None:
 if __name__ == "__main__":
     if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
         sys.path.pop(0)  # run as a file: the package folder is not an import root
-    serve(sys.argv[1])
+    serve(sys.argv[1], *sys.argv[2:3])
