@@ -173,7 +173,7 @@ def sealed_cli(dbt: DbtCliResource, args: Sequence[str], profile: Mapping[str, s
     """`dbt.cli(args, **kwargs)` whose subprocess environment holds only the process necessities and `profile`
     (dbt_guard.profile_env): no pseudonymization key, no other platform's file, no S3/SMTP/operational-DB secret.
     Fails closed: a dbt started without the seal is stopped and the step fails. `warm_state`: the partial-parse
-    state the dbt fork server warms itself with if this call starts it (zqdata/dbt_fork.py `warm_up`)."""
+    state the dbt fork server warms itself with, once (zqdata/dbt_fork.py `ensure_server`, `warm_up`)."""
     state: dict[str, Any] = {"profile": {**profile, **dbt_fork.ensure_server(warm_state=warm_state)},
                              "applied": False}
     token = _SEALED.set(state)
