@@ -314,9 +314,9 @@ def scores(con: duckdb.DuckDBPyConnection, day: dt.date) -> int:
 def cross(con: duckdb.DuckDBPyConnection, registry: Registry, day: dt.date, key) -> dict[str, int]:
     """gov → ops in one statement per table: the registry's mask rules (`zqdata.desensitize`), consent filter."""
     from zqdata.authorization import authorized_fields
-    from zqdata.boundary import (LINEAGE_SELECT, SubjectSets, consent_filter_sql, consent_reference_day, fields_used,
-                                 gov_relation, release_consent_filter_sql, scenarios_in_force)
-    from zqdata.desensitize import release_query
+    from zqdata.boundary import (SubjectSets, consent_filter_sql, consent_reference_day, fields_used, gov_relation,
+                                 release_consent_filter_sql, scenarios_in_force)
+    from zqdata.desensitize import release_select
 
     rows: dict[str, int] = {}
     base = {"zq_partition": day}  # pseudonym keys per (field role, ops schema), as the boundary does
@@ -334,21 +334,22 @@ def cross(con: duckdb.DuckDBPyConnection, registry: Registry, day: dt.date, key)
     sets = SubjectSets(con)  # each consent subject set evaluated once, as the boundary does
     for ds in released:
         # data minimisation as the boundary does it: the fields the scenarios in force use, their consenting subjects
+        items, pads = release_select(ds, fields_used(ds, [s for s in in_force if ds.code in s.authorized_fields]),
+                                     day, key, "desensitized")
         where, extra = release_consent_filter_sql(con, registry, ds, day, ref, sets)
-        sql, pads = release_query(ds, fields_used(ds, [s for s in in_force if ds.code in s.authorized_fields]), day,
-                                  key, "desensitized", gov_relation(con, registry, ds.code),
-                                  f"src._partition_date = $zq_partition AND {where}", LINEAGE_SELECT)
-        write("desensitized", ds.code, sql, {**base, **pads, **extra})
+        write("desensitized", ds.code, f"select {', '.join([*items, 'src._lineage_id', 'src._partition_date'])} "
+              f"from {gov_relation(con, registry, ds.code)} as src where src._partition_date = $zq_partition "
+              f"and {where}", {**base, **pads, **extra})
     for sc in in_force:
         for ds_code in sc.authorized_fields:
             ds = registry.datasets[ds_code]
+            items, pads = release_select(ds, authorized_fields(registry, sc.code, ds_code), day, key, f"scenario_{sc.code}")
             where, extra = "TRUE", {}
             if sc.consent_required:
                 where, extra = consent_filter_sql(con, registry, sc, ds, day, subject_sets=sets)
-            sql, pads = release_query(ds, authorized_fields(registry, sc.code, ds_code), day, key, f"scenario_{sc.code}",
-                                      gov_relation(con, registry, ds_code),
-                                      f"src._partition_date = $zq_partition AND {where}", LINEAGE_SELECT)
-            write(f"scenario_{sc.code}", ds_code, sql, {**base, **pads, **extra})
+            write(f"scenario_{sc.code}", ds_code, f"select {', '.join(items)}, src._lineage_id, src._partition_date "
+                  f"from {gov_relation(con, registry, ds_code)} as src where src._partition_date = $zq_partition "
+                  f"and {where}", {**base, **pads, **extra})
     sets.close()
     return rows
 

@@ -10,7 +10,8 @@ crossing's own for that table (`zqdata.boundary`: the fields the scenarios in fo
 filter); ``ZQ_PSEUDONYM_KEY`` must be set (any key: the figures do not depend on it).
 
 - ``streamed``: the boundary's `_write_partition` (the gov query's Arrow batches inserted by the ops connection).
-- ``streamed_per_row``: the same with every pseudonym hashed per row (before 2026-12-07: `release_select`'s items).
+- ``streamed_per_value``: the same with each recurring pseudonymized field (a card, a meter: not alone the primary
+  key) hashed once per distinct value in a CTE joined back on the value (not how the platform crosses: item 25).
 - ``gov_export``: the gov query's Arrow export alone, what the stream pulls.
 - ``gov_compute``: the same query computed by DuckDB into an aggregate (no export).
 - ``ops_insert``: the ops insert alone, from the batches already exported.
@@ -32,17 +33,18 @@ import sys
 import time
 from pathlib import Path
 
-VARIANTS = ("streamed", "streamed_per_row", "gov_export", "gov_compute", "ops_insert", "one_instance")
+VARIANTS = ("streamed", "streamed_per_value", "gov_export", "gov_compute", "ops_insert", "one_instance")
 
 
 def crossing_query(gov, registry, dataset: str, scope: str, day: dt.date, key, subject_sets,
-                   per_row: bool = False) -> tuple[str, dict]:
-    """(sql, params): the crossing's query for ``scope.dataset`` on ``day`` (`zqdata.desensitize.release_query`, as
-    `zqdata.boundary.cross_boundary` builds it); with ``per_row`` every pseudonym hashed per row instead."""
+                   per_value: bool = False) -> tuple[str, dict]:
+    """(sql, params): the crossing's query for ``scope.dataset`` on ``day``, built as `zqdata.boundary.cross_boundary`
+    builds it; with ``per_value`` each pseudonymized field that is not alone the primary key is hashed once per
+    distinct value instead (`per_value_items`)."""
     from zqdata.authorization import authorized_fields
-    from zqdata.boundary import (LINEAGE_SELECT, consent_filter_sql, consent_reference_day, fields_used, gov_relation,
-                                 release_consent_filter_sql, scenarios_in_force)
-    from zqdata.desensitize import release_query, release_select
+    from zqdata.boundary import (LINEAGE_COLUMNS, consent_filter_sql, consent_reference_day, fields_used,
+                                 gov_relation, release_consent_filter_sql, scenarios_in_force)
+    from zqdata.desensitize import release_select
 
     ds = registry.datasets[dataset]
     ref = consent_reference_day(gov, registry, day)
@@ -56,12 +58,31 @@ def crossing_query(gov, registry, dataset: str, scope: str, day: dt.date, key, s
         if scenario.consent_required:
             where, extra = consent_filter_sql(gov, registry, scenario, ds, day, ref, subject_sets)
     relation, where = gov_relation(gov, registry, dataset), f"src._partition_date = $zq_partition AND {where}"
-    if per_row:
-        items, pads = release_select(ds, fields, day, key, scope)
-        sql = f"SELECT {', '.join([*items, *LINEAGE_SELECT])} FROM {relation} AS src WHERE {where}"
-    else:
-        sql, pads = release_query(ds, fields, day, key, scope, relation, where, LINEAGE_SELECT)
-    return sql, {"zq_partition": day, **pads, **extra}
+    items, pads = release_select(ds, fields, day, key, scope)
+    head, joins = "", ""
+    if per_value:
+        head, items, joins = per_value_items(ds, fields, items, day, relation, where)
+    lineage = [f"src.{c}" for c in LINEAGE_COLUMNS]
+    return (f"{head}SELECT {', '.join([*items, *lineage])} FROM {relation} AS src {joins} WHERE {where}",
+            {"zq_partition": day, **pads, **extra})
+
+
+def per_value_items(ds, fields: list[str], items: list[str], day: dt.date, relation: str, where: str):
+    """(WITH clause, select items, joins): each recurring pseudonymized field (not alone the primary key) hashed once
+    per distinct value of the selected rows in a CTE ``zq_pk_<i>`` and joined back on the value (same pseudonyms)."""
+    from zqdata.desensitize import mask_expression, quote_ident
+
+    items, ctes, joins = list(items), [], []
+    for i, name in enumerate(fields):
+        if ds.field(name).mask.method != "pseudonymize" or ds.primary_key == [name]:
+            continue
+        col = quote_ident(name)
+        expr = mask_expression(ds, ds.field(name), day, "k", (f"zq_ipad_{i}", f"zq_opad_{i}"))
+        ctes.append(f"zq_pk_{i} AS (SELECT k, {expr} FROM (SELECT DISTINCT CAST(src.{col} AS VARCHAR) AS k "
+                    f"FROM {relation} AS src WHERE {where}))")
+        joins.append(f"LEFT JOIN zq_pk_{i} ON CAST(src.{col} AS VARCHAR) = zq_pk_{i}.k")
+        items[i] = f"zq_pk_{i}.{col} AS {col}"
+    return (f"WITH {', '.join(ctes)} " if ctes else ""), items, " ".join(joins)
 
 
 def run_variant(data_dir: Path, work: Path, variant: str, dataset: str, scope: str, day: dt.date) -> dict:
@@ -79,7 +100,7 @@ def run_variant(data_dir: Path, work: Path, variant: str, dataset: str, scope: s
     gov = warehouse.connect("gov", gov_file, read_only=True)
     ops = warehouse.connect("ops", ops_file)
     sets = SubjectSets(gov)
-    sql, params = crossing_query(gov, reg, dataset, scope, day, key, sets, per_row=variant == "streamed_per_row")
+    sql, params = crossing_query(gov, reg, dataset, scope, day, key, sets, per_value=variant == "streamed_per_value")
     params = _params(sql, params)
     target = f"{quote_ident(scope)}.{quote_ident(dataset)}"
 
@@ -93,11 +114,11 @@ def run_variant(data_dir: Path, work: Path, variant: str, dataset: str, scope: s
     batches = None
     if variant == "ops_insert":  # exported before the clock starts
         batches = pa.Table.from_batches(list(gov.execute(sql, params).to_arrow_reader(BATCH_ROWS)))
-    if variant not in ("streamed", "streamed_per_row", "gov_export", "gov_compute"):
+    if variant not in ("streamed", "streamed_per_value", "gov_export", "gov_compute"):
         create_target()
     usage0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     rows: int
-    if variant in ("streamed", "streamed_per_row"):
+    if variant in ("streamed", "streamed_per_value"):
         rows = _write_partition(gov, ops, scope, dataset, sql, params, day)
     elif variant == "gov_export":
         rows = sum(b.num_rows for b in gov.execute(sql, params).to_arrow_reader(BATCH_ROWS))

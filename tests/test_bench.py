@@ -117,6 +117,23 @@ def test_baseline_releases_and_builds_the_same_rows(both_runs):
     assert _rows(both_runs["bops"], sql_ids) == _rows(both_runs["ops"], sql_ids)
 
 
+@pytest.mark.parametrize("dataset,scope", [("bus_card_swipes", "desensitized"),
+                                           ("enterprise_registry", "scenario_sme_credit_profile")])
+def test_the_crossing_probe_writes_what_the_crossing_wrote(both_runs, tmp_path, monkeypatch, dataset, scope):
+    """`python -m bench.crossing` measures the crossing's own query: each variant that writes (streamed, hashed per
+    value, one instance) writes the rows the nightly job wrote to that ops table, pseudonyms and consent filter included
+    (the enterprise table of a scenario needing consent)."""
+    from bench import crossing
+
+    monkeypatch.setenv("ZQ_PSEUDONYM_KEY", KEY)
+    with duckdb.connect(str(both_runs["ops"]), read_only=True) as con:
+        rows, checksum = con.execute(f'select count(*), sum(hash(t)::HUGEINT) from "{scope}"."{dataset}" as t').fetchone()
+    assert rows > 0
+    for variant in ("streamed", "streamed_per_value", "one_instance"):
+        got = crossing.run_variant(both_runs["root"] / "data", tmp_path, variant, dataset, scope, DAY)
+        assert (got["rows"], got["checksum"]) == (rows, str(checksum)), variant
+
+
 def test_baseline_reports_every_stage_and_the_report_renders(both_runs):
     base = both_runs["base"]
     assert set(base.stages) == set(baseline.STAGE_NAMES)

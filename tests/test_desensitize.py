@@ -15,12 +15,10 @@ from zqdata.desensitize import (
     DesensitizationError,
     PseudonymKey,
     domain_secret,
-    hashed_per_value,
     key_from_env,
     mask_expression,
     pseudonym_role,
     pseudonymize,
-    release_query,
     release_select,
 )
 from zqdata.registry import DatasetField, MaskRule, RegistryError, load_registry
@@ -186,38 +184,6 @@ def test_release_select_sql_equals_the_python_reference_per_domain():
                                                 for v in values], (ds.code, name, scope)
                 checked += 1
     assert checked >= 7 * len(_scopes())  # card_id, swipe_id, citizen_id, legal_rep_id, record_id, two meter_ids
-
-
-def test_release_query_hashes_a_recurring_identifier_once_per_value_and_releases_the_per_row_pseudonyms():
-    """bus_card_swipes: card_id recurs (a card swipes many times) and is hashed once per distinct value through a join,
-    swipe_id is the primary key and is hashed per row. Every selected row comes out once (repeated cards, a NULL card,
-    a row the filter drops), with the pseudonyms of the per-row expression and of the Python reference."""
-    ds = load_registry().datasets["bus_card_swipes"]
-    assert hashed_per_value(ds, "card_id") and not hashed_per_value(ds, "swipe_id")
-    assert not hashed_per_value(ds, "route_id")  # kept, not pseudonymized
-    key, con = PseudonymKey.from_secret(SECRET), duckdb.connect()
-    cards = ["C1", "C2", "C1", None, "C1", "长卡号", "C2", "", None]
-    con.execute("CREATE TABLE g (swipe_id VARCHAR, card_id VARCHAR, route_id VARCHAR, fare_yuan DECIMAL(6, 2), "
-                "_lineage_id VARCHAR, _partition_date DATE)")
-    con.executemany("INSERT INTO g VALUES (?, ?, ?, ?, ?, ?)",
-                    [(f"S{i}", c, f"R{i % 2}", 2, f"f#{i}", D) for i, c in enumerate(cards)]
-                    + [("S99", "C1", "R0", 0, "f#99", D),  # dropped by the filter below
-                       ("S98", "C1", "R0", 2, "f#98", D + dt.timedelta(days=1))])  # another day
-    fields = ["swipe_id", "card_id", "route_id"]
-    where = "src._partition_date = $zq_partition AND src.fare_yuan > 0"
-    scope = "scenario_transit_ridership"
-    sql, params = release_query(ds, fields, D, key, scope, "g", where, ("src._lineage_id",))
-    assert "zq_pk_1" in sql and "zq_pk_0" not in sql  # card_id (item 1) looked up, swipe_id (item 0) not
-    got = con.execute(f"SELECT * FROM ({sql}) ORDER BY _lineage_id", {**params, "zq_partition": D}).fetchall()
-    items, pads = release_select(ds, fields, D, key, scope)
-    per_row = con.execute(f"SELECT {', '.join(items)}, src._lineage_id FROM g AS src WHERE {where} "
-                          "ORDER BY _lineage_id", {**pads, "zq_partition": D}).fetchall()
-    assert got == per_row
-    assert [r[3] for r in got] == [f"f#{i}" for i in range(len(cards))]  # each row once, none lost
-    role = pseudonym_role(ds, ds.field("card_id"))
-    assert [r[1] for r in got] == [None if c is None else pseudonymize(c, SECRET, role=role, scope=scope)
-                                   for c in cards]
-    assert [r[2] for r in got] == [f"R{i % 2}" for i in range(len(cards))]
 
 
 def test_the_same_value_in_two_roles_or_two_scopes_gets_unrelated_pseudonyms():

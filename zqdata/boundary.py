@@ -18,14 +18,13 @@ import duckdb
 import pyarrow as pa
 
 from zqdata.authorization import AuthorizationError, authorized_fields, check_scenario_active
-from zqdata.desensitize import PseudonymKey, quote_ident, release_query, released_fields
+from zqdata.desensitize import PseudonymKey, quote_ident, release_select, released_fields
 from zqdata.warehouse import relation_columns as _relation_columns
 from zqdata.registry import Dataset, Registry, Scenario
 from zqdata.settings import TZ
 
 BATCH_ROWS = 100_000  # Arrow batch size streamed gov → ops: bounded memory whatever the partition size
 LINEAGE_COLUMNS = ["_lineage_id", "_partition_date"]
-LINEAGE_SELECT = tuple(f"src.{c}" for c in LINEAGE_COLUMNS)  # after the released fields in every crossing query
 CONSENT_DATASET = "subject_consent"
 
 
@@ -417,7 +416,7 @@ def cross_boundary(gov_con: duckdb.DuckDBPyConnection, ops_con: duckdb.DuckDBPyC
     report = BoundaryReport(partition_date=d)
     held = dict(held_back) if isinstance(held_back, Mapping) else {c: "质量门禁留置 (held back)" for c in held_back or ()}
     report.held_back = {c: str(r) for c, r in held.items() if c in registry.datasets and registry.datasets[c].release}
-    base = {"zq_partition": d}  # the pseudonym keys are per (field role, ops schema): from release_query
+    base = {"zq_partition": d}  # the pseudonym keys are per (field role, ops schema): from release_select
     # Resolve every input before writing anything, so a missing model fails without a partial crossing.
     released = [ds for ds in registry.datasets.values() if ds.release]
     unreadable: set[str] = set()  # held back AND its gov model missing or malformed: its ops partitions only emptied
@@ -451,11 +450,12 @@ def cross_boundary(gov_con: duckdb.DuckDBPyConnection, ops_con: duckdb.DuckDBPyC
             users = [s for s in in_force if ds.code in s.authorized_fields]
             live_users = [s for s in live if ds.code in s.authorized_fields]
             fields = fields_used(ds, users)  # data minimisation: what the scenarios in force use, nothing else
+            items, pseudonym_params = release_select(ds, fields, d, key, "desensitized")
             where, consent_params = release_consent_filter_sql(gov_con, registry, ds, d, ref, subject_sets)
             if ds.code in report.held_back:  # held back by the quality gate: the partition is emptied, not served
                 where, consent_params = "FALSE", {}  # (the table keeps its columns: the products still compile)
-            sql, pseudonym_params = release_query(ds, fields, d, key, "desensitized", relation,
-                                                  f"src._partition_date = $zq_partition AND {where}", LINEAGE_SELECT)
+            sql = (f"SELECT {', '.join([*items, 'src._lineage_id', 'src._partition_date'])} "
+                   f"FROM {relation} AS src WHERE src._partition_date = $zq_partition AND {where}")
             report.released[ds.code] = (
                 _empty_partition(ops_con, "desensitized", ds.code, d) if ds.code in unreadable else
                 _write_partition(gov_con, ops_con, "desensitized", ds.code, sql,
@@ -499,15 +499,16 @@ def cross_boundary(gov_con: duckdb.DuckDBPyConnection, ops_con: duckdb.DuckDBPyC
                     rows[ds_code] = _empty_partition(ops_con, f"scenario_{scenario.code}", ds_code, d)
                     dropped[ds_code] = 0
                 elif not blocked:
+                    items, pseudonym_params = release_select(ds, authorized_fields(registry, scenario.code, ds_code), d,
+                                                             key, f"scenario_{scenario.code}")
                     where, consent_params = "TRUE", {}
                     if ds_code in report.held_back:  # emptied for the partition (the product is not published)
                         where = "FALSE"
                     elif scenario.consent_required:
                         where, consent_params = consent_filter_sql(gov_con, registry, scenario, ds, d, ref,
                                                                    subject_sets)
-                    sql, pseudonym_params = release_query(
-                        ds, authorized_fields(registry, scenario.code, ds_code), d, key, f"scenario_{scenario.code}",
-                        relation, f"src._partition_date = $zq_partition AND {where}", LINEAGE_SELECT)
+                    sql = (f"SELECT {', '.join(items)}, src._lineage_id, src._partition_date FROM {relation} AS src "
+                           f"WHERE src._partition_date = $zq_partition AND {where}")
                     rows[ds_code] = _write_partition(gov_con, ops_con, f"scenario_{scenario.code}", ds_code, sql,
                                                      {**base, **pseudonym_params, **consent_params}, d,
                                                      keep_columns=authorized_fields(registry, scenario.code, ds_code))
