@@ -355,12 +355,20 @@ def validate_dataset(con: duckdb.DuckDBPyConnection, registry: Registry, dataset
     frame, day_rows, sampled = load_batch(con, registry, dataset, day, max_rows)
     suite = build_suite(registry, dataset, baseline, partition_rows=day_rows)
     ctx = ctx or ephemeral_context()
-    source = ctx.data_sources.add_or_update_pandas(f"gov_staging_{dataset}")
-    asset = source.add_dataframe_asset(name=model)
-    batch = asset.add_batch_definition_whole_dataframe(f"{model}_{day}").get_batch(batch_parameters={"dataframe": frame})
-    # Counts and percentages only: no unexpected values in results or Data Docs, which are shown to people outside the
-    # gov platform's data (a record's value is shown only masked by its field's classification, zqdata/display.py).
-    result = batch.validate(suite, result_format=GX_RESULT_FORMAT)
+    source_name = f"gov_staging_{dataset}"
+    source = ctx.data_sources.add_or_update_pandas(source_name)
+    try:
+        asset = source.add_dataframe_asset(name=model)
+        batch = asset.add_batch_definition_whole_dataframe(f"{model}_{day}").get_batch(
+            batch_parameters={"dataframe": frame})
+        # Counts and percentages only: no unexpected values in results or Data Docs, which are shown to people outside
+        # the gov platform's data (a record's value is shown only masked by its field's classification, zqdata/display.py).
+        result = batch.validate(suite, result_format=GX_RESULT_FORMAT)
+    finally:
+        # The frame is not kept: GX's project manager holds the last context made for the life of the process, and its
+        # data source would hold this frame (its strings in Arrow memory) until the dataset's next validation; the seven
+        # sampled frames were ~280 MB of a 10 M-row night's process from its checks to its end (bench/notes.md item 26).
+        ctx.data_sources.delete(source_name)
     label_result(result, dataset, model, day)
     note = f"抽样 sampled {len(frame)}/{day_rows} 行（按主键哈希）" if sampled else f"全量 {day_rows} 行"
     return DatasetValidation(dataset, ds.agency, model, suite, result, day_rows, len(frame), sampled, note,
