@@ -34,6 +34,10 @@ DEFECT_RATE = 0.01  # the simulator's default for the nightly job
 FIXED_ROWS, FIXED_NIGHTS = 1_000, 4  # the fixed-cost measurement: small nights, the first one cold
 YEAR_DAYS, YEAR_ROWS, YEAR_AFTER_ROWS = 365, 20_000, 1_000_000  # (b) a year of backfill, (c) the day after it
 YEAR_TARGET_SECONDS = 15 * 60
+# Each size is measured as this many pairs of a pipeline run and a baseline run, alternately first (ABBA): the
+# machine's speed drifts by tens of percent within minutes, and one pair measured 1.19 then 1.58 for the same code
+# (bench/notes.md item 26); the ratio is that of the sums.
+SIZE_PAIRS = 2
 
 
 # ------------------------------------------------------------------------------------------- environment
@@ -110,8 +114,11 @@ def _dir_bytes(path: Path) -> int:
 # ------------------------------------------------------------------------------------------- measurements
 
 
-def measure_size(root: Path, rows: int, day: dt.date) -> dict:
-    """One size: simulate, run the nightly job (child), run the baseline (child) on the same files."""
+def measure_size(root: Path, rows: int, day: dt.date, pairs: int = SIZE_PAIRS) -> dict:
+    """One size: simulate, then ``pairs`` pairs of the nightly job (child) and the baseline (child) on the same files,
+    the first pair pipeline first, the next baseline first, and so on (`SIZE_PAIRS`). Each pair runs in its own data
+    folder (the landing moved on), so each pipeline run is a first night, as a size run has always been (dbt keeps its
+    parse state per data folder). The stage table is the first pair's; the ratios are of the pairs' sums."""
     data_dir = root / f"size-{rows}"
     shutil.rmtree(data_dir, ignore_errors=True)
     data_dir.mkdir(parents=True)
@@ -120,27 +127,71 @@ def measure_size(root: Path, rows: int, day: dt.date) -> dict:
                  "measured_at": dt.datetime.now(TZ).isoformat(timespec="seconds")}
     out["simulate_seconds"] = round(simulate(data_dir, day, 1, rows, log), 3)
     out["landing_bytes"] = _dir_bytes(data_dir / "landing")
-    env = _env(data_dir)
-    pj = data_dir / "pipeline.json"
-    rc, secs = _run([sys.executable, "-m", "bench.stages", "--date", day.isoformat(), "--days", "1", "--rows",
-                     str(rows), "--out", str(pj)], env, log)
-    out["pipeline_rc"] = rc
-    out["pipeline"] = json.loads(pj.read_text(encoding="utf-8")) if pj.exists() else None
-    out["pipeline_process_seconds"] = round(secs, 3)
-    out["warehouse_bytes"] = _dir_bytes(data_dir / "warehouse")
-    bj = data_dir / "baseline.json"
-    rc, secs = _run([sys.executable, "-m", "bench.baseline", "--date", day.isoformat(), "--landing",
-                     str(data_dir / "landing"), "--work", str(data_dir / "baseline"), "--out", str(bj)], env, log)
-    out["baseline_rc"] = rc
-    out["baseline"] = json.loads(bj.read_text(encoding="utf-8")) if bj.exists() else None
-    shutil.rmtree(data_dir / "baseline" / "db", ignore_errors=True)
-    if out["pipeline"] and out["baseline"]:
-        p_day, base = out["pipeline"]["days"][0], out["baseline"]
-        out["ratio_total"] = round(p_day["job_seconds"] / base["total_seconds"], 2)
-        out["ratio_by_stage"] = {
-            s: round(p_day["stages"][s]["seconds"] / base["stages"][s]["seconds"], 2)
-            for s in base["stages"] if s in p_day["stages"] and base["stages"][s]["seconds"] > 0
-        }
+    runs = []
+    for i in range(max(1, pairs)):
+        if i:
+            prev, data_dir = data_dir, root / f"size-{rows}-pair{i + 1}"
+            shutil.rmtree(data_dir, ignore_errors=True)
+            data_dir.mkdir(parents=True)
+            (prev / "landing").rename(data_dir / "landing")
+            shutil.rmtree(prev / "warehouse", ignore_errors=True)  # the last pair's is kept for inspection
+        runs.append(_measure_pair(data_dir, day, rows, baseline_first=i % 2 == 1))
+    out["data_dirs"] = [str(root / f"size-{rows}")] + [str(root / f"size-{rows}-pair{i + 1}") for i in range(1, len(runs))]
+    first = runs[0]
+    out.update(pipeline_rc=first["pipeline_rc"], pipeline=first["pipeline"],
+               pipeline_process_seconds=first["pipeline_process_seconds"], warehouse_bytes=first["warehouse_bytes"],
+               baseline_rc=first["baseline_rc"], baseline=first["baseline"])
+    out["pairs"] = [{"baseline_first": r["baseline_first"],
+                     "job_seconds": r["pipeline"]["days"][0]["job_seconds"] if r["pipeline"] else None,
+                     "baseline_seconds": r["baseline"]["total_seconds"] if r["baseline"] else None,
+                     "peak_rss_mb": _peak_rss(r["pipeline"]["days"][0]) if r["pipeline"] else None} for r in runs]
+    out.update(size_ratios(runs))
+    return out
+
+
+def _measure_pair(data_dir: Path, day: dt.date, rows: int, baseline_first: bool) -> dict:
+    """One pipeline run and one baseline run on ``data_dir``'s landing, in the order given."""
+    log, env = data_dir / "bench.log", _env(data_dir)
+    out: dict = {"baseline_first": baseline_first}
+
+    def pipeline() -> None:
+        pj = data_dir / "pipeline.json"
+        rc, secs = _run([sys.executable, "-m", "bench.stages", "--date", day.isoformat(), "--days", "1", "--rows",
+                         str(rows), "--out", str(pj)], env, log)
+        out.update(pipeline_rc=rc, pipeline=json.loads(pj.read_text(encoding="utf-8")) if pj.exists() else None,
+                   pipeline_process_seconds=round(secs, 3), warehouse_bytes=_dir_bytes(data_dir / "warehouse"))
+
+    def baseline() -> None:
+        bj = data_dir / "baseline.json"
+        rc, _ = _run([sys.executable, "-m", "bench.baseline", "--date", day.isoformat(), "--landing",
+                      str(data_dir / "landing"), "--work", str(data_dir / "baseline"), "--out", str(bj)], env, log)
+        out.update(baseline_rc=rc, baseline=json.loads(bj.read_text(encoding="utf-8")) if bj.exists() else None)
+        shutil.rmtree(data_dir / "baseline" / "db", ignore_errors=True)
+
+    for step in ((baseline, pipeline) if baseline_first else (pipeline, baseline)):
+        step()
+    return out
+
+
+def _peak_rss(day: dict) -> float:
+    """A measured night's peak RSS: the job's, or a stage's when higher (MB)."""
+    return max(day.get("peak_rss_mb") or 0, max(((v.get("peak_rss_mb") or 0) for v in day["stages"].values()),
+                                                default=0))
+
+
+def size_ratios(runs: list[dict]) -> dict:
+    """Pipeline ÷ baseline over the pairs where both succeeded: the whole job and each stage, as ratios of sums."""
+    ok = [r for r in runs if r.get("pipeline") and r.get("baseline")]
+    if not ok:
+        return {}
+    days, bases = [r["pipeline"]["days"][0] for r in ok], [r["baseline"] for r in ok]
+    out = {"ratio_total": round(sum(d["job_seconds"] for d in days) / sum(b["total_seconds"] for b in bases), 2),
+           "ratio_by_stage": {}}
+    for s in bases[0]["stages"]:
+        pipe = [d["stages"][s]["seconds"] for d in days if s in d["stages"]]
+        base = [b["stages"][s]["seconds"] for b in bases if s in b["stages"]]
+        if len(pipe) == len(base) == len(ok) and sum(base) > 0:
+            out["ratio_by_stage"][s] = round(sum(pipe) / sum(base), 2)
     return out
 
 
@@ -394,18 +445,23 @@ def render_markdown(results: dict) -> str:
     for r in results.get("sizes", []):
         p = (r.get("pipeline") or {}).get("days", [{}])[0] if r.get("pipeline") else {}
         b = r.get("baseline") or {}
+        paired = len(r.get("pairs") or []) > 1
+        ratio_part = "" if paired else f"; **pipeline ÷ baseline = {_ratio(r.get('ratio_total'))}**"
         lines += [
             f"### {r['rows_per_day']:,} rows/day",
             "",
             f"Measured {r.get('measured_at', '?')} at commit {r.get('git_commit', '?')}.",
             "",
-            f"Pipeline job {_fmt(p.get('job_seconds'), ' s')} (success: {p.get('success')}), peak RSS "
+            *_pairs_lines(r),
+            f"{'First pair: p' if paired else 'P'}ipeline job {_fmt(p.get('job_seconds'), ' s')} "
+            f"(success: {p.get('success')}), peak RSS "
             f"{_fmt(p.get('peak_rss_mb'), ' MB')}; baseline {_fmt(b.get('total_seconds'), ' s')}, peak RSS "
-            f"{_fmt(b.get('peak_rss_mb'), ' MB')}; **pipeline ÷ baseline = {_ratio(r.get('ratio_total'))}**. "
+            f"{_fmt(b.get('peak_rss_mb'), ' MB')}{ratio_part}. "
             f"Simulation {_fmt(r.get('simulate_seconds'), ' s')}; landing {_fmt(r.get('landing_bytes', 0) / 1e6, ' MB')}, "
             f"warehouse {_fmt(r.get('warehouse_bytes', 0) / 1e6, ' MB')}.",
             "",
-            "| stage | pipeline s | rows/s | peak RSS MB (self + children) | baseline s | ratio |",
+            f"| stage | pipeline s | rows/s | peak RSS MB (self + children) | baseline s | "
+            f"{'ratio (all pairs)' if paired else 'ratio'} |",
             "|---|---:|---:|---:|---:|---:|",
         ]
         stages = p.get("stages", {})
@@ -561,14 +617,28 @@ def _growth(days: list[dict]) -> tuple[float | None, float | None]:
     return round(g1, 3), (round(g2, 3) if g2 is not None else None)
 
 
+def _pairs_lines(r: dict) -> list[str]:
+    """The pairs of a size measured in several (`SIZE_PAIRS`), each with its ratio, and the ratio of their sums."""
+    pairs = r.get("pairs") or []
+    if len(pairs) < 2:
+        return []
+    each = "; ".join(f"{i}. {'baseline' if x['baseline_first'] else 'pipeline'} first: {_fmt(x['job_seconds'], ' s')} ÷ "
+                     f"{_fmt(x['baseline_seconds'], ' s')} = "
+                     f"{_ratio(round(x['job_seconds'] / x['baseline_seconds'], 2)) if x['job_seconds'] and x['baseline_seconds'] else '–'}"
+                     for i, x in enumerate(pairs, 1))
+    return [f"{len(pairs)} pairs of runs, alternately first (the machine's speed drifts): {each}. "
+            f"**Pipeline ÷ baseline over the pairs (ratio of the sums) = {_ratio(r.get('ratio_total'))}**; the stage "
+            "ratios below are of the pairs' sums too, the seconds and memory are the first pair's.", ""]
+
+
 def _targets(results: dict) -> list[str]:
     """The issue's targets against what was measured (largest size measured; not asserted anywhere)."""
     sizes = [r for r in results.get("sizes", []) if r.get("pipeline") and r.get("baseline")]
     rows = []
     if sizes:
         big = max(sizes, key=lambda r: r["rows_per_day"])
-        day = big["pipeline"]["days"][0]
-        peak = max(day.get("peak_rss_mb") or 0, max((v.get("peak_rss_mb") or 0) for v in day["stages"].values()))
+        peak = max([_peak_rss(big["pipeline"]["days"][0])]
+                   + [x["peak_rss_mb"] for x in big.get("pairs") or [] if x.get("peak_rss_mb") is not None])
         rows += [
             ("whole nightly job ≤ 1.3 × baseline", f"{big['rows_per_day']:,} rows/day",
              _ratio(big.get("ratio_total")) + " ×", (big.get("ratio_total") or 99) <= 1.3),
@@ -656,6 +726,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--year-rows", type=int, default=int(env.get("BENCH_YEAR_ROWS") or YEAR_ROWS))
     p.add_argument("--year-after-rows", type=int, default=int(env.get("BENCH_YEAR_AFTER_ROWS") or YEAR_AFTER_ROWS),
                    help="rows of the day after the backfill (0: not measured)")
+    p.add_argument("--pairs", type=int, default=int(env.get("BENCH_PAIRS") or SIZE_PAIRS),
+                   help=f"pipeline/baseline pairs per size, alternately first (default {SIZE_PAIRS})")
     p.add_argument("--report-only", action="store_true", help="re-render docs/benchmark.md from docs/benchmark.json")
     p.add_argument("--merge", action="store_true",
                    help="keep the other parts of docs/benchmark.json, replacing only what this run measures")
@@ -684,11 +756,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[bench] {note}", file=sys.stderr)
                 break
             print(f"[bench] size {n:,} rows/day …", file=sys.stderr, flush=True)
-            r = measure_size(args.dir, n, args.date)
+            r = measure_size(args.dir, n, args.date, args.pairs)
             results["sizes"] = sorted([x for x in results["sizes"] if x["rows_per_day"] != n] + [r],
                                       key=lambda x: x["rows_per_day"])
             done = r if r.get("landing_bytes") else done
-            shutil.rmtree(args.dir / f"size-{n}" / "landing", ignore_errors=True)  # keep the warehouse for inspection
+            for d in r.get("data_dirs") or [args.dir / f"size-{n}"]:  # keep the last warehouse for inspection
+                shutil.rmtree(Path(d) / "landing", ignore_errors=True)
             _save(results, args.docs)
     if "days" not in skip and args.days > 0:
         print(f"[bench] days 1..{args.days} at {args.day_rows:,} rows/day …", file=sys.stderr, flush=True)

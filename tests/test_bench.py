@@ -176,3 +176,50 @@ def test_a_shortened_year_of_backfill_is_reported_as_extrapolated_and_never_as_m
     assert year["after"].endswith("| yes |")
     assert rows(365, 901.0, 1.11)["backfill"].endswith("| **no** |") and rows(365, 901.0, 1.11)["after"].endswith(
         "| **no** |")
+
+
+def test_a_size_is_measured_in_pairs_alternately_first_each_in_its_own_folder(tmp_path, monkeypatch):
+    """`measure_size` runs pipeline/baseline pairs in ABBA order, each pair a first night in its own data folder with
+    the same landing, and reports the ratio of the sums (one pair measured 1.19, the next 1.58, for the same code)."""
+    import json
+
+    from bench import run as bench_run
+
+    seconds = {("pipeline", 1): 180.0, ("baseline", 1): 150.0, ("baseline", 2): 140.0, ("pipeline", 2): 220.0}
+    calls: list[tuple[str, str, bool]] = []
+
+    def fake_simulate(data_dir, day, days, rows, log):
+        (data_dir / "landing").mkdir(parents=True)
+        (data_dir / "landing" / "delivery.csv").write_text("x\n", encoding="utf-8")
+        return 1.0
+
+    def fake_run(cmd, env, log):
+        what = "pipeline" if "bench.stages" in cmd else "baseline"
+        data_dir = Path(env["ZQ_DATA_DIR"])
+        calls.append((what, data_dir.name, (data_dir / "landing" / "delivery.csv").exists()))
+        n = sum(1 for c in calls if c[0] == what)
+        secs = seconds[(what, n)]
+        out = Path(cmd[cmd.index("--out") + 1])
+        if what == "pipeline":
+            (data_dir / "warehouse").mkdir(exist_ok=True)
+            day = {"job_seconds": secs, "success": True, "peak_rss_mb": 1000.0 * n,
+                   "stages": {"ingest": {"seconds": secs / 2, "peak_rss_mb": 900.0}}}
+            out.write_text(json.dumps({"days": [day]}), encoding="utf-8")
+        else:
+            out.write_text(json.dumps({"total_seconds": secs, "stages": {"ingest": {"seconds": secs / 4}},
+                                       "peak_rss_mb": 1.0}), encoding="utf-8")
+        return 0, secs
+
+    monkeypatch.setattr(bench_run, "simulate", fake_simulate)
+    monkeypatch.setattr(bench_run, "_run", fake_run)
+    r = bench_run.measure_size(tmp_path, 1000, DAY, pairs=2)
+    assert calls == [("pipeline", "size-1000", True), ("baseline", "size-1000", True),
+                     ("baseline", "size-1000-pair2", True), ("pipeline", "size-1000-pair2", True)]
+    assert not (tmp_path / "size-1000" / "landing").exists() and not (tmp_path / "size-1000" / "warehouse").exists()
+    assert r["ratio_total"] == round((180 + 220) / (150 + 140), 2)
+    assert r["ratio_by_stage"]["ingest"] == round((90 + 110) / (37.5 + 35), 2)
+    assert [p["baseline_first"] for p in r["pairs"]] == [False, True]
+    assert r["pipeline"]["days"][0]["job_seconds"] == 180.0  # the stage table is the first pair's
+    md = render_markdown({"machine": {"cores": 2}, "sizes": [r]})
+    assert "1.20" in md and "1.57" in md and f"= {round(400 / 290, 2):.2f}**" in md
+    assert "2,000.0 MB" in md  # the peak memory target reads the highest pair
