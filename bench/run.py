@@ -127,7 +127,7 @@ def measure_size(root: Path, rows: int, day: dt.date, pairs: int = SIZE_PAIRS) -
                  "measured_at": dt.datetime.now(TZ).isoformat(timespec="seconds")}
     out["simulate_seconds"] = round(simulate(data_dir, day, 1, rows, log), 3)
     out["landing_bytes"] = _dir_bytes(data_dir / "landing")
-    runs = []
+    runs, out["data_dirs"] = [], []
     for i in range(max(1, pairs)):
         if i:
             prev, data_dir = data_dir, root / f"size-{rows}-pair{i + 1}"
@@ -135,8 +135,8 @@ def measure_size(root: Path, rows: int, day: dt.date, pairs: int = SIZE_PAIRS) -
             data_dir.mkdir(parents=True)
             (prev / "landing").rename(data_dir / "landing")
             shutil.rmtree(prev / "warehouse", ignore_errors=True)  # the last pair's is kept for inspection
+        out["data_dirs"].append(str(data_dir))
         runs.append(_measure_pair(data_dir, day, rows, baseline_first=i % 2 == 1))
-    out["data_dirs"] = [str(root / f"size-{rows}")] + [str(root / f"size-{rows}-pair{i + 1}") for i in range(1, len(runs))]
     first = runs[0]
     out.update(pipeline_rc=first["pipeline_rc"], pipeline=first["pipeline"],
                pipeline_process_seconds=first["pipeline_process_seconds"], warehouse_bytes=first["warehouse_bytes"],
