@@ -29,13 +29,6 @@ RULE_TEXT = {
     "district_level": "区县代码字段不是区县级行政区划代码（如市级 441200）",
 }
 
-_FINDINGS_DDL = """
-create table if not exists quality.findings (
-    partition_date date, agency varchar, dataset varchar, tool varchar, rule varchar, dimension varchar,
-    severity varchar, delivery_file varchar, row_number integer, lineage_id varchar, field varchar, detail varchar
-)
-"""
-
 
 def dbt_test_meta(node: Mapping[str, Any]) -> dict[str, Any]:
     """The `meta` of a dbt test node (config.meta in dbt ≥ 1.10, top-level meta before)."""
@@ -79,9 +72,10 @@ def collect_dbt_findings(con: duckdb.DuckDBPyConnection, manifest: Mapping[str, 
     Every earlier dbt finding of the partition goes (a redelivery with fewer rows, or none, leaves no finding of a row
     that no longer exists), and a stored failure of a row the partition's ODS no longer holds is not recorded."""
     day = dt.date.fromisoformat(str(partition_date))
-    con.execute("create schema if not exists quality")
-    con.execute(_FINDINGS_DDL)
+    from zqdata.quality.scores import ensure_quality_tables
     from zqdata.warehouse import table_columns
+
+    ensure_quality_tables(con)  # quality.findings' one definition (scores._DDL)
 
     stored = table_columns(con)  # one catalog query (one per test took 0.25 s a day)
     selects: list[str] = []
