@@ -272,3 +272,61 @@ def test_a_value_a_redelivery_removed_is_still_looked_for(gov, ops, registry):
     gov.execute("DELETE FROM ods.resident_population")  # the agency redelivered without these people
     _plant(ops, "VARCHAR", f"'备注 {GOV_NAME} 来电'")
     assert [kind for _, kind, _ in _found(gov, ops, registry)] == ["name"]
+
+
+def _pi_none(registry: Registry, dataset: str, field: str) -> Registry:
+    """``registry`` with ``dataset.field`` not personal (as before a registry change classified it personal)."""
+    ds = registry.datasets[dataset]
+    fields = [f.model_copy(update={"class_": f.class_.model_copy(update={"pi": "none"})}) if f.name == field else f
+              for f in ds.fields]
+    return registry.model_copy(update={"datasets": {**registry.datasets,
+                                                    dataset: ds.model_copy(update={"fields": fields})}})
+
+
+def test_a_field_classified_personal_later_is_indexed_from_its_whole_history(gov, ops, registry):
+    """Nights indexed while resident_population.name was not personal; the registry then classifies it personal. The
+    gate must see every name gov ever held in it (the full scan's answer), not only the names of later nights."""
+    from zqdata.leakgate import gov_personal_values, personal_value_fields, update_identifier_index
+
+    before = _pi_none(registry, "resident_population", "name")
+    assert "name" not in personal_value_fields(before)["resident_population"]
+    update_identifier_index(gov, before, D1)
+    assert ("name", GOV_NAME) not in _values(gov_personal_values(gov, before, D1))
+    d2 = D1 + dt.timedelta(days=1)
+    _plant(ops, "VARCHAR", f"'联系人{GOV_NAME}已回访'")
+    # the gate under the new registry, before any night indexed for it: the index is not used
+    assert [kind for _, kind, _ in _found(gov, ops, registry)] == ["name"]
+    update_identifier_index(gov, registry, d2)  # the next night (nothing new delivered) builds the index again
+    indexed = _values(gov_personal_values(gov, registry, d2))
+    gov.execute("DROP SCHEMA leakgate CASCADE")
+    assert indexed == _values(gov_personal_values(gov, registry, d2))  # the full scan's set
+    assert ("name", GOV_NAME) in indexed
+
+
+def test_an_index_whose_first_build_failed_is_not_used_and_is_built_again(gov, ops, registry, monkeypatch):
+    """The first build scans the whole history (the costliest moment: memory, a cancelled step). When it fails, the
+    gate must not read an empty or partial index as complete, and the next update builds it from the whole history."""
+    from zqdata import leakgate
+    from zqdata.leakgate import gov_personal_values, update_identifier_index
+
+    scanned = _values(gov_personal_values(gov, registry, D1))
+    real = leakgate.run_in_transaction
+
+    def fails_before_commit(con, work, **kw):
+        con.execute("BEGIN")
+        work(con, 1)
+        con.execute("ROLLBACK")
+        raise duckdb.OutOfMemoryException("simulated: the first build ran out of memory")
+
+    monkeypatch.setattr(leakgate, "run_in_transaction", fails_before_commit)
+    with pytest.raises(duckdb.OutOfMemoryException):
+        update_identifier_index(gov, registry, D1)
+    monkeypatch.setattr(leakgate, "run_in_transaction", real)
+    gov.execute("CREATE SCHEMA IF NOT EXISTS leakgate")  # as an older build left it: the table, no state row
+    gov.execute("CREATE TABLE IF NOT EXISTS leakgate.gov_identifiers (kind VARCHAR, value VARCHAR, first_day DATE)")
+    assert _values(gov_personal_values(gov, registry, D1)) == scanned  # the full scan, not the empty table
+    _plant(ops, "VARCHAR", f"'联系人{GOV_NAME}已回访'")
+    assert [kind for _, kind, _ in _found(gov, ops, registry)] == ["name"]
+    d2 = D1 + dt.timedelta(days=1)
+    assert update_identifier_index(gov, registry, d2) == len(scanned)  # the whole history, not day 2 alone
+    assert _values(gov_personal_values(gov, registry, d2)) == scanned

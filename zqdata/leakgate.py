@@ -7,6 +7,7 @@ shape, whether gov holds them or not) and for the gov platform's names (docs/sec
 from __future__ import annotations
 
 import datetime as dt
+import json
 import re
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -98,37 +99,62 @@ def _personal_value_selects(gov_con: duckdb.DuckDBPyConnection, registry: Regist
 
 _GOV_LAYERS = ("ods", "staging", "intermediate")
 INDEX_SCHEMA, INDEX_TABLE = "leakgate", "gov_identifiers"  # in the gov DB: the raw identifiers ever held, by first day
+# One row, written in the transaction that fills the index from the whole history: the personal fields it was built
+# for (`index_fields`). Without it (a first build that failed part way) or for other fields (the registry classified a
+# field personal, or no longer), the index is not used and the next update builds it again from the whole history.
+INDEX_STATE = "gov_identifiers_built_for"
 
 
-def _index_ready(gov_con: duckdb.DuckDBPyConnection) -> bool:
-    return bool(relation_columns(gov_con, INDEX_SCHEMA, INDEX_TABLE))
+def index_fields(registry: Registry) -> str:
+    """The fields the leak gate's value set is made of (`personal_value_fields`), as one canonical text."""
+    return json.dumps(sorted((d, sorted(f.items())) for d, f in personal_value_fields(registry).items()),
+                      ensure_ascii=False)
+
+
+def _index_ready(gov_con: duckdb.DuckDBPyConnection, registry: Registry) -> bool:
+    """The index holds the whole history of the registry's current personal fields."""
+    if not all(relation_columns(gov_con, INDEX_SCHEMA, t) for t in (INDEX_STATE, INDEX_TABLE)):
+        return False
+    return gov_con.execute(f"SELECT fields FROM {INDEX_SCHEMA}.{INDEX_STATE}").fetchall() == [(index_fields(registry),)]
 
 
 def update_identifier_index(gov_con: duckdb.DuckDBPyConnection, registry: Registry, partition_date: dt.date | None,
                             datasets: Collection[str] | None = None, schemas: Collection[str] = _GOV_LAYERS) -> int:
     """Keep `leakgate.gov_identifiers` (kind, value, first day seen) current: the partition's identifiers of
-    ``datasets`` in the gov relations of ``schemas`` (ODS after ingestion, staging after dbt). Built from the whole
-    history the first time (one scan); then each night adds only its own partition, so the leak gate's value set no
-    longer costs a scan of every day ever loaded (issue 15). A value that a redelivery removed stays in the index: the
-    gate then looks for more values than gov holds, never fewer. Runs on a writable gov connection; returns rows added."""
-    if not _index_ready(gov_con):
+    ``datasets`` in the gov relations of ``schemas``. The gov dbt step calls it for its day after every build (ODS,
+    staging and intermediate; also when the build failed): the crossing reads those models only, so every value that
+    can reach ops is indexed in the step that builds it. Built from the whole history when the index is not ready
+    (`_index_ready`: never built, a build that failed, or other personal fields in the registry), in one transaction
+    with its state row; then each night adds only its own partition, so the leak gate's value set no longer costs a
+    scan of every day ever loaded (issue 15). A value that a redelivery removed stays in the index until the next
+    whole build: the gate then looks for more values than gov holds, never fewer. Runs on a writable gov connection;
+    returns rows added (a whole build: the rows it holds)."""
+    rebuild = not _index_ready(gov_con, registry)
+    if rebuild:
+        partition_date, datasets, schemas = None, None, _GOV_LAYERS  # everything already held
+    selects = _personal_value_selects(gov_con, registry, schemas, datasets)
+    if not selects and not rebuild:
+        return 0
+    index, state = f"{INDEX_SCHEMA}.{INDEX_TABLE}", f"{INDEX_SCHEMA}.{INDEX_STATE}"
+    if rebuild:  # the tables alone are not a ready index: the state row is written with the rows, below
         gov_con.execute(f"CREATE SCHEMA IF NOT EXISTS {INDEX_SCHEMA}")
         # No PRIMARY KEY / ON CONFLICT: a DuckLake (ZQ_WAREHOUSE=ducklake) has no constraints. (kind, value) stays
         # unique by the update-then-insert below, one transaction; the gate reads values, never counts rows.
-        gov_con.execute(f"CREATE TABLE IF NOT EXISTS {INDEX_SCHEMA}.{INDEX_TABLE} (kind VARCHAR NOT NULL, "
-                        "value VARCHAR NOT NULL, first_day DATE NOT NULL)")
-        partition_date, datasets, schemas = None, None, _GOV_LAYERS  # the first time: everything already held
-    selects = _personal_value_selects(gov_con, registry, schemas, datasets)
-    if not selects:
-        return 0
+        gov_con.execute(f"CREATE TABLE IF NOT EXISTS {index} (kind VARCHAR NOT NULL, value VARCHAR NOT NULL, "
+                        "first_day DATE NOT NULL)")
+        gov_con.execute(f"CREATE TABLE IF NOT EXISTS {state} (fields VARCHAR NOT NULL)")
     where = "length(value) >= 2" + ("" if partition_date is None else " AND day = $zq_partition")
-    index = f"{INDEX_SCHEMA}.{INDEX_TABLE}"
-    gov_con.execute(
-        f"CREATE OR REPLACE TEMP TABLE _zq_new_identifiers AS SELECT kind, value, min(day) AS first_day "
-        f"FROM ({' UNION ALL '.join(selects)}) WHERE {where} GROUP BY kind, value",
-        {} if partition_date is None else {"zq_partition": partition_date})
+    values = (f"SELECT kind, value, min(day) AS first_day FROM ({' UNION ALL '.join(selects)}) WHERE {where} "
+              "GROUP BY kind, value") if selects else \
+        "SELECT NULL::VARCHAR AS kind, NULL::VARCHAR AS value, NULL::DATE AS first_day LIMIT 0"
+    gov_con.execute(f"CREATE OR REPLACE TEMP TABLE _zq_new_identifiers AS {values}",
+                    {} if partition_date is None else {"zq_partition": partition_date})
 
     def upsert(con: duckdb.DuckDBPyConnection, _attempt: int) -> int:
+        if rebuild:
+            con.execute(f"DELETE FROM {index}")
+            con.execute(f"DELETE FROM {state}")
+            con.execute(f"INSERT INTO {state} VALUES (?)", [index_fields(registry)])
         before = con.execute(f"SELECT count(*) FROM {index}").fetchone()[0]
         con.execute(f"UPDATE {index} AS i SET first_day = n.first_day FROM _zq_new_identifiers n "
                     "WHERE i.kind = n.kind AND i.value = n.value AND n.first_day < i.first_day")
@@ -145,8 +171,9 @@ def update_identifier_index(gov_con: duckdb.DuckDBPyConnection, registry: Regist
 
 def gov_personal_values(gov_con: duckdb.DuckDBPyConnection, registry: Registry, partition_date: dt.date) -> pa.Table:
     """Distinct (kind, value) of raw personal identifiers on the gov platform up to ``partition_date``, as Arrow:
-    from the maintained index when the gov DB has one (`update_identifier_index`), else by scanning every relation."""
-    if _index_ready(gov_con):
+    from the maintained index when it is ready for the registry's personal fields (`update_identifier_index`), else by
+    scanning every relation."""
+    if _index_ready(gov_con, registry):
         return gov_con.execute(f"SELECT kind, value FROM {INDEX_SCHEMA}.{INDEX_TABLE} WHERE first_day <= $zq_partition",
                                {"zq_partition": partition_date}).fetch_arrow_table()
     selects = _personal_value_selects(gov_con, registry, _GOV_LAYERS)
