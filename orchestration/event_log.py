@@ -38,7 +38,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterator
 from typing import Any
 
@@ -124,7 +124,7 @@ class PooledSqliteEventLogStorage(SqliteEventLogStorage):
         self._engines_pid = os.getpid()
         self._tables_present: set[str] = set()
         self._held = threading.local()  # .conns: {shard: the connection this thread's `store_event` holds open}
-        self._latest: OrderedDict[tuple[str, str], tuple[tuple[Any, Any], EventRecordsResult]] = OrderedDict()
+        self._latest: OrderedDict[tuple[str, str], tuple[tuple[Any, Any, Any], EventRecordsResult]] = OrderedDict()
         self._latest_lock = threading.Lock()
         super().__init__(base_dir or default_base_dir(), inst_data=inst_data)
         self._db_lock = threading.RLock()  # `store_event` holds the index's connection while Dagster opens the run's
@@ -193,15 +193,35 @@ class PooledSqliteEventLogStorage(SqliteEventLogStorage):
         DAGSTER_EVENT_BATCH_SIZE is set, which this storage sets: `enable_event_batches`) in ONE transaction of the
         index and one of each run's file, instead of one each per event (a 1,000-row night plans ~190 assets and
         checks: ~0.5 s of its run creation, bench/notes.md 17). The rows are those `store_event` writes one by one;
-        on an error nothing of the batch is committed and Dagster stores the events one by one."""
+        on an error nothing of the batch stays stored and Dagster stores the events one by one. The run files commit
+        before the index: when the index's commit fails after theirs, the batch's rows are deleted from them again
+        (two SQLite files have no common commit)."""
         if not events:
             return
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(self._holding(INDEX_SHARD_NAME))
-            for run_id in dict.fromkeys(e.run_id for e in events):
-                stack.enter_context(self._holding(run_id))
-            for event in events:
-                self.store_event(event)
+        per_run = Counter(e.run_id for e in events)
+        written: dict[str, list[int]] = {}  # run id -> the ids of the batch's rows in its file
+        runs_committed = False
+        try:
+            with self._holding(INDEX_SHARD_NAME):
+                with contextlib.ExitStack() as stack:
+                    for run_id in per_run:
+                        stack.enter_context(self._holding(run_id))
+                    for event in events:
+                        self.store_event(event)
+                    for run_id, n in per_run.items():  # the file's newest rows: its write lock is held since the first
+                        written[run_id] = self._newest_ids(run_id, n)
+                runs_committed = True
+        except BaseException:
+            if runs_committed:
+                for run_id, ids in written.items():
+                    with self._connect(run_id) as conn:
+                        conn.execute(SqlEventLogStorageTable.delete().where(SqlEventLogStorageTable.c.id.in_(ids)))
+            raise
+
+    def _newest_ids(self, shard: str, n: int) -> list[int]:
+        table = SqlEventLogStorageTable
+        with self._connect(shard) as conn:
+            return [r[0] for r in conn.execute(db_select([table.c.id]).order_by(table.c.id.desc()).limit(n))]
 
     @contextlib.contextmanager
     def _holding(self, shard: str) -> Iterator[None]:
@@ -239,20 +259,23 @@ class PooledSqliteEventLogStorage(SqliteEventLogStorage):
                 self._latest.popitem(last=False)
         return result
 
-    def _partition_stamp(self, asset_key: str, partition: str) -> tuple[Any, Any]:
-        """(newest ASSET_MATERIALIZATION row id of the asset partition, the asset's wipe details) in one statement,
-        answered by the indexes Dagster's own lookup uses."""
-        newest = (db_select([db.func.max(SqlEventLogStorageTable.c.id)])
-                  .where(db.and_(SqlEventLogStorageTable.c.asset_key == asset_key,
-                                 SqlEventLogStorageTable.c.dagster_event_type
-                                 == DagsterEventType.ASSET_MATERIALIZATION.value,
-                                 SqlEventLogStorageTable.c.partition == partition))
+    def _partition_stamp(self, asset_key: str, partition: str) -> tuple[Any, Any, Any]:
+        """(newest ASSET_MATERIALIZATION row id of the asset partition, that row's run, the asset's wipe details) in
+        one statement, answered by the indexes Dagster's own lookup uses. The run is part of it because SQLite gives
+        a new row the id of a deleted last one: a run deleted (here or by another process) and the partition
+        materialized again by another run has the same newest id."""
+        table = SqlEventLogStorageTable
+        newest = (db_select([db.func.max(table.c.id)])
+                  .where(db.and_(table.c.asset_key == asset_key,
+                                 table.c.dagster_event_type == DagsterEventType.ASSET_MATERIALIZATION.value,
+                                 table.c.partition == partition))
                   .scalar_subquery())
+        run = db_select([table.c.run_id]).where(table.c.id == newest).limit(1).scalar_subquery()
         details = (db_select([AssetKeyTable.c.asset_details]).where(AssetKeyTable.c.asset_key == asset_key)
                    .limit(1).scalar_subquery())
         with self.index_connection() as conn:
-            row = conn.execute(db_select([newest, details])).fetchone()
-        return (row[0], row[1]) if row is not None else (None, None)
+            row = conn.execute(db_select([newest, run, details])).fetchone()
+        return (row[0], row[1], row[2]) if row is not None else (None, None, None)
 
     def has_table(self, table_name: str) -> bool:
         # called with `_db_lock` held (while storing an event): answered without it, as Dagster's own does
@@ -271,6 +294,11 @@ class PooledSqliteEventLogStorage(SqliteEventLogStorage):
             engines, self._engines = self._engines, OrderedDict()
         for engine in engines.values():
             engine.dispose()
+
+    def delete_events(self, run_id: str) -> None:
+        super().delete_events(run_id)
+        with self._latest_lock:  # this process's kept answers may name the run (another process's: `_partition_stamp`)
+            self._latest.clear()
 
     def wipe(self) -> None:
         self._dispose_engines()  # the files are removed: no connection may outlive them

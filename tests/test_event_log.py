@@ -422,3 +422,60 @@ def test_the_kept_answer_is_dagsters_own_after_every_change(home, monkeypatch):
             for _ in range(2):
                 assert storage.fetch_materializations(**query).records == plain.fetch_materializations(**query).records
         assert lookups.count - n == 8  # neither is one partition's newest: each asked every time
+
+
+@pytest.mark.parametrize("deleted_by", ["this instance", "another process"])
+def test_a_deleted_run_and_the_partition_materialized_again_give_the_new_runs_answer(home, deleted_by):
+    """The newest materialization of a partition whose run was deleted, then materialized again by a new run: the new
+    run's (Dagster's own answer), and its checks target it. SQLite gives the new row the deleted row's id when that
+    row was the file's last, so the newest id alone does not tell the two runs apart."""
+    plain = SqliteEventLogStorage(str(home / "history" / "runs"))
+    with dg.DagsterInstance.get() as instance, dg.DagsterInstance.get() as other:
+        storage = instance.event_log_storage
+        first = dg.materialize([daily], instance=instance, partition_key="2025-06-02")
+        assert _newest(storage, "2025-06-02") == _newest(plain, "2025-06-02") is not None
+        (instance if deleted_by == "this instance" else other).delete_run(first.run_id)
+        assert _newest(plain, "2025-06-02") is None
+        again = dg.materialize([daily], instance=instance, partition_key="2025-06-02")
+        from dagster._core.event_api import AssetRecordsFilter
+
+        [mat] = plain.fetch_materializations(AssetRecordsFilter(
+            asset_key=dg.AssetKey("daily"), asset_partitions=["2025-06-02"]), limit=1).records
+        assert mat.run_id == again.run_id
+        [kept] = storage.fetch_materializations(AssetRecordsFilter(
+            asset_key=dg.AssetKey("daily"), asset_partitions=["2025-06-02"]), limit=1).records
+        assert (kept.storage_id, kept.run_id) == (mat.storage_id, again.run_id)
+        targets = [e.dagster_event.event_specific_data.target_materialization_data
+                   for e in instance.all_logs(again.run_id)
+                   if e.dagster_event and e.dagster_event.event_type_value == "ASSET_CHECK_EVALUATION"]
+        assert len(targets) == 3 and {(t.storage_id, t.run_id) for t in targets} == {(mat.storage_id, again.run_id)}
+
+
+def test_a_batch_whose_index_commit_fails_leaves_no_copy_in_the_run_file(home):
+    """The run's file commits its part of a batch before the index: when the index's COMMIT then fails (an I/O
+    error), the batch's rows leave the run file again, and Dagster's event-by-event fallback stores each planned event
+    once in both files (before: the run file held the batch twice)."""
+    import sqlite3
+
+    from sqlalchemy import event as sa_event
+
+    armed = {"on": True}
+
+    def fail_the_index_commit_of_the_planned_batch(conn) -> None:
+        if armed["on"] and (conn.engine.url.database or "").endswith("index.db") and conn.exec_driver_sql(
+                "SELECT count(*) FROM event_logs WHERE dagster_event_type LIKE '%_PLANNED'").scalar():
+            armed["on"] = False
+            raise sqlite3.OperationalError("disk I/O error (injected at COMMIT)")
+
+    sa_event.listen(Engine, "commit", fail_the_index_commit_of_the_planned_batch)
+    try:
+        with dg.DagsterInstance.get() as instance:
+            run_id = _range_run(instance)
+            stored = [e.dagster_event.event_type_value for e in instance.all_logs(run_id) if e.dagster_event]
+    finally:
+        sa_event.remove(Engine, "commit", fail_the_index_commit_of_the_planned_batch)
+    assert not armed["on"]  # the fault fired
+    index_planned = [r for r in _index_rows(home / "history" / "runs" / "index.db")["events"]
+                     if r[0].endswith("_PLANNED")]
+    assert stored.count("ASSET_MATERIALIZATION_PLANNED") == 5 and stored.count("ASSET_CHECK_EVALUATION_PLANNED") == 3
+    assert sum(r[3] for r in index_planned) == 8, index_planned
