@@ -428,3 +428,29 @@ def test_a_subject_revoked_then_granted_again_keeps_no_rows_of_the_days_between_
     expected_b = {(ENT_B, str(D3))}
     assert {r for r in sequential["scenario_sme_credit_profile.enterprise_registry"] if r[0] == ENT_B} == expected_b
     assert run("concurrent", order, nightly=False) == sequential
+
+
+def test_a_range_crossed_again_keeps_a_subject_revoked_between_out_of_its_earlier_days(tmp_path, registry,
+                                                                                       monkeypatch):
+    """ENT_B granted on day 1, revoked on day 2, granted again on day 3, every day's consent on gov. A range run
+    crosses its days in order, each leaving the later days' consent pending (as the nights would have): ENT_B ends
+    with rows of day 3 only. The same range crossed again (a second `make history`, a re-run backfill) must end the
+    same: the ops platform already applied day 3's consent, so nothing of it is pending any more, and ENT_B's day-1
+    rows must not come back (found in review: they did, and reached the published snapshot)."""
+    monkeypatch.setenv("ZQ_DATA_DIR", str(tmp_path))
+    gov_path, ops_path = tmp_path / "gov.duckdb", tmp_path / "ops.duckdb"
+    build_gov(gov_path, registry, [D1, D2, D3])
+    gov, ops = duckdb.connect(str(gov_path)), duckdb.connect(str(ops_path))
+    consent(gov, "C8", "enterprise", ENT_B, "sme_credit_profile", "revoked", D2)
+    consent(gov, "C9", "enterprise", ENT_B, "sme_credit_profile", "granted", D3)
+    states = []
+    for _ in range(2):
+        for day in (D1, D2, D3):
+            cross_boundary(gov, ops, registry, day, _key(), strict=False,
+                           pending_consent=None if day == D3 else (day + dt.timedelta(days=1), D3))
+        states.append(_scenario_state(ops))
+    gov.close()
+    ops.close()
+    first, again = states
+    assert {r for r in first["scenario_sme_credit_profile.enterprise_registry"] if r[0] == ENT_B} == {(ENT_B, str(D3))}
+    assert again == first

@@ -118,14 +118,22 @@ def fields_used(dataset: Dataset, scenarios: list[Scenario]) -> list[str]:
 
 
 def consent_reference_day(gov_con: duckdb.DuckDBPyConnection, registry: Registry, partition_date: dt.date,
-                          pending: tuple[dt.date, dt.date] | None = None) -> dt.date:
+                          pending: tuple[dt.date, dt.date] | None = None,
+                          applied: dt.date | None = None) -> dt.date:
     """The day whose consent and scenario state applies to every partition: the run's day, or the newest day of consent
     records the gov platform holds when later (a backfill of an old day still honours a later revocation).
 
     ``pending`` (first, last): days of a range run crossed after this one. Their consent is left out here, as a
-    single-day run of this day before them would not have seen it; their own crossings apply it (and purge back)."""
+    single-day run of this day before them would not have seen it; their own crossings apply it (and purge back).
+    ``applied``: the newest consent state the ops platform already applied (`revocation.applied_reference_day`).
+    Days up to it are not pending: a range crossed again must not go back to an older state than ops holds, whose
+    later crossings would then keep the newer state instead of purging back (a subject revoked and granted again
+    would get the rows of the days before the revocation back)."""
     if CONSENT_DATASET not in registry.datasets:
         return partition_date
+    if pending is not None and applied is not None and applied >= pending[0]:
+        first = applied + dt.timedelta(days=1)
+        pending = (first, pending[1]) if first <= pending[1] else None
     relation = gov_relation(gov_con, registry, CONSENT_DATASET)
     where, params = ("", []) if pending is None else (" WHERE CAST(_partition_date AS DATE) NOT BETWEEN ? AND ?",
                                                       list(pending))
@@ -431,7 +439,8 @@ def cross_boundary(gov_con: duckdb.DuckDBPyConnection, ops_con: duckdb.DuckDBPyC
             report.sources[ds.code] = f"（不可读 unreadable: {exc}）"
             unreadable.add(ds.code)
 
-    ref = report.reference_day = consent_reference_day(gov_con, registry, d, pending_consent)
+    applied = revocation.applied_reference_day(ops_con) if pending_consent is not None else None
+    ref = report.reference_day = consent_reference_day(gov_con, registry, d, pending_consent, applied)
     in_force, live = scenarios_in_force(registry, d, ref), scenarios_live(registry, ref)
     purged_by_scenario: dict[str, list[pa.Table]] = {}
     keep_cache: dict = {}  # subject sets to keep, computed once per (scenarios, pseudonym domain)

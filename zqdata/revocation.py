@@ -96,6 +96,14 @@ def _ensure_kept_state(ops_con: duckdb.DuckDBPyConnection) -> None:
     ops_con.execute(f"CREATE TABLE IF NOT EXISTS {KEPT_RELATIONS} (relation VARCHAR, reference_day DATE)")
 
 
+def applied_reference_day(ops_con: duckdb.DuckDBPyConnection) -> dt.date | None:
+    """The newest consent reference day a purge by subject applied on the ops platform (None: none recorded)."""
+    if not table_exists(ops_con, "revocation", "kept_relations"):
+        return None
+    (day,) = ops_con.execute(f"SELECT max(reference_day) FROM {KEPT_RELATIONS}").fetchone()
+    return day
+
+
 def forget_kept(ops_con: duckdb.DuckDBPyConnection, schema: str, table: str) -> None:
     """The table was written tonight without a purge by subject: its next purge checks the whole table."""
     if table_exists(ops_con, "revocation", "kept_relations"):
