@@ -320,3 +320,22 @@ def test_gx_results_and_data_docs_carry_no_record_values(tmp_path):
     result = batch.validate(suite, result_format=GX_RESULT_FORMAT)
     assert not result.success and result.results[0].result["unexpected_count"] == 1
     assert "13912345678" not in str(result.to_json_dict())
+
+
+def test_a_delivered_value_in_the_placeholders_brackets_is_masked_like_any_other():
+    """〔…〕 is text an agency can deliver: only the display's own placeholders are shown as they are (found in review:
+    `〔13812345678〕` on a personal phone field was shown whole)."""
+    reg = load_registry()
+    shown = []
+    for ds in reg.datasets.values():
+        for f in ds.fields:
+            if display.is_personal(f) and f.mask.method in ("mask", "keep", "age_band"):
+                raw = "〔1990-05-17〕" if f.mask.method == "age_band" else "〔13812345678〕"
+                out = display.mask_value(ds, f, raw), display.mask_row(ds, {f.name: raw}, DAY)[f.name]
+                shown.append((f"{ds.code}.{f.name}", out))
+    assert shown
+    leaked = [(name, out) for name, out in shown if any("13812345678" in o or "1990-05-17" in o for o in out)]
+    assert leaked == []
+    phone = reg.datasets["resident_population"].field("phone")
+    for placeholder in (display.MASKED, *display.HIDDEN.values()):
+        assert display.mask_value(reg.datasets["resident_population"], phone, placeholder) == placeholder

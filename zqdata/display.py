@@ -66,7 +66,9 @@ def _field(ds: Dataset | None, name: str | None) -> DatasetField | None:
 
 
 def _already_masked(v: str) -> bool:
-    return v.startswith("〔") and v.endswith("〕")
+    """One of this module's own placeholders (shown as it is). Any other value, bracketed or not, is masked: 〔…〕 is
+    text an agency can deliver."""
+    return v == MASKED or v in HIDDEN.values()
 
 
 def _age_band(v: str, band: int, as_of: dt.date | None) -> str:
