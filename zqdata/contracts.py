@@ -6,6 +6,7 @@ non-empty, typed fields parseable. Value rules (check digits, code tables, range
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -225,13 +226,16 @@ def column_problems(schema: pa.DataFrameSchema, columns: list[str]) -> tuple[lis
     return [], dupes
 
 
-def column_problem_reason(missing: list[str], extra: list[str]) -> str:
-    """A Chinese reason naming the missing and unregistered columns (one of each suggests a renamed column)."""
+def column_problem_reason(missing: list[str], extra: list[str], odd: Sequence[str] = ()) -> str:
+    """A Chinese reason naming the missing and unregistered columns (one of each suggests a renamed column), and the
+    names the warehouse cannot tell apart (``odd``: empty, repeated, equal to another but for case)."""
     parts = []
     if missing:
         parts.append("缺少登记字段 " + "、".join(missing))
     if extra:
         parts.append("含未登记字段 " + "、".join(extra))
+    if odd:
+        parts.append("列名为空、重复或仅大小写不同 (empty, repeated or case-only different names) " + "、".join(odd))
     hint = "（疑似字段改名）" if missing and extra else ""
     return "文件列与登记的数据集结构不一致：" + "；".join(parts) + hint + "，整个文件隔离"
 

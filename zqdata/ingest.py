@@ -15,7 +15,7 @@ import hashlib
 import io
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -508,7 +508,8 @@ def _as_text(table: pa.Table) -> pa.Table:
         elif pa.types.is_large_string(col.type) or pa.types.is_dictionary(col.type):
             cols.append(pc.cast(col, pa.string()))
         elif pa.types.is_nested(col.type):
-            cols.append(pa.array([None if v is None else json.dumps(v, ensure_ascii=False) for v in col.to_pylist()], pa.string()))
+            cols.append(pa.array([None if v is None else json.dumps(v, ensure_ascii=False, default=str)
+                                  for v in col.to_pylist()], pa.string()))  # dates, bytes, decimals: text
         else:
             cols.append(pc.cast(col, pa.string()))
     return pa.table(cols, names=table.column_names)
@@ -558,7 +559,11 @@ def read_csv_chunks(
     with open(path, "rb") as fh:
         fh.seek(3 if bom else 0)
         head = fh.read(1 << 20)
-    header = next(csv.reader(io.StringIO(_transcode(head[: head.rfind(b"\n") + 1] or head, codec).decode("utf-8"))), [])
+    try:  # newline="": a record may end in CR alone, as pyarrow reads it too
+        header = next(csv.reader(io.StringIO(_transcode(head[: head.rfind(b"\n") + 1] or head, codec).decode("utf-8"),
+                                             newline="")), [])
+    except csv.Error as exc:
+        raise FileUnreadable(f"CSV 表头无法解析 (header unreadable): {exc}") from exc
     if not header:
         raise FileUnreadable("CSV 文件没有表头行")
     bad: list[BadRecord] = []
@@ -854,6 +859,38 @@ def _contract_failures(ctx: _Ctx, frame: pd.DataFrame) -> tuple[dict[int, tuple[
     return per_row, fails
 
 
+EMPTY_COLUMN_NAME = "（空列名 empty column name）"
+
+
+def odd_column_names(names: list[str]) -> list[str]:
+    """The delivered column names the warehouse cannot tell apart, in file order: an empty name (shown as
+    `EMPTY_COLUMN_NAME`), a name given twice, a name equal to an earlier one but for case (DuckDB ignores case)."""
+    out: list[str] = []
+    seen: set[str] = set()
+    for n in names:
+        odd = EMPTY_COLUMN_NAME if not n.strip() else (n if n.lower() in seen else None)
+        if odd is not None and odd not in out:
+            out.append(odd)
+        seen.add(n.lower())
+    return out
+
+
+def _raw_records(table: pa.Table) -> pa.Array | None:
+    """Each record as the JSON object of its delivered columns. DuckDB builds it (`to_json(struct_pack(...))`) unless a
+    name it cannot take is among them (`odd_column_names`): then Python, keys as delivered (a repeated one twice)."""
+    names = table.column_names
+    if not odd_column_names(names):
+        return None  # the caller's DuckDB path
+    keys = [json.dumps(n, ensure_ascii=False) for n in names]
+    columns = [c.to_pylist() for c in table.columns]
+
+    def record(i: int) -> str:
+        return "{" + ", ".join(f"{k}: {json.dumps(col[i], ensure_ascii=False, default=str)}"
+                               for k, col in zip(keys, columns)) + "}"
+
+    return pa.array([record(i) for i in range(table.num_rows)], pa.string())
+
+
 def _load_chunk(ctx: _Ctx, chunk: Chunk, key: str, name: str, file_reason: str | None) -> None:
     """Append one chunk to the per-file staging table, with the contract result (or the file-level reason) per record."""
     fields = ctx.ds.field_names
@@ -861,7 +898,8 @@ def _load_chunk(ctx: _Ctx, chunk: Chunk, key: str, name: str, file_reason: str |
     table = chunk.table
     extra = [c for c in table.column_names if c not in fields]
     need_raw = file_reason is not None or bool(extra)
-    cols = {f: (table[f] if f in table.column_names else pa.nulls(n, pa.string())) for f in fields}
+    names = table.column_names
+    cols = {f: (table.column(names.index(f)) if f in names else pa.nulls(n, pa.string())) for f in fields}
     reasons: list[str | None] = [None] * n
     rules: list[str | None] = [None] * n
     dims: list[str | None] = [None] * n
@@ -908,10 +946,12 @@ def _load_chunk(ctx: _Ctx, chunk: Chunk, key: str, name: str, file_reason: str |
     raw: pa.Array
     if need_raw and n:
         # raw_record carries every delivered column (unregistered ones too); only computed for rows that may need it.
-        ctx.con.register("_zq_t", table)
-        struct = ", ".join(f"{_q(c)} := {_q(c)}" for c in table.column_names)
-        raw = ctx.con.execute(f"select to_json(struct_pack({struct}))::VARCHAR from _zq_t").arrow().read_all().column(0).combine_chunks()
-        ctx.con.unregister("_zq_t")
+        raw = _raw_records(table)
+        if raw is None:
+            ctx.con.register("_zq_t", table)
+            struct = ", ".join(f"{_q(c)} := {_q(c)}" for c in table.column_names)
+            raw = ctx.con.execute(f"select to_json(struct_pack({struct}))::VARCHAR from _zq_t").arrow().read_all().column(0).combine_chunks()
+            ctx.con.unregister("_zq_t")
     else:
         raw = pa.nulls(n, pa.string())
     staged = pa.table(
@@ -1136,6 +1176,7 @@ def _ingest_file(
                 else:
                     chunks = read_parquet_chunks(path, batch_rows, labels)
                 seen_columns: list[str] = []
+                odd: list[str] = []  # names the warehouse cannot tell apart (`odd_column_names`)
                 last_bad = 0
                 count = 0
                 undecodable = 0
@@ -1143,16 +1184,18 @@ def _ingest_file(
                     for c in chunk.table.column_names:
                         if c not in seen_columns:
                             seen_columns.append(c)
+                    odd += [c for c in odd_column_names(chunk.table.column_names) + odd_column_names(seen_columns)
+                            if c not in odd]
                     # CSV/parquet know their columns from the first chunk: decide the file-level contract before rows.
                     if file_reason is None and fmt != "jsonl" and count == 0:
-                        file_reason = _column_reason(ctx, seen_columns, obj.key, rep)
+                        file_reason = _column_reason(ctx, seen_columns, obj.key, rep, odd)
                     count += chunk.table.num_rows + len(chunk.bad)
                     last_bad = max([last_bad, *(b.number for b in chunk.bad
                                                 if b.rule == "delivery.malformed_record" and b.incomplete)])
                     undecodable += sum(b.rule == "delivery.encoding_undecodable" for b in chunk.bad)
                     _load_chunk(ctx, chunk, obj.key, name, file_reason[0] if file_reason else None)
                 if file_reason is None and fmt == "jsonl" and count:
-                    file_reason = _column_reason(ctx, seen_columns, obj.key, rep)
+                    file_reason = _column_reason(ctx, seen_columns, obj.key, rep, odd)
                 if count == 0 and size > 0:
                     problem("delivery.empty_file", f"文件 {name} 没有数据记录（仅有表头或空行）")
                 if last_bad and last_bad == count:  # the last record is incomplete (not merely e.g. a JSON array)
@@ -1189,18 +1232,20 @@ def _ingest_file(
     ctx.files.append(rep)
 
 
-def _column_reason(ctx: _Ctx, columns: list[str], key: str, rep: FileReport) -> tuple[str, str, str] | None:
-    """The file-level quarantine reason when the column set differs from the registry (missing/extra/renamed)."""
-    missing, extra = contracts.column_problems(ctx.strict_schema, columns)
-    if not missing and not extra:
+def _column_reason(ctx: _Ctx, columns: list[str], key: str, rep: FileReport,
+                   odd: Sequence[str] = ()) -> tuple[str, str, str] | None:
+    """The file-level quarantine reason when the column set differs from the registry (missing/extra/renamed), or
+    holds names the warehouse cannot tell apart (``odd``: empty, repeated, equal but for case)."""
+    missing, extra = contracts.column_problems(ctx.strict_schema, [c for c in columns if c.strip()])
+    if not missing and not extra and not odd:
         return None
-    detail = contracts.column_problem_reason(missing, extra)
+    detail = contracts.column_problem_reason(missing, extra, [c for c in odd if c not in extra])
     ctx.findings.append(
         {
             "partition_date": ctx.day, "agency": ctx.agency, "dataset": ctx.ds.code, "tool": "pandera",
             "rule": contracts.COLUMN_SET_RULE, "dimension": "understandability", "severity": "error",
             "delivery_file": key, "row_number": None, "lineage_id": None,
-            "field": ",".join([*missing, *extra]), "detail": detail,
+            "field": ",".join(dict.fromkeys([*missing, *extra, *odd])), "detail": detail,
         }
     )  # fmt: skip
     rep.errors.append(detail)
