@@ -79,12 +79,13 @@ DIST_DAYS ?= 3
 distributed: setup $(KEYFILE)
 	$(WITH_KEY) $(BIN)/python -m orchestration.distributed --date $(DATE) --days $(DIST_DAYS)
 
-# The published folder (GX Data Docs, column-lineage page, reports) is served on 127.0.0.1:3001 while the UI runs, so
-# the UI's links open with one click (a browser does not follow file:// links from an http:// page).
+# The documentation of the published folder (GX Data Docs, the column-lineage page) is served on 127.0.0.1:3001 while the
+# UI runs, so the UI's links open with one click (a browser does not follow file:// links from an http:// page). Only the
+# documentation: the snapshots and consumer deliveries in the same folder are read through `zq deliver` (zqdata.docs_server).
 DOCS_DIR = $${ZQ_DATA_DIR:-$(CURDIR)/.data}/published
 ui: setup $(KEYFILE)
 	@mkdir -p "$(DOCS_DIR)"; \
-	$(BIN)/python -m http.server $(DOCS_PORT) --bind 127.0.0.1 --directory "$(DOCS_DIR)" >/dev/null 2>&1 & docs=$$!; \
+	$(BIN)/python -m zqdata.docs_server --port $(DOCS_PORT) --bind 127.0.0.1 --directory "$(DOCS_DIR)" >/dev/null 2>&1 & docs=$$!; \
 	trap 'kill $$docs 2>/dev/null' EXIT INT TERM; \
 	$(WITH_DOCS_URL) $(WITH_KEY) $(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
