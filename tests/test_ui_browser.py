@@ -1,8 +1,8 @@
 """Issue 14 acceptance in a real browser: what a data engineer sees in the Dagster UI after a night.
 
 One module fixture produces a night of data in-process (`run_nightly`, 1% injected defects, as tests/test_nightly_e2e.py)
-with the Dagster instance in a temporary DAGSTER_HOME, then starts what `make ui` starts: `python -m http.server` on
-the published folder and the Dagster webserver (`dagster-webserver -w workspace.yaml`, no daemon: nothing is launched
+with the Dagster instance in a temporary DAGSTER_HOME, then starts what `make ui` starts: `python -m zqdata.docs_server`
+on the published folder and the Dagster webserver (`dagster-webserver -w workspace.yaml`, no daemon: nothing is launched
 here) with ZQ_DOCS_BASE_URL pointing at that server. Debian's headless Chromium (driven by Playwright, no browser
 download) opens the pages; every request to a host other than 127.0.0.1/localhost is aborted and recorded.
 
@@ -161,8 +161,8 @@ def ui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UI]:
         shutil.copy(repo_root() / "orchestration" / "dagster.yaml", svc.home / "dagster.yaml")  # as the Makefile
         # the docs server first, as `make ui` (its port is then held while the night writes URLs naming it)
         (svc.data / "published").mkdir(parents=True)
-        svc.start("docs", [sys.executable, "-m", "http.server", str(svc.docs_port), "--bind", "127.0.0.1",
-                           "--directory", str(svc.data / "published")])
+        svc.start("docs", [sys.executable, "-m", "zqdata.docs_server", "--port", str(svc.docs_port), "--bind",
+                           "127.0.0.1", "--directory", str(svc.data / "published")])
         instance = ensure_instance()
         try:
             result, summary = run_nightly(DAY, instance)
