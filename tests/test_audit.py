@@ -304,3 +304,47 @@ def test_odd_values_are_logged_within_the_columns(opdb):
     (stored,) = read_chain(opdb)
     assert stored == rec and len(stored.consumer) <= 128 and "\x00" not in stored.reason
     assert verify_chain(opdb) == []
+
+
+def test_a_log_cut_to_its_first_record_with_its_anchor_deleted_is_detected_and_refuses_appends(chain_db):
+    """Whoever can write the operational DB and delete the anchor file (no key needed) cut the log to its first record:
+    `verify` took that for the first append's crash window and the next append anchored the cut log (found in
+    review). The first append anchors the empty log before it inserts, so a record without an anchor is tampering."""
+    from zqdata.audit import AuditLogTampered, anchor_path
+
+    assert len(read_chain(chain_db)) > 1 and verify_chain(chain_db) == []
+    anchor_path().unlink()
+    _execute(chain_db, sa.delete(T).where(T.c.seq > 1))
+    assert any("anchor" in p and "missing" in p for p in verify_chain(chain_db))
+    with pytest.raises(AuditLogTampered, match="anchor missing"):
+        append_delivery(chain_db, consumer="zq_rural_bank", scenario="sme_credit_profile",
+                        product="ops_sme_credit_profile", partition_date=dt.date(2025, 6, 1), outcome="delivered",
+                        reason="", row_count=1, file_sha256="ab" * 32)
+    assert len(read_chain(chain_db)) == 1 and any("missing" in p for p in verify_chain(chain_db))
+
+
+def test_the_first_append_anchors_the_empty_log_before_it_inserts(opdb, monkeypatch):
+    """A crash between the first record's commit and its anchor leaves an anchor of the empty log, not none."""
+    from zqdata import audit
+    from zqdata.audit import anchor_path, read_anchor
+
+    written = []
+    real = audit._write_anchor
+
+    def crash_after_the_commit(path, key, count, head):
+        written.append(count)
+        if count:
+            raise OSError("crash before the anchor of the first record")
+        real(path, key, count, head)
+
+    monkeypatch.setattr(audit, "_write_anchor", crash_after_the_commit)
+    with pytest.raises(OSError):
+        append_delivery(opdb, consumer="c", scenario="s", product="p", partition_date=None, outcome="denied",
+                        reason="", row_count=0, file_sha256="")
+    assert written == [0, 1]
+    assert read_anchor(audit.key_from_env(), anchor_path()).count == 0
+    monkeypatch.setattr(audit, "_write_anchor", real)
+    assert verify_chain(opdb) == []  # one record beyond the anchor, on the keyed chain: accepted (and noted)
+    append_delivery(opdb, consumer="c", scenario="s", product="p", partition_date=None, outcome="denied", reason="",
+                    row_count=0, file_sha256="")
+    assert len(read_chain(opdb)) == 2 and verify_chain(opdb) == []

@@ -10,17 +10,19 @@ whoever can write the database but lacks the key cannot recompute a valid chain 
 A chain alone does not show what is missing at its end. After every append, under the same lock, the count and head
 hash are written to the **anchor** (``ZQ_AUDIT_ANCHOR``, default ``<ZQ_DATA_DIR>/gov/audit_anchor.json``: outside the
 operational DB and the ops platform; JSON ``{version, count, head_hash, updated_at, mac}``, the ``mac`` keyed too,
-written atomically, mode 0600). ``verify`` fails when the log has fewer records than anchored (tail cut off, every row
-deleted, table dropped), when the record at the anchored count is not the anchored head, when the anchor is forged or
-missing under a non-empty log. The anchor is written *after* the commit: a crash in between leaves it behind the log,
-never ahead; records beyond the anchor are accepted when they are on the keyed chain (the next append anchors them).
+written atomically, mode 0600). The very first append anchors the empty log (count 0) before it inserts, so a log
+never has a record without an anchor. ``verify`` fails when the log has fewer records than anchored (tail cut off,
+every row deleted, table dropped), when the record at the anchored count is not the anchored head, when the anchor is
+forged or missing under a non-empty log. The anchor is written *after* the commit: a crash in between leaves it
+behind the log, never ahead; records beyond the anchor are accepted when they are on the keyed chain (the next append
+anchors them).
 
 Appenders in several processes keep one chain and one anchor: each append first takes an exclusive ``flock`` on
 ``<anchor>.lock``, then one transaction that takes the append lock (``opdb.lock_for_append``: SQLite's ``BEGIN
 IMMEDIATE`` write lock, a table lock on PostgreSQL), checks the log against the anchor, reads the head and inserts after
 it; after the commit it rewrites the anchor, still under the ``flock``. ``seq`` is the primary key, so a second record
 with the same ``seq`` could never be stored anyway. A log found behind its anchor refuses appends
-(``AuditLogTampered``): continuing would overwrite the evidence.
+(``AuditLogTampered``), and so does a log without its anchor: continuing would overwrite the evidence.
 """
 
 from __future__ import annotations
@@ -232,7 +234,7 @@ def append_delivery(db: sa.Engine, *, consumer: str, scenario: str, product: str
         anchored = read_anchor(key, path)
         with opdb.transaction(db) as conn:
             if not _has_table(conn):
-                if anchored is not None:
+                if anchored is not None and anchored.count:
                     raise AuditLogTampered(f"审计表 {TABLE.name} 不存在，而锚点记录了 {anchored.count} 条 (audit table "
                                            f"{TABLE.name} missing: dropped; appends refused until investigated)")
                 TABLE.create(conn)
@@ -242,6 +244,12 @@ def append_delivery(db: sa.Engine, *, consumer: str, scenario: str, product: str
             seq, prev = (int(last.seq) + 1, last.record_hash) if last else (1, GENESIS)
             if anchored is not None:
                 _check_against_anchor(conn, anchored, seq - 1)
+            elif last is not None:  # records, no anchor: deleted (a cut tail would be anchored by this append)
+                raise AuditLogTampered(
+                    f"审计锚点 {path} 缺失，而日志已有 {seq - 1} 条：停止追加 (audit anchor missing under a log of "
+                    f"{seq - 1} records: deleted, or the log was moved here; appends refused until investigated)")
+            else:  # the first record: the empty log is anchored before it, so no record is ever without an anchor
+                _write_anchor(path, key, 0, GENESIS)
             values = {"seq": seq, "consumer": _text(consumer, 128), "scenario": _text(scenario, 128),
                       "product": _text(product, 128), "partition_date": partition_date, "delivered_at": when_text,
                       "outcome": outcome, "reason": _text(reason), "row_count": int(row_count),
@@ -281,9 +289,9 @@ def verify(db: sa.Engine, key: AuditKey | None = None, anchor: Path | None = Non
 
     Problems: an edited, deleted, inserted or reordered record (also when the chain was recomputed without the key);
     fewer records than anchored (tail cut off, every row deleted, table dropped); the anchored head not at the anchored
-    position; a forged anchor; no anchor under a log of more than one record (one record without an anchor is the crash
-    window of the very first append). Records beyond the anchor on the keyed chain are accepted (an append interrupted
-    between its commit and its anchor write), and noted.
+    position; a forged anchor; no anchor under a non-empty log (the first append anchors the empty log before it
+    inserts). Records beyond the anchor on the keyed chain are accepted (an append interrupted between its commit and
+    its anchor write), and noted.
     """
     key = key or key_from_env()
     path = anchor or anchor_path()
@@ -317,11 +325,9 @@ def verify(db: sa.Engine, key: AuditKey | None = None, anchor: Path | None = Non
         return Verification(problems, len(chain), head, None, notes)
     n = len(chain)
     if anchored is None:
-        if n > 1:
+        if n:
             problems.append(f"审计锚点 {path} 缺失，而日志有 {n} 条 (audit anchor missing: deleted, or the log was "
                             "moved here from elsewhere)")
-        elif n == 1:
-            notes.append("no anchor yet: the first append was interrupted before its anchor write")
     elif n == 0 and anchored.count:
         problems.append(f"审计日志为空，而锚点记录了 {anchored.count} 条 (audit log empty but {anchored.count} records "
                         "anchored: every row deleted, or the table dropped)")
