@@ -454,3 +454,57 @@ def test_a_range_crossed_again_keeps_a_subject_revoked_between_out_of_its_earlie
     first, again = states
     assert {r for r in first["scenario_sme_credit_profile.enterprise_registry"] if r[0] == ENT_B} == {(ENT_B, str(D3))}
     assert again == first
+
+
+def test_a_purge_whose_snapshot_update_failed_is_applied_by_the_next_boundary_step(dbs, registry, snapshots, opdb,
+                                                                                    monkeypatch):
+    """The crossing commits ENT_B's revocation on ops; the snapshot store then fails. The purge stays owed in the
+    operational DB and the next step applies it (found in review: nothing recorded it, later crossings did not
+    report ENT_B again, and `zq deliver` kept handing ENT_B's row out of D1's snapshot)."""
+    gov, ops = dbs
+    night(gov, ops, registry, D1, snapshots)
+    night(gov, ops, registry, D2, snapshots)
+    consent(gov, "C9", "enterprise", ENT_B, "sme_credit_profile", "revoked", D3)
+    report = cross_boundary(gov, ops, registry, D3, _key(), strict=False)
+    assert revocation.owe_purge(report, "run-d3", opdb) is not None
+
+    real_put = type(snapshots).put_bytes
+
+    def unavailable(self, key, data):
+        raise OSError("object store unavailable")
+
+    monkeypatch.setattr(type(snapshots), "put_bytes", unavailable)
+    with pytest.raises(OSError):
+        revocation.settle_owed_purges(snapshots, registry, "run-d3", opdb)
+    assert snapshot_codes(snapshots, D1) == {ENT_A, ENT_B}  # still published: the purge is owed
+    monkeypatch.setattr(type(snapshots), "put_bytes", real_put)
+
+    again = cross_boundary(gov, ops, registry, D3, _key(), strict=False)  # the day re-run: nothing new to purge
+    assert again.product_days == {} and revocation.owe_purge(again, "run-d3b", opdb) is None
+    merged, done = revocation.settle_owed_purges(snapshots, registry, "run-d3b", opdb)
+    assert merged is not None and f"{PRODUCT}/{D1}" in done["republished"]
+    for day in (D1, D2):
+        assert snapshot_codes(snapshots, day) == {ENT_A}
+    assert revocation.settle_owed_purges(snapshots, registry, "run-d4", opdb) == (
+        None, {"withdrawn": [], "republished": []})  # settled: nothing owed any more
+
+
+def test_the_boundary_steps_follow_up_applies_what_is_owed(dbs, registry, opdb, monkeypatch):
+    """`follow_purges` (the boundary step's last act, also after a failed day) applies every owed purge from the
+    operational DB, its own crossings' and an earlier step's alike."""
+    import logging
+    from types import SimpleNamespace
+
+    from assets.ops_platform.boundary import follow_purges
+    from zqdata.publish import published_store
+
+    monkeypatch.setenv("ZQ_OPDB_URL", str(opdb.url.render_as_string(hide_password=False)))
+    store = published_store()
+    gov, ops = dbs
+    night(gov, ops, registry, D1, store)
+    consent(gov, "C9", "enterprise", ENT_B, "sme_credit_profile", "revoked", D2)
+    revocation.owe_purge(cross_boundary(gov, ops, registry, D2, _key(), strict=False), "earlier-step", opdb)
+    assert snapshot_codes(store, D1) == {ENT_A, ENT_B}
+    follow_purges(SimpleNamespace(run=SimpleNamespace(run_id="next-step"), log=logging.getLogger("test")), registry)
+    assert snapshot_codes(store, D1) == {ENT_A}
+    assert revocation.settle_owed_purges(store, registry, "later", opdb)[0] is None

@@ -155,6 +155,18 @@ audit_deliveries = sa.Table(
 )
 
 
+# The published-snapshot updates a committed purge still owes (zqdata.revocation.owe_purge): recorded right after the
+# crossing's ops commit, deleted once the snapshots follow it (`settle_owed_purges`, first thing of every boundary
+# step's follow-up). A snapshot store that failed once is caught up by the next boundary step, whatever its days.
+owed_snapshot_purges = sa.Table(
+    "owed_snapshot_purges", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("run_id", sa.String(64), nullable=False),
+    sa.Column("recorded_at", sa.String(40), nullable=False),
+    sa.Column("purge", sa.Text, nullable=False),  # JSON: partition_date, ended, purged, purged_lineage, product_days
+)
+
+
 # Registration (登记, Art. 17; zqdata/governance/registration.py): one row per registration record of a subject (a
 # dataset, a product or a service), its procedure state, and every state change in `registration_events`.
 registrations = sa.Table(

@@ -19,13 +19,16 @@ of subjects to keep, masked, on the gov side; only that masked set reaches the o
 from __future__ import annotations
 
 import datetime as dt
+import json
 from typing import TYPE_CHECKING
 
 import duckdb
 import pyarrow as pa
+import sqlalchemy as sa
 
 from zqdata.desensitize import PseudonymKey, quote_ident, release_select
 from zqdata.registry import Dataset, Registry
+from zqdata.settings import TZ
 from zqdata.warehouse import relation_columns
 
 if TYPE_CHECKING:
@@ -236,6 +239,51 @@ def merge_purges(reports: list[BoundaryReport]) -> BoundaryReport:
         for product, days in r.product_days.items():
             out.product_days[product] = sorted(set(out.product_days.get(product, [])) | set(days))
     return out
+
+
+def owe_purge(report: BoundaryReport, run_id: str, engine=None) -> int | None:
+    """Record in the operational DB that the published snapshots owe ``report``'s purges (right after its crossing
+    committed them on ops); the record's id, or None when the crossing purged nothing a snapshot holds."""
+    from zqdata import opdb
+
+    if not (report.ended or report.product_days):
+        return None
+    purge = {"partition_date": report.partition_date.isoformat(), "ended": report.ended, "purged": report.purged,
+             "purged_lineage": report.purged_lineage,
+             "product_days": {p: [d.isoformat() for d in days] for p, days in report.product_days.items()}}
+    with opdb.transaction(engine) as conn:
+        result = conn.execute(sa.insert(opdb.owed_snapshot_purges).values(
+            run_id=run_id, recorded_at=dt.datetime.now(TZ).isoformat(timespec="seconds"),
+            purge=json.dumps(purge, ensure_ascii=False, sort_keys=True)))
+        return int(result.inserted_primary_key[0])
+
+
+def settle_owed_purges(store: ObjectStore, registry: Registry, run_id: str,
+                       engine=None) -> tuple[BoundaryReport | None, dict[str, list[str]]]:
+    """Every purge the snapshots still owe (`owe_purge`: this step's crossings, and any an earlier step could not
+    apply), applied at once (`merge_purges`, `apply_purge_to_published`), then forgotten. When the store fails the
+    records stay, and the next boundary step applies them. Returns the merged purge (None: nothing owed) and what was
+    done to the snapshots."""
+    from zqdata import opdb
+    from zqdata.boundary import BoundaryReport
+
+    table = opdb.owed_snapshot_purges
+    with opdb.transaction(engine) as conn:
+        rows = conn.execute(sa.select(table.c.id, table.c.purge).order_by(table.c.id)).all()
+    if not rows:
+        return None, {"withdrawn": [], "republished": []}
+    reports = []
+    for _id, text in rows:
+        doc = json.loads(text)
+        reports.append(BoundaryReport(
+            partition_date=dt.date.fromisoformat(doc["partition_date"]), ended=doc["ended"], purged=doc["purged"],
+            purged_lineage=doc["purged_lineage"],
+            product_days={p: [dt.date.fromisoformat(d) for d in days] for p, days in doc["product_days"].items()}))
+    merged = merge_purges(reports)
+    done = apply_purge_to_published(store, registry, merged, run_id)
+    with opdb.transaction(engine) as conn:
+        conn.execute(sa.delete(table).where(table.c.id.in_([r[0] for r in rows])))
+    return merged, done
 
 
 def apply_purge_to_published(store: ObjectStore, registry: Registry, report: BoundaryReport, run_id: str,

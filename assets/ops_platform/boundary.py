@@ -20,6 +20,7 @@ from zqdata.boundary import (CONSENT_DATASET, BoundaryGateFailed, GateResult, ch
                              find_leaks)
 from zqdata.desensitize import KEY_ENV, PseudonymKey
 from zqdata.registry import Registry, registry
+from zqdata.revocation import owe_purge
 from zqdata.warehouse import frozen_catalog
 
 
@@ -99,7 +100,6 @@ def build_boundary_crossing(reg: Registry) -> dg.AssetsDefinition:
         """市政务大数据平台 → 运营服务平台的唯一出域操作：脱敏、场景授权字段、数据主体授权过滤。"""
         events = DayEvents(context, partition_days(context))
         last = events.days[-1]
-        committed: list = []  # the reports of the crossings committed: the published snapshots follow their purges
         try:
             # one gov and one ops connection for all the days (closing the ops file checkpoints it: ~0.2 s a day);
             # gov is read-only under its pool, so its catalog is read once (frozen_catalog)
@@ -110,10 +110,9 @@ def build_boundary_crossing(reg: Registry) -> dg.AssetsDefinition:
                 # crossings apply it, revocations purging back)
                 for d in events.days:
                     yield from cross_day(context, gov, ops, pseudonym.pseudonym_key(), reg, released, d, events,
-                                         pending=None if d == last else (d + dt.timedelta(days=1), last),
-                                         committed=committed)
+                                         pending=None if d == last else (d + dt.timedelta(days=1), last))
         finally:  # also after a failed day: what the days before it committed is followed
-            follow_purges(context, reg, committed)
+            follow_purges(context, reg)
         yield from events.finish()
 
     return boundary_crossing
@@ -121,12 +120,11 @@ def build_boundary_crossing(reg: Registry) -> dg.AssetsDefinition:
 
 def cross_day(context: dg.AssetExecutionContext, gov: duckdb.DuckDBPyConnection, ops: duckdb.DuckDBPyConnection,
               key: PseudonymKey, reg: Registry, released: list, d: dt.date, events: DayEvents,
-              pending: tuple[dt.date, dt.date] | None,
-              committed: list) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
+              pending: tuple[dt.date, dt.date] | None) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
     """One day's crossing (in its own ops transaction, on the step's connections), its materializations and its two
     checks per dataset; dg.Failure when its gate failed.
-    Its report is added to `committed` when the crossing committed (`follow_purges` then applies its purges to the
-    published snapshots)."""
+    When the crossing committed, the published snapshots owe its purges (`revocation.owe_purge`, in the operational
+    DB) until `follow_purges` applied them."""
     from zqdata.publish import products_reading, published_store, withdraw_partition
     from zqdata.quality.scores import held_back_datasets
 
@@ -154,7 +152,8 @@ def cross_day(context: dg.AssetExecutionContext, gov: duckdb.DuckDBPyConnection,
         if withdrawn:
             context.log.warning(f"撤回读取留置数据集的已发布产品 withdrawn: {', '.join(withdrawn)}")
     if failure is None:
-        committed.append(report)  # the purge is committed: the published snapshots follow (`follow_purges`)
+        # the purge is committed: the published snapshots owe it (opdb) until `follow_purges` applied it
+        owe_purge(report, context.run.run_id)
         for ds in released:
             per_scenario = {s: rows[ds.code] for s, rows in report.scenario_rows.items() if ds.code in rows}
             yield from events.materialize(d, desensitized_key(ds.code), {
@@ -189,17 +188,18 @@ def cross_day(context: dg.AssetExecutionContext, gov: duckdb.DuckDBPyConnection,
                          metadata={"problems": report.gate.problems()[:50]})
 
 
-def follow_purges(context: dg.AssetExecutionContext, reg: Registry, committed: list) -> None:
+def follow_purges(context: dg.AssetExecutionContext, reg: Registry) -> None:
     """The published snapshots follow the purges the step's crossings committed (derived without the purged rows, or
     withdrawn), once for all its days: a revoked subject is in every published day of a daily product, so each day
-    of a range run re-derived every one of them again (issue 15: 30 × 117 snapshots a range after four months)."""
+    of a range run re-derived every one of them again (issue 15: 30 × 117 snapshots a range after four months).
+    What they owe is read from the operational DB (`revocation.owe_purge`): also the purges of an earlier step whose
+    snapshot update failed (the store unavailable), which would otherwise keep a revoked subject published."""
     from zqdata.publish import published_store
-    from zqdata.revocation import apply_purge_to_published, merge_purges
+    from zqdata.revocation import settle_owed_purges
 
-    if not committed:
+    merged, published = settle_owed_purges(published_store(), reg, context.run.run_id)
+    if merged is None:
         return
-    merged = merge_purges(committed)
-    published = apply_purge_to_published(published_store(), reg, merged, context.run.run_id)
     if merged.purged or merged.ended or any(published.values()):
         context.log.warning(
             f"撤回授权/场景终止，已从全部分区清除 (consent revoked / scenario ended, purged from every "
