@@ -98,3 +98,24 @@ def test_a_parquet_column_of_nested_values_json_cannot_hold_is_kept_as_text(gov_
     _quarantined_for_columns(gov_con, file, acc, "extra")  # an unregistered column: the whole file
     raw = json.loads(gov_con.execute("SELECT raw_record FROM quarantine.rows ORDER BY _row_number").fetchone()[0])
     assert raw["extra"] is not None
+
+
+def test_a_jsonl_file_without_a_registered_key_is_quarantined_even_when_the_name_is_some_value(gov_con, store, reg):
+    """The key's presence was a byte search for `"case_flag"`: a value spelled like the key hid its absence."""
+    rows = records(reg.datasets[JSONL], 2)
+    for r in rows:
+        del r["case_flag"]
+    rows[0]["address"] = "case_flag"
+    file, acc = _ingest(gov_con, store, reg, JSONL, "part-0001.jsonl", encode(rows, "jsonl"), 2)
+    _quarantined_for_columns(gov_con, file, acc, "case_flag")
+
+
+def test_a_jsonl_key_written_escaped_is_the_key(gov_con, store, reg):
+    """`"\\u0063itizen_id"` is valid JSON for `citizen_id`: its values were dropped (the byte search missed the key)
+    and the file quarantined as missing the column."""
+    rows = records(reg.datasets[JSONL], 2)
+    data = encode(rows, "jsonl").replace(b'"citizen_id"', b'"\\u0063itizen_id"')
+    file, acc = _ingest(gov_con, store, reg, JSONL, "part-0001.jsonl", data, 2)
+    assert file.status == "ok" and acc["rows_accepted"] == 2, file.errors
+    assert sorted(r[0] for r in gov_con.execute(f"SELECT citizen_id FROM ods.{JSONL}").fetchall()) == sorted(
+        r["citizen_id"] for r in rows)

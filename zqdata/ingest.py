@@ -678,6 +678,11 @@ def _lone_surrogate(number: int, text: str, rec: dict, labels: dict[str, str] | 
     return None
 
 
+def _key_written(name: str, data: bytes) -> bool:
+    """``name`` written as an object key (``"name":``) in JSON Lines ``data``; an escaped quote (``\\"``) is no key."""
+    return re.search(rb'(?<!\\)' + re.escape(json.dumps(name).encode()) + rb"\s*:", data) is not None
+
+
 def read_jsonl_chunks(
     path: Path, batch_rows: int, fields: list[str], labels: dict[str, str] | None = None
 ) -> Iterator[Chunk]:
@@ -716,9 +721,10 @@ def read_jsonl_chunks(
                 read_options=pajson.ReadOptions(block_size=64 << 20),
                 parse_options=options,
             )
-            # explicit_schema adds absent registered keys as null columns; keep only keys that occur in the block
-            # (a byte search, so a key present with null values still counts as a delivered column).
-            keys = [f for f in fields if json.dumps(f).encode() in data]
+            # explicit_schema adds absent registered keys as null columns; keep only keys that occur in the block: a
+            # column with a value (its key may be written escaped), or one written as a key with null values only
+            # (`"field":`, not merely the text "field" as some value)
+            keys = [f for f in fields if table.column(f).null_count < table.num_rows or _key_written(f, data)]
             table = table.select([c for c in table.column_names if c not in fields or c in keys])
             # (a \\uDC80-style escape must not come out as invalid UTF-8 either: then the slow path decides per line)
             if table.num_rows == len(lines) and not any(invalid_utf8_rows(c) for c in table.columns):
