@@ -243,10 +243,10 @@ def merge_purges(reports: list[BoundaryReport]) -> BoundaryReport:
 
 def owe_purge(report: BoundaryReport, run_id: str, engine=None) -> int | None:
     """Record in the operational DB that the published snapshots owe ``report``'s purges (right after its crossing
-    committed them on ops); the record's id, or None when the crossing purged nothing a snapshot holds."""
+    committed them on ops); the record's id, or None when the crossing purged nothing."""
     from zqdata import opdb
 
-    if not (report.ended or report.product_days):
+    if not (report.ended or report.product_days or report.purged):
         return None
     purge = {"partition_date": report.partition_date.isoformat(), "ended": report.ended, "purged": report.purged,
              "purged_lineage": report.purged_lineage,
