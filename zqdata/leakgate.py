@@ -220,8 +220,7 @@ def cached_gov_personal_values(gov_con: duckdb.DuckDBPyConnection, registry: Reg
     version = _read_only_file_version(gov_con)
     if version is None:
         return gov_personal_values(gov_con, registry, partition_date)
-    key = (version, partition_date, tuple(sorted((d, tuple(sorted(f.items())))
-                                                 for d, f in personal_value_fields(registry).items())))
+    key = (version, partition_date, index_fields(registry))
     if key not in _VALUE_SET_CACHE:
         _VALUE_SET_CACHE.clear()
         _VALUE_SET_CACHE[key] = gov_personal_values(gov_con, registry, partition_date)
